@@ -1,0 +1,112 @@
+"""Tokenized examples and their padding into batches.
+
+Conventions (used by every objective):
+- a sequence is prompt + response (+ EOS), `L` tokens; the model reads the first `T = L - 1` of them and
+  predicts `labels[t] = ids[t + 1]`;
+- `loss_mask[t]` is True where `labels[t]` is a response token (or the EOS): boolean, never -100;
+- `offsets[t]` is the character span of sequence token `t` in `texts[b]` (prompt + response), for all `L`
+  tokens; added special tokens (BOS, EOS) have empty spans; padding is (-1, -1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenizedExample:
+    ids: list[int]
+    """prompt + response (+ EOS), after truncation: L tokens."""
+    offsets: list[tuple[int, int]]
+    """Character span of each token in `text`."""
+    prompt_len: int
+    """How many of `ids` belong to the prompt."""
+    text: str
+    """prompt text + response text."""
+    prompt_chars: int
+    """len(prompt text): where the response starts in `text`."""
+
+
+@dataclass
+class ModelBatch:
+    """One model's view of a batch, right-padded to the longest sequence."""
+
+    input_ids: Tensor  # [B, T] long
+    attention_mask: Tensor  # [B, T] long
+    labels: Tensor  # [B, T] long, next token (0 where there is none)
+    loss_mask: Tensor  # [B, T] bool, True on response tokens and EOS
+    offsets: Tensor  # [B, T + 1, 2] long, char spans of all sequence tokens; -1 on padding
+    prompt_lengths: Tensor  # [B] long
+    texts: list[str]
+    prompt_chars: list[int]
+
+    def to(self, device: torch.device | str) -> ModelBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, Tensor):
+                moved[k] = v.to(device, non_blocking=True)
+        return replace(self, **moved)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    @property
+    def num_input_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+@dataclass
+class Batch:
+    """What the loop hands an objective: the student's tokens and, for cross-tokenizer objectives, the teacher's."""
+
+    student: ModelBatch
+    teacher: ModelBatch | None
+    """None when the teacher reads the student's tokens (same tokenizer)."""
+    indices: list[int]
+    """Dataset indices of the examples (for logging and sources that need them)."""
+
+    def to(self, device: torch.device | str) -> Batch:
+        return replace(self, student=self.student.to(device),
+                       teacher=self.teacher.to(device) if self.teacher is not None else None)
+
+    @property
+    def teacher_view(self) -> ModelBatch:
+        """The tokens the teacher reads."""
+        return self.teacher if self.teacher is not None else self.student
+
+
+def pad_batch(items: list[TokenizedExample], pad_id: int, pad_to_multiple_of: int | None = None) -> ModelBatch:
+    """Right-pad to the longest sequence in `items` (dynamic padding)."""
+    seq_len = max(len(x.ids) for x in items)
+    T = seq_len - 1
+    if pad_to_multiple_of:
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    B = len(items)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.zeros((B, T), dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.bool)
+    offsets = torch.full((B, T + 1, 2), -1, dtype=torch.long)
+    for b, x in enumerate(items):
+        n = len(x.ids) - 1  # input positions of this example
+        ids = torch.tensor(x.ids, dtype=torch.long)
+        input_ids[b, :n] = ids[:-1]
+        attention_mask[b, :n] = 1
+        labels[b, :n] = ids[1:]
+        # label t is ids[t + 1]: a response token iff t + 1 >= prompt_len
+        loss_mask[b, max(x.prompt_len - 1, 0):n] = True
+        offsets[b, : n + 1] = torch.tensor(x.offsets, dtype=torch.long)
+    return ModelBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        loss_mask=loss_mask,
+        offsets=offsets,
+        prompt_lengths=torch.tensor([x.prompt_len for x in items], dtype=torch.long),
+        texts=[x.text for x in items],
+        prompt_chars=[x.prompt_chars for x in items],
+    )

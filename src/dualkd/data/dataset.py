@@ -1,0 +1,216 @@
+"""Tokenize validated examples for the student (and, when it reads different tokens, the teacher).
+
+Tokenization happens once, before training: every error (a prompt that leaves no room for a response, a
+chat template that cannot be masked) is found before the first step. Prompt and response are tokenized
+separately, as in DSKD/MiniLLM, with character offsets into `prompt + response`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from dualkd.config import DataConfig, DataSource
+from dualkd.data.collate import Batch, TokenizedExample, pad_batch
+from dualkd.data.formats import Example, render
+from dualkd.data.readers import LoadReport, load_examples
+from dualkd.errors import DataError, ModelError
+
+
+@dataclass
+class TruncationRules:
+    max_length: int
+    max_prompt_length: int | None
+    prompt_truncation: str = "keep_start"
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> TruncationRules:
+        return cls(cfg.max_length, cfg.max_prompt_length, cfg.prompt_truncation)
+
+
+def pad_id(tokenizer: Any) -> int:
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pid is None:
+        raise ModelError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an EOS token")
+    return int(pid)
+
+
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The special tokens this tokenizer puts before any text by default (BOS for Llama/Gemma; none for GPT-2)."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(without)
+    if n > 0 and with_special[n:n + len(without)] == without:
+        return list(with_special[:n])
+    return []
+
+
+def tokenize_examples(
+    examples: list[Example], tokenizer: Any, rules: TruncationRules
+) -> list[TokenizedExample | DataError]:
+    """One TokenizedExample per example, or the DataError that explains why it cannot be used."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ModelError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; responses must end with one")
+    prefix = leading_special_ids(tokenizer)
+    rendered: list[tuple[str, str] | DataError] = []
+    for ex in examples:
+        try:
+            rendered.append(render(ex, tokenizer))
+        except DataError as e:
+            rendered.append(e)
+    # text records: literal text, special-token strings in the data are NOT parsed as special tokens;
+    # chat records: the template's special tokens must be parsed.
+    encoded: dict[int, tuple[Any, Any]] = {}
+    for is_chat in (False, True):
+        idx = [i for i, r in enumerate(rendered) if not isinstance(r, DataError)
+               and (examples[i].messages is not None) == is_chat]
+        if not idx:
+            continue
+        prompts = [rendered[i][0] for i in idx]  # type: ignore[index]
+        responses = [rendered[i][1] for i in idx]  # type: ignore[index]
+        p = _encode(tokenizer, prompts, split_special=not is_chat)
+        r = _encode(tokenizer, responses, split_special=not is_chat)
+        for k, i in enumerate(idx):
+            encoded[i] = ((p["input_ids"][k], p["offset_mapping"][k]), (r["input_ids"][k], r["offset_mapping"][k]))
+
+    out: list[TokenizedExample | DataError] = []
+    for i, ex in enumerate(examples):
+        if isinstance(rendered[i], DataError):
+            out.append(rendered[i])  # type: ignore[arg-type]
+            continue
+        prompt, response = rendered[i]  # type: ignore[misc]
+        (p_ids, p_off), (r_ids, r_off) = encoded[i]
+        is_chat = ex.messages is not None
+        p_ids, p_off = list(p_ids), [tuple(o) for o in p_off]
+        if not is_chat and prefix:
+            p_ids, p_off = prefix + p_ids, [(0, 0)] * len(prefix) + p_off
+        if not p_ids:
+            bos = tokenizer.bos_token_id
+            if bos is None:
+                out.append(DataError(f"{ex.where}: field 'prompt' is empty and the tokenizer has no BOS token to "
+                                     "start the sequence with"))
+                continue
+            p_ids, p_off = [bos], [(0, 0)]
+        p_ids, p_off = _truncate_prompt(p_ids, p_off, len(prefix) if not is_chat else 0, rules)
+        shift = len(prompt)
+        r_ids, r_off = list(r_ids), [(s + shift, e + shift) for s, e in r_off]
+        if not (is_chat and eos in r_ids):
+            r_ids.append(eos)
+            r_off.append((shift + len(response), shift + len(response)))
+        if len(p_ids) >= rules.max_length:
+            field = "messages" if is_chat else "prompt"
+            out.append(DataError(
+                f"{ex.where}: field '{field}': the prompt is {len(p_ids)} tokens and leaves no room for a response "
+                f"within data.max_length={rules.max_length} (set data.max_prompt_length to truncate it)"))
+            continue
+        ids = (p_ids + r_ids)[: rules.max_length]
+        offsets = (p_off + r_off)[: rules.max_length]
+        out.append(TokenizedExample(ids=ids, offsets=offsets, prompt_len=len(p_ids), text=prompt + response,
+                                    prompt_chars=len(prompt)))
+    return out
+
+
+def _encode(tokenizer: Any, texts: list[str], split_special: bool) -> Any:
+    try:
+        return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                         split_special_tokens=split_special)
+    except NotImplementedError:
+        raise ModelError(
+            f"tokenizer {tokenizer.name_or_path!r} cannot return character offsets (a slow tokenizer); "
+            "dualkd needs a fast (Rust) tokenizer"
+        ) from None
+
+
+def _truncate_prompt(
+    ids: list[int], offsets: list[tuple[int, int]], n_prefix: int, rules: TruncationRules
+) -> tuple[list[int], list[tuple[int, int]]]:
+    limit = rules.max_prompt_length
+    if limit is None or len(ids) <= limit:
+        return ids, offsets
+    if rules.prompt_truncation == "keep_start":
+        return ids[:limit], offsets[:limit]
+    keep = max(limit - n_prefix, 0)  # keep_end: leading specials stay, then the last tokens
+    return ids[:n_prefix] + ids[len(ids) - keep:], offsets[:n_prefix] + offsets[len(offsets) - keep:]
+
+
+class TokenizedDataset:
+    """Examples tokenized for the student and optionally the teacher; `collate(indices)` pads a batch."""
+
+    def __init__(
+        self,
+        examples: list[Example],
+        student: list[TokenizedExample],
+        teacher: list[TokenizedExample] | None,
+        student_pad_id: int,
+        teacher_pad_id: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ):
+        self.examples = examples
+        self.student = student
+        self.teacher = teacher
+        self.student_pad_id = student_pad_id
+        self.teacher_pad_id = teacher_pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.lengths = [
+            max(len(s.ids), len(teacher[i].ids) if teacher is not None else 0) - 1 for i, s in enumerate(student)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.student)
+
+    def collate(self, indices: list[int]) -> Batch:
+        student = pad_batch([self.student[i] for i in indices], self.student_pad_id, self.pad_to_multiple_of)
+        teacher = None
+        if self.teacher is not None:
+            assert self.teacher_pad_id is not None
+            teacher = pad_batch([self.teacher[i] for i in indices], self.teacher_pad_id, self.pad_to_multiple_of)
+        return Batch(student=student, teacher=teacher, indices=list(indices))
+
+
+def make_dataset(
+    examples: list[Example],
+    report: LoadReport,
+    cfg: DataConfig,
+    student_tokenizer: Any,
+    teacher_tokenizer: Any | None = None,
+) -> TokenizedDataset:
+    """Tokenize loaded examples. `teacher_tokenizer` is given only when the teacher reads different tokens than
+    the student. Examples that cannot be used raise, or are skipped and added to `report` (`on_error: skip`)."""
+    rules = TruncationRules.from_config(cfg)
+    per_model = [tokenize_examples(examples, student_tokenizer, rules)]
+    if teacher_tokenizer is not None:
+        per_model.append(tokenize_examples(examples, teacher_tokenizer, rules))
+    keep: list[int] = []
+    for i in range(len(examples)):
+        errors = [side[i] for side in per_model if isinstance(side[i], DataError)]
+        if not errors:
+            keep.append(i)
+        elif cfg.on_error == "skip":
+            report.skipped.append(str(errors[0]))
+        else:
+            raise errors[0]
+    if not keep:
+        raise DataError(f"{report.source}: no usable examples ({len(report.skipped)} skipped; first: "
+                        f"{report.skipped[0]})")
+    report.kept = len(keep)
+    return TokenizedDataset(
+        examples=[examples[i] for i in keep],
+        student=[per_model[0][i] for i in keep],  # type: ignore[misc]
+        teacher=[per_model[1][i] for i in keep] if teacher_tokenizer is not None else None,  # type: ignore[misc]
+        student_pad_id=pad_id(student_tokenizer),
+        teacher_pad_id=pad_id(teacher_tokenizer) if teacher_tokenizer is not None else None,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
+    )
+
+
+def build_dataset(
+    source: DataSource,
+    cfg: DataConfig,
+    student_tokenizer: Any,
+    teacher_tokenizer: Any | None = None,
+    max_examples: int | None = None,
+) -> tuple[TokenizedDataset, LoadReport]:
+    """Read, validate and tokenize one source (see `make_dataset`)."""
+    examples, report = load_examples(source, cfg.format, cfg.on_error, max_examples)
+    return make_dataset(examples, report, cfg, student_tokenizer, teacher_tokenizer), report

@@ -1,0 +1,164 @@
+"""Record formats: prompt/output, Alpaca instruction/input/output, chat messages.
+
+A record becomes an `Example` (raw fields, validated). Rendering to (prompt text, response text) happens per
+tokenizer because a chat template belongs to a tokenizer: two models with different templates see the same
+conversation rendered differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dualkd.errors import DataError
+
+# MiniLLM/DSKD Alpaca template (methods/dskd.md §4); the input block appears only when `input` is non-empty.
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_TEMPLATE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+Format = Literal["auto", "prompt_output", "alpaca", "messages"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated record.
+
+    Text formats carry `prompt` (already rendered) and `references` (the first one is trained on);
+    chat records carry `messages` whose last turn is the assistant's response.
+    """
+
+    where: str
+    """`file.jsonl:12`: where the record came from, for error messages."""
+    prompt: str | None = None
+    references: tuple[str, ...] = ()
+    messages: tuple[dict[str, str], ...] | None = None
+
+    @property
+    def response(self) -> str:
+        """The training response (first reference, or the final assistant turn)."""
+        if self.messages is not None:
+            return self.messages[-1]["content"]
+        return self.references[0]
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    if input_text.strip():
+        return ALPACA_TEMPLATE_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_TEMPLATE.format(instruction=instruction)
+
+
+def detect_format(obj: dict[str, Any]) -> str | None:
+    """Auto-detection, in priority order: `messages`, then an already rendered `prompt`, then `instruction`."""
+    if "messages" in obj:
+        return "messages"
+    if "prompt" in obj:
+        return "prompt_output"
+    if "instruction" in obj:
+        return "alpaca"
+    return None
+
+
+def parse_record(obj: Any, where: str, fmt: Format = "auto") -> Example:
+    """Validate one decoded JSON record. Raises DataError naming `where` and the field."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    kind = detect_format(obj) if fmt == "auto" else fmt
+    if kind is None:
+        raise DataError(
+            f"{where}: unknown record format (keys: {sorted(obj)}); expected `prompt`+`output`, "
+            "`instruction`(+`input`)+`output`, or `messages`"
+        )
+    if kind == "prompt_output":
+        prompt = _string(obj, "prompt", where)
+        return Example(where=where, prompt=prompt, references=_references(obj, "output", where))
+    if kind == "alpaca":
+        instruction = _string(obj, "instruction", where, allow_empty=False)
+        input_text = _string(obj, "input", where) if "input" in obj else ""
+        return Example(where=where, prompt=alpaca_prompt(instruction, input_text),
+                       references=_references(obj, "output", where))
+    if kind == "messages":
+        return Example(where=where, messages=_messages(obj, where))
+    raise DataError(f"{where}: unknown format {kind!r}")
+
+
+def render(example: Example, tokenizer: Any) -> tuple[str, str]:
+    """(prompt text, response text) as this tokenizer's model should read them.
+
+    Chat records use the tokenizer's chat template: the prompt is the conversation before the last turn with
+    the generation prompt, the response is whatever the template adds for the final assistant turn.
+    """
+    if example.messages is None:
+        return example.prompt or "", example.response
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise DataError(f"{example.where}: field 'messages': the tokenizer has no chat template to render it with")
+    history = list(example.messages[:-1])
+    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(list(example.messages), tokenize=False)
+    if not full.startswith(prompt):
+        raise DataError(
+            f"{example.where}: field 'messages': the chat template renders the conversation so that the prompt "
+            "is not a prefix of the full text (the template rewrites earlier turns); cannot mask the prompt"
+        )
+    return prompt, full[len(prompt):]
+
+
+# ------------------------------------------------------------------------------------------- field checks
+
+
+def _string(obj: dict[str, Any], field: str, where: str, allow_empty: bool = True) -> str:
+    if field not in obj:
+        raise DataError(f"{where}: field '{field}' is missing")
+    value = obj[field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{field}': expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field '{field}' is empty")
+    return value
+
+
+def _references(obj: dict[str, Any], field: str, where: str) -> tuple[str, ...]:
+    if field not in obj:
+        raise DataError(f"{where}: field '{field}' is missing")
+    value = obj[field]
+    refs = [value] if isinstance(value, str) else value
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise DataError(f"{where}: field '{field}': expected a string or a list of strings, got {_describe(value)}")
+    if not refs:
+        raise DataError(f"{where}: field '{field}': empty list of references")
+    if not refs[0].strip():
+        raise DataError(f"{where}: field '{field}': empty response")
+    return tuple(refs)
+
+
+def _messages(obj: dict[str, Any], where: str) -> tuple[dict[str, str], ...]:
+    value = obj["messages"]
+    if not isinstance(value, list) or len(value) < 2:
+        raise DataError(f"{where}: field 'messages': expected a list of at least two turns, got {_describe(value)}")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(
+            turn.get("content"), str
+        ):
+            raise DataError(f"{where}: field 'messages[{i}]': expected {{'role': str, 'content': str}}, got "
+                            f"{_describe(turn)}")
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    if turns[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field 'messages[{len(turns) - 1}]': the last turn must be the assistant's "
+                        f"response, got role {turns[-1]['role']!r}")
+    if not turns[-1]["content"].strip():
+        raise DataError(f"{where}: field 'messages[{len(turns) - 1}].content': empty response")
+    return tuple(turns)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        return f"a list of {len(value)}" + (f" ({type(value[0]).__name__} first)" if value else "")
+    return type(value).__name__

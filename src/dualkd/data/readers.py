@@ -1,0 +1,113 @@
+"""Read records from a jsonl file, a Hugging Face `datasets` source or a synthetic task.
+
+Every problem is a DataError that names the file and line (or dataset row) and the field. With
+`on_error="skip"` bad records are skipped and counted in a `LoadReport`; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dualkd.config import DataSource
+from dualkd.data import synthetic
+from dualkd.data.formats import Example, Format, parse_record
+from dualkd.errors import DataError
+
+
+@dataclass
+class LoadReport:
+    """What was read and what was skipped (with `on_error: skip`)."""
+
+    source: str
+    kept: int = 0
+    skipped: list[str] = field(default_factory=list)  # one error message per skipped record
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"{self.source}: {self.kept} examples"
+        reasons = Counter(msg.split(": ", 1)[-1].split(":")[0] for msg in self.skipped)
+        top = ", ".join(f"{n}x {r}" for r, n in reasons.most_common(3))
+        return (f"{self.source}: {self.kept} examples, SKIPPED {len(self.skipped)} bad records ({top}); "
+                f"first: {self.skipped[0]}")
+
+
+def iter_raw_records(source: DataSource) -> Iterator[tuple[str, Any]]:
+    """Yield (where, decoded JSON object). Decoding errors are raised as DataError carrying `where`."""
+    if source.path is not None:
+        yield from _iter_jsonl(Path(source.path))
+    elif source.hf is not None:
+        yield from _iter_hf(source)
+    else:
+        assert source.synthetic is not None
+        for i, record in enumerate(synthetic.generate(source.synthetic, source.num_examples, source.seed)):
+            yield f"{source.describe()}#{i}", record
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            if not raw.strip():
+                continue  # blank lines (e.g. a trailing newline) hold no record
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                msg = f"{where}: undecodable bytes: invalid UTF-8 at byte offset {e.start} of the line"
+                yield where, DataError(msg)
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield where, DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}")
+
+
+def _iter_hf(source: DataSource) -> Iterator[tuple[str, Any]]:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise DataError("the `datasets` package is needed for `hf` data sources") from e
+    name = source.hf
+    assert name is not None
+    try:
+        local = Path(name)
+        if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "state.json").exists()):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[source.split]
+        else:
+            ds = datasets.load_dataset(name, source.hf_config, split=source.split)
+    except Exception as e:  # datasets raises many types (network, missing split, ...)
+        raise DataError(f"{source.describe()}: cannot load the dataset: {type(e).__name__}: {e}") from None
+    for i, row in enumerate(ds):
+        yield f"{source.describe()} row {i}", row
+
+
+def load_examples(
+    source: DataSource, fmt: Format = "auto", on_error: str = "raise", max_examples: int | None = None
+) -> tuple[list[Example], LoadReport]:
+    """Parse and validate every record of a source."""
+    report = LoadReport(source=source.describe())
+    examples: list[Example] = []
+    for where, obj in iter_raw_records(source):
+        if max_examples is not None and len(examples) >= max_examples:
+            break
+        try:
+            if isinstance(obj, DataError):
+                raise obj
+            examples.append(parse_record(obj, where, fmt))
+        except DataError as e:
+            if on_error != "skip":
+                raise
+            report.skipped.append(str(e))
+    report.kept = len(examples)
+    if not examples:
+        raise DataError(f"{source.describe()}: no usable examples" + (
+            f" ({len(report.skipped)} skipped; first: {report.skipped[0]})" if report.skipped else ""))
+    return examples, report

@@ -1,0 +1,17 @@
+"""The errors dualkd raises on purpose. The CLI prints them as one clear message, without a traceback."""
+
+
+class DualKDError(Exception):
+    """Base class: a problem the user can fix (config, data, paths), as opposed to a bug."""
+
+
+class ConfigError(DualKDError):
+    """An invalid run config: unknown key, wrong type, impossible combination."""
+
+
+class DataError(DualKDError):
+    """Bad training/eval data. The message names the file, line and field."""
+
+
+class ModelError(DualKDError):
+    """A model or tokenizer that cannot be loaded or does not fit the objective."""

@@ -1,0 +1,96 @@
+"""What every objective is: an nn.Module that owns its trainable extras and turns a batch into (loss, metrics).
+
+The one training loop calls, per micro-batch:
+    teacher_out = objective.teacher_forward(teacher, batch)          # under no_grad, timed as "teacher"
+    loss, metrics = objective(student, batch, teacher_out, norm)     # timed as "student", then backward
+Objectives run models only through `lm_forward`, so every method sees outputs the same way.
+
+Normalization: `norm[key]` is the count `key` (see `counts`) summed over the micro-batches of the optimizer
+step and over all processes, divided by the number of processes (DDP averages gradients over processes).
+A loss written as `per_token.sum() / norm["tokens"]` is therefore the token mean over the *global* batch,
+whatever the micro-batch size, accumulation or process count. Metrics follow the same rule so that summing
+them over micro-batches and averaging over processes gives global means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from dualkd.data.collate import Batch, ModelBatch
+from dualkd.schema import StrictModel
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor | None  # [B, T, V]
+    hidden: Tensor | None  # [B, T, d] last layer, after the final norm
+
+
+def lm_forward(model: nn.Module, tokens: ModelBatch, *, hidden: bool = False) -> LMOutput:
+    """Run a causal LM on a padded batch."""
+    out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=hidden,
+                use_cache=False)
+    return LMOutput(logits=out.logits, hidden=out.hidden_states[-1] if hidden else None)
+
+
+@dataclass
+class StepNorm:
+    """Loss denominators of one optimizer step (see the module docstring)."""
+
+    counts: dict[str, float]
+
+    def __getitem__(self, key: str) -> float:
+        # an all-masked global batch has zero sums; dividing by 1 keeps the loss 0 with finite gradients
+        return max(self.counts[key], 1e-6)
+
+
+@dataclass
+class SetupContext:
+    """What an objective may inspect (and validate) before training starts."""
+
+    student: nn.Module
+    teacher: nn.Module | None
+    student_tokenizer: Any
+    teacher_tokenizer: Any | None
+    same_tokenizer: bool
+
+
+class Objective(nn.Module):
+    config_class: ClassVar[type[StrictModel]]
+    needs_teacher: ClassVar[bool] = False
+    """The loop loads a teacher and calls `teacher_forward`."""
+    teacher_reads_own_tokens: ClassVar[bool] = False
+    """Cross-tokenizer objectives: the data is also tokenized with the teacher's tokenizer."""
+
+    def __init__(self, config: StrictModel):
+        super().__init__()
+        self.config = config
+
+    def setup(self, ctx: SetupContext) -> None:
+        """Validate models/tokenizers against the objective and build trainable extras (projectors)."""
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups for the objective's own parameters, e.g. [{"params": [...], "lr": 1e-3}]."""
+        return []
+
+    def counts(self, batch: Batch) -> dict[str, Tensor]:
+        """Counts that normalize this objective's losses (summed over the global batch by the loop)."""
+        return {"tokens": batch.student.loss_mask.sum()}
+
+    @torch.no_grad()
+    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> Any:
+        return None
+
+    def forward(
+        self, student: nn.Module, batch: Batch, teacher_out: Any, norm: StepNorm
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError  # each objective defines it
+
+
+def token_accuracy(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Number of counted positions where argmax(logits) == label (a sum; divide by a count)."""
+    return ((logits.argmax(-1) == labels) & mask).sum().float()

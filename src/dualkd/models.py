@@ -1,0 +1,182 @@
+"""Load students, teachers and tokenizers: local folders, hub ids, GGUF files, random init, LoRA, export.
+
+    tokenizer = load_tokenizer(cfg.student, train_texts=...)
+    student = load_model(cfg.student, tokenizer, role="student", seed=cfg.seed)
+    teacher = load_model(cfg.teacher, teacher_tokenizer, role="teacher")   # frozen: eval mode, no grad
+
+Security defaults: `trust_remote_code` only when the config says so; weights from safetensors only (GGUF
+files go through transformers' own GGUF reader).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from dualkd.errors import ModelError
+
+if TYPE_CHECKING:
+    from dualkd.config import LoraConfig, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def load_tokenizer(spec: ModelConfig, train_texts: Callable[[], Iterable[str]] | None = None) -> Any:
+    """The tokenizer named by `spec`, or a new one trained on `train_texts()` when `spec.train_tokenizer` is set."""
+    if spec.train_tokenizer is not None:
+        from dualkd.data.tokenizers import train_tokenizer
+
+        if train_texts is None:
+            raise ModelError("train_tokenizer needs training texts")
+        return train_tokenizer(train_texts(), spec.train_tokenizer.vocab_size, spec.train_tokenizer.style)
+    from transformers import AutoTokenizer
+
+    source = spec.tokenizer_source
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
+    if spec.gguf_file and spec.tokenizer is None:
+        kwargs["gguf_file"] = spec.gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as e:  # transformers raises OSError, ValueError, EnvironmentError ...
+        raise ModelError(f"cannot load tokenizer {source!r}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def load_model(spec: ModelConfig, tokenizer: Any, *, role: str, seed: int = 0) -> nn.Module:
+    """Load (or randomly initialize) a causal LM. Teachers come back frozen; students get LoRA if configured."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = DTYPES[spec.dtype]
+    common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.attn_implementation:
+        common["attn_implementation"] = spec.attn_implementation
+    try:
+        if spec.init == "random":
+            # the tokenizer decides the vocabulary size and special ids unless `arch` says otherwise
+            fields = {"vocab_size": len(tokenizer)}
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(tokenizer, name, None) is not None:
+                    fields[name] = getattr(tokenizer, name)
+            fields.update(spec.arch)
+            if spec.path is not None:
+                config = AutoConfig.from_pretrained(spec.path, revision=spec.revision, **common)
+                for k, v in fields.items():
+                    if k != "model_type":
+                        setattr(config, k, v)
+            else:
+                config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=None if dtype == "auto" else dtype,
+                                                         **common)
+        else:
+            kwargs: dict[str, Any] = dict(common, dtype=dtype, revision=spec.revision)
+            if spec.gguf_file:
+                kwargs["gguf_file"] = spec.gguf_file
+            else:
+                kwargs["use_safetensors"] = True
+            model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
+    except ModelError:
+        raise
+    except Exception as e:
+        where = spec.path or spec.arch.get("model_type")
+        raise ModelError(f"cannot load the {role} from {where!r}: {type(e).__name__}: {_first_line(e)}") from None
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise ModelError(f"{role}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+                         f"{rows} rows; they do not belong together")
+    if spec.adapter:
+        model = _merge_adapter(model, spec.adapter, role)
+    if role == "teacher":
+        return freeze(model)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.lora is not None:
+        model = apply_lora(model, spec.lora, spec.gradient_checkpointing)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode (no dropout) and no gradients: how a teacher is run."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False) -> nn.Module:
+    import peft
+
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input under LoRA
+    return peft.get_peft_model(model, config)
+
+
+def _merge_adapter(model: nn.Module, adapter: str, role: str) -> nn.Module:
+    import peft
+
+    try:
+        return peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except Exception as e:
+        raise ModelError(f"{role}: cannot merge adapter {adapter!r}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def is_lora(model: nn.Module) -> bool:
+    import peft
+
+    return isinstance(model, peft.PeftModel)
+
+
+def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> int:
+    """Rows of the two LM heads that KD compares when both models use `tokenizer`.
+
+    One family often pads its embedding differently per size (Qwen2: 151,936 vs 152,064 rows for 151,646
+    tokens). Rows beyond `len(tokenizer)` are padding in both, so KD uses the first min(V_s, V_t, len(tok)).
+    """
+    v_student = student.get_output_embeddings().weight.shape[0]
+    v_teacher = teacher.get_output_embeddings().weight.shape[0]
+    n_tokens = len(tokenizer)
+    if min(v_student, v_teacher) < n_tokens:
+        raise ModelError(f"vocabulary mismatch: the tokenizer has {n_tokens} tokens but the student head has "
+                         f"{v_student} rows and the teacher head {v_teacher}; real tokens would be cut")
+    return min(v_student, v_teacher, n_tokens)
+
+
+def same_vocabulary(tokenizer_a: Any, tokenizer_b: Any) -> bool:
+    """True when two tokenizers map every token string to the same id (so one tokenization serves both)."""
+    if tokenizer_a is tokenizer_b:
+        return True
+    return len(tokenizer_a) == len(tokenizer_b) and tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
+
+
+def export_model(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write a folder that plain transformers loads: save_pretrained (safetensors) + tokenizer, atomically.
+
+    A LoRA student is written merged (a plain model), with its adapter alone in `adapter/`. Merging
+    changes the module in place, so call this on a LoRA model only when training is over.
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if is_lora(model):
+        model.save_pretrained(tmp / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    from dualkd.train.checkpoint import replace_dir
+
+    replace_dir(tmp, out)
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""

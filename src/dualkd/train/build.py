@@ -1,0 +1,91 @@
+"""Build what a run needs from its config: tokenizers, validated and tokenized data, models, objective.
+
+Everything that can fail because of the user's inputs fails here, before the first training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dualkd.config import RunConfig
+from dualkd.data.dataset import TokenizedDataset, make_dataset
+from dualkd.data.formats import Example
+from dualkd.data.readers import LoadReport, load_examples
+from dualkd.errors import ConfigError
+from dualkd.methods import Objective, build_objective
+from dualkd.methods.base import SetupContext
+from dualkd.models import load_model, load_tokenizer, same_vocabulary
+
+
+@dataclass
+class Parts:
+    objective: Objective
+    student: nn.Module
+    teacher: nn.Module | None
+    student_tokenizer: Any
+    teacher_tokenizer: Any | None
+    train_set: TokenizedDataset
+    dev_set: TokenizedDataset | None
+    reports: list[LoadReport]
+
+
+def training_texts(examples: list[Example]) -> Iterable[str]:
+    """Raw text of the training data, for training a tokenizer from scratch."""
+    for ex in examples:
+        if ex.messages is not None:
+            yield from (m["content"] for m in ex.messages)
+        else:
+            yield (ex.prompt or "") + ex.response
+
+
+def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
+    objective = build_objective(cfg.objective)
+    if objective.needs_teacher and cfg.teacher is None:
+        raise ConfigError(f"objective `{cfg.objective.name}` needs a teacher: set `teacher.path`")
+
+    data = cfg.data
+    train_examples, train_report = load_examples(data.train, data.format, data.on_error, data.max_examples)
+    dev_examples, dev_report = (None, None)
+    if data.dev is not None:
+        dev_examples, dev_report = load_examples(data.dev, data.format, data.on_error, data.dev_max_examples)
+
+    student_tokenizer = _student_tokenizer(cfg, run_dir, engine, train_examples)
+    teacher_tokenizer = load_tokenizer(cfg.teacher) if objective.needs_teacher and cfg.teacher else None
+    same = teacher_tokenizer is None or same_vocabulary(student_tokenizer, teacher_tokenizer)
+    # the teacher reads its own tokenization only when an objective asks for it and the vocabularies differ
+    own_teacher_tokens = teacher_tokenizer if objective.teacher_reads_own_tokens and not same else None
+
+    train_set = make_dataset(train_examples, train_report, data, student_tokenizer, own_teacher_tokens)
+    dev_set = None
+    if dev_examples is not None:
+        dev_set = make_dataset(dev_examples, dev_report, data, student_tokenizer, own_teacher_tokens)
+
+    student = load_model(cfg.student, student_tokenizer, role="student", seed=cfg.seed)
+    teacher = None
+    if objective.needs_teacher:
+        assert cfg.teacher is not None
+        teacher = load_model(cfg.teacher, teacher_tokenizer, role="teacher", seed=cfg.seed)
+    objective.setup(SetupContext(student=student, teacher=teacher, student_tokenizer=student_tokenizer,
+                                 teacher_tokenizer=teacher_tokenizer, same_tokenizer=same))
+    reports = [r for r in (train_report, dev_report) if r is not None]
+    return Parts(objective, student, teacher, student_tokenizer, teacher_tokenizer, train_set, dev_set, reports)
+
+
+def _student_tokenizer(cfg: RunConfig, run_dir: Path, engine: Any, examples: list[Example]) -> Any:
+    """Load the student's tokenizer; a tokenizer trained from the data is trained once (main process), saved in
+    the run directory and read back by every process, and by a resumed run."""
+    if cfg.student.train_tokenizer is None:
+        return load_tokenizer(cfg.student)
+    from transformers import AutoTokenizer
+
+    saved = run_dir / "tokenizer"
+    if engine.is_main and not (saved / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(cfg.student, train_texts=lambda: training_texts(examples))
+        tokenizer.save_pretrained(saved)
+    engine.barrier()
+    return AutoTokenizer.from_pretrained(saved)

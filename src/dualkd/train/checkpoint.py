@@ -1,0 +1,196 @@
+"""Atomic checkpoints for exact resume.
+
+A checkpoint is a folder `checkpoints/step-00000120/` holding:
+    trainable.safetensors   every parameter that requires grad (student, LoRA adapters, projectors)
+    optimizer.pt            optimizer state (our own file; loaded with weights_only=True)
+    scheduler.pt            learning-rate schedule state
+    rng-rank{r}.pt          RNG streams of each process (torch, CUDA, python, numpy)
+    trainer_state.json      step, data position, best dev loss, ...
+It is written under `.tmp-step-...`, every file fsync'ed, then renamed into place: a crash (even SIGKILL)
+leaves either the previous complete checkpoint or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dualkd.errors import DualKDError
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    """Optimizer steps done."""
+    source: dict[str, Any] = field(default_factory=dict)
+    """Data position of the batch source."""
+    best_dev_loss: float | None = None
+    best_step: int | None = None
+    tokens_seen: int = 0
+    """Response tokens trained on, over all processes."""
+    resume_key: dict[str, Any] = field(default_factory=dict)
+    """Settings that must match for an exact resume (seed, global batch, data, objective)."""
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Atomically put the finished folder `tmp` at `final` (replacing an older one)."""
+    fsync_tree(tmp)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- manager
+
+
+class CheckpointManager:
+    """Save/load/rotate checkpoints of one run. All processes call save/load; only the main one writes shared
+    files; each process writes its own RNG state."""
+
+    def __init__(self, ckpt_dir: Path, engine: Any, keep_last: int, keep_best: bool):
+        self.dir = ckpt_dir
+        self.engine = engine
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+
+    def latest(self) -> Path | None:
+        found = list_checkpoints(self.dir)
+        return found[-1][1] if found else None
+
+    def path_for(self, step: int) -> Path:
+        return self.dir / f"step-{step:08d}"
+
+    def save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState) -> Path:
+        engine = self.engine
+        final = self.path_for(state.step)
+        tmp = self.dir / f".tmp-step-{state.step:08d}"
+        if engine.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        engine.barrier()
+        torch.save(rng_state(), tmp / f"rng-rank{engine.rank}.pt")
+        if engine.is_main:
+            trainable = {n: p.detach().contiguous().cpu() for n, p in engine.unwrap(module).named_parameters()
+                         if p.requires_grad}
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
+        engine.barrier()
+        if engine.is_main:
+            replace_dir(tmp, final)
+            self._rotate(state)
+        engine.barrier()
+        return final
+
+    def load(self, path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any
+             ) -> TrainerState:
+        state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+        load_trainable(self.engine.unwrap(module), path / "trainable.safetensors")
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if scheduler is not None:
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng_file = path / f"rng-rank{self.engine.rank}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        else:  # resumed with more processes than saved: the extra ones start from the seeded streams
+            print(f"[dualkd] note: {rng_file.name} missing (different process count); RNG not restored")
+        return state
+
+    def _rotate(self, state: TrainerState) -> None:
+        found = list_checkpoints(self.dir)
+        keep = {step for step, _ in found[-self.keep_last:]}
+        if self.keep_best and state.best_step is not None:
+            keep.add(state.best_step)
+        for step, path in found:
+            if step not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def load_trainable(module: nn.Module, file: Path) -> None:
+    """Load the saved trainable parameters into `module`; every trainable parameter must be in the file."""
+    saved = load_file(str(file))
+    wanted = {n for n, p in module.named_parameters() if p.requires_grad}
+    missing, unexpected = wanted - saved.keys(), saved.keys() - {n for n, _ in module.named_parameters()}
+    if missing or unexpected:
+        raise DualKDError(f"checkpoint {file.parent} does not fit this model: missing {sorted(missing)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]}")
+    result = module.load_state_dict(saved, strict=False)
+    assert not result.unexpected_keys

@@ -1,0 +1,359 @@
+"""The one training loop. Every objective and every batch source runs through `train`.
+
+    dualkd train configs/tiny-kd.yaml optimization.lr=1e-3        # CLI
+    from dualkd.train.loop import train; train(cfg)                  # Python
+
+Per optimizer step: take this process's micro-batches from the source; compute the loss denominators of
+the global batch; for each micro-batch run the teacher (no grad), then the objective on the student, and
+backward (gradients all-reduced on the last micro-batch only); clip, step, schedule; log; maybe evaluate,
+checkpoint, or stop on SIGTERM/SIGINT with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor, nn
+
+from dualkd.config import RunConfig, save_config
+from dualkd.data.collate import Batch
+from dualkd.errors import ConfigError, DualKDError
+from dualkd.methods import Objective, StepNorm
+from dualkd.models import export_model, is_lora
+from dualkd.train.build import Parts, build_parts
+from dualkd.train.checkpoint import CheckpointManager, TrainerState, load_trainable
+from dualkd.train.engine import Engine
+from dualkd.train.logger import MetricsLogger
+from dualkd.train.optim import build_optimizer, build_scheduler
+from dualkd.train.sources import OffPolicySource, eval_batches
+from dualkd.train.telemetry import StepTimer, peak_memory_mib
+
+
+class TrainingStopped(DualKDError):
+    """Raised after a SIGTERM/SIGINT was handled by saving a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved at {checkpoint}; "
+                         "continue with `dualkd train ... --resume`")
+        self.signum = signum
+
+
+class TrainModule(nn.Module):
+    """Student + objective (with its projectors) as one module: what the engine wraps and the optimizer trains."""
+
+    def __init__(self, student: nn.Module, objective: Objective):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+
+    def forward(self, batch: Batch, teacher_out: Any, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.objective(self.student, batch, teacher_out, norm)
+
+
+def train(cfg: RunConfig, resume: bool = False) -> Path:
+    """Run training; returns the run directory."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars; ours shows the training progress
+    engine = Engine(cfg.optimization.mixed_precision)
+    try:
+        return _train(cfg, resume or cfg.checkpoint.resume, engine)
+    finally:
+        engine.end()
+
+
+def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
+    run_dir = Path(cfg.output_dir)
+    ckpt = CheckpointManager(run_dir / "checkpoints", engine, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+    start = ckpt.latest()
+    if resume and start is None:
+        raise ConfigError(f"--resume: no complete checkpoint under {ckpt.dir}")
+    if not resume and start is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints of a run; continue it with --resume, or choose "
+                          "another output_dir")
+    if engine.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    engine.barrier()
+    _seed_everything(cfg.seed)
+
+    parts = build_parts(cfg, run_dir, engine)
+    opt = cfg.optimization
+    module = TrainModule(parts.student, parts.objective)
+    optimizer = build_optimizer(parts.student, opt, parts.objective.param_groups())
+    source = OffPolicySource(parts.train_set, opt.micro_batch_size, opt.grad_accum, engine.world_size, engine.rank,
+                             cfg.seed, cfg.data.bucket_by_length)
+    total_steps = opt.max_steps or opt.epochs * source.steps_per_epoch
+    scheduler = build_scheduler(optimizer, opt, total_steps)
+    module, optimizer = engine.prepare(module, optimizer)
+    teacher = engine.place_teacher(parts.teacher)
+    objective = parts.objective
+
+    state = TrainerState(resume_key=_resume_key(cfg, source.global_batch))
+    if start is not None:
+        saved = ckpt.load(start, module, optimizer, scheduler)
+        _check_resume_key(saved.resume_key, state.resume_key, start)
+        state = saved
+        source.load_state_dict(state.source)
+
+    log = MetricsLogger(run_dir, enabled=engine.is_main, tensorboard=cfg.logging.tensorboard,
+                        resume_step=state.step if start is not None else None)
+    _announce(log, cfg, parts, source, total_steps, engine, start)
+
+    timer = StepTimer(engine.device)
+    stop = _StopSignals()
+    show_bar = cfg.logging.progress_bar == "on" or (cfg.logging.progress_bar == "auto" and log.console.is_terminal)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=log.console, disable=not (show_bar and engine.is_main))
+    last_ckpt_step = state.step if start is not None else -1
+    module.train()
+    try:
+        with stop, progress:
+            task = progress.add_task("train", total=total_steps, completed=state.step, info="")
+            while state.step < total_steps:
+                epoch_before = source.epoch
+                record = _train_step(engine, module, objective, teacher, optimizer, scheduler, source, timer, opt)
+                state.step += 1
+                state.tokens_seen += int(record["tokens"])
+                state.source = source.state_dict()
+                epoch = source.epoch + source.step_in_epoch / source.steps_per_epoch
+                record = {"step": state.step, "epoch": round(epoch, 4), **record}
+                log.write("train", record)
+                progress.update(task, completed=state.step, info=f"loss {record['loss']:.4f}")
+                if state.step % cfg.logging.every_steps == 0 or state.step == total_steps:
+                    log.print(_format_record(record, total_steps))
+
+                epoch_done = source.epoch != epoch_before
+                last = state.step == total_steps
+                new_best = False
+                if parts.dev_set is not None and _due(cfg.eval.every_steps, state.step, epoch_done, last):
+                    dev = evaluate(engine, module, objective, teacher, parts.dev_set,
+                                   cfg.eval.batch_size or opt.micro_batch_size)
+                    log.write("dev", {"step": state.step, **dev})
+                    log.print(f"  dev @ {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in dev.items()))
+                    if state.best_dev_loss is None or dev["loss"] < state.best_dev_loss:
+                        state.best_dev_loss, state.best_step, new_best = dev["loss"], state.step, True
+                if (_due(cfg.checkpoint.every_steps, state.step, epoch_done, False)
+                        or (new_best and cfg.checkpoint.keep_best)):
+                    ckpt.save(module, optimizer, scheduler, state)
+                    last_ckpt_step = state.step
+                signum = int(engine.all_reduce_max(torch.tensor(stop.received or 0)).item())
+                if signum:
+                    path = ckpt.path_for(state.step)
+                    if last_ckpt_step != state.step:
+                        path = ckpt.save(module, optimizer, scheduler, state)
+                    log.event("stopped", f"received {signal.Signals(signum).name} at step {state.step}; saved {path}",
+                              step=state.step)
+                    raise TrainingStopped(signum, path)
+        _finish(cfg, engine, module, ckpt, state, parts, run_dir, log)
+    finally:
+        log.close()
+    return run_dir
+
+
+def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher: nn.Module | None,
+                optimizer: torch.optim.Optimizer, scheduler: Any, source: OffPolicySource, timer: StepTimer,
+                opt: Any) -> dict[str, float]:
+    timer.start_step()
+    with timer.section("data"):
+        micro_batches = [b.to(engine.device) for b in source.next_step()]
+        local = defaultdict(float)
+        for b in micro_batches:
+            for k, v in objective.counts(b).items():
+                local[k] += float(v)
+            local["input_tokens"] += b.student.num_input_tokens
+        keys = sorted(local)
+        totals = engine.all_reduce_sum(torch.tensor([local[k] for k in keys], dtype=torch.float64))
+        totals_by_key = dict(zip(keys, totals.tolist()))
+        norm = StepNorm({k: v / engine.world_size for k, v in totals_by_key.items()})
+
+    sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+    for i, batch in enumerate(micro_batches):
+        with engine.accumulate(module, sync=i == len(micro_batches) - 1):
+            with timer.section("teacher"), torch.no_grad(), engine.autocast():
+                teacher_out = objective.teacher_forward(teacher, batch)
+            with timer.section("student"):
+                loss, metrics = module(batch, teacher_out, norm)
+                engine.backward(loss)
+        sums["loss"] += loss.detach().double().cpu()
+        for k, v in metrics.items():
+            sums[k] += v.detach().double().cpu()
+
+    with timer.section("optimizer"):
+        if opt.max_grad_norm is not None:
+            grad_norm = engine.clip_grad_norm(module, opt.max_grad_norm)
+        else:
+            grad_norm = engine.grad_norm(module)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        optimizer.step()
+        if not engine.optimizer_step_was_skipped:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    keys = sorted(sums)
+    reduced = engine.all_reduce_sum(torch.stack([sums[k] for k in keys])) / engine.world_size
+    record: dict[str, float] = dict(zip(keys, reduced.tolist()))
+    step_time = timer.step_seconds()
+    record.update({
+        "lr": lrs[0],
+        "grad_norm": float(grad_norm),
+        "tokens": totals_by_key["tokens"],
+        "tokens_per_s": totals_by_key["input_tokens"] / max(step_time, 1e-9),
+        "step_time": step_time,
+        "peak_mem_mib": peak_memory_mib(engine.device),
+        **timer.as_dict(),
+    })
+    return record
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: nn.Module | None,
+             dataset: Any, batch_size: int) -> dict[str, float]:
+    """Token-weighted mean of the objective's loss and metrics over the dev set (all processes)."""
+    raw = engine.unwrap(module)  # no DDP wrapper: processes may run different numbers of batches
+    raw.eval()
+    totals: dict[str, float] = defaultdict(float)
+    for batch in eval_batches(dataset, batch_size, engine.world_size, engine.rank):
+        batch = batch.to(engine.device)
+        counts = {k: float(v) for k, v in objective.counts(batch).items()}
+        with engine.autocast():
+            teacher_out = objective.teacher_forward(teacher, batch)
+            loss, metrics = raw(batch, teacher_out, StepNorm(counts))
+        n = counts["tokens"]
+        totals["tokens"] += n
+        totals["loss"] += float(loss) * n
+        for k, v in metrics.items():
+            totals[k] += float(v) * n
+    raw.train()
+    keys = sorted(totals)
+    summed = engine.all_reduce_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64)).tolist()
+    by_key = dict(zip(keys, summed))
+    n = max(by_key.pop("tokens", 0.0), 1.0)
+    return {k: v / n for k, v in by_key.items()}
+
+
+def _finish(cfg: RunConfig, engine: Engine, module: nn.Module, ckpt: CheckpointManager, state: TrainerState,
+            parts: Parts, run_dir: Path, log: MetricsLogger) -> None:
+    """Export the final student (and the best one by dev loss) as folders plain transformers loads."""
+    raw = engine.unwrap(module)
+    best_dir = None
+    if engine.is_main:
+        if cfg.checkpoint.keep_best and state.best_step is not None and state.best_step != state.step:
+            best_dir = _export_best(raw, ckpt.path_for(state.best_step), parts.student_tokenizer, run_dir / "best")
+        final_dir = export_model(raw.student, parts.student_tokenizer, run_dir / "final")
+        summary = {"steps": state.step, "tokens_seen": state.tokens_seen, "best_dev_loss": state.best_dev_loss,
+                   "best_step": state.best_step, "final": str(final_dir),
+                   "best": str(best_dir or final_dir) if state.best_step is not None else None}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.event("finished", f"done: {state.step} steps; student saved to {final_dir}", step=state.step)
+    engine.barrier()
+
+
+def _export_best(raw: nn.Module, checkpoint: Path, tokenizer: Any, out: Path) -> Path:
+    current = {n: p.detach().clone() for n, p in raw.named_parameters() if p.requires_grad}
+    load_trainable(raw, checkpoint / "trainable.safetensors")
+    if is_lora(raw.student):  # a merged export would change the module in place: write the adapter only
+        raw.student.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    else:
+        export_model(raw.student, tokenizer, out)
+    raw.load_state_dict(current, strict=False)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _due(every: int | None, step: int, epoch_done: bool, last: bool) -> bool:
+    return last or (step % every == 0 if every is not None else epoch_done)
+
+
+def _resume_key(cfg: RunConfig, global_batch: int) -> dict[str, Any]:
+    return {"seed": cfg.seed, "global_batch": global_batch, "train": cfg.data.train.describe(),
+            "objective": cfg.objective.model_dump(mode="json"), "student": cfg.student.path or "random"}
+
+
+def _check_resume_key(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if diff:
+        raise ConfigError(f"cannot resume exactly from {path}: the run's settings changed:\n  " + "\n  ".join(diff))
+
+
+def _announce(log: MetricsLogger, cfg: RunConfig, parts: Parts, source: OffPolicySource, total_steps: int,
+              engine: Engine, start: Path | None) -> None:
+    for report in parts.reports:
+        if report.skipped:
+            log.event("data_skipped", report.summary(), source=report.source, skipped=len(report.skipped),
+                      first=report.skipped[0])
+        else:
+            log.print(f"[dualkd] data {report.summary()}")
+    n_params = sum(p.numel() for p in parts.student.parameters())
+    n_train = sum(p.numel() for p in parts.student.parameters() if p.requires_grad)
+    teacher = ""
+    if parts.teacher is not None:
+        teacher = f"; teacher {sum(p.numel() for p in parts.teacher.parameters()) / 1e6:.2f}M params"
+    log.print(f"[dualkd] objective {cfg.objective.name}; student {n_params / 1e6:.2f}M params "
+              f"({n_train / 1e6:.2f}M trained){teacher}")
+    log.print(f"[dualkd] {engine.world_size} process(es) on {engine.device}; global batch {source.global_batch} "
+              f"({cfg.optimization.micro_batch_size} x {cfg.optimization.grad_accum} x {engine.world_size}); "
+              f"{source.steps_per_epoch} steps/epoch; {total_steps} steps")
+    if source.dropped_per_epoch:
+        log.print(f"[dualkd] {source.dropped_per_epoch} examples per epoch do not fill a last global batch and "
+                  "wait for the next epoch's shuffle")
+    if start is not None:
+        log.event("resumed", f"resumed from {start}", checkpoint=str(start))
+
+
+def _format_record(r: dict[str, Any], total: int) -> str:
+    parts = [f"step {r['step']}/{total}", f"loss {r['loss']:.4f}"]
+    parts += [f"{k} {r[k]:.4f}" for k in ("ce", "kd") if k in r]
+    t = {k.split("/")[1]: v for k, v in r.items() if k.startswith("time/")}
+    total_t = max(r["step_time"], 1e-9)
+    share = " ".join(f"{k} {100 * v / total_t:.0f}%" for k, v in t.items())
+    parts += [f"lr {r['lr']:.2e}", f"{r['tokens_per_s']:.0f} tok/s", share, f"peak {r['peak_mem_mib']:.0f} MiB"]
+    return "  ".join(parts)
+
+
+class _StopSignals:
+    """First SIGTERM/SIGINT: remember it (the loop checkpoints and stops after the current step).
+    A second one: the default behaviour (exit at once)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def __enter__(self) -> _StopSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+
+__all__ = ["TrainModule", "TrainingStopped", "evaluate", "train"]

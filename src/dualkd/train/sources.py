@@ -1,0 +1,98 @@
+"""Batch sources: where the batches of the one loop come from.
+
+`OffPolicySource` serves dataset responses. The order of each epoch is a pure function of (seed, epoch),
+built as *global* batches (micro_batch_size x grad_accum x processes examples) that are then split into
+micro-batches for each process. Consequences:
+- 8x1 on one process, 2x4 on one process and 2x2 on two processes see the same examples in each step;
+- the data position is just (epoch, step in epoch): resuming rebuilds the epoch and skips what was done.
+With length bucketing, examples of similar length share a global batch (less padding); the order of the
+global batches is shuffled so the schedule does not see lengths sorted.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from dualkd.data.collate import Batch
+from dualkd.data.dataset import TokenizedDataset
+from dualkd.errors import DataError
+
+_BUCKET_SPAN = 32  # global batches per length-sorted chunk: wide enough to group lengths, small enough to mix
+
+
+class OffPolicySource:
+    def __init__(
+        self,
+        dataset: TokenizedDataset,
+        micro_batch_size: int,
+        grad_accum: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        bucket_by_length: bool = True,
+    ):
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum = grad_accum
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.bucket_by_length = bucket_by_length
+        self.global_batch = micro_batch_size * grad_accum * world_size
+        self.steps_per_epoch = len(dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the training set has {len(dataset)} examples, fewer than one global batch "
+                            f"({micro_batch_size} x {grad_accum} x {world_size} processes = {self.global_batch})")
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self._order: list[list[int]] | None = None
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Examples left out of each epoch because they do not fill a last global batch (reshuffled each epoch)."""
+        return len(self.dataset) - self.steps_per_epoch * self.global_batch
+
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """The global batches of `epoch`, each sorted by length so that micro-batches pad little."""
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        perm = list(range(len(self.dataset)))
+        rng.shuffle(perm)
+        G = self.global_batch
+        lengths = self.dataset.lengths
+        if self.bucket_by_length:
+            span = G * _BUCKET_SPAN
+            chunks = [sorted(perm[i:i + span], key=lambda j: lengths[j]) for i in range(0, len(perm), span)]
+            perm = [j for chunk in chunks for j in chunk]
+        batches = [perm[i:i + G] for i in range(0, self.steps_per_epoch * G, G)]
+        if self.bucket_by_length:
+            rng.shuffle(batches)
+        return [sorted(b, key=lambda j: (lengths[j], j)) for b in batches]
+
+    def next_step(self) -> list[Batch]:
+        """This process's micro-batches for the next optimizer step."""
+        if self._order is None:
+            self._order = self.epoch_order(self.epoch)
+        global_batch = self._order[self.step_in_epoch]
+        per_rank = self.micro_batch_size * self.grad_accum
+        mine = global_batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+        micro = [mine[i:i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+        self.step_in_epoch += 1
+        if self.step_in_epoch == self.steps_per_epoch:
+            self.epoch, self.step_in_epoch, self._order = self.epoch + 1, 0, None
+        return [self.dataset.collate(m) for m in micro]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.step_in_epoch, self._order = state["epoch"], state["step_in_epoch"], None
+
+
+def eval_batches(dataset: TokenizedDataset, batch_size: int, world_size: int, rank: int) -> Iterator[Batch]:
+    """The dev set in a fixed, length-sorted order; process `rank` takes every `world_size`-th batch."""
+    order = sorted(range(len(dataset)), key=lambda j: (dataset.lengths[j], j))
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in chunks[rank::world_size]:
+        yield dataset.collate(chunk)

@@ -1,0 +1,55 @@
+"""The `dualkd` command: help on every command, config printing, error reporting, the demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dualkd.cli import build_parser, main
+from tests.conftest import REPO
+
+
+def _commands() -> list[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("argv", [["--help"]] + [[c, "--help"] for c in _commands()])
+def test_help_everywhere(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "usage: dualkd" in capsys.readouterr().out
+
+
+def test_config_command_prints_resolved_yaml(capsys: pytest.CaptureFixture) -> None:
+    assert main(["config", str(REPO / "configs" / "tiny-kd.yaml"), "objective.temperature=3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["objective"] == {"name": "kd", "kd_rate": 0.5, "temperature": 3.0, "divergence": "fkl"}
+    assert printed["optimization"]["max_grad_norm"] == 1.0
+
+
+def test_config_errors_exit_2_with_one_message(capsys: pytest.CaptureFixture) -> None:
+    assert main(["config", str(REPO / "configs" / "tiny-kd.yaml"), "optimization.lr=fast"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dualkd: error: invalid config") and "optimization.lr: expected float" in err
+    assert "Traceback" not in err
+
+
+def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"teacher", "student-kd", "student-sft"}
+    assert results["teacher"]["params"] > 3 * results["student-kd"]["params"]
+    for name in results:
+        assert (out / name / "final" / "model.safetensors").exists()
+    assert "greedy exact match" in capsys.readouterr().err
+    # a second demo run replaces the first; a foreign directory is refused
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    (tmp_path / "mine").mkdir()
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "mine")]) == 2

@@ -1,0 +1,163 @@
+"""Tiny end-to-end runs of the one loop: SFT and KD, accumulation invariance, checkpoints, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from dualkd.cli import main
+from dualkd.config import validate_config
+from dualkd.errors import ConfigError, DataError
+from dualkd.train.loop import train
+from tests.conftest import read_metrics, synthetic_records, tiny_run, write_jsonl
+
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+def _falling(losses: list[float]) -> bool:
+    k = max(len(losses) // 4, 1)
+    return sum(losses[-k:]) / k < sum(losses[:k]) / k
+
+
+def test_sft_run_writes_everything_and_learns(tmp_path: Path, train_file: Path, dev_file: Path,
+                                              byte_tokenizer_dir: Path) -> None:
+    cfg = validate_config(tiny_run(
+        tmp_path / "run", train_file, byte_tokenizer_dir,
+        data={"dev": str(dev_file)}, optimization={"max_steps": 24, "micro_batch_size": 8},
+        eval={"every_steps": 8}, checkpoint={"every_steps": 8, "keep_last": 2},
+        logging={"every_steps": 1000, "tensorboard": True, "progress_bar": "off"}))
+    run = train(cfg)
+    steps = read_metrics(run)
+    assert [r["step"] for r in steps] == list(range(1, 25))
+    losses = [r["loss"] for r in steps]
+    assert all(map(lambda x: x == x and abs(x) < 1e4, losses)) and _falling(losses)
+    for key in ("lr", "grad_norm", "tokens_per_s", "peak_mem_mib", "time/teacher", "time/student", "ce", "acc"):
+        assert key in steps[-1], key
+    dev = read_metrics(run, "dev")
+    assert [r["step"] for r in dev] == [8, 16, 24] and dev[-1]["loss"] < dev[0]["loss"]
+    assert (run / "config.yaml").exists() and (run / "tokenizer").exists() is False
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-00000016", "step-00000024"]  # keep_last 2 (the best is the last)
+    assert list((run / "tensorboard").iterdir())
+    model = AutoModelForCausalLM.from_pretrained(run / "final")  # plain transformers
+    assert model.config.model_type == "gpt2"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["best_step"] == 24
+
+
+def test_kd_run_same_tokenizer(tmp_path: Path, train_file: Path, teacher_dir: Path, byte_tokenizer_dir: Path) -> None:
+    cfg = validate_config(tiny_run(tmp_path / "kd", train_file, byte_tokenizer_dir, teacher=teacher_dir,
+                                   optimization={"max_steps": 16}))
+    run = train(cfg)
+    steps = read_metrics(run)
+    assert all("kd" in r and r["kd"] >= 0 for r in steps)
+    assert _falling([r["loss"] for r in steps])
+    assert steps[-1]["time/teacher"] > 0
+    # the logged loss is the configured mix of its parts
+    r = steps[-1]
+    assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"], rel=1e-5)
+
+
+def test_trained_tokenizer_recipe(tmp_path: Path) -> None:
+    cfg = validate_config({
+        "output_dir": str(tmp_path / "scratch"),
+        "student": {"init": "random", "train_tokenizer": {"vocab_size": 300},
+                    "arch": {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 32,
+                             "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2}},
+        "data": {"train": {"synthetic": "copy", "num_examples": 64}, "max_length": 96, "max_prompt_length": 80},
+        "optimization": {"max_steps": 3, "micro_batch_size": 8},
+        "logging": {"tensorboard": False, "progress_bar": "off"},
+    })
+    run = train(cfg)
+    assert (run / "tokenizer" / "tokenizer.json").exists()
+    assert (run / "final" / "tokenizer.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(run / "final").config.vocab_size == 300
+
+
+def _final_params(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def test_accumulation_invariance(tmp_path: Path, train_file: Path, teacher_dir: Path,
+                                 byte_tokenizer_dir: Path) -> None:
+    """8 x 1 and 2 x 4 make the same updates: the loss is normalized by the global batch's token count."""
+    runs = []
+    for micro, accum in ((8, 1), (2, 4)):
+        cfg = tiny_run(tmp_path / f"b{micro}x{accum}", train_file, byte_tokenizer_dir, teacher=teacher_dir,
+                       optimization={"max_steps": 5, "micro_batch_size": micro, "grad_accum": accum})
+        cfg["student"]["arch"].update(NO_DROPOUT)
+        runs.append(train(validate_config(cfg)))
+    a, b = (read_metrics(r) for r in runs)
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
+        assert ra["tokens"] == rb["tokens"]
+    pa, pb = (_final_params(r) for r in runs)
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], atol=1e-5, rtol=1e-4)  # Adam amplifies fp noise
+
+
+def test_existing_run_needs_resume(tmp_path: Path, train_file: Path, byte_tokenizer_dir: Path) -> None:
+    raw = tiny_run(tmp_path / "r", train_file, byte_tokenizer_dir,
+                   optimization={"max_steps": 2}, checkpoint={"every_steps": 1})
+    train(validate_config(raw))
+    with pytest.raises(ConfigError, match="already holds checkpoints of a run; continue it with --resume"):
+        train(validate_config(raw))
+    with pytest.raises(ConfigError, match="--resume: no complete checkpoint"):
+        train(validate_config({**raw, "output_dir": str(tmp_path / "empty")}), resume=True)
+    changed = {**raw, "seed": 99}
+    with pytest.raises(ConfigError, match="the run's settings changed:\n  seed: checkpoint 7 vs now 99"):
+        train(validate_config(changed), resume=True)
+
+
+def test_malformed_line_stops_the_run_naming_file_and_line(tmp_path: Path, byte_tokenizer_dir: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    records: list = synthetic_records(20, seed=3)
+    records[13] = '{"instruction": "Add.", "input": "1 + 2", "output": 3'
+    bad = write_jsonl(tmp_path / "bad.jsonl", records)
+    cfg_file = tmp_path / "run.yaml"
+    import yaml
+
+    cfg_file.write_text(yaml.safe_dump(tiny_run(tmp_path / "run", bad, byte_tokenizer_dir)))
+    assert main(["train", str(cfg_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"dualkd: error: {bad}:14: invalid JSON" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before training
+    with pytest.raises(DataError, match=rf"{bad}:14"):
+        train(validate_config(tiny_run(tmp_path / "run2", bad, byte_tokenizer_dir)))
+
+
+def test_skipped_lines_are_counted_printed_and_logged(tmp_path: Path, byte_tokenizer_dir: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    records: list = synthetic_records(20, seed=3)
+    records[2] = "not json"
+    records[7] = {"instruction": "x", "output": ""}
+    bad = write_jsonl(tmp_path / "bad.jsonl", records)
+    cfg = tiny_run(tmp_path / "run", bad, byte_tokenizer_dir, optimization={"max_steps": 2})
+    cfg["data"]["on_error"] = "skip"
+    run = train(validate_config(cfg))
+    events = [e for e in read_metrics(run, "event") if e["event"] == "data_skipped"]
+    assert len(events) == 1 and events[0]["skipped"] == 2 and events[0]["first"].startswith(f"{bad}:3:")
+    assert "SKIPPED 2 bad records" in capsys.readouterr().err
+
+
+def test_objective_without_teacher_is_a_config_error(tmp_path: Path, train_file: Path,
+                                                     byte_tokenizer_dir: Path) -> None:
+    cfg = tiny_run(tmp_path / "r", train_file, byte_tokenizer_dir, objective={"name": "kd"})
+    with pytest.raises(ConfigError, match="objective `kd` needs a teacher"):
+        train(validate_config(cfg))
+
+
+def test_kd_with_different_tokenizers_is_refused(tmp_path: Path, train_file: Path, byte_tokenizer_dir: Path,
+                                                 meta_tokenizer_dir: Path) -> None:
+    from dualkd.errors import ModelError
+    from tests.conftest import make_model_dir
+
+    other = make_model_dir(tmp_path / "other", meta_tokenizer_dir)
+    cfg = tiny_run(tmp_path / "r", train_file, byte_tokenizer_dir, teacher=other)
+    with pytest.raises(ModelError, match="needs the student and teacher to share one tokenizer"):
+        train(validate_config(cfg))
