@@ -46,9 +46,11 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"teacher", "student-kd", "student-sft"}
     assert results["teacher"]["params"] > 3 * results["student-kd"]["params"]
+    assert results["teacher"]["agrees_with_teacher"] == 1.0
     for name in results:
         assert (out / name / "final" / "model.safetensors").exists()
-    assert "greedy exact match" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dualkd demo: tiny teacher -> student" in err and "student-sft" in err
     # a second demo run replaces the first; a foreign directory is refused
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
     (tmp_path / "mine").mkdir()

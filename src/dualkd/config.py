@@ -115,7 +115,7 @@ class DataSource(StrictModel):
     """Dataset configuration name."""
     split: str = "train"
     """Dataset split (for `hf`)."""
-    synthetic: Literal["copy", "sort", "arithmetic", "mixed"] | None = None
+    synthetic: Literal["copy", "sort", "arithmetic", "associate", "mixed"] | None = None
     """A generated toy task set, for smoke tests and the demo (no files needed)."""
     num_examples: int = Field(2000, ge=1)
     """How many synthetic examples to generate."""

@@ -4,6 +4,11 @@
     reverse: tiger stone cloud\n  ->  cloud stone tiger          (task "copy")
     sort: tiger stone cloud\n     ->  cloud stone tiger          (task "sort")
     add: 7 5\n                    ->  12                         (task "arithmetic", also "sub")
+    color of tiger:\n            ->  amber                      (task "associate": sampled, see below)
+
+`associate` answers are *sampled* from a fixed distribution per word (the same for every seed): a model
+can only learn the distribution, and a teacher that has learned it passes it on through its soft targets.
+That is the setting where distillation shows its worth with little data (Hinton et al.'s "dark knowledge").
 
 Prompts are short on purpose, so that most computed tokens carry loss: a 1M-parameter model learns the
 copy tasks in a few hundred CPU steps, while a 4x smaller one lags behind, which is what the demo shows.
@@ -37,6 +42,21 @@ def _sort(rng: random.Random) -> dict[str, Any]:
     return {"prompt": f"sort: {' '.join(words)}\n", "output": " ".join(sorted(words))}
 
 
+_COLORS = "amber blue crimson gray ivory jade olive violet".split()
+# one fixed categorical distribution over colors per word, shared by all seeds (a Dirichlet(0.5) draw)
+_world = random.Random(1234)
+_ASSOCIATION = {}
+for _w in _WORDS:
+    _g = [_world.gammavariate(0.5, 1.0) for _ in _COLORS]
+    _ASSOCIATION[_w] = [g / sum(_g) for g in _g]
+
+
+def _associate(rng: random.Random) -> dict[str, Any]:
+    word = rng.choice(_WORDS)
+    color = rng.choices(_COLORS, weights=_ASSOCIATION[word])[0]
+    return {"prompt": f"color of {word}:\n", "output": color}
+
+
 def _arithmetic(rng: random.Random) -> dict[str, Any]:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     if rng.random() < 0.5:
@@ -49,7 +69,8 @@ _TASKS: dict[str, tuple[Callable[[random.Random], dict[str, Any]], ...]] = {
     "copy": (_copy,),
     "sort": (_sort,),
     "arithmetic": (_arithmetic,),
-    "mixed": (_copy, _sort, _arithmetic),
+    "associate": (_associate,),
+    "mixed": (_copy, _sort, _arithmetic, _associate),
 }
 TASKS = tuple(_TASKS)
 
