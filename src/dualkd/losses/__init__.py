@@ -1,7 +1,15 @@
-"""Pure loss functions: (student, teacher, mask, params) -> per-token values; reduction is a separate step."""
+"""Pure loss functions: (student, teacher, mask, params) -> per-token values; reduction is a separate step.
+
+Public API (stable: other tools call exactly these names):
+    DIVERGENCES                      name -> function(student_logits, teacher_logits, temperature=1.0, **params)
+    divergence(name, student_logits, teacher_logits, *, mask, temperature, reduction, **params)
+    fused_divergence(name, student_hidden, student_head, teacher_hidden, teacher_head, *, mask, temperature,
+                     reduction, chunk_size, student_bias, teacher_bias, **params)
+"""
 
 from dualkd.losses.cross_entropy import token_cross_entropy
 from dualkd.losses.divergences import DIVERGENCES, divergence
+from dualkd.losses.fused import fused_divergence, fused_kd_loss
 from dualkd.losses.reduce import masked_reduce
 
-__all__ = ["DIVERGENCES", "divergence", "masked_reduce", "token_cross_entropy"]
+__all__ = ["DIVERGENCES", "divergence", "fused_divergence", "fused_kd_loss", "masked_reduce", "token_cross_entropy"]

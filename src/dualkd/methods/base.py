@@ -30,11 +30,14 @@ class LMOutput:
     hidden: Tensor | None  # [B, T, d] last layer, after the final norm
 
 
-def lm_forward(model: nn.Module, tokens: ModelBatch, *, hidden: bool = False) -> LMOutput:
-    """Run a causal LM on a padded batch."""
-    out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=hidden,
-                use_cache=False)
-    return LMOutput(logits=out.logits, hidden=out.hidden_states[-1] if hidden else None)
+def lm_forward(model: nn.Module, tokens: ModelBatch, *, hidden: bool = False, logits: bool = True) -> LMOutput:
+    """Run a causal LM on a padded batch. `logits=False` (for fused losses) asks transformers to compute the
+    LM head on the last position only (`logits_to_keep=1`), so the [B, T, V] logits are never built."""
+    kwargs = {} if logits else {"logits_to_keep": 1}
+    out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                output_hidden_states=hidden or not logits, use_cache=False, **kwargs)
+    return LMOutput(logits=out.logits if logits else None,
+                    hidden=out.hidden_states[-1] if hidden or not logits else None)
 
 
 @dataclass

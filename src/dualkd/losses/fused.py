@@ -1,0 +1,280 @@
+"""Fused, chunked KD losses computed from hidden states and LM-head weights: no [N, V] tensor is ever alive.
+
+    loss = fused_divergence("fkl", h_s, W_s, h_t, W_t, mask=m, temperature=2.0)
+    # same value and gradients as divergence("fkl", h_s @ W_s.T, h_t @ W_t.T, mask=m, temperature=2.0)
+
+How: the counted rows are processed `chunk_size` at a time. For each chunk the logits of both models are
+computed ([c, V]), then the loss values and, analytically, dL/dz_student (divergences.py gives r = q ⊙ ∂L/∂q,
+and dL/dz = (r - q Σr) / τ); the chunk's gradients for the student hidden states, head and bias are
+accumulated and the chunk's [c, V] buffers are dropped. With a sum/mean reduction this happens in the
+forward pass (as Liger-Kernel does), and backward only scales the stored gradients by the incoming scalar.
+With reduction="none" the incoming gradient differs per token, so backward recomputes the chunks instead.
+The teacher side never gets gradients.
+
+`fused_kd_loss` is the same machinery for the `kd` objective: (1 - kd_rate)·CE + kd_rate·D in one pass, so
+that the student's logits are computed once per chunk for both terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dualkd.losses.divergences import SPECS, Dists, resolve_params, upcast
+from dualkd.losses.reduce import Reduction
+
+_TARGET_ELEMENTS = 1 << 24  # per [c, V] buffer: 64 MiB in fp32 (see benchmarks/losses.py for the trade-off)
+
+
+def default_chunk_size(n_rows: int, vocab: int) -> int:
+    """Rows per chunk: about 16M logits per buffer (64 MiB fp32), between 16 and 1024 rows. Smaller chunks
+    save little memory (the head gradient dominates) and make the GEMMs slower on CPU."""
+    return max(1, min(n_rows, max(16, min(1024, _TARGET_ELEMENTS // max(vocab, 1)))))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What to compute per row: ce_weight·CE(z_s, y) + div_weight·D(z_s[:, :V], z_t) at temperature τ."""
+
+    divergence: str | None
+    params: dict[str, float] = field(default_factory=dict)
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    div_weight: float = 1.0
+    div_vocab: int | None = None  # V compared by D (the student head may have extra padding rows)
+    chunk_size: int = 256
+
+
+def _logits(h: Tensor, head: Tensor, bias: Tensor | None) -> Tensor:
+    """h @ head.T (+ bias) as a [c, V] view of a [V, c] buffer: on CPU the GEMM with the vocabulary as its
+    long side runs ~1.5x faster for small c, and the head-gradient GEMM then reads the buffer contiguously."""
+    out = head @ h.t() if bias is None else torch.addmm(bias[:, None], head, h.t())
+    return out.t()
+
+
+def _log_softmax_(z: Tensor, temperature: float) -> Tensor:
+    """log_softmax(z / τ) over the last dim, in place in `z` (fp32/fp64), or in an fp32 copy of a half `z`."""
+    z = upcast(z)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+
+
+def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
+                labels: Tensor | None, row_weights: Tensor | None, want: tuple[bool, bool, bool]
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor | None]]:
+    """One pass over the rows. Returns per-row (loss, ce, div, hit) and the gradients asked for by `want`
+    (hidden, head, bias), each weighted per row by `row_weights` (None: weight 1). `hit` is 1 where the
+    student's argmax is the label (0 without labels)."""
+    n = hs.shape[0]
+    V = plan.div_vocab or ws.shape[0]
+    want_h, want_w, want_b = want
+    any_grad = want_h or want_w or want_b
+    acc = torch.promote_types(hs.dtype, torch.float32)  # accumulation dtype: fp32, or fp64 for fp64 inputs
+    loss = torch.zeros(n, dtype=acc, device=hs.device)
+    ce_rows, div_rows, hits = torch.zeros_like(loss), torch.zeros_like(loss), torch.zeros_like(loss)
+    grad_h = torch.empty_like(hs) if want_h else None
+    # torch.empty: the first chunk writes it (zero-filling 1 GiB first costs a whole extra pass)
+    grad_w = torch.empty(ws.shape, dtype=acc, device=ws.device) if want_w else None
+    grad_b = torch.zeros(ws.shape[0], dtype=acc, device=ws.device) if want_b else None
+    spec = SPECS[plan.divergence] if plan.divergence else None
+    teacher_head = wt[:V]
+    teacher_bias = bt[:V] if bt is not None else None
+    # logits can only be -inf through a bias (a masked vocabulary entry): find those columns once
+    col_valid = None
+    biases = [b for b in (bs[:V] if bs is not None else None, teacher_bias) if b is not None]
+    if any(torch.isinf(b).any() for b in biases):
+        col_valid = torch.ones(V, dtype=torch.bool, device=ws.device)
+        for b in biases:
+            col_valid &= torch.isfinite(b)
+
+    for start in range(0, n, plan.chunk_size):
+        rows = slice(start, min(start + plan.chunk_size, n))
+        h = hs[rows]
+        z_s = _logits(h, ws, bs)  # [c, V_s]
+        dz: Tensor | None = None  # dL/dz_s, fp32 [c, V_s]
+        if plan.ce_weight:
+            assert labels is not None
+            y = labels[rows]
+            hits[rows] = (z_s.argmax(-1) == y).to(hits.dtype)
+            log_sm = F.log_softmax(upcast(z_s), dim=-1)
+            ce = -log_sm.gather(-1, y[:, None])[:, 0]
+            ce_rows[rows] = ce
+            loss[rows] += plan.ce_weight * ce
+            if any_grad:
+                dz = log_sm.exp_()  # softmax, in place
+                dz[torch.arange(dz.shape[0], device=dz.device), y] -= 1.0
+                dz.mul_(plan.ce_weight)
+            del log_sm
+        if spec is not None and plan.div_weight:
+            with torch.no_grad():
+                z_t = _logits(ht[rows], teacher_head, teacher_bias)  # [c, V]
+            # log-softmax in place in the chunk's own buffers (z_s is not needed any more after CE)
+            dists = Dists(_log_softmax_(z_s[:, :V], plan.temperature), _log_softmax_(z_t, plan.temperature),
+                          col_valid)
+            d = spec.value(dists, **plan.params)
+            div_rows[rows] = d
+            loss[rows] += plan.div_weight * d
+            if any_grad:
+                r = spec.q_grad(dists, **plan.params)  # [c, V]
+                q = dists.q
+                # dL/dz = (r - q Σr) / τ, computed in place in r
+                r.sub_(q * r.sum(-1, keepdim=True)).mul_(plan.div_weight / plan.temperature)
+                if dz is None and ws.shape[0] == V:
+                    dz = r
+                else:
+                    if dz is None:
+                        dz = torch.zeros(z_s.shape, dtype=acc, device=z_s.device)
+                    dz[:, :V] += r
+                del r, q
+            del dists, z_t
+        del z_s
+        if dz is None:  # nothing to differentiate in this chunk (no CE, zero divergence weight)
+            dz = torch.zeros((h.shape[0], ws.shape[0]), dtype=acc, device=h.device) if any_grad else None
+        if dz is None:
+            continue
+        if row_weights is not None:
+            dz.mul_(row_weights[rows, None])
+        if want_h:
+            grad_h[rows] = dz.to(ws.dtype) @ ws
+        if want_w:
+            if start == 0:
+                torch.mm(dz.t(), upcast(h), out=grad_w)
+            else:
+                grad_w.addmm_(dz.t(), upcast(h))
+        if want_b:
+            grad_b += dz.sum(0)
+        del dz
+    grads = [grad_h, grad_w.to(ws.dtype) if grad_w is not None else None,
+             grad_b.to(bs.dtype) if grad_b is not None and bs is not None else None]
+    return loss, ce_rows, div_rows, hits, grads
+
+
+class _FusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, plan: _Plan, per_token: bool):  # type: ignore[override]
+        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bs is not None and ctx.needs_input_grad[2])
+        ctx.plan, ctx.per_token, ctx.want = plan, per_token, want
+        if per_token:
+            # gradients depend on the per-token upstream gradient: recompute in backward
+            loss, ce, div, hits, _ = _run_chunks(plan, hs, ws, bs, ht, wt, bt, labels, None, (False, False, False))
+            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
+        else:
+            loss, ce, div, hits, grads = _run_chunks(plan, hs, ws, bs, ht, wt, bt, labels, None, want)
+            ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+            loss, ce, div, hits = loss.sum(), ce.sum(), div.sum(), hits.sum()
+        ctx.mark_non_differentiable(ce, div, hits)
+        return loss, ce, div, hits
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_div, _grad_hits):  # type: ignore[override]
+        if ctx.per_token:
+            hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
+            weights = upcast(grad_loss)
+            _, _, _, _, grads = _run_chunks(ctx.plan, hs, ws, bs, ht, wt, bt, labels, weights, ctx.want)
+        else:
+            # scale the stored gradients in place: a copy would double the head-sized gradient in memory
+            grads = [g.mul_(grad_loss.to(g.dtype)) if want else None for g, want in zip(ctx.saved_tensors, ctx.want)]
+        grad_h, grad_w, grad_b = grads
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _rows(tensor: Tensor, mask_rows: Tensor | None) -> Tensor:
+    flat = tensor.reshape(-1, tensor.shape[-1])
+    return flat if mask_rows is None else flat.index_select(0, mask_rows)
+
+
+def _apply(plan: _Plan, student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
+           mask: Tensor | None, labels: Tensor | None, reduction: Reduction, student_bias: Tensor | None,
+           teacher_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead:
+        raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
+                         f"{tuple(teacher_hidden.shape)} differ in their leading (token) dimensions")
+    if mask is not None and mask.shape != lead:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the hidden states' {tuple(lead)}")
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"unknown reduction {reduction!r}; use 'none', 'sum' or 'mean'")
+    idx = mask.reshape(-1).nonzero().squeeze(1) if mask is not None else None
+    hs, ht = _rows(student_hidden, idx), _rows(teacher_hidden.detach(), idx)
+    y = labels.reshape(-1)[idx] if labels is not None and idx is not None else (
+        labels.reshape(-1) if labels is not None else None)
+    plan = _Plan(**{**plan.__dict__, "chunk_size": plan.chunk_size or default_chunk_size(hs.shape[0],
+                                                                                          student_head.shape[0])})
+    per_token = reduction == "none"
+    tb = teacher_bias.detach() if teacher_bias is not None else None
+    outs = _FusedLoss.apply(hs, student_head, student_bias, ht, teacher_head.detach(), tb, y, plan, per_token)
+    if per_token:
+        n_all = student_hidden.reshape(-1, student_hidden.shape[-1]).shape[0]
+        if idx is not None:
+            outs = tuple(o.new_zeros(n_all).index_copy(0, idx, o) for o in outs)
+        return tuple(o.reshape(lead) for o in outs)  # type: ignore[return-value]
+    if reduction == "mean":
+        count = float(hs.shape[0]) if hs.shape[0] > 0 else 1.0
+        return tuple(o / count for o in outs)  # type: ignore[return-value]
+    return outs
+
+
+def fused_divergence(
+    name: str,
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    *,
+    mask: Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    **params: float,
+) -> Tensor:
+    """`divergence(name, student_hidden @ student_head.T (+ bias), teacher_hidden @ teacher_head.T (+ bias), ...)`
+    without materializing the logits: hidden [N, d_s] / [N, d_t] (or [..., d]), heads [V, d_s] / [V, d_t],
+    mask [N] bool. Gradients flow to the student hidden states, head and bias only."""
+    full = resolve_params(name, params)
+    if student_head.shape[0] != teacher_head.shape[0]:
+        raise ValueError(f"student head has {student_head.shape[0]} rows and teacher head {teacher_head.shape[0]}; "
+                         "slice both to the shared vocabulary first")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    plan = _Plan(divergence=name, params=full, temperature=temperature, chunk_size=chunk_size or 0)
+    loss, _, _, _ = _apply(plan, student_hidden, student_head, teacher_hidden, teacher_head, mask, None, reduction,
+                           student_bias, teacher_bias)
+    return loss
+
+
+def fused_kd_loss(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    labels: Tensor,
+    *,
+    divergence: str,
+    kd_rate: float,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: Reduction = "sum",
+    chunk_size: int | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    params: dict[str, float] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(1 - kd_rate)·CE(student, labels) + kd_rate·D(p_teacher^τ ‖ q_student^τ) on already selected rows.
+
+    CE uses the student's whole head; D compares the first `vocab_size` rows of both heads (same-family
+    vocab padding). Returns (loss, ce, kd, hits): the loss carries the gradients; ce, kd and hits (argmax ==
+    label) are for logging.
+    """
+    full = resolve_params(divergence, params or {})
+    plan = _Plan(divergence=divergence, params=full, temperature=temperature, ce_weight=1.0 - kd_rate,
+                 div_weight=kd_rate, div_vocab=vocab_size, chunk_size=chunk_size or 0)
+    return _apply(plan, student_hidden, student_head, teacher_hidden, teacher_head, None, labels, reduction,
+                  student_bias, teacher_bias)
