@@ -116,11 +116,14 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {args.device} ({cpu}, {torch.get_num_threads()} threads), {args.dtype}, "
           f"d={args.dim}, tau={args.temperature}")
 
-    # naive memory grows as N*V: calibrate bytes per logit on a small case, per divergence
-    per_logit = {}
+    # naive memory grows as N*V on top of a fixed part (the head gradient): calibrate the bytes per logit
+    # from two small cases, per divergence
+    per_logit, fixed = {}, {}
     for name in names:
-        small = measure("naive", name, 256, 32000, args)
-        per_logit[name] = small.get("peak_mib", 0) * 2**20 / (256 * 32000)
+        a = measure("naive", name, 256, 32000, args).get("peak_mib", 0.0)
+        b = measure("naive", name, 768, 32000, args).get("peak_mib", 0.0)
+        per_logit[name] = max(b - a, 0.0) * 2**20 / (512 * 32000)
+        fixed[name] = (a * 2**20 - per_logit[name] * 256 * 32000) / 32000  # bytes per vocab row
 
     results = []
     header = (f"{'div':5} {'V':>7} {'N':>5} | {'naive s':>8} {'fused s':>8} {'time x':>7} | "
@@ -130,7 +133,7 @@ def main() -> None:
     for v in vocabs:
         for n in rows:
             for name in names:
-                predicted_gib = per_logit[name] * n * v / 2**30
+                predicted_gib = (per_logit[name] * n * v + fixed[name] * v) / 2**30
                 if predicted_gib > args.max_gib:
                     naive = {"skipped": f"needs ~{predicted_gib:.0f} GiB"}
                 else:

@@ -58,7 +58,9 @@ class KDConfig(StrictModel):
     @model_validator(mode="after")
     def _params_belong_to_divergence(self) -> KDConfig:
         allowed = set(SPECS[self.divergence].params)
-        stray = {"beta", "skew_lambda", "akl_alpha"} & self.model_fields_set - allowed
+        fields = type(self).model_fields
+        stray = {k for k in ("beta", "skew_lambda", "akl_alpha") if k not in allowed
+                 and getattr(self, k) != fields[k].default}  # a default (e.g. in a saved config) is harmless
         if stray:
             raise ValueError(f"{sorted(stray)} do(es) not apply to divergence {self.divergence!r}")
         return self
