@@ -16,7 +16,7 @@ Rules:
   fallback and byte-level BPE may split one character into several tokens that each report the whole
   character, and none of them alone is that text;
 - the result is in increasing order on both sides.
-It runs in O(n + m) after a sort that is a no-op for the usual monotone offsets (NumPy, no Python loop).
+It runs in O(n log m) NumPy work without a Python loop (no sort for the usual monotone offsets).
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ Offsets = Tensor | np.ndarray | Sequence[tuple[int, int]] | Sequence[Sequence[in
 def _as_array(offsets: Offsets) -> np.ndarray:
     if isinstance(offsets, Tensor):
         arr = offsets.detach().cpu().numpy()
+    elif isinstance(offsets, np.ndarray):
+        arr = offsets
     else:
-        arr = np.asarray(offsets, dtype=np.int64)
+        arr = np.array(offsets, dtype=np.int64)
     if arr.size == 0:
         return np.zeros((0, 2), dtype=np.int64)
     if arr.ndim != 2 or arr.shape[1] != 2:
@@ -42,21 +44,32 @@ def _as_array(offsets: Offsets) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def alignable(offsets: np.ndarray) -> np.ndarray:
-    """Bool [n]: tokens with a non-empty span that no other token of the sequence shares or overlaps."""
-    out = np.zeros(offsets.shape[0], dtype=bool)
+def _alignable_keys(offsets: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Span keys (start * width + end), ascending, and token indices of the alignable tokens: non-empty
+    spans that no other token of the sequence shares or overlaps."""
     real = np.flatnonzero(offsets[:, 1] > offsets[:, 0])  # empty spans (added specials) never align
-    if real.size == 0:
-        return out
     start, end = offsets[real, 0], offsets[real, 1]
-    order = np.lexsort((end, start))  # by start, then end
-    s, e = start[order], end[order]
+    keys = start * width + end
+    if keys.size > 1 and not (keys[1:] > keys[:-1]).all():  # offsets are monotone for usual tokenizers
+        order = np.argsort(keys, kind="stable")
+        real, start, end, keys = real[order], start[order], end[order], keys[order]
+    if keys.size < 2:
+        return keys, real
     # in start order a token clashes with an earlier one iff it starts before the running max of their ends;
     # if token k+1 clashes with some earlier token, token k clashes too (or is that earlier token)
-    prev_end = np.maximum.accumulate(np.concatenate([[np.iinfo(np.int64).min], e[:-1]]))
-    clash_prev = s < prev_end
-    clash_next = np.concatenate([clash_prev[1:], [False]])
-    out[real[order]] = ~(clash_prev | clash_next)
+    running_end = np.maximum.accumulate(end[:-1])
+    clash = np.zeros(keys.size + 1, dtype=bool)
+    clash[1:-1] = start[1:] < running_end
+    lonely = ~(clash[:-1] | clash[1:])
+    return keys[lonely], real[lonely]
+
+
+def alignable(offsets: Offsets) -> np.ndarray:
+    """Bool [n]: tokens with a non-empty span that no other token of the sequence shares or overlaps."""
+    arr = _as_array(offsets)
+    out = np.zeros(arr.shape[0], dtype=bool)
+    if arr.shape[0]:
+        out[_alignable_keys(arr, int(arr[:, 1].max()) + 1)[1]] = True
     return out
 
 
@@ -65,16 +78,19 @@ def exact_alignment(student_offsets: Offsets, teacher_offsets: Offsets) -> tuple
     spans over the same text are identical. Offsets: [n, 2] / [m, 2] (start, end) pairs."""
     s = _as_array(student_offsets)
     t = _as_array(teacher_offsets)
-    s_idx = np.flatnonzero(alignable(s))
-    t_idx = np.flatnonzero(alignable(t))
-    if s_idx.size == 0 or t_idx.size == 0:
+    if s.shape[0] == 0 or t.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty.clone()
-    # a span is one integer key; the alignable spans of a sequence are unique, so intersect1d pairs them
-    width = int(max(s[s_idx, 1].max(), t[t_idx, 1].max())) + 1
-    s_key = s[s_idx, 0] * width + s[s_idx, 1]
-    t_key = t[t_idx, 0] * width + t[t_idx, 1]
-    _, s_pos, t_pos = np.intersect1d(s_key, t_key, assume_unique=True, return_indices=True)
-    s_out, t_out = s_idx[s_pos], t_idx[t_pos]
-    order = np.argsort(s_out, kind="stable")
-    return torch.from_numpy(s_out[order]).long(), torch.from_numpy(t_out[order]).long()
+    width = int(max(s[:, 1].max(), t[:, 1].max())) + 1
+    s_keys, s_idx = _alignable_keys(s, width)
+    t_keys, t_idx = _alignable_keys(t, width)
+    if s_keys.size == 0 or t_keys.size == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty.clone()
+    pos = np.minimum(np.searchsorted(t_keys, s_keys), t_keys.size - 1)
+    hit = t_keys[pos] == s_keys
+    s_out, t_out = s_idx[hit], t_idx[pos[hit]]
+    if s_out.size > 1 and not (s_out[1:] > s_out[:-1]).all():
+        order = np.argsort(s_out, kind="stable")
+        s_out, t_out = s_out[order], t_out[order]
+    return torch.from_numpy(s_out), torch.from_numpy(t_out)
