@@ -120,7 +120,7 @@ def tiny_run(out: Path, train: Path, tokenizer_dir: Path, teacher: Path | None =
         cfg["teacher"] = {"path": str(teacher)}
         cfg["objective"] = {"name": "kd", "kd_rate": 0.5, "temperature": 2.0}
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict) and key != "objective":
             cfg[key] = {**cfg[key], **value}
         else:
             cfg[key] = value

@@ -138,11 +138,19 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("DUALKD_CACHE", Path.home() / ".cache" / "dualkd")) / "vocab-maps"
 
 
+_FINGERPRINTS: dict[int, tuple[Any, str]] = {}
+
+
 def _fingerprint(tokenizer: Any) -> str:
+    """A hash of the vocabulary (computed once per tokenizer object)."""
+    hit = _FINGERPRINTS.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
     h = hashlib.sha256()
     for tok in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))):
         h.update((tok or "").encode("utf-8", errors="replace") + b"\x00")
-    return h.hexdigest()[:16]
+    _FINGERPRINTS[id(tokenizer)] = (tokenizer, h.hexdigest()[:16])
+    return _FINGERPRINTS[id(tokenizer)][1]
 
 
 def nearest_token_ids(source_tokenizer: Any, target_tokenizer: Any, source_ids: Sequence[int] | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,6 +61,23 @@ class ModelBatch:
 
 
 @dataclass
+class Alignment:
+    """Pairs of label positions, student side and teacher side, over a batch: pair k is
+    (batch_index[k], student_pos[k]) <-> (batch_index[k], teacher_pos[k])."""
+
+    batch_index: Tensor  # [P] long
+    student_pos: Tensor  # [P] long
+    teacher_pos: Tensor  # [P] long
+
+    def to(self, device: torch.device | str) -> Alignment:
+        return Alignment(*(t.to(device, non_blocking=True) for t in (self.batch_index, self.student_pos,
+                                                                      self.teacher_pos)))
+
+    def __len__(self) -> int:
+        return int(self.batch_index.numel())
+
+
+@dataclass
 class Batch:
     """What the loop hands an objective: the student's tokens and, for cross-tokenizer objectives, the teacher's."""
 
@@ -68,10 +86,25 @@ class Batch:
     """None when the teacher reads the student's tokens (same tokenizer)."""
     indices: list[int]
     """Dataset indices of the examples (for logging and sources that need them)."""
+    alignment: Alignment | None = None
+    """Student/teacher position pairs, for objectives that align two tokenizations (ETA, MinED)."""
 
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, student=self.student.to(device),
-                       teacher=self.teacher.to(device) if self.teacher is not None else None)
+                       teacher=self.teacher.to(device) if self.teacher is not None else None,
+                       alignment=self.alignment.to(device) if self.alignment is not None else None)
+
+    @property
+    def teacher_view(self) -> ModelBatch:
+        """The tokens the teacher reads."""
+        return self.teacher if self.teacher is not None else self.student
+
+
+def stack_alignment(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Alignment:
+    """Per-example (student positions, teacher positions) -> one Alignment over the batch."""
+    index = [np.full(len(s), b, dtype=np.int64) for b, (s, _) in enumerate(pairs)]
+    cat = (lambda xs: torch.from_numpy(np.concatenate(xs)).long() if xs else torch.zeros(0, dtype=torch.long))
+    return Alignment(cat(index), cat([s for s, _ in pairs]), cat([t for _, t in pairs]))
 
     @property
     def teacher_view(self) -> ModelBatch:

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from dualkd.config import DataConfig, DataSource
-from dualkd.data.collate import Batch, TokenizedExample, pad_batch
+from dualkd.data.collate import Batch, TokenizedExample, pad_batch, stack_alignment
 from dualkd.data.formats import Example, render
 from dualkd.data.readers import LoadReport, load_examples
 from dualkd.errors import DataError, ModelError
@@ -145,7 +147,9 @@ class TokenizedDataset:
         student_pad_id: int,
         teacher_pad_id: int | None = None,
         pad_to_multiple_of: int | None = None,
+        alignments: list[tuple[np.ndarray, np.ndarray]] | None = None,
     ):
+        self.alignments = alignments
         self.examples = examples
         self.student = student
         self.teacher = teacher
@@ -165,7 +169,8 @@ class TokenizedDataset:
         if self.teacher is not None:
             assert self.teacher_pad_id is not None
             teacher = pad_batch([self.teacher[i] for i in indices], self.teacher_pad_id, self.pad_to_multiple_of)
-        return Batch(student=student, teacher=teacher, indices=list(indices))
+        alignment = stack_alignment([self.alignments[i] for i in indices]) if self.alignments is not None else None
+        return Batch(student=student, teacher=teacher, indices=list(indices), alignment=alignment)
 
 
 def make_dataset(
@@ -174,9 +179,11 @@ def make_dataset(
     cfg: DataConfig,
     student_tokenizer: Any,
     teacher_tokenizer: Any | None = None,
+    aligner: Any | None = None,
 ) -> TokenizedDataset:
     """Tokenize loaded examples. `teacher_tokenizer` is given only when the teacher reads different tokens than
-    the student. Examples that cannot be used raise, or are skipped and added to `report` (`on_error: skip`)."""
+    the student; `aligner` (align/pairs.py) then pairs their positions once, here. Examples that cannot be used
+    raise, or are skipped and added to `report` (`on_error: skip`)."""
     rules = TruncationRules.from_config(cfg)
     per_model = [tokenize_examples(examples, student_tokenizer, rules)]
     if teacher_tokenizer is not None:
@@ -194,13 +201,21 @@ def make_dataset(
         raise DataError(f"{report.source}: no usable examples ({len(report.skipped)} skipped; first: "
                         f"{report.skipped[0]})")
     report.kept = len(keep)
+    student = [per_model[0][i] for i in keep]
+    teacher = [per_model[1][i] for i in keep] if teacher_tokenizer is not None else None
+    alignments = None
+    if aligner is not None:
+        if teacher is None:
+            raise ValueError("an aligner needs the teacher's own tokenization")
+        alignments = aligner(student, teacher)
     return TokenizedDataset(
         examples=[examples[i] for i in keep],
-        student=[per_model[0][i] for i in keep],  # type: ignore[misc]
-        teacher=[per_model[1][i] for i in keep] if teacher_tokenizer is not None else None,  # type: ignore[misc]
+        student=student,  # type: ignore[arg-type]
+        teacher=teacher,  # type: ignore[arg-type]
         student_pad_id=pad_id(student_tokenizer),
         teacher_pad_id=pad_id(teacher_tokenizer) if teacher_tokenizer is not None else None,
         pad_to_multiple_of=cfg.pad_to_multiple_of,
+        alignments=alignments,
     )
 
 

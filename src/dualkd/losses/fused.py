@@ -148,6 +148,8 @@ def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tens
         if want_b:
             grad_b += dz.sum(0)
         del dz
+    if grad_w is not None and n == 0:
+        grad_w.zero_()  # no chunk ran to write it
     grads = [grad_h, grad_w.to(ws.dtype) if grad_w is not None else None,
              grad_b.to(bs.dtype) if grad_b is not None and bs is not None else None]
     return loss, ce_rows, div_rows, hits, grads
@@ -278,3 +280,33 @@ def fused_kd_loss(
                  div_weight=kd_rate, div_vocab=vocab_size, chunk_size=chunk_size or 0)
     return _apply(plan, student_hidden, student_head, teacher_hidden, teacher_head, None, labels, reduction,
                   student_bias, teacher_bias)
+
+
+def fused_cross_entropy(
+    hidden: Tensor,
+    head: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    reduction: Reduction = "sum",
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """CE(hidden @ head.T (+ bias), labels) chunk by chunk: (loss, hits) where hits counts argmax == label.
+    Pass a detached head to train only what produced `hidden` (e.g. a projector)."""
+    plan = _Plan(divergence=None, ce_weight=1.0, div_weight=0.0, chunk_size=chunk_size or 0)
+    empty = hidden.new_zeros((*hidden.shape[:-1], 1))
+    loss, ce, _, hits = _apply(plan, hidden, head, empty, head.new_zeros((head.shape[0], 1)), mask, labels,
+                               reduction, bias, None)
+    return loss, hits
+
+
+@torch.no_grad()
+def fused_argmax(hidden: Tensor, head: Tensor, bias: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+    """argmax over the vocabulary of hidden @ head.T (+ bias), [N, d] -> [N], without [N, V] logits."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.long, device=hidden.device)
+    step = chunk_size or default_chunk_size(flat.shape[0], head.shape[0])
+    for start in range(0, flat.shape[0], step):
+        out[start:start + step] = _logits(flat[start:start + step], head, bias).argmax(-1)
+    return out.reshape(hidden.shape[:-1])

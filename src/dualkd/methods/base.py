@@ -68,6 +68,9 @@ class Objective(nn.Module):
     """The loop loads a teacher and calls `teacher_forward`."""
     teacher_reads_own_tokens: ClassVar[bool] = False
     """Cross-tokenizer objectives: the data is also tokenized with the teacher's tokenizer."""
+    counts_need_teacher: ClassVar[bool] = False
+    """The loop runs the teacher on every micro-batch of a step before `counts` (denominators that depend on
+    the teacher's predictions, such as DSKDv2's agreement count)."""
 
     def __init__(self, config: StrictModel):
         super().__init__()
@@ -80,8 +83,13 @@ class Objective(nn.Module):
         """Optimizer groups for the objective's own parameters, e.g. [{"params": [...], "lr": 1e-3}]."""
         return []
 
-    def counts(self, batch: Batch) -> dict[str, Tensor]:
-        """Counts that normalize this objective's losses (summed over the global batch by the loop)."""
+    def make_aligner(self, student_tokenizer: Any, teacher_tokenizer: Any) -> Any | None:
+        """An aligner (align/pairs.py) when the objective pairs positions across two tokenizations."""
+        return None
+
+    def counts(self, batch: Batch, teacher_out: Any = None, student: nn.Module | None = None) -> dict[str, Tensor]:
+        """Counts that normalize this objective's losses (summed over the global batch by the loop). `teacher_out`
+        and `student` are given when `counts_need_teacher` is set."""
         return {"tokens": batch.student.loss_mask.sum()}
 
     @torch.no_grad()

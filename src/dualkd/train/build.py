@@ -59,11 +59,12 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
     same = teacher_tokenizer is None or same_vocabulary(student_tokenizer, teacher_tokenizer)
     # the teacher reads its own tokenization only when an objective asks for it and the vocabularies differ
     own_teacher_tokens = teacher_tokenizer if objective.teacher_reads_own_tokens and not same else None
+    aligner = objective.make_aligner(student_tokenizer, teacher_tokenizer) if own_teacher_tokens else None
 
-    train_set = make_dataset(train_examples, train_report, data, student_tokenizer, own_teacher_tokens)
+    train_set = make_dataset(train_examples, train_report, data, student_tokenizer, own_teacher_tokens, aligner)
     dev_set = None
     if dev_examples is not None:
-        dev_set = make_dataset(dev_examples, dev_report, data, student_tokenizer, own_teacher_tokens)
+        dev_set = make_dataset(dev_examples, dev_report, data, student_tokenizer, own_teacher_tokens, aligner)
 
     student = load_model(cfg.student, student_tokenizer, role="student", seed=cfg.seed)
     teacher = None

@@ -166,9 +166,17 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
     timer.start_step()
     with timer.section("data"):
         micro_batches = [b.to(engine.device) for b in source.next_step()]
-        local = defaultdict(float)
-        for b in micro_batches:
-            for k, v in objective.counts(b).items():
+    teacher_outs: list[Any] | None = None
+    if objective.counts_need_teacher:  # denominators depend on the teacher: run it on every micro-batch first
+        with timer.section("teacher"), torch.no_grad(), engine.autocast():
+            teacher_outs = [objective.teacher_forward(teacher, b) for b in micro_batches]
+    with timer.section("data"):
+        student = engine.unwrap(module).student
+        local: dict[str, float] = defaultdict(float)
+        for i, b in enumerate(micro_batches):
+            with torch.no_grad():
+                counts = objective.counts(b, teacher_outs[i] if teacher_outs else None, student)
+            for k, v in counts.items():
                 local[k] += float(v)
             local["input_tokens"] += b.student.num_input_tokens
         keys = sorted(local)
@@ -179,8 +187,11 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
     sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
     for i, batch in enumerate(micro_batches):
         with engine.accumulate(module, sync=i == len(micro_batches) - 1):
-            with timer.section("teacher"), torch.no_grad(), engine.autocast():
-                teacher_out = objective.teacher_forward(teacher, batch)
+            if teacher_outs is not None:
+                teacher_out, teacher_outs[i] = teacher_outs[i], None  # free it once used
+            else:
+                with timer.section("teacher"), torch.no_grad(), engine.autocast():
+                    teacher_out = objective.teacher_forward(teacher, batch)
             with timer.section("student"):
                 loss, metrics = module(batch, teacher_out, norm)
                 engine.backward(loss)
@@ -224,9 +235,9 @@ def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: n
     totals: dict[str, float] = defaultdict(float)
     for batch in eval_batches(dataset, batch_size, engine.world_size, engine.rank):
         batch = batch.to(engine.device)
-        counts = {k: float(v) for k, v in objective.counts(batch).items()}
         with engine.autocast():
             teacher_out = objective.teacher_forward(teacher, batch)
+            counts = {k: float(v) for k, v in objective.counts(batch, teacher_out, raw.student).items()}
             loss, metrics = raw(batch, teacher_out, StepNorm(counts))
         n = counts["tokens"]
         totals["tokens"] += n
@@ -250,12 +261,22 @@ def _finish(cfg: RunConfig, engine: Engine, module: nn.Module, ckpt: CheckpointM
         if cfg.checkpoint.keep_best and state.best_step is not None and state.best_step != state.step:
             best_dir = _export_best(raw, ckpt.path_for(state.best_step), parts.student_tokenizer, run_dir / "best")
         final_dir = export_model(raw.student, parts.student_tokenizer, run_dir / "final")
+        _save_projectors(raw.objective, final_dir)
         summary = {"steps": state.step, "tokens_seen": state.tokens_seen, "best_dev_loss": state.best_dev_loss,
                    "best_step": state.best_step, "final": str(final_dir),
                    "best": str(best_dir or final_dir) if state.best_step is not None else None}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.event("finished", f"done: {state.step} steps; student saved to {final_dir}", step=state.step)
     engine.barrier()
+
+
+def _save_projectors(objective: nn.Module, out: Path) -> None:
+    """An objective's own trained modules (projectors) beside the student, to continue from them later."""
+    state = {k: v.detach().contiguous().cpu() for k, v in objective.state_dict().items()}
+    if state:
+        from safetensors.torch import save_file
+
+        save_file(state, str(out / "projectors.safetensors"))
 
 
 def _export_best(raw: nn.Module, checkpoint: Path, tokenizer: Any, out: Path) -> Path:
@@ -266,6 +287,7 @@ def _export_best(raw: nn.Module, checkpoint: Path, tokenizer: Any, out: Path) ->
         tokenizer.save_pretrained(out)
     else:
         export_model(raw.student, tokenizer, out)
+    _save_projectors(raw.objective, out)
     raw.load_state_dict(current, strict=False)
     return out
 

@@ -1,0 +1,110 @@
+"""Dual-Space KD, same vocabulary (Zhang et al., "Dual-Space Knowledge Distillation for Large Language
+Models", arXiv 2406.17328; methods/dskd.md §2).
+
+Two projectors put each model's last hidden states in the other's space, where the other's LM head reads them:
+
+    h_t2s = P_t2s(h_t)   z_t2s = h_t2s @ W_s.T (W_s detached)    student space
+    h_s2t = P_s2t(h_s)   z_s2t = h_s2t @ W_t.T (teacher head)    teacher space
+
+    L = (1 - r)·CE(z_s, y) + r·( D(softmax(z_t2s / τ) detached || softmax(z_s / τ))      KD in student space
+                                + CE(z_t2s, y)                                           trains P_t2s
+                                + FKL(softmax(z_t / τ) || softmax(z_s2t / τ)) )          KD in teacher space
+
+(DSKD v1 always uses forward KL in teacher space; DSKDv2 uses the chosen divergence there too.) The
+projectors are nn.Linear with bias and PyTorch's default init, trained with their own learning rate. Every
+term goes through the fused chunked loss, so the vocabulary size never shapes memory.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from dualkd.data.collate import Batch
+from dualkd.errors import ModelError
+from dualkd.losses import fused_divergence, fused_kd_loss
+from dualkd.losses.fused import fused_cross_entropy
+from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
+from dualkd.methods.common import (
+    DivergenceChoice,
+    ProjectorChoice,
+    TeacherRows,
+    check_head_is_linear,
+    head_of,
+    load_projectors,
+)
+from dualkd.models import shared_vocab_size
+
+
+class DSKDConfig(DivergenceChoice, ProjectorChoice):
+    name: Literal["dskd"] = "dskd"
+
+
+class DSKD(Objective):
+    config_class = DSKDConfig
+    needs_teacher = True
+    config: DSKDConfig
+
+    def setup(self, ctx: SetupContext) -> None:
+        if not ctx.same_tokenizer:
+            raise ModelError("objective `dskd` needs one tokenizer on both sides; for different vocabularies use "
+                             "dskd_cma or dskdv2")
+        assert ctx.teacher is not None
+        self.vocab_size = shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer)
+        check_head_is_linear(ctx.student, "student")
+        check_head_is_linear(ctx.teacher, "teacher")
+        d_s = ctx.student.get_output_embeddings().weight.shape[1]
+        d_t = ctx.teacher.get_output_embeddings().weight.shape[1]
+        dtype = ctx.student.get_output_embeddings().weight.dtype
+        self.t2s = nn.Linear(d_t, d_s, dtype=dtype)
+        self.s2t = nn.Linear(d_s, d_t, dtype=dtype)
+        load_projectors(self, self.config.projector_path)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.parameters()), "lr": self.config.projector_lr, "name": "projectors"}]
+
+    @torch.no_grad()
+    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> TeacherRows:
+        assert teacher is not None
+        tokens = batch.student  # same tokenizer: the teacher reads the student's tokens
+        hidden = lm_forward(teacher, tokens, hidden=True, logits=False).hidden
+        head, bias = head_of(teacher)
+        V = self.vocab_size
+        return TeacherRows(hidden[tokens.loss_mask], head[:V], bias[:V] if bias is not None else None)
+
+    def forward(self, student: nn.Module, batch: Batch, teacher: TeacherRows, norm: StepNorm
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg, V = self.config, self.vocab_size
+        tokens = batch.student
+        mask = tokens.loss_mask
+        labels = tokens.labels[mask]  # [N]
+        h_s = lm_forward(student, tokens, hidden=True, logits=False).hidden[mask]  # [N, d_s]
+        w_s, b_s = head_of(student)
+        w_s_fixed = w_s[:V].detach()
+        b_s_fixed = b_s[:V].detach() if b_s is not None else None
+        h_t2s = self.t2s(teacher.hidden.to(self.t2s.weight.dtype))  # [N, d_s]
+
+        # (1 - r)·CE + r·D(projected teacher || student), in one pass over the student's logits
+        main, ce, kd_student, hits = fused_kd_loss(
+            h_s, w_s, h_t2s.detach(), w_s_fixed, labels, divergence=cfg.divergence, kd_rate=cfg.kd_rate,
+            temperature=cfg.temperature, vocab_size=V, chunk_size=cfg.chunk_size, student_bias=b_s,
+            teacher_bias=b_s_fixed, params=cfg.divergence_params)
+        ce_t2s, t2s_hits = fused_cross_entropy(h_t2s, w_s_fixed, labels, bias=b_s_fixed, chunk_size=cfg.chunk_size)
+        kd_teacher = fused_divergence(self.teacher_space_divergence, self.s2t(h_s), teacher.head, teacher.hidden,
+                                      teacher.head, temperature=cfg.temperature, reduction="sum",
+                                      chunk_size=cfg.chunk_size, student_bias=teacher.bias,
+                                      teacher_bias=teacher.bias, **self.teacher_space_params)
+        n = norm["tokens"]
+        loss = main / n + cfg.kd_rate * (ce_t2s + kd_teacher) / n
+        return loss, {"ce": ce / n, "kd_student": kd_student / n, "ce_t2s": ce_t2s.detach() / n,
+                      "kd_teacher": kd_teacher.detach() / n, "acc": hits / n, "t2s_acc": t2s_hits / n}
+
+    @property
+    def teacher_space_divergence(self) -> str:
+        return "fkl"  # DSKD v1: forward KL in teacher space whatever the student-space divergence
+
+    @property
+    def teacher_space_params(self) -> dict[str, float]:
+        return {}

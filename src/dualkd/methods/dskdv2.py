@@ -1,0 +1,206 @@
+"""DSKDv2: dual-space KD with ideally initialized projectors and exact token alignment, for any two LLMs
+(Zhang et al., arXiv 2504.11426; methods/dskd.md §3).
+
+What changes from DSKD:
+- P_t2s (bias-free) starts at W_t[V']ᵀ · pinv(W_s[V']ᵀ) over the shared vocabulary V', so that the student
+  head reads the projected teacher states as (almost) the teacher's own logits on V'; then it is trained.
+- P_s2t = W_s[V']ᵀ · pinv(W_t[V']ᵀ) is recomputed every step from the current (detached) student head; it is
+  not a parameter. pinv(W_t[V']ᵀ) is computed once (the teacher is frozen).
+- The projector CE uses the teacher's argmax (converted to a student id through its bytes) as its label.
+- Agreement mask: positions where argmax(z_t2s) equals that label. When the global share of agreeing
+  positions is ≤ `t2s_agreement` (default 1.0: always), the student-space KD averages over agreeing positions.
+- The chosen divergence is used in both spaces.
+- Different vocabularies: the two tokenizations are paired by exact token alignment on character offsets
+  (`alignment: eta`, computed when the data is built) and only paired positions enter the KD terms, each
+  averaged by its own count. `alignment: cma` uses cross-model attention instead (dskd_cma.py).
+
+    L = (1 - r)·CE(z_s, y) / #tokens + r·( KD_student / #agree + CE_t2s / #labels + KD_teacher / #pairs )
+
+All counts are taken over the global batch (the teacher runs before the step's denominators are summed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from dualkd.align.pairs import ExactAligner
+from dualkd.align.vocab import shared_vocabulary, teacher_to_student_ids
+from dualkd.data.collate import Batch
+from dualkd.losses import fused_divergence
+from dualkd.losses.fused import fused_argmax, fused_cross_entropy
+from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
+from dualkd.methods.common import (
+    DivergenceChoice,
+    ProjectorChoice,
+    TeacherRows,
+    check_head_is_linear,
+    head_of,
+    load_projectors,
+    pinv_map,
+)
+from dualkd.methods.dskd_cma import DSKDCMAConfig
+from dualkd.models import shared_vocab_size
+
+
+class DSKDv2Config(DivergenceChoice, ProjectorChoice):
+    name: Literal["dskdv2"] = "dskdv2"
+    projector_lr: float = Field(5e-4, gt=0)
+    """Learning rate of P_t2s (DSKDv2 scripts: 5e-4)."""
+    alignment: Literal["eta", "cma"] = "eta"
+    """How positions of two different tokenizations are paired (ignored with one tokenizer)."""
+    pinv_init: bool = True
+    """Initialize P_t2s and compute P_s2t by pseudo-inverse over the shared vocabulary (else: trained Linears)."""
+    topk_vocab: int | None = Field(None, ge=1)
+    """Same tokenizer: use only the first k ids as the shared vocabulary of the pseudo-inverse."""
+    t2s_agreement: float = Field(1.0, ge=0.0, le=1.0)
+    """Average the student-space KD over agreeing positions when their share is at most this."""
+    spaces: Literal["both", "student", "teacher"] = "both"
+    """KD in both spaces, or only one (DSKDv2's --only-stu-kd / --only-tea-kd)."""
+
+    @model_validator(mode="after")
+    def _cma_fields(self) -> DSKDv2Config:
+        if self.alignment == "cma":
+            fields = type(self).model_fields
+            eta_only = [k for k in ("pinv_init", "topk_vocab", "t2s_agreement", "spaces")
+                        if getattr(self, k) != fields[k].default]
+            if eta_only:
+                raise ValueError(f"{eta_only} do(es) not apply to alignment: cma (DSKDv2's CMA always uses the "
+                                 "pseudo-inverse projectors and both spaces)")
+        return self
+
+    def as_cma(self) -> DSKDCMAConfig:
+        """alignment: cma is DSKDv2's cross-model attention, implemented in dskd_cma.py (version 2)."""
+        shared = DivergenceChoice.model_fields.keys() | ProjectorChoice.model_fields.keys()
+        return DSKDCMAConfig(name="dskd_cma", version=2, **{k: getattr(self, k) for k in shared})
+
+
+class DSKDv2(Objective):
+    config_class = DSKDv2Config
+    needs_teacher = True
+    teacher_reads_own_tokens = True
+    counts_need_teacher = True
+    config: DSKDv2Config
+
+    def make_aligner(self, student_tokenizer: Any, teacher_tokenizer: Any) -> Any:
+        return ExactAligner(student_tokenizer, teacher_tokenizer) if self.config.alignment == "eta" else None
+
+    def setup(self, ctx: SetupContext) -> None:
+        cfg = self.config
+        assert ctx.teacher is not None
+        check_head_is_linear(ctx.student, "student")
+        check_head_is_linear(ctx.teacher, "teacher")
+        w_s, _ = head_of(ctx.student)
+        w_t, _ = head_of(ctx.teacher)
+        self.same_vocab = ctx.same_tokenizer
+        if self.same_vocab:
+            self.vocab_size = shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer)
+            k = min(cfg.topk_vocab or self.vocab_size, self.vocab_size)
+            student_ids = teacher_ids = torch.arange(k)
+            to_student = torch.arange(self.vocab_size)
+        else:
+            student_ids, teacher_ids = shared_vocabulary(ctx.student_tokenizer, ctx.teacher_tokenizer)
+            to_student = teacher_to_student_ids(ctx.student_tokenizer, ctx.teacher_tokenizer)
+            self.vocab_size = None
+        self.register_buffer("to_student", to_student, persistent=False)  # teacher id -> student id or -1
+        self.register_buffer("shared_student_ids", student_ids, persistent=False)
+        d_s, d_t = w_s.shape[1], w_t.shape[1]
+        self.t2s = nn.Linear(d_t, d_s, bias=False, dtype=w_s.dtype)
+        if cfg.pinv_init:
+            with torch.no_grad():
+                self.t2s.weight.copy_(pinv_map(w_t[teacher_ids], w_s[student_ids]).T)
+            # P_s2t = W_s[V']ᵀ pinv(W_t[V']ᵀ): the teacher half never changes
+            self.register_buffer("teacher_pinv", torch.linalg.pinv(w_t[teacher_ids].detach().double().T)
+                                 .to(w_s.dtype), persistent=False)  # [K, d_t]
+            self.s2t = None
+        else:
+            self.s2t = nn.Linear(d_s, d_t, bias=False, dtype=w_s.dtype)
+        load_projectors(self, cfg.projector_path)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.parameters()), "lr": self.config.projector_lr, "name": "projectors"}]
+
+    # ------------------------------------------------------------------------------------------- teacher
+    @torch.no_grad()
+    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> TeacherRows:
+        assert teacher is not None
+        head, bias = head_of(teacher)
+        if self.same_vocab:
+            tokens = batch.student
+            hidden = lm_forward(teacher, tokens, hidden=True, logits=False).hidden[tokens.loss_mask]
+            head, bias = head[: self.vocab_size], bias[: self.vocab_size] if bias is not None else None
+        else:
+            assert batch.teacher is not None and batch.alignment is not None, "dskdv2 needs aligned batches"
+            al = batch.alignment
+            hidden = lm_forward(teacher, batch.teacher, hidden=True, logits=False).hidden
+            hidden = hidden[al.batch_index, al.teacher_pos]  # [P, d_t] at the paired positions
+        labels = self.to_student[fused_argmax(hidden, head, bias, self.config.chunk_size)]  # -1: no student token
+        return TeacherRows(hidden, head, bias, labels=labels)
+
+    @torch.no_grad()
+    def counts(self, batch: Batch, teacher_out: Any = None, student: nn.Module | None = None) -> dict[str, Tensor]:
+        assert isinstance(teacher_out, TeacherRows) and teacher_out.labels is not None and student is not None
+        w_s, b_s = head_of(student)
+        labels = teacher_out.labels
+        t2s_argmax = fused_argmax(self.t2s(teacher_out.hidden.to(self.t2s.weight.dtype)), w_s, b_s,
+                                  self.config.chunk_size)
+        teacher_out.mask = (t2s_argmax == labels) & (labels >= 0)
+        return {"tokens": batch.student.loss_mask.sum(), "pairs": torch.tensor(float(labels.numel())),
+                "t2s_labels": (labels >= 0).sum(), "agree": teacher_out.mask.sum()}
+
+    # ------------------------------------------------------------------------------------------- loss
+    def forward(self, student: nn.Module, batch: Batch, teacher: TeacherRows, norm: StepNorm
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.config
+        tokens = batch.student
+        hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden  # [B, T, d_s]
+        w_s, b_s = head_of(student)
+        w_fixed, b_fixed = w_s.detach(), b_s.detach() if b_s is not None else None
+        ce, hits = fused_cross_entropy(hidden, w_s, tokens.labels, bias=b_s, mask=tokens.loss_mask,
+                                       chunk_size=cfg.chunk_size)
+        if self.same_vocab:
+            h_s = hidden[tokens.loss_mask]  # [P, d_s]: every response position is its own pair
+        else:
+            al = batch.alignment
+            assert al is not None
+            h_s = hidden[al.batch_index, al.student_pos]  # [P, d_s]
+        labels = teacher.labels
+        assert labels is not None and teacher.mask is not None
+        valid = labels >= 0
+        h_t2s = self.t2s(teacher.hidden.to(self.t2s.weight.dtype))  # [P, d_s]
+
+        # student space: CE of the projected teacher on the teacher's own prediction, then KD to the student
+        ce_t2s, _ = fused_cross_entropy(h_t2s, w_fixed, labels.clamp(min=0), bias=b_fixed, mask=valid,
+                                        chunk_size=cfg.chunk_size)
+        if norm["agree"] / norm["pairs"] <= cfg.t2s_agreement:
+            kd_mask, kd_denominator = teacher.mask, norm["agree"]
+        else:
+            kd_mask, kd_denominator = None, norm["pairs"]
+        kd_student = fused_divergence(cfg.divergence, h_s, w_s, h_t2s.detach(), w_fixed, mask=kd_mask,
+                                      temperature=cfg.temperature, reduction="sum", chunk_size=cfg.chunk_size,
+                                      student_bias=b_s, teacher_bias=b_fixed, **cfg.divergence_params)
+
+        # teacher space: the student's states through P_s2t, read by the teacher's head
+        if self.s2t is None:
+            projection = w_fixed[self.shared_student_ids].T @ self.teacher_pinv  # [d_s, d_t]
+            h_s2t = h_s @ projection
+        else:
+            h_s2t = self.s2t(h_s)
+        kd_teacher = fused_divergence(cfg.divergence, h_s2t.to(teacher.head.dtype), teacher.head, teacher.hidden,
+                                      teacher.head, temperature=cfg.temperature, reduction="sum",
+                                      chunk_size=cfg.chunk_size, student_bias=teacher.bias,
+                                      teacher_bias=teacher.bias, **cfg.divergence_params)
+
+        terms = {"kd_student": kd_student / kd_denominator, "ce_t2s": ce_t2s / norm["t2s_labels"],
+                 "kd_teacher": kd_teacher / norm["pairs"]}
+        used = {"both": terms, "student": {k: terms[k] for k in ("kd_student", "ce_t2s")},
+                "teacher": {"kd_teacher": terms["kd_teacher"]}}[cfg.spaces]
+        ce = ce / norm["tokens"]
+        loss = (1 - cfg.kd_rate) * ce + cfg.kd_rate * sum(used.values())
+        metrics = {"ce": ce.detach(), "acc": hits / norm["tokens"],
+                   "t2s_agreement": teacher.mask.sum().float() / norm["pairs"]}
+        metrics.update({k: v.detach() for k, v in terms.items()})
+        return loss, metrics

@@ -1,0 +1,128 @@
+"""MinED: minimum-edit-distance token alignment + forward KL (FuseLLM's alignment, arXiv 2401.10491, as the
+cross-tokenizer baseline in DSKD; methods/dskd.md §1).
+
+    pairs      DTW over the response tokens' texts with edit-distance costs (computed once, when the data is
+               built); a student position is aligned when the path gives it exactly one teacher token AND that
+               teacher token maps to the student's token through the teacher -> student vocabulary map
+    teacher    at an aligned position, the teacher's logits re-indexed into the student vocabulary: student id s
+               gets the teacher logit of stu2tea[s] (its byte-identical or nearest teacher token)
+    elsewhere  a pseudo one-hot target on the gold token (so the KD term is CE at temperature τ there)
+    L = (1 - r)·CE(z_s, y) + r·FKL(teacher^τ || student^τ),   summed over response tokens / their count
+
+Both vocabulary maps are built from the tokenizers (exact bytes first, edit distance for the rest, cached on
+disk); the teacher -> student map is filled in lazily for the teacher tokens the data actually uses. The
+re-indexed teacher head W_t[stu2tea] makes the aligned term a plain fused divergence. Unlike the official
+code, positions are aligned on the tokens they predict (labels), not on their input tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from dualkd.align.mined import nearest_token_ids
+from dualkd.align.pairs import MinEDAligner
+from dualkd.data.collate import Batch
+from dualkd.losses import fused_divergence
+from dualkd.losses.fused import fused_cross_entropy
+from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
+from dualkd.methods.common import check_head_is_linear, head_of
+from dualkd.schema import StrictModel
+
+_UNMAPPED = -1e5  # the official code's "minus infinity" for student ids with no teacher token
+
+
+class MinEDConfig(StrictModel):
+    name: Literal["mined"] = "mined"
+    kd_rate: float = Field(0.5, ge=0.0, le=1.0)
+    """Weight of the KD term; CE gets 1 - kd_rate."""
+    temperature: float = Field(1.0, gt=0)
+    """τ of the forward KL (DSKD scripts: 2.0)."""
+    chunk_size: int | None = Field(None, ge=1)
+    """Rows per chunk of the fused losses."""
+
+
+@dataclass
+class AlignedTeacher:
+    hidden: Tensor  # [P, d_t] at the validly aligned positions
+    batch_index: Tensor  # [P]
+    student_pos: Tensor  # [P]
+
+
+class MinED(Objective):
+    config_class = MinEDConfig
+    needs_teacher = True
+    teacher_reads_own_tokens = True
+    config: MinEDConfig
+
+    def make_aligner(self, student_tokenizer: Any, teacher_tokenizer: Any) -> Any:
+        return MinEDAligner(student_tokenizer, teacher_tokenizer)
+
+    def setup(self, ctx: SetupContext) -> None:
+        assert ctx.teacher is not None
+        check_head_is_linear(ctx.student, "student")
+        check_head_is_linear(ctx.teacher, "teacher")
+        self.student_tokenizer, self.teacher_tokenizer = ctx.student_tokenizer, ctx.teacher_tokenizer
+        w_t, b_t = head_of(ctx.teacher)
+        to_teacher = nearest_token_ids(ctx.student_tokenizer, ctx.teacher_tokenizer)  # [V_s] teacher id or -1
+        rows = ctx.student.get_output_embeddings().weight.shape[0]
+        index = torch.full((rows,), 0, dtype=torch.long)
+        mapped = torch.zeros(rows, dtype=torch.bool)
+        n = min(rows, to_teacher.numel())
+        index[:n] = to_teacher[:n].clamp(min=0)
+        mapped[:n] = to_teacher[:n] >= 0
+        # the teacher head re-indexed into the student vocabulary (the teacher is frozen: built once); unmapped
+        # ids get a -1e5 logit through the bias
+        self.register_buffer("reindexed_head", w_t.detach()[index].clone(), persistent=False)  # [V_s, d_t]
+        base = b_t.detach()[index] if b_t is not None else torch.zeros(rows, dtype=w_t.dtype)
+        self.register_buffer("reindexed_bias", torch.where(mapped, base, torch.full_like(base, _UNMAPPED)),
+                             persistent=False)
+        self.to_student = torch.full((len(ctx.teacher_tokenizer),), -2, dtype=torch.long)  # -2: not yet computed
+
+    def _teacher_to_student(self, teacher_ids: Tensor) -> Tensor:
+        ids = teacher_ids.cpu()
+        todo = torch.unique(ids[self.to_student[ids] == -2])
+        if todo.numel():
+            found = nearest_token_ids(self.teacher_tokenizer, self.student_tokenizer, todo.tolist())
+            self.to_student[todo] = found[todo]
+        return self.to_student[ids].to(teacher_ids.device)
+
+    @torch.no_grad()
+    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> AlignedTeacher:
+        assert teacher is not None and batch.alignment is not None and batch.teacher is not None
+        al = batch.alignment
+        teacher_labels = batch.teacher.labels[al.batch_index, al.teacher_pos]
+        student_labels = batch.student.labels[al.batch_index, al.student_pos]
+        valid = self._teacher_to_student(teacher_labels) == student_labels
+        hidden = lm_forward(teacher, batch.teacher, hidden=True, logits=False).hidden
+        b, s, t = al.batch_index[valid], al.student_pos[valid], al.teacher_pos[valid]
+        return AlignedTeacher(hidden[b, t], b, s)
+
+    def forward(self, student: nn.Module, batch: Batch, teacher: AlignedTeacher, norm: StepNorm
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.config
+        tokens = batch.student
+        hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden
+        w_s, b_s = head_of(student)
+        ce, hits = fused_cross_entropy(hidden, w_s, tokens.labels, bias=b_s, mask=tokens.loss_mask,
+                                       chunk_size=cfg.chunk_size)
+        aligned = torch.zeros_like(tokens.loss_mask)
+        aligned[teacher.batch_index, teacher.student_pos] = True
+        head_t = self.reindexed_head
+        kd_aligned = fused_divergence("fkl", hidden[teacher.batch_index, teacher.student_pos], w_s,
+                                      teacher.hidden, head_t, temperature=cfg.temperature, reduction="sum",
+                                      chunk_size=cfg.chunk_size, student_bias=b_s,
+                                      teacher_bias=self.reindexed_bias.to(head_t.dtype))
+        # pseudo one-hot teacher elsewhere: FKL(one-hot || q^τ) is the CE of the gold token at temperature τ
+        tau = cfg.temperature
+        rest = tokens.loss_mask & ~aligned
+        kd_rest, _ = fused_cross_entropy(hidden / tau, w_s, tokens.labels, mask=rest,
+                                         bias=b_s / tau if b_s is not None else None, chunk_size=cfg.chunk_size)
+        n = norm["tokens"]
+        ce, kd = ce / n, (kd_aligned + kd_rest) / n
+        loss = (1 - cfg.kd_rate) * ce + cfg.kd_rate * kd
+        return loss, {"ce": ce.detach(), "kd": kd.detach(), "aligned": aligned.sum().float() / n, "acc": hits / n}

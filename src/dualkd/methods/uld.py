@@ -1,0 +1,109 @@
+"""Universal Logit Distillation (Boizard et al., "Towards Cross-Tokenizer Distillation: the Universal Logit
+Distillation Loss for LLMs", arXiv 2402.12030), as re-implemented in DSKD (methods/dskd.md §1):
+
+    k-th response position of the student  <->  k-th response position of the teacher   (per sequence)
+    ULD = Σ_v | sort↓(softmax(z_s))_v - sort↓(softmax(z_t))_v |      (the smaller vocabulary zero-padded)
+    L = (1 - r)·CE(z_s, y) + r·ULD,   both summed over positions and divided by the response tokens
+
+No temperature (as in the paper). The sorted distributions need whole rows, so the loss runs in chunks of
+positions under activation checkpointing: a chunk's [c, V] tensors exist only while that chunk is computed
+(and recomputed in backward). Unlike the official code, label tensors are not modified in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from dualkd.data.collate import Batch
+from dualkd.losses.fused import default_chunk_size, fused_cross_entropy
+from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
+from dualkd.methods.common import check_head_is_linear, head_of
+from dualkd.schema import StrictModel
+
+
+class ULDConfig(StrictModel):
+    name: Literal["uld"] = "uld"
+    kd_rate: float = Field(0.5, ge=0.0, le=1.0)
+    """Weight of the ULD term; CE gets 1 - kd_rate."""
+    chunk_size: int | None = Field(None, ge=1)
+    """Positions per checkpointed chunk (None: about 16M logits per chunk)."""
+
+
+@dataclass
+class PairedRows:
+    hidden: Tensor  # [P, d_t] teacher states at the paired positions
+    head: Tensor
+    bias: Tensor | None
+    batch_index: Tensor  # [P]
+    student_pos: Tensor  # [P]
+
+
+def positional_pairs(student_mask: Tensor, teacher_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(batch_index, student_pos, teacher_pos): the k-th response position of each side, k < min(n_s, n_t)."""
+    b_idx, s_pos, t_pos = [], [], []
+    for b in range(student_mask.shape[0]):
+        s = torch.nonzero(student_mask[b]).squeeze(1)
+        t = torch.nonzero(teacher_mask[b]).squeeze(1)
+        n = min(s.numel(), t.numel())
+        b_idx.append(torch.full((n,), b, dtype=torch.long, device=s.device))
+        s_pos.append(s[:n])
+        t_pos.append(t[:n])
+    return torch.cat(b_idx), torch.cat(s_pos), torch.cat(t_pos)
+
+
+def _sorted_l1(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t: Tensor, b_t: Tensor | None
+               ) -> Tensor:
+    q = torch.softmax(F.linear(h_s, w_s, b_s).float(), dim=-1).sort(dim=-1, descending=True).values
+    with torch.no_grad():
+        p = torch.softmax(F.linear(h_t, w_t, b_t).float(), dim=-1).sort(dim=-1, descending=True).values
+    width = max(q.shape[-1], p.shape[-1])
+    q = F.pad(q, (0, width - q.shape[-1]))
+    p = F.pad(p, (0, width - p.shape[-1]))
+    return (q - p).abs().sum()
+
+
+class ULD(Objective):
+    config_class = ULDConfig
+    needs_teacher = True
+    teacher_reads_own_tokens = True
+    config: ULDConfig
+
+    def setup(self, ctx: SetupContext) -> None:
+        check_head_is_linear(ctx.student, "student")
+        assert ctx.teacher is not None
+        check_head_is_linear(ctx.teacher, "teacher")
+
+    @torch.no_grad()
+    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> PairedRows:
+        assert teacher is not None
+        t_tokens = batch.teacher_view
+        b_idx, s_pos, t_pos = positional_pairs(batch.student.loss_mask, t_tokens.loss_mask)
+        hidden = lm_forward(teacher, t_tokens, hidden=True, logits=False).hidden[b_idx, t_pos]
+        head, bias = head_of(teacher)
+        return PairedRows(hidden, head, bias, b_idx, s_pos)
+
+    def forward(self, student: nn.Module, batch: Batch, teacher: PairedRows, norm: StepNorm
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        tokens = batch.student
+        hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden
+        w_s, b_s = head_of(student)
+        ce, hits = fused_cross_entropy(hidden, w_s, tokens.labels, bias=b_s, mask=tokens.loss_mask,
+                                       chunk_size=self.config.chunk_size)
+        h_s = hidden[teacher.batch_index, teacher.student_pos]  # [P, d_s]
+        step = self.config.chunk_size or default_chunk_size(max(h_s.shape[0], 1), teacher.head.shape[0])
+        uld = h_s.new_zeros((), dtype=torch.float32)
+        for start in range(0, h_s.shape[0], step):
+            rows = slice(start, start + step)
+            uld = uld + checkpoint(_sorted_l1, h_s[rows], w_s, b_s, teacher.hidden[rows], teacher.head,
+                                   teacher.bias, use_reentrant=False)
+        n = norm["tokens"]
+        ce, uld = ce / n, uld / n
+        loss = (1 - self.config.kd_rate) * ce + self.config.kd_rate * uld
+        return loss, {"ce": ce.detach(), "uld": uld.detach(), "acc": hits / n}
