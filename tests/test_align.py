@@ -77,6 +77,7 @@ def test_trained_tokenizers_of_two_families(byte_tokenizer_dir: Path, meta_token
         for i, j in zip(a.tolist(), b.tolist()):
             assert so[i] == to[j]
             assert s_tok.decode([sid[i]]) == text[so[i][0]:so[i][1]]
+            assert t_tok.decode([tid[j]]).lstrip("▁") == text[to[j][0]:to[j][1]].lstrip(" ")
     assert aligned / total > 0.5
 
 

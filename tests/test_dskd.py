@@ -163,3 +163,16 @@ def test_eta_pairs_in_the_dataset_are_the_same_text(tmp_path: Path, train_file: 
         else:
             assert st.decode([s_id]) == tt.decode([t_id]).replace("▁", " ") or st.decode([s_id]).strip() == \
                 tt.decode([t_id]).strip()
+
+
+def test_tiny_cross_recipe_runs(tmp_path: Path, teacher_dir: Path) -> None:
+    from dualkd.config import load_config
+    from dualkd.recipes import recipe
+
+    cfg = load_config(recipe("tiny-cross"), [f"output_dir={tmp_path / 'cross'}", f"teacher.path={teacher_dir}",
+                                             "optimization.max_steps=4", "eval.every_steps=2",
+                                             "checkpoint.every_steps=2", "data.train.num_examples=128"])
+    run = train(cfg)
+    steps = read_metrics(run)
+    assert len(steps) == 4 and all(r["kd_teacher"] >= 0 for r in steps)
+    assert (run / "final" / "projectors.safetensors").exists()

@@ -326,3 +326,20 @@ def test_default_chunk_size() -> None:
     assert default_chunk_size(10, 32000) == 10
     assert default_chunk_size(100000, 1000) == 1024
     assert default_chunk_size(4096, 151936) == 110
+
+
+def test_fused_ce_and_divergence_with_row_mask() -> None:
+    from dualkd.losses.fused import fused_ce_and_divergence
+
+    hs, ws, _, ht, wt, _, mask = _fused_inputs(33, 10, 12, 40)
+    labels = torch.randint(0, 40, (33,), generator=torch.Generator().manual_seed(3))
+    loss, ce, div, _ = fused_ce_and_divergence(hs, ws, ht, wt.detach(), labels, divergence="js", ce_weight=0.25,
+                                               div_weight=0.125, div_mask=mask, temperature=2.0, chunk_size=8)
+    z = hs @ ws.T
+    ce_ref = torch.nn.functional.cross_entropy(z, labels, reduction="sum")
+    div_ref = divergence("js", z, ht @ wt.detach().T, mask=mask, temperature=2.0, reduction="sum")
+    ref = 0.25 * ce_ref + 0.125 * div_ref
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(div, div_ref.detach())
+    for a, b in zip(torch.autograd.grad(loss, (hs, ws)), torch.autograd.grad(ref, (hs, ws))):
+        torch.testing.assert_close(a, b)

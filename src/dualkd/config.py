@@ -11,13 +11,14 @@ config is written into the run directory (`config.yaml`).
 from __future__ import annotations
 
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from dualkd.errors import ConfigError
 from dualkd.methods import ObjectiveConfig
@@ -97,6 +98,11 @@ class ModelConfig(StrictModel):
     def tokenizer_source(self) -> str | None:
         return self.tokenizer or self.path
 
+    @field_validator("path", "tokenizer", "adapter")
+    @classmethod
+    def _expand_home(cls, value: str | None) -> str | None:
+        return os.path.expanduser(value) if value and value.startswith("~") else value
+
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -126,6 +132,11 @@ class DataSource(StrictModel):
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("path", "hf")
+    @classmethod
+    def _expand_home(cls, value: str | None) -> str | None:
+        return os.path.expanduser(value) if value and value.startswith("~") else value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DataSource:

@@ -64,11 +64,12 @@ def _log_softmax_(z: Tensor, temperature: float) -> Tensor:
 
 
 def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
-                labels: Tensor | None, row_weights: Tensor | None, want: tuple[bool, bool, bool]
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor | None]]:
+                labels: Tensor | None, div_mask: Tensor | None, row_weights: Tensor | None,
+                want: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor | None]]:
     """One pass over the rows. Returns per-row (loss, ce, div, hit) and the gradients asked for by `want`
-    (hidden, head, bias), each weighted per row by `row_weights` (None: weight 1). `hit` is 1 where the
-    student's argmax is the label (0 without labels)."""
+    (hidden, head, bias), each weighted per row by `row_weights` (None: weight 1). `div_mask` [n] bool keeps
+    the divergence on some rows only (the CE stays on all). `hit` is 1 where the student's argmax is the label
+    (0 without labels)."""
     n = hs.shape[0]
     V = plan.div_vocab or ws.shape[0]
     want_h, want_w, want_b = want
@@ -116,10 +117,14 @@ def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tens
             dists = Dists(_log_softmax_(z_s[:, :V], plan.temperature), _log_softmax_(z_t, plan.temperature),
                           col_valid)
             d = spec.value(dists, **plan.params)
+            if div_mask is not None:
+                d = d * div_mask[rows]
             div_rows[rows] = d
             loss[rows] += plan.div_weight * d
             if any_grad:
                 r = spec.q_grad(dists, **plan.params)  # [c, V]
+                if div_mask is not None:
+                    r.mul_(div_mask[rows, None])
                 q = dists.q
                 # dL/dz = (r - q Σr) / τ, computed in place in r
                 r.sub_(q * r.sum(-1, keepdim=True)).mul_(plan.div_weight / plan.temperature)
@@ -157,15 +162,16 @@ def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tens
 
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, plan: _Plan, per_token: bool):  # type: ignore[override]
+    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, div_mask, plan: _Plan, per_token: bool):  # type: ignore
         want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bs is not None and ctx.needs_input_grad[2])
         ctx.plan, ctx.per_token, ctx.want = plan, per_token, want
         if per_token:
             # gradients depend on the per-token upstream gradient: recompute in backward
-            loss, ce, div, hits, _ = _run_chunks(plan, hs, ws, bs, ht, wt, bt, labels, None, (False, False, False))
-            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
+            loss, ce, div, hits, _ = _run_chunks(plan, hs, ws, bs, ht, wt, bt, labels, div_mask, None,
+                                                 (False, False, False))
+            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels, div_mask)
         else:
-            loss, ce, div, hits, grads = _run_chunks(plan, hs, ws, bs, ht, wt, bt, labels, None, want)
+            loss, ce, div, hits, grads = _run_chunks(plan, hs, ws, bs, ht, wt, bt, labels, div_mask, None, want)
             ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
             loss, ce, div, hits = loss.sum(), ce.sum(), div.sum(), hits.sum()
         ctx.mark_non_differentiable(ce, div, hits)
@@ -174,14 +180,14 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_div, _grad_hits):  # type: ignore[override]
         if ctx.per_token:
-            hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
+            hs, ws, bs, ht, wt, bt, labels, div_mask = ctx.saved_tensors
             weights = upcast(grad_loss)
-            _, _, _, _, grads = _run_chunks(ctx.plan, hs, ws, bs, ht, wt, bt, labels, weights, ctx.want)
+            _, _, _, _, grads = _run_chunks(ctx.plan, hs, ws, bs, ht, wt, bt, labels, div_mask, weights, ctx.want)
         else:
             # scale the stored gradients in place: a copy would double the head-sized gradient in memory
             grads = [g.mul_(grad_loss.to(g.dtype)) if want else None for g, want in zip(ctx.saved_tensors, ctx.want)]
         grad_h, grad_w, grad_b = grads
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _rows(tensor: Tensor, mask_rows: Tensor | None) -> Tensor:
@@ -191,7 +197,7 @@ def _rows(tensor: Tensor, mask_rows: Tensor | None) -> Tensor:
 
 def _apply(plan: _Plan, student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
            mask: Tensor | None, labels: Tensor | None, reduction: Reduction, student_bias: Tensor | None,
-           teacher_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+           teacher_bias: Tensor | None, div_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     lead = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != lead:
         raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
@@ -204,11 +210,15 @@ def _apply(plan: _Plan, student_hidden: Tensor, student_head: Tensor, teacher_hi
     hs, ht = _rows(student_hidden, idx), _rows(teacher_hidden.detach(), idx)
     y = labels.reshape(-1)[idx] if labels is not None and idx is not None else (
         labels.reshape(-1) if labels is not None else None)
+    dm = None
+    if div_mask is not None:
+        dm = div_mask.reshape(-1)[idx] if idx is not None else div_mask.reshape(-1)
+        dm = dm.to(torch.promote_types(hs.dtype, torch.float32))
     plan = _Plan(**{**plan.__dict__, "chunk_size": plan.chunk_size or default_chunk_size(hs.shape[0],
                                                                                           student_head.shape[0])})
     per_token = reduction == "none"
     tb = teacher_bias.detach() if teacher_bias is not None else None
-    outs = _FusedLoss.apply(hs, student_head, student_bias, ht, teacher_head.detach(), tb, y, plan, per_token)
+    outs = _FusedLoss.apply(hs, student_head, student_bias, ht, teacher_head.detach(), tb, y, dm, plan, per_token)
     if per_token:
         n_all = student_hidden.reshape(-1, student_hidden.shape[-1]).shape[0]
         if idx is not None:
@@ -275,11 +285,40 @@ def fused_kd_loss(
     vocab padding). Returns (loss, ce, kd, hits): the loss carries the gradients; ce, kd and hits (argmax ==
     label) are for logging.
     """
+    return fused_ce_and_divergence(student_hidden, student_head, teacher_hidden, teacher_head, labels,
+                                   divergence=divergence, ce_weight=1.0 - kd_rate, div_weight=kd_rate,
+                                   temperature=temperature, vocab_size=vocab_size, reduction=reduction,
+                                   chunk_size=chunk_size, student_bias=student_bias, teacher_bias=teacher_bias,
+                                   params=params)
+
+
+def fused_ce_and_divergence(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    labels: Tensor,
+    *,
+    divergence: str,
+    ce_weight: float,
+    div_weight: float,
+    div_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    reduction: Reduction = "sum",
+    chunk_size: int | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    params: dict[str, float] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ce_weight·CE + div_weight·D over the same rows in one pass over the student's logits, with the
+    divergence only where `div_mask` [N] is True (teacher rows elsewhere are ignored). Returns (loss, ce, div,
+    hits) like `fused_kd_loss`; weights may carry normalizers (e.g. 1 / token count)."""
     full = resolve_params(divergence, params or {})
-    plan = _Plan(divergence=divergence, params=full, temperature=temperature, ce_weight=1.0 - kd_rate,
-                 div_weight=kd_rate, div_vocab=vocab_size, chunk_size=chunk_size or 0)
+    plan = _Plan(divergence=divergence, params=full, temperature=temperature, ce_weight=ce_weight,
+                 div_weight=div_weight, div_vocab=vocab_size, chunk_size=chunk_size or 0)
     return _apply(plan, student_hidden, student_head, teacher_hidden, teacher_head, None, labels, reduction,
-                  student_bias, teacher_bias)
+                  student_bias, teacher_bias, div_mask)
 
 
 def fused_cross_entropy(

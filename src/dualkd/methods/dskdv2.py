@@ -6,7 +6,8 @@ What changes from DSKD:
   head reads the projected teacher states as (almost) the teacher's own logits on V'; then it is trained.
 - P_s2t = W_s[V']ᵀ · pinv(W_t[V']ᵀ) is recomputed every step from the current (detached) student head; it is
   not a parameter. pinv(W_t[V']ᵀ) is computed once (the teacher is frozen).
-- The projector CE uses the teacher's argmax (converted to a student id through its bytes) as its label.
+- The projector CE uses the teacher's argmax as its label, converted to a student id: the aligned student gold
+  token where the teacher predicts its own gold token, else the student token with the same bytes.
 - Agreement mask: positions where argmax(z_t2s) equals that label. When the global share of agreeing
   positions is ≤ `t2s_agreement` (default 1.0: always), the student-space KD averages over agreeing positions.
 - The chosen divergence is used in both spaces.
@@ -31,7 +32,7 @@ from dualkd.align.pairs import ExactAligner
 from dualkd.align.vocab import shared_vocabulary, teacher_to_student_ids
 from dualkd.data.collate import Batch
 from dualkd.losses import fused_divergence
-from dualkd.losses.fused import fused_argmax, fused_cross_entropy
+from dualkd.losses.fused import fused_argmax, fused_ce_and_divergence, fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
 from dualkd.methods.common import (
     DivergenceChoice,
@@ -137,7 +138,16 @@ class DSKDv2(Objective):
             al = batch.alignment
             hidden = lm_forward(teacher, batch.teacher, hidden=True, logits=False).hidden
             hidden = hidden[al.batch_index, al.teacher_pos]  # [P, d_t] at the paired positions
-        labels = self.to_student[fused_argmax(hidden, head, bias, self.config.chunk_size)]  # -1: no student token
+        argmax = fused_argmax(hidden, head, bias, self.config.chunk_size)
+        labels = self.to_student[argmax]  # the student token with the same bytes, or -1
+        if not self.same_vocab:
+            # where the teacher predicts its own gold token, the aligned student gold token is the same text
+            # (ETA pairs identical spans) even when the two vocabularies spell it differently (a SentencePiece
+            # "▁word" at the start of a response vs a byte-level "word"); the byte map alone would miss it
+            al = batch.alignment
+            teacher_gold = batch.teacher.labels[al.batch_index, al.teacher_pos]
+            student_gold = batch.student.labels[al.batch_index, al.student_pos]
+            labels = torch.where(argmax == teacher_gold, student_gold, labels)
         return TeacherRows(hidden, head, bias, labels=labels)
 
     @torch.no_grad()
@@ -156,51 +166,63 @@ class DSKDv2(Objective):
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.config
         tokens = batch.student
+        mask = tokens.loss_mask
         hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden  # [B, T, d_s]
         w_s, b_s = head_of(student)
         w_fixed, b_fixed = w_s.detach(), b_s.detach() if b_s is not None else None
-        ce, hits = fused_cross_entropy(hidden, w_s, tokens.labels, bias=b_s, mask=tokens.loss_mask,
-                                       chunk_size=cfg.chunk_size)
-        if self.same_vocab:
-            h_s = hidden[tokens.loss_mask]  # [P, d_s]: every response position is its own pair
-        else:
-            al = batch.alignment
-            assert al is not None
-            h_s = hidden[al.batch_index, al.student_pos]  # [P, d_s]
+        h_rows = hidden[mask]  # [N, d_s] every response position
         labels = teacher.labels
         assert labels is not None and teacher.mask is not None
         valid = labels >= 0
-        h_t2s = self.t2s(teacher.hidden.to(self.t2s.weight.dtype))  # [P, d_s]
+        h_t2s = self.t2s(teacher.hidden.to(self.t2s.weight.dtype))  # [P, d_s] one per pair
 
-        # student space: CE of the projected teacher on the teacher's own prediction, then KD to the student
+        # where each pair's student position sits among the N response rows
+        if self.same_vocab:
+            pair_rows = torch.arange(h_rows.shape[0], device=h_rows.device)
+        else:
+            al = batch.alignment
+            assert al is not None
+            row_of = torch.cumsum(mask.reshape(-1).long(), 0) - 1
+            pair_rows = row_of[al.batch_index * mask.shape[1] + al.student_pos]
+        if norm["agree"] / norm["pairs"] <= cfg.t2s_agreement:
+            kd_pairs, kd_denominator = teacher.mask, norm["agree"]
+        else:
+            kd_pairs, kd_denominator = torch.ones_like(teacher.mask), norm["pairs"]
+        # the projected teacher at its student rows (detached: the KD target), and which rows carry the KD
+        target_rows = h_rows.new_zeros(h_rows.shape).index_copy(0, pair_rows, h_t2s.detach())
+        kd_rows = torch.zeros(h_rows.shape[0], dtype=torch.bool, device=h_rows.device)
+        kd_rows[pair_rows] = kd_pairs
+
+        # gold CE and student-space KD share one pass over the student's logits
+        student_space = cfg.spaces != "teacher"
+        main, ce, kd_student, hits = fused_ce_and_divergence(
+            h_rows, w_s, target_rows, w_fixed, tokens.labels[mask], divergence=cfg.divergence,
+            ce_weight=(1 - cfg.kd_rate) / norm["tokens"],
+            div_weight=cfg.kd_rate / kd_denominator if student_space else 0.0, div_mask=kd_rows,
+            temperature=cfg.temperature, chunk_size=cfg.chunk_size, student_bias=b_s, teacher_bias=b_fixed,
+            params=cfg.divergence_params)
+        # the projector's CE on the teacher's own prediction (trains P_t2s only: the head is detached)
         ce_t2s, _ = fused_cross_entropy(h_t2s, w_fixed, labels.clamp(min=0), bias=b_fixed, mask=valid,
                                         chunk_size=cfg.chunk_size)
-        if norm["agree"] / norm["pairs"] <= cfg.t2s_agreement:
-            kd_mask, kd_denominator = teacher.mask, norm["agree"]
-        else:
-            kd_mask, kd_denominator = None, norm["pairs"]
-        kd_student = fused_divergence(cfg.divergence, h_s, w_s, h_t2s.detach(), w_fixed, mask=kd_mask,
-                                      temperature=cfg.temperature, reduction="sum", chunk_size=cfg.chunk_size,
-                                      student_bias=b_s, teacher_bias=b_fixed, **cfg.divergence_params)
+        ce_t2s = ce_t2s / norm["t2s_labels"]
 
         # teacher space: the student's states through P_s2t, read by the teacher's head
+        h_pairs = h_rows[pair_rows]
         if self.s2t is None:
-            projection = w_fixed[self.shared_student_ids].T @ self.teacher_pinv  # [d_s, d_t]
-            h_s2t = h_s @ projection
+            h_s2t = h_pairs @ (w_fixed[self.shared_student_ids].T @ self.teacher_pinv)  # [P, d_t]
         else:
-            h_s2t = self.s2t(h_s)
+            h_s2t = self.s2t(h_pairs)
         kd_teacher = fused_divergence(cfg.divergence, h_s2t.to(teacher.head.dtype), teacher.head, teacher.hidden,
                                       teacher.head, temperature=cfg.temperature, reduction="sum",
                                       chunk_size=cfg.chunk_size, student_bias=teacher.bias,
-                                      teacher_bias=teacher.bias, **cfg.divergence_params)
+                                      teacher_bias=teacher.bias, **cfg.divergence_params) / norm["pairs"]
 
-        terms = {"kd_student": kd_student / kd_denominator, "ce_t2s": ce_t2s / norm["t2s_labels"],
-                 "kd_teacher": kd_teacher / norm["pairs"]}
-        used = {"both": terms, "student": {k: terms[k] for k in ("kd_student", "ce_t2s")},
-                "teacher": {"kd_teacher": terms["kd_teacher"]}}[cfg.spaces]
-        ce = ce / norm["tokens"]
-        loss = (1 - cfg.kd_rate) * ce + cfg.kd_rate * sum(used.values())
-        metrics = {"ce": ce.detach(), "acc": hits / norm["tokens"],
+        loss = main
+        if student_space:
+            loss = loss + cfg.kd_rate * ce_t2s
+        if cfg.spaces != "student":
+            loss = loss + cfg.kd_rate * kd_teacher
+        metrics = {"ce": ce / norm["tokens"], "kd_student": kd_student / kd_denominator, "ce_t2s": ce_t2s.detach(),
+                   "kd_teacher": kd_teacher.detach(), "acc": hits / norm["tokens"],
                    "t2s_agreement": teacher.mask.sum().float() / norm["pairs"]}
-        metrics.update({k: v.detach() for k, v in terms.items()})
         return loss, metrics

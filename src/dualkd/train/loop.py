@@ -283,7 +283,7 @@ def _export_best(raw: nn.Module, checkpoint: Path, tokenizer: Any, out: Path) ->
     current = {n: p.detach().clone() for n, p in raw.named_parameters() if p.requires_grad}
     load_trainable(raw, checkpoint / "trainable.safetensors")
     if is_lora(raw.student):  # a merged export would change the module in place: write the adapter only
-        raw.student.save_pretrained(out)
+        raw.student.save_pretrained(out / "adapter")
         tokenizer.save_pretrained(out)
     else:
         export_model(raw.student, tokenizer, out)
