@@ -5,11 +5,10 @@ token sequences with edit distance as the cost, and a teacher -> student vocabul
     to_student = nearest_token_ids(teacher_tokenizer, student_tokenizer, teacher_ids_seen_in_data)
     to_teacher = nearest_token_ids(student_tokenizer, teacher_tokenizer)   # re-indexes teacher logits
 
-Speed: the official code runs a pure-Python O(n·m) DTW per sample (≈30 pairs/s here). Here the cost matrix
-comes from rapidfuzz's C++ `cdist`, and the DTW recursion runs one row at a time as a vectorized min-plus
-prefix scan over a whole batch of sequence pairs at once:
-    D[i, j] = C[i, j] + min(D[i-1, j], D[i-1, j-1], D[i, j-1])
-    a_j = C[i, j] + min(D[i-1, j], D[i-1, j-1]);  D[i, j] = S_j + min_{k<=j} (a_k - S_k),  S = cumsum(C[i])
+Speed: the official code runs a pure-Python O(n·m) DTW per sample, one edit-distance call per cell (≈30
+pairs/s here). Here each pair's cost matrix comes from rapidfuzz's C++ `cdist` over the pair's *distinct*
+token texts (text repeats a lot: "the", ",", "Ġ"), and the DTW recursion and traceback run compiled (numba):
+    D[i, j] = C[i, j] + min(D[i-1, j-1], D[i-1, j], D[i, j-1])
 The vocabulary maps are computed once per tokenizer pair (exact bytes first, rapidfuzz for the rest) and
 cached on disk.
 """
@@ -22,13 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor
 
 from dualkd.align.vocab import teacher_to_student_ids, token_bytes
-
-_INF = np.float32(1e30)
 
 
 def token_texts(tokenizer: Any) -> list[str]:
@@ -39,34 +37,34 @@ def token_texts(tokenizer: Any) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- DTW
 
-
-def dtw_paths(costs: Sequence[np.ndarray]) -> list[list[tuple[int, int]]]:
-    """Minimal-cost monotone paths from (0, 0) to (n-1, m-1) through each cost matrix [n_k, m_k]
-    (steps: down, right, diagonal). All matrices are processed together, row by row."""
-    if not costs:
-        return []
-    n_max = max(c.shape[0] for c in costs)
-    m_max = max(c.shape[1] for c in costs)
-    B = len(costs)
-    C = np.full((B, n_max, m_max), _INF, dtype=np.float32)
-    for k, c in enumerate(costs):
-        C[k, : c.shape[0], : c.shape[1]] = c
-    D = np.empty((B, n_max + 1, m_max + 1), dtype=np.float32)
-    D[:, 0, :] = _INF
-    D[:, 0, 0] = 0.0
-    D[:, 1:, 0] = _INF
-    for i in range(1, n_max + 1):
-        row = C[:, i - 1, :]  # [B, m]
-        a = row + np.minimum(D[:, i - 1, 1:], D[:, i - 1, :-1])
-        prefix = np.cumsum(row, axis=1, dtype=np.float64)  # float64: sums of 1e30 padding stay ordered
-        D[:, i, 1:] = (np.minimum.accumulate(a - prefix, axis=1) + prefix).astype(np.float32)
-    return [_traceback(D[k], c.shape[0], c.shape[1]) for k, c in enumerate(costs)]
+_BIG = np.int64(1) << 60  # "unreachable"; costs are small integers, so sums stay exact
 
 
-def _traceback(D: np.ndarray, n: int, m: int) -> list[tuple[int, int]]:
-    i, j = n, m
-    path = [(i - 1, j - 1)]
-    while (i, j) != (1, 1):
+@numba.njit(cache=True, nogil=True)
+def _dtw_table(cost: np.ndarray) -> np.ndarray:
+    """Cumulative costs D [n+1, m+1] of the monotone paths from (0, 0), steps down/right/diagonal."""
+    n, m = cost.shape
+    D = np.full((n + 1, m + 1), _BIG, dtype=np.int64)
+    D[0, 0] = 0
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            D[i, j] = cost[i - 1, j - 1] + min(D[i - 1, j - 1], D[i - 1, j], D[i, j - 1])
+    return D
+
+
+@numba.njit(cache=True, nogil=True)
+def _dtw_path(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The minimal-cost path as (rows, cols) from (0, 0) to (n-1, m-1); ties prefer diagonal, then up."""
+    n, m = cost.shape
+    D = _dtw_table(cost)
+    rows = np.empty(n + m, dtype=np.int64)
+    cols = np.empty(n + m, dtype=np.int64)
+    i, j, k = n, m, 0
+    while True:
+        rows[k], cols[k] = i - 1, j - 1
+        k += 1
+        if i == 1 and j == 1:
+            break
         if i == 1:
             j -= 1
         elif j == 1:
@@ -79,56 +77,56 @@ def _traceback(D: np.ndarray, n: int, m: int) -> list[tuple[int, int]]:
                 i -= 1
             else:
                 j -= 1
-        path.append((i - 1, j - 1))
-    path.reverse()
-    return path
+    return rows[:k][::-1].copy(), cols[:k][::-1].copy()
 
 
-def _groups(costs: list[np.ndarray], max_cells: int = 1 << 21) -> list[list[int]]:
-    """Batches of similar shapes whose padded size stays under `max_cells`: long pairs go alone, short ones
-    share the row loop."""
-    order = sorted(range(len(costs)), key=lambda i: (costs[i].shape[0], costs[i].shape[1]))
-    groups: list[list[int]] = []
-    current: list[int] = []
-    n_max = m_max = 0
-    for i in order:
-        n, m = costs[i].shape
-        if current and (len(current) + 1) * max(n_max, n) * max(m_max, m) > max_cells:
-            groups.append(current)
-            current, n_max, m_max = [], 0, 0
-        current.append(i)
-        n_max, m_max = max(n_max, n), max(m_max, m)
-    if current:
-        groups.append(current)
-    return groups
+@numba.njit(cache=True, nogil=True)
+def _one_to_one_partners(cost: np.ndarray) -> np.ndarray:
+    """Per row of `cost`: the column the DTW path pairs it with when it pairs it with exactly one, else -1."""
+    rows, cols = _dtw_path(cost)
+    n = cost.shape[0]
+    count = np.zeros(n, dtype=np.int64)
+    partner = np.full(n, -1, dtype=np.int64)
+    for k in range(rows.size):
+        count[rows[k]] += 1
+        partner[rows[k]] = cols[k]
+    for i in range(n):
+        if count[i] != 1:
+            partner[i] = -1
+    return partner
+
+
+def dtw_paths(costs: Sequence[np.ndarray]) -> list[list[tuple[int, int]]]:
+    """Minimal-cost monotone paths from (0, 0) to (n-1, m-1) through each integer cost matrix [n_k, m_k]."""
+    out = []
+    for c in costs:
+        rows, cols = _dtw_path(np.ascontiguousarray(c, dtype=np.int64))
+        out.append(list(zip(rows.tolist(), cols.tolist())))
+    return out
+
+
+def _edit_costs(student: Sequence[str], teacher: Sequence[str]) -> np.ndarray:
+    """Levenshtein distances [n, m] between the token texts, computed once per distinct pair of texts."""
+    from rapidfuzz.distance import Levenshtein
+    from rapidfuzz.process import cdist
+
+    s_uniq, s_inv = np.unique(np.asarray(student, dtype=object), return_inverse=True)
+    t_uniq, t_inv = np.unique(np.asarray(teacher, dtype=object), return_inverse=True)
+    small = cdist(s_uniq.tolist(), t_uniq.tolist(), scorer=Levenshtein.distance, dtype=np.int64)
+    return small[s_inv[:, None], t_inv[None, :]]
 
 
 def mined_alignment(student_texts: Sequence[Sequence[str]], teacher_texts: Sequence[Sequence[str]]
                     ) -> list[Tensor]:
     """For each sequence pair, a LongTensor [n_student]: the teacher position that student position j is
     matched with when the DTW path gives it exactly one teacher token, else -1."""
-    from rapidfuzz.distance import Levenshtein
-    from rapidfuzz.process import cdist
-
-    out: list[Tensor | None] = [None] * len(student_texts)
-    costs, which = [], []
-    for k, (s, t) in enumerate(zip(student_texts, teacher_texts)):
+    out = []
+    for s, t in zip(student_texts, teacher_texts):
         if not s or not t:
-            out[k] = torch.full((len(s),), -1, dtype=torch.long)
-            continue
-        costs.append(cdist(list(s), list(t), scorer=Levenshtein.distance, dtype=np.int32).astype(np.float32))
-        which.append(k)
-    for group in _groups(costs):
-        for i, path in zip(group, dtw_paths([costs[i] for i in group])):
-            n = costs[i].shape[0]
-            partner = np.full(n, -1, dtype=np.int64)
-            count = np.zeros(n, dtype=np.int64)
-            for s_pos, t_pos in path:
-                count[s_pos] += 1
-                partner[s_pos] = t_pos
-            partner[count != 1] = -1
-            out[which[i]] = torch.from_numpy(partner)
-    return out  # type: ignore[return-value]
+            out.append(torch.full((len(s),), -1, dtype=torch.long))
+        else:
+            out.append(torch.from_numpy(_one_to_one_partners(_edit_costs(s, t))))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- vocab map
