@@ -2,7 +2,11 @@
 
     dualkd train CONFIG [key.sub=value ...] [--resume]
     dualkd config CONFIG [key.sub=value ...]        print the resolved config
-    dualkd demo [--output-dir runs/demo]            tiny teacher -> student distillation on CPU
+    dualkd generate MODEL --data FILE --out FILE    responses for a dataset (e.g. teacher outputs for SeqKD)
+    dualkd eval MODEL [--suite dolly-protocol --data-dir DIR] [FILE ...]   the papers' test protocol
+    dualkd eval --rescore EVAL_DIR                  recompute the scores from the saved generations
+    dualkd report RUN_DIR ... [--teacher DIR]       Markdown + plots for runs side by side
+    dualkd demo [--output-dir runs/demo]            the whole workflow in miniature on CPU
 """
 
 from __future__ import annotations
@@ -10,9 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from dualkd import __version__
 from dualkd.errors import DualKDError
+
+if TYPE_CHECKING:
+    from dualkd.config import GenerationConfig
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -46,6 +54,97 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_settings(args: argparse.Namespace) -> GenerationConfig:
+    from dualkd.config import GenerationConfig
+
+    fields = {k: getattr(args, k) for k in ("max_length", "max_prompt_length", "max_new_tokens", "temperature",
+                                            "top_p", "top_k", "no_repeat_ngram_size", "num_beams", "batch_size")
+              if getattr(args, k) is not None}
+    return GenerationConfig(do_sample=not (args.greedy or (args.num_beams or 1) > 1), **fields)
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (defaults: the DSKD/MiniLLM test protocol)")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding (one run, no seeds)")
+    g.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling (default 1.0: off)")
+    g.add_argument("--top-k", type=int, help="top-k sampling (default 0: off)")
+    g.add_argument("--no-repeat-ngram-size", type=int,
+                   help="block repeated n-grams (default 6, what the papers' test scripts used; 0: pure sampling)")
+    g.add_argument("--num-beams", type=int, help="beam search width (>1 decodes with beams, no sampling)")
+    g.add_argument("--max-length", type=int, help="prompt + response tokens (default 512)")
+    g.add_argument("--max-prompt-length", type=int, help="prompt tokens kept (default 256)")
+    g.add_argument("--max-new-tokens", type=int, help="cap on new tokens (default: max-length - max-prompt-length)")
+    g.add_argument("--batch-size", type=int, help="prompts per batch (default 16)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--translation", metavar="SRC:TGT",
+                   help="test files are language pairs such as {\"de\": ..., \"en\": ...}: translate SRC to TGT, "
+                        "score BLEU and chrF")
+
+
+def _translation(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    src, sep, tgt = value.partition(":")
+    if not sep or not src or not tgt:
+        raise DualKDError(f"--translation expects SRC:TGT such as de:en, got {value!r}")
+    return src, tgt
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from dualkd.eval.generate import generate_responses, load_for_generation
+    from dualkd.eval.suites import resolve_test_sets
+
+    settings = _generation_settings(args)
+    (test,), _ = resolve_test_sets([args.data], translation=_translation(args.translation),
+                                   max_examples=args.max_examples)
+    model, tokenizer = load_for_generation(args.model, args.dtype)
+    texts = generate_responses(model, tokenizer, test.examples, settings, seed=args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for ex, text in zip(test.examples, texts):
+            f.write(json.dumps({"prompt": ex.prompt, "output": text, "references": list(ex.references),
+                                "source": ex.where}, ensure_ascii=False) + "\n")
+    print(out)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from dualkd.eval.harness import evaluate, rescore
+    from dualkd.eval.suites import resolve_test_sets
+
+    if args.rescore:
+        print(json.dumps({name: s["mean"] for name, s in rescore(args.rescore).items()}, indent=2))
+        return 0
+    if args.model is None:
+        raise DualKDError("give a model folder or run directory to evaluate (or --rescore EVAL_DIR)")
+    sets, missing = resolve_test_sets(args.files, suite=args.suite, data_dir=args.data_dir,
+                                      translation=_translation(args.translation), max_examples=args.max_examples)
+    for name, why in missing.items():
+        print(f"dualkd: test set {name!r} skipped: {why}", file=sys.stderr)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    result = evaluate(args.model, sets, _generation_settings(args), seeds=seeds, out_dir=args.out,
+                      missing=missing, dtype=args.dtype)
+    from pathlib import Path
+
+    print((Path(result["out_dir"]) / "scores.md").read_text(), end="")
+    print(result["out_dir"])
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dualkd.report import report
+
+    print(report(args.runs, args.out, teacher=args.teacher, title=args.title))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualkd", description="Knowledge distillation for language models.")
     parser.add_argument("--version", action="version", version=f"dualkd {__version__}")
@@ -65,6 +164,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("generate", help="generate responses for a dataset (jsonl out, one line per example)",
+                       description="Generate a response for every example of a dataset with a trained model; the "
+                                   "output file has prompt/output lines, readable as a training set (SeqKD).")
+    p.add_argument("model", help="model folder or run directory")
+    p.add_argument("--data", required=True, help="jsonl in any supported format (prompt/output, alpaca, messages)")
+    p.add_argument("--out", required=True, help="output jsonl")
+    p.add_argument("--seed", type=int, default=10, help="sampling seed (default 10)")
+    p.add_argument("--max-examples", type=int, help="only the first N examples")
+    _add_generation_options(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("eval", help="score a model on test sets with the papers' protocol",
+                       description="Sample responses (5 seeds by default), score ROUGE-L and exact match (BLEU and "
+                                   "chrF for translation), save generations beside scores.json and scores.md.")
+    p.add_argument("model", nargs="?", help="model folder or run directory (a run's best/ or final/ model)")
+    p.add_argument("files", nargs="*", help="test files (jsonl)")
+    p.add_argument("--suite", choices=["dolly-protocol"],
+                   help="dolly, self_inst, vicuna, sinst and uinst (first 10,000) test sets under --data-dir")
+    p.add_argument("--data-dir", help="folder with <set>/test.jsonl for --suite")
+    p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
+    p.add_argument("--max-examples", type=int, help="only the first N examples of each set")
+    p.add_argument("--out", help="output folder (default: <run>/eval)")
+    p.add_argument("--rescore", metavar="EVAL_DIR", help="recompute the scores of an evaluation from its generations")
+    _add_generation_options(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("report", help="Markdown report with plots for one or more runs",
+                       description="Loss curves, dev metric over steps and per-set test scores of runs side by side.")
+    p.add_argument("runs", nargs="+", help="run directories (or evaluation folders)")
+    p.add_argument("--out", default="report", help="output folder (default: ./report)")
+    p.add_argument("--teacher", help="the teacher's run or evaluation folder (drawn hatched)")
+    p.add_argument("--title", default="dualkd report")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("demo", help="the main job: a tiny teacher -> student distillation on CPU",
                        description="Train a tiny teacher from scratch on generated tasks, distill it into a smaller "

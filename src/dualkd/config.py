@@ -121,7 +121,7 @@ class DataSource(StrictModel):
     """Dataset configuration name."""
     split: str = "train"
     """Dataset split (for `hf`)."""
-    synthetic: Literal["copy", "sort", "arithmetic", "associate", "mixed"] | None = None
+    synthetic: Literal["copy", "sort", "arithmetic", "associate", "mixed", "instructions"] | None = None
     """A generated toy task set, for smoke tests and the demo (no files needed)."""
     num_examples: int = Field(2000, ge=1)
     """How many synthetic examples to generate."""
@@ -220,14 +220,16 @@ class OptimConfig(StrictModel):
 
 
 class GenerationConfig(StrictModel):
-    """Sampling settings. Defaults are the DSKD/MiniLLM test protocol (pure sampling)."""
+    """Generation settings. Defaults are the DSKD/MiniLLM test protocol: sampling at temperature 1 with no top-k
+    or top-p, prompts <= 256 and sequences <= 512 tokens, 6-gram blocking."""
 
     max_length: int = Field(512, ge=2)
     """Prompt + generated tokens."""
     max_prompt_length: int = Field(256, ge=1)
-    """Longer prompts are truncated (left) before generation."""
+    """Longer prompts are truncated to their first tokens, as in training."""
     max_new_tokens: int | None = Field(None, ge=1)
-    """Cap on generated tokens (None: up to `max_length`)."""
+    """Cap on generated tokens (None: `max_length - max_prompt_length` for decoder-only models, as the
+    protocol's prompts were left-padded to 256 of 512; `max_length` for encoder-decoder models)."""
     do_sample: bool = True
     """Sample (True) or decode greedily (False)."""
     temperature: float = Field(1.0, gt=0)
@@ -236,8 +238,12 @@ class GenerationConfig(StrictModel):
     """Nucleus sampling threshold (1.0: off)."""
     top_k: int = Field(0, ge=0)
     """Top-k sampling (0: off)."""
-    no_repeat_ngram_size: int = Field(0, ge=0)
-    """Block repeated n-grams (0: off). The official DSKD eval used 6 silently; we default to no blocking."""
+    no_repeat_ngram_size: int = Field(6, ge=0)
+    """Block repeated n-grams of this size (0: off). 6 on purpose: the DSKD/MiniLLM test scripts sampled with
+    `no_repeat_ngram_size=6` (never overridden), so the papers' ROUGE-L numbers were measured with it; set 0 for
+    pure sampling."""
+    num_beams: int = Field(1, ge=1)
+    """Beam search width (1: sampling or greedy; translation recipes use beams)."""
     batch_size: int = Field(16, ge=1)
     """Prompts per generation batch."""
 

@@ -1,104 +1,136 @@
-"""`dualkd demo`: the whole workflow in miniature, on CPU, offline, in a few minutes.
+"""`dualkd demo`: the whole workflow in miniature, on CPU, offline, in about 10 minutes.
 
-1. train a tiny GPT-2 teacher from scratch (SFT) on 8,000 examples of a generated task whose answers are
-   sampled from a fixed distribution per prompt (recipe tiny-teacher);
-2. distill it into a 6x smaller student with vanilla KD, from only 600 labeled examples (recipe tiny-kd);
-3. train the same student on the same 600 examples without a teacher (SFT baseline);
-4. compare dev cross-entropy and how often each model's greedy answer agrees with the teacher's.
+1. data: a generated instruction-following set (data/instructions.py) — 6,000 examples for the teacher,
+   600 for the students, 300 dev, 200 test — written to `<out>/data/` as jsonl;
+2. teacher: a small GPT-2 trained from scratch by SFT, with a byte-level BPE tokenizer trained on its data;
+3. students on 600 labeled examples: with the teacher's tokenizer by SFT, vanilla KD and DSKD; with their own
+   SentencePiece-style tokenizer (a different vocabulary) by SFT and DSKDv2 with exact token alignment;
+4. every model sampled on the test set with 5 seeds (the papers' protocol at demo sizes), ROUGE-L and exact
+   match scored, and everything written up by `dualkd report`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from dualkd.config import load_config
-from dualkd.data.formats import Example, render
-from dualkd.data.readers import load_examples
+from dualkd.config import GenerationConfig, load_config
+from dualkd.data.synthetic import generate
 from dualkd.errors import DualKDError
+from dualkd.eval.harness import PROTOCOL_SEEDS, evaluate
+from dualkd.eval.suites import resolve_test_sets
 from dualkd.recipes import recipe
+from dualkd.report import report
 from dualkd.train.loop import train
 
 _MARKER = ".dualkd-demo"
 
 
-def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str, dict[str, float]]:
-    out = Path(output_dir)
+@dataclass(frozen=True)
+class Student:
+    name: str
+    recipe: str
+    objective: str
+    what: str
+
+
+STUDENTS = (
+    Student("student-sft", "demo-student", "{name: sft}", "SFT, teacher's vocab"),
+    Student("student-kd", "demo-student", "{name: kd, divergence: fkl, kd_rate: 0.5}", "vanilla KD (fkl)"),
+    Student("student-dskd", "demo-student", "{name: dskd, divergence: fkl, kd_rate: 0.5}", "DSKD, same vocab"),
+    Student("student-own-vocab-sft", "demo-student-own-vocab", "{name: sft}", "SFT, own vocab"),
+    Student("student-dskdv2", "demo-student-own-vocab",
+            "{name: dskdv2, alignment: eta, divergence: fkl, kd_rate: 0.5}", "DSKDv2-ETA, own vocab"),
+)
+
+
+def _prepare(out: Path) -> None:
     if out.exists():
         if not (out / _MARKER).exists():
             raise DualKDError(f"{out} exists and is not a demo directory; choose another --output-dir")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / _MARKER).touch()
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict[str, dict[str, Any]]:
+    """Run the demo; returns per model its dev CE and test scores. `quick`: a few steps each (a smoke test)."""
+    out = Path(output_dir)
+    _prepare(out)
     console = Console(stderr=True)
-    small = ["optimization.max_steps=6", "eval.every_steps=3", "checkpoint.every_steps=3"] if quick else []
+    started = time.perf_counter()
+    n_test = 24 if quick else 200
+    seeds = PROTOCOL_SEEDS[:2] if quick else PROTOCOL_SEEDS
+    short = ["optimization.max_steps=4", "eval.every_steps=2", "checkpoint.every_steps=2"] if quick else []
 
-    teacher_dir = out / "teacher" / "final"
-    console.rule("[bold]1/3 teacher: SFT from scratch")
-    teacher_cfg = load_config(recipe("tiny-teacher"), [f"output_dir={out / 'teacher'}", *small])
-    train(teacher_cfg)
+    # the data files make every run reproducible from its config alone; the recipes generate the same sets
+    teacher_recipe = load_config(recipe("demo-teacher"), [f"output_dir={out / 'teacher'}"])
+    data = teacher_recipe.data
+    files = {"teacher-train": (data.train.num_examples, data.train.seed), "dev": (data.dev.num_examples,
+                                                                                     data.dev.seed),
+             "student-train": (600, 3), "test": (n_test, 4)}
+    paths = {k: _write_jsonl(out / "data" / f"{k}.jsonl", generate("instructions", n, seed))
+             for k, (n, seed) in files.items()}
 
-    console.rule("[bold]2/3 student: distilled from the teacher (KD)")
-    kd_cfg = load_config(recipe("tiny-kd"), [f"output_dir={out / 'student-kd'}", f"teacher.path={teacher_dir}",
-                                             f"student.tokenizer={teacher_dir}", *small])
-    train(kd_cfg)
+    steps = 2 + len(STUDENTS)
+    console.rule(f"[bold]1/{steps} teacher: SFT from scratch on {files['teacher-train'][0]} examples")
+    teacher_dir = out / "teacher"
+    train(load_config(recipe("demo-teacher"), [f"output_dir={teacher_dir}", f"data.train.path={paths['teacher-train']}",
+                                               "data.train.synthetic=null", f"data.dev.path={paths['dev']}",
+                                               "data.dev.synthetic=null", *short]))
+    teacher_model = teacher_dir / "final"
+    for k, st in enumerate(STUDENTS, start=2):
+        console.rule(f"[bold]{k}/{steps} {st.name}: {st.what}, {files['student-train'][0]} examples")
+        overrides = [f"output_dir={out / st.name}", f"objective={st.objective}",
+                     f"data.train.path={paths['student-train']}", "data.train.synthetic=null",
+                     f"data.dev.path={paths['dev']}", "data.dev.synthetic=null", *short]
+        overrides.append("teacher=null" if st.objective == "{name: sft}" else f"teacher.path={teacher_model}")
+        if st.recipe == "demo-student":
+            overrides.append(f"student.tokenizer={teacher_model}")
+        train(load_config(recipe(st.recipe), overrides))
 
-    console.rule("[bold]3/3 student: same data, no teacher (SFT baseline)")
-    sft_cfg = load_config(recipe("tiny-kd"), [f"output_dir={out / 'student-sft'}", "teacher=null",
-                                              "objective={name: sft}", f"student.tokenizer={teacher_dir}", *small])
-    train(sft_cfg)
-
-    assert kd_cfg.data.dev is not None
-    examples, _ = load_examples(kd_cfg.data.dev, max_examples=128)
-    results: dict[str, dict[str, float]] = {}
-    teacher_answers: list[str] = []
-    for name in ("teacher", "student-kd", "student-sft"):
-        results[name], answers = _score(out / name, examples)
-        teacher_answers = teacher_answers or answers
-        agree = sum(a == b for a, b in zip(answers, teacher_answers)) / len(answers)
-        results[name]["agrees_with_teacher"] = agree
+    console.rule(f"[bold]{steps}/{steps} evaluation: {n_test} test prompts x {len(seeds)} seeds, ROUGE-L and EM")
+    sets = [replace(s, name="test") for s in resolve_test_sets([paths["test"]])[0]]
+    settings = GenerationConfig(max_length=data.max_length, max_prompt_length=data.max_prompt_length, batch_size=50)
+    names = ["teacher", *(st.name for st in STUDENTS)]
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        scores = evaluate(out / name, sets, settings, seeds=seeds, out_dir=out / name / "eval")
+        dev = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        dev_ce = [r["ce"] for r in dev if r["kind"] == "dev"][-1]
+        s = scores["sets"]["test"]
+        results[name] = {"dev_ce": dev_ce, "rougeL": s["mean"]["rougeL"], "rougeL_std": s["std"]["rougeL"],
+                         "exact_match": s["mean"]["exact_match"], "exact_match_std": s["std"]["exact_match"]}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    table = Table(title="dualkd demo: tiny teacher -> student (dev set)")
-    for col in ("model", "params", "train examples", "dev CE (lower is better)", "greedy answer = teacher's"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    sizes = {"teacher": teacher_cfg.data.train.num_examples, "student-kd": kd_cfg.data.train.num_examples,
-             "student-sft": sft_cfg.data.train.num_examples}
-    for name, r in results.items():
-        table.add_row(name, f"{r['params'] / 1e6:.2f}M", str(sizes[name]), f"{r['dev_ce']:.4f}",
-                      f"{100 * r['agrees_with_teacher']:.0f}%")
-    console.print(table)
-    console.print(f"runs, metrics and models are in {out}/ (each run: config.yaml, metrics.jsonl, tensorboard/, "
-                  "checkpoints/, final/)")
+    report_path = report([out / n for n in names], out / "report", teacher=out / "teacher",
+                         title="dualkd demo: a tiny teacher distilled into 5 students")
+    _print_table(console, results, names, time.perf_counter() - started)
+    console.print(f"report: {report_path}")
     return results
 
 
-def _score(run_dir: Path, examples: list[Example]) -> tuple[dict[str, float], list[str]]:
-    """Dev CE from the run's last dev record, and the model's greedy answers to `examples`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    dev_ce = [r["ce"] for r in records if r["kind"] == "dev"][-1]
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final")
-    answers = greedy_answers(model, tokenizer, [render(ex, tokenizer)[0] for ex in examples])
-    return {"params": float(sum(p.numel() for p in model.parameters())), "dev_ce": float(dev_ce)}, answers
-
-
-@torch.no_grad()
-def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 24,
-                   batch_size: int = 32) -> list[str]:
-    """Greedy continuations of `prompts` (left-padded batches, KV cache), cut at EOS."""
-    tokenizer.padding_side = "left"
-    outs: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return outs
+def _print_table(console: Console, results: dict[str, dict[str, Any]], names: list[str], seconds: float) -> None:
+    what = {"teacher": "SFT, 6,000 examples", **{st.name: st.what for st in STUDENTS}}
+    table = Table(title=f"dualkd demo: test set sampled with 5 seeds (mean ± std), {seconds / 60:.1f} min",
+                  caption="dev CE is per token of each model's own tokenizer: compare it within one vocabulary")
+    for col in ("model", "trained by", "dev CE", "ROUGE-L", "exact match"):
+        table.add_column(col, justify="left" if col in ("model", "trained by") else "right", no_wrap=True)
+    for name in names:
+        r = results[name]
+        table.add_row(name, what[name], f"{r['dev_ce']:.3f}", f"{r['rougeL']:.2f} ± {r['rougeL_std']:.2f}",
+                      f"{r['exact_match']:.1f} ± {r['exact_match_std']:.1f}")
+    out = Console()
+    Console(width=max(out.width, 100)).print(table)

@@ -10,6 +10,8 @@
 can only learn the distribution, and a teacher that has learned it passes it on through its soft targets.
 That is the setting where distillation shows its worth with little data (Hinton et al.'s "dark knowledge").
 
+`instructions` (data/instructions.py) is the demo's natural-language instruction set in Alpaca form.
+
 Prompts are short on purpose, so that most computed tokens carry loss: a 1M-parameter model learns the
 copy tasks in a few hundred CPU steps, while a 4x smaller one lags behind, which is what the demo shows.
 """
@@ -72,13 +74,17 @@ _TASKS: dict[str, tuple[Callable[[random.Random], dict[str, Any]], ...]] = {
     "associate": (_associate,),
     "mixed": (_copy, _sort, _arithmetic, _associate),
 }
-TASKS = tuple(_TASKS)
+TASKS = (*_TASKS, "instructions")
 
 
 def generate(task: str, n: int, seed: int) -> list[dict[str, Any]]:
-    """`n` prompt/output records of `task`, fully determined by `seed`."""
+    """`n` records of `task`, fully determined by `seed` (`instructions`: Alpaca records, see instructions.py)."""
+    if task == "instructions":
+        from dualkd.data.instructions import instructions
+
+        return instructions(n, seed)
     if task not in _TASKS:
-        raise ValueError(f"unknown synthetic task {task!r}; choose from {sorted(_TASKS)}")
+        raise ValueError(f"unknown synthetic task {task!r}; choose from {sorted(TASKS)}")
     rng = random.Random(seed)
     makers = _TASKS[task]
     return [rng.choice(makers)(rng) for _ in range(n)]

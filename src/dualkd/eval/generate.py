@@ -1,0 +1,120 @@
+"""Batched, KV-cached generation for evaluation: the papers' sampling protocol, greedy, or beam search.
+
+    model, tokenizer = load_for_generation("runs/kd/final")
+    texts = generate_responses(model, tokenizer, examples, GenerationConfig(), seed=10)
+
+Prompts are tokenized exactly as in training (data/dataset.py: leading BOS where the tokenizer adds one,
+chat templates, prompt truncation to `max_prompt_length` keeping the start), left-padded, and decoded with
+Hugging Face `generate` (KV cache). Batches are built from prompts of similar length, in a fixed order, so a
+seed fixes the samples. Decoder-only models get `max_length - max_prompt_length` new tokens at most (512 - 256
+= 256 under the protocol, as MiniLLM/DSKD, whose prompts were left-padded to 256); encoder-decoder models read
+the prompt as the source sentence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dualkd.config import GenerationConfig
+from dualkd.data.dataset import TruncationRules, pad_id, tokenize_examples
+from dualkd.data.formats import Example
+from dualkd.errors import DataError, ModelError
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model folder, or a run directory (its `best/` model if training kept one, else `final/`)."""
+    path = Path(path).expanduser()
+    for candidate in (path, path / "best", path / "final"):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise ModelError(f"{path}: no model here (expected a folder with config.json, or a run directory with "
+                     "best/ or final/)")
+
+
+def load_for_generation(path: str | Path, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) from a local folder or run directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from dualkd.models import DTYPES
+
+    folder = resolve_model_dir(path)
+    config = AutoConfig.from_pretrained(folder)
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(folder, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # transformers raises many types
+        raise ModelError(f"cannot load {folder}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def _prompt_ids(examples: list[Example], tokenizer: Any, settings: GenerationConfig) -> list[list[int]]:
+    rules = TruncationRules(max_length=settings.max_length, max_prompt_length=settings.max_prompt_length)
+    out = []
+    for tok in tokenize_examples(examples, tokenizer, rules):
+        if isinstance(tok, DataError):
+            raise tok
+        out.append(tok.ids[: tok.prompt_len])
+    return out
+
+
+def _progress(total: int, label: str, show: bool | None) -> Progress:
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, transient=True,
+                        disable=not (console.is_terminal if show is None else show))
+    progress.add_task(label, total=total)
+    return progress
+
+
+@torch.no_grad()
+def generate_responses(model: Any, tokenizer: Any, examples: list[Example], settings: GenerationConfig,
+                       seed: int | None = None, label: str = "generating", progress: bool | None = None
+                       ) -> list[str]:
+    """One response per example (in order), cut at EOS, special tokens removed."""
+    if not examples:
+        return []
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    prompts = _prompt_ids(examples, tokenizer, settings)
+    pad = pad_id(tokenizer)
+    eos = tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # similar lengths share a batch
+    device = next(model.parameters()).device
+    if seed is not None:
+        torch.manual_seed(seed)
+    new_tokens = settings.max_new_tokens or (
+        settings.max_length if encoder_decoder else settings.max_length - settings.max_prompt_length)
+    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
+                "top_k": settings.top_k} if settings.do_sample else {"do_sample": False, "temperature": None,
+                                                                         "top_p": None, "top_k": None}
+    outputs: list[str] = [""] * len(prompts)
+    with _progress(len(prompts), label, progress) as bar:
+        for start in range(0, len(order), settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                p = prompts[i]
+                if encoder_decoder:  # the encoder reads right-padded sources
+                    ids[row, : len(p)], mask[row, : len(p)] = torch.tensor(p), 1
+                else:  # the decoder continues left-padded prompts
+                    ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+            budget = new_tokens if encoder_decoder else min(new_tokens, settings.max_length - width)
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
+                                 num_beams=settings.num_beams, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                                 pad_token_id=pad, eos_token_id=eos, **sampling)
+            continuation = gen if encoder_decoder else gen[:, width:]
+            for row, i in enumerate(idx):
+                tokens = continuation[row].tolist()
+                if eos is not None and eos in tokens:
+                    tokens = tokens[: tokens.index(eos)]
+                outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            bar.advance(bar.task_ids[0], len(idx))
+    return outputs

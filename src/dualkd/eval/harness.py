@@ -1,0 +1,110 @@
+"""`dualkd eval`: generate for every test set and seed, score, save generations beside the scores.
+
+    result = evaluate("runs/kd", sets, GenerationConfig(), seeds=(10, 20, 30, 40, 50), out_dir="runs/kd/eval")
+
+Layout of `out_dir`:
+    scores.json                       per set: n, per-seed scores, mean and std over seeds; settings; missing sets
+    scores.md                         the same as a table (mean ± std)
+    generations/<set>.seed<S>.jsonl   one line per example: where, prompt, references, generation, its scores
+`rescore(out_dir)` recomputes every number from the saved generations alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dualkd.config import GenerationConfig
+from dualkd.errors import DataError
+from dualkd.eval.generate import generate_responses, load_for_generation, resolve_model_dir
+from dualkd.eval.metrics import SENTENCE_METRICS, score
+from dualkd.eval.suites import TestSet
+
+PROTOCOL_SEEDS = (10, 20, 30, 40, 50)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _summarize(per_seed: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    metrics = next(iter(per_seed.values())).keys()
+    mean = {m: statistics.fmean(s[m] for s in per_seed.values()) for m in metrics}
+    std = {m: statistics.pstdev([s[m] for s in per_seed.values()]) if len(per_seed) > 1 else 0.0 for m in metrics}
+    return {"mean": mean, "std": std}
+
+
+def evaluate(model_path: str | Path, sets: Sequence[TestSet], settings: GenerationConfig,
+             seeds: Sequence[int] = PROTOCOL_SEEDS, out_dir: str | Path | None = None,
+             missing: dict[str, str] | None = None, dtype: str = "float32", progress: bool | None = None,
+             model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Scores of one model on `sets`; greedy decoding runs once whatever `seeds` says."""
+    model_dir = resolve_model_dir(model_path)
+    model, tokenizer = model_and_tokenizer or load_for_generation(model_dir, dtype)
+    seeds = list(seeds) if settings.do_sample else [0]
+    out = Path(out_dir) if out_dir is not None else model_dir.parent / "eval"
+    (out / "generations").mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"model": str(model_dir), "generation": settings.model_dump(), "seeds": seeds,
+                              "sets": {}, "missing": dict(missing or {})}
+    for test in sets:
+        per_seed: dict[str, dict[str, float]] = {}
+        refs = [list(ex.references) for ex in test.examples]
+        for seed in seeds:
+            texts = generate_responses(model, tokenizer, test.examples, settings, seed=seed,
+                                       label=f"{test.name} seed {seed}", progress=progress)
+            per_seed[str(seed)] = {m: score(m, texts, refs) for m in test.metrics}
+            lines = []
+            for ex, text in zip(test.examples, texts):
+                row = {"where": ex.where, "prompt": ex.prompt, "references": list(ex.references), "generation": text}
+                row.update({m: SENTENCE_METRICS[m](text, ex.references) for m in test.metrics
+                            if m in SENTENCE_METRICS})
+                lines.append(json.dumps(row, ensure_ascii=False))
+            _write_atomic(out / "generations" / f"{test.name}.seed{seed}.jsonl", "\n".join(lines) + "\n")
+        result["sets"][test.name] = {"path": test.path, "n": len(test.examples), "metrics": list(test.metrics),
+                                     "per_seed": per_seed, **_summarize(per_seed)}
+    _write_atomic(out / "scores.json", json.dumps(result, indent=2))
+    _write_atomic(out / "scores.md", scores_markdown(result))
+    result["out_dir"] = str(out)
+    return result
+
+
+def scores_markdown(result: dict[str, Any]) -> str:
+    """A table: one row per test set, mean ± std over seeds for each metric."""
+    metrics = sorted({m for s in result["sets"].values() for m in s["metrics"]}, key=["rougeL", "exact_match",
+                                                                                        "bleu", "chrf"].index)
+    seeds = result["seeds"]
+    decoding = "greedy" if not result["generation"]["do_sample"] else f"sampling, seeds {', '.join(map(str, seeds))}"
+    lines = [f"# Evaluation of `{result['model']}`", "", f"Decoding: {decoding}; "
+             f"no_repeat_ngram_size {result['generation']['no_repeat_ngram_size']}.", "",
+             "| set | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for name, s in result["sets"].items():
+        cells = [f"{s['mean'][m]:.2f} ± {s['std'][m]:.2f}" if m in s["mean"] else "–" for m in metrics]
+        lines.append(f"| {name} | {s['n']} | " + " | ".join(cells) + " |")
+    if result.get("missing"):
+        lines += ["", "Not evaluated (missing): " + "; ".join(f"{k}: {v}" for k, v in result["missing"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def rescore(out_dir: str | Path) -> dict[str, Any]:
+    """Recompute every score in `out_dir/scores.json` from the saved generations alone."""
+    out = Path(out_dir)
+    path = out / "scores.json"
+    if not path.exists():
+        raise DataError(f"{out}: no scores.json (not an evaluation directory)")
+    saved = json.loads(path.read_text())
+    fresh: dict[str, Any] = {}
+    for name, s in saved["sets"].items():
+        per_seed = {}
+        for seed in saved["seeds"]:
+            rows = [json.loads(line) for line in (out / "generations" / f"{name}.seed{seed}.jsonl").read_text(
+                encoding="utf-8").splitlines()]
+            per_seed[str(seed)] = {m: score(m, [r["generation"] for r in rows], [r["references"] for r in rows])
+                                   for m in s["metrics"]}
+        fresh[name] = {"per_seed": per_seed, **_summarize(per_seed)}
+    return fresh
