@@ -23,8 +23,9 @@ CASES = {  # name -> (objective config, teacher: "cross" (other tokenizer) or "s
     "dskd": ({"name": "dskd", "temperature": 2.0}, "same"),
     "dskd_cma": ({"name": "dskd_cma", "temperature": 2.0}, "cross"),
     "dskd_cma_v2": ({"name": "dskd_cma", "version": 2, "divergence": "js"}, "cross"),
-    "dskdv2_eta": ({"name": "dskdv2", "temperature": 2.0, "divergence": "rkl"}, "cross"),
-    "dskdv2_same": ({"name": "dskdv2", "temperature": 2.0}, "same"),
+    "dskdv2_eta": ({"name": "dskdv2", "temperature": 2.0, "divergence": "rkl", "pinv_init": True}, "cross"),
+    "dskdv2_eta_trained_s2t": ({"name": "dskdv2", "temperature": 2.0}, "cross"),  # auto: random student, no pinv
+    "dskdv2_same": ({"name": "dskdv2", "temperature": 2.0, "pinv_init": True}, "same"),
     "dskdv2_cma": ({"name": "dskdv2", "alignment": "cma"}, "cross"),
     "uld": ({"name": "uld"}, "cross"),
     "mined": ({"name": "mined", "temperature": 2.0}, "cross"),
@@ -110,6 +111,20 @@ def test_pinv_initialization_reproduces_teacher_logits() -> None:
     for _ in range(5):  # any perturbation of the map is worse
         Q = P + 1e-3 * torch.randn_like(P)
         assert ((h_t @ Q) @ w_s.T - h_t @ noisy.T).norm() > err
+
+
+def test_dskdv2_pinv_init_auto_follows_the_student_init(tmp_path: Path, train_file: Path, byte_tokenizer_dir: Path,
+                                                        teacher_dir: Path, cross_teacher: Path) -> None:
+    """auto: a pseudo-inverse of a random head carries nothing, so it is used only for a pretrained student."""
+    engine = SimpleNamespace(is_main=True, barrier=lambda: None)
+    random_cfg = validate_config(_config(tmp_path, "dskdv2_eta_trained_s2t", train_file, byte_tokenizer_dir,
+                                         teacher_dir, cross_teacher))
+    obj = build_parts(random_cfg, tmp_path / "r", engine).objective
+    assert not obj.pinv_init and obj.s2t is not None
+    raw = _config(tmp_path, "dskdv2_eta_trained_s2t", train_file, byte_tokenizer_dir, teacher_dir, cross_teacher)
+    raw["student"] = {"path": str(teacher_dir)}  # a saved (pretrained) model with the byte tokenizer
+    obj = build_parts(validate_config(raw), tmp_path / "p", engine).objective
+    assert obj.pinv_init and obj.s2t is None
 
 
 def test_dskdv2_projected_teacher_matches_on_shared_vocab(tmp_path: Path, train_file: Path,

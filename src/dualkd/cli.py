@@ -6,7 +6,7 @@
     dualkd eval MODEL [--suite dolly-protocol --data-dir DIR] [FILE ...]   the papers' test protocol
     dualkd eval --rescore EVAL_DIR                  recompute the scores from the saved generations
     dualkd report RUN_DIR ... [--teacher DIR]       Markdown + plots for runs side by side
-    dualkd demo [--output-dir runs/demo]            the whole workflow in miniature on CPU
+    dualkd demo [--output-dir runs/demo]            the whole workflow in miniature on CPU (the main job)
 """
 
 from __future__ import annotations
@@ -199,11 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="dualkd report")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("demo", help="the main job: a tiny teacher -> student distillation on CPU",
-                       description="Train a tiny teacher from scratch on generated tasks, distill it into a smaller "
-                                   "student, train the same student without a teacher, and compare them.")
-    p.add_argument("--output-dir", default="runs/demo", help="where the three runs go (default: runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a few steps only (a smoke test)")
+    p = sub.add_parser("demo", help="the main job: a tiny teacher distilled into five students on CPU, evaluated",
+                       description="Generate an instruction-following dataset, train a tiny teacher from scratch, "
+                                   "train five smaller students (SFT, KD, DSKD with the teacher's tokenizer; SFT and "
+                                   "DSKDv2-ETA with their own), evaluate all with 5 sampling seeds and write a "
+                                   "report (about 5-10 minutes on 2 CPU cores).")
+    p.add_argument("--output-dir", default="runs/demo", help="where the data, runs and report go (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a few steps and a small test set (a smoke test)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

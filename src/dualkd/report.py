@@ -68,6 +68,23 @@ def load_runs(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
     return runs
 
 
+def _finish_axes(ax: Any, title: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig: Any, path: Path) -> str:
+    """Write the figure, close it, return its file name (for the Markdown)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def _plot_curves(runs: dict[str, dict[str, Any]], out: Path) -> list[str]:
     import matplotlib
 
@@ -86,28 +103,16 @@ def _plot_curves(runs: dict[str, dict[str, Any]], out: Path) -> list[str]:
                 steps, vals = zip(*pts)
                 line, = ax.plot(steps, _moving_mean(list(vals), _SMOOTH), label=name)
                 ax.plot(steps, vals, color=line.get_color(), alpha=0.15, lw=0.8)
-            ax.set_title(title)
-            ax.set_xlabel("optimizer step")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "loss.png", dpi=110)
-        plt.close(fig)
-        written.append("loss.png")
+            _finish_axes(ax, title)
+        written.append(_save(fig, out / "loss.png"))
     dev = {n: [r for r in run["records"] if r["kind"] == "dev" and "ce" in r] for n, run in runs.items()}
     if any(dev.values()):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, rows in dev.items():
             if rows:
                 ax.plot([r["step"] for r in rows], [r["ce"] for r in rows], marker="o", ms=3, label=name)
-        ax.set_title("dev CE (lower is better)")
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "dev.png", dpi=110)
-        plt.close(fig)
-        written.append("dev.png")
+        _finish_axes(ax, "dev CE (lower is better)")
+        written.append(_save(fig, out / "dev.png"))
     return written
 
 
@@ -138,10 +143,7 @@ def _plot_scores(runs: dict[str, dict[str, Any]], teacher: str | None, out: Path
     ax.set_ylabel(" / ".join(metric_names) + " (mean ± std over seeds)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "scores.png", dpi=110)
-    plt.close(fig)
-    return ["scores.png"]
+    return [_save(fig, out / "scores.png")]
 
 
 def scores_table(runs: dict[str, dict[str, Any]], teacher: str | None = None) -> list[str]:

@@ -60,6 +60,8 @@ class SetupContext:
     student_tokenizer: Any
     teacher_tokenizer: Any | None
     same_tokenizer: bool
+    student_pretrained: bool = True
+    """False when the student starts from random weights (`student.init: random`)."""
 
 
 class Objective(nn.Module):

@@ -72,7 +72,8 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
         assert cfg.teacher is not None
         teacher = load_model(cfg.teacher, teacher_tokenizer, role="teacher", seed=cfg.seed)
     objective.setup(SetupContext(student=student, teacher=teacher, student_tokenizer=student_tokenizer,
-                                 teacher_tokenizer=teacher_tokenizer, same_tokenizer=same))
+                                 teacher_tokenizer=teacher_tokenizer, same_tokenizer=same,
+                                 student_pretrained=cfg.student.init != "random"))
     reports = [r for r in (train_report, dev_report) if r is not None]
     return Parts(objective, student, teacher, student_tokenizer, teacher_tokenizer, train_set, dev_set, reports)
 
