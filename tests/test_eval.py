@@ -202,3 +202,27 @@ def test_report_side_by_side(tmp_path: Path, train_file: Path, byte_tokenizer_di
         assert (tmp_path / "report" / png).stat().st_size > 1000 and f"]({png})" in text
     with pytest.raises(DataError, match="neither metrics.jsonl"):
         report([tmp_path], tmp_path / "r2")
+
+
+def test_sampling_leaves_training_state_untouched(teacher_dir: Path) -> None:
+    """On-policy sampling inside a training step: train/eval flags, the global RNG stream and autograd are as
+    before, and the same seed gives the same samples."""
+    import torch
+
+    from dualkd.eval.generate import load_for_generation, sample_token_ids
+
+    model, tok = load_for_generation(teacher_dir)
+    model.train()
+    model.transformer.h[0].eval()  # a mixed state must come back as it was
+    flags = [m.training for m in model.modules()]
+    prompts = [tok("a b c", add_special_tokens=False)["input_ids"], tok("hello", add_special_tokens=False)["input_ids"]]
+    settings = GenerationConfig(max_new_tokens=6, max_length=96, max_prompt_length=64)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = sample_token_ids(model, prompts, settings, tok.eos_token_id, tok.eos_token_id, seed=7)
+    assert torch.equal(torch.rand(4), expected)  # the caller's RNG stream did not move
+    assert [m.training for m in model.modules()] == flags
+    assert torch.is_grad_enabled()
+    assert sample_token_ids(model, prompts, settings, tok.eos_token_id, tok.eos_token_id, seed=7) == first
+    assert all(len(x) <= 6 for x in first)

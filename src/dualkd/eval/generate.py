@@ -13,12 +13,15 @@ the prompt as the source sentence.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 
 from dualkd.config import GenerationConfig
 from dualkd.data.dataset import TruncationRules, pad_id, tokenize_examples
@@ -73,32 +76,44 @@ def _progress(total: int, label: str, show: bool | None) -> Progress:
     return progress
 
 
-@torch.no_grad()
-def generate_responses(model: Any, tokenizer: Any, examples: list[Example], settings: GenerationConfig,
-                       seed: int | None = None, label: str = "generating", progress: bool | None = None
-                       ) -> list[str]:
-    """One response per example (in order), cut at EOS, special tokens removed."""
-    if not examples:
+@contextmanager
+def sampling_state(model: nn.Module, seed: int | None, device: torch.device) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd for the duration, on a forked RNG seeded with `seed`: the
+    model's train/eval flags and the caller's RNG streams are exactly as before afterwards, so a training
+    run that samples (on-policy) draws the same dropout masks as one that does not."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
+            yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def sample_token_ids(model: nn.Module, prompts: list[list[int]], settings: GenerationConfig, pad_id: int,
+                     eos_id: int | None, seed: int | None = None, label: str = "generating",
+                     progress: bool | None = False) -> list[list[int]]:
+    """Continuations of token-id prompts (in order), cut before EOS, with Hugging Face `generate` in batches of
+    similar prompt length (KV cache; decoder prompts left-padded, encoder sources right-padded)."""
+    if not prompts:
         return []
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    prompts = _prompt_ids(examples, tokenizer, settings)
-    pad = pad_id(tokenizer)
-    eos = tokenizer.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # similar lengths share a batch
     device = next(model.parameters()).device
-    if seed is not None:
-        torch.manual_seed(seed)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # similar lengths share a batch
     new_tokens = settings.max_new_tokens or (
         settings.max_length if encoder_decoder else settings.max_length - settings.max_prompt_length)
     sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
                 "top_k": settings.top_k} if settings.do_sample else {"do_sample": False, "temperature": None,
                                                                          "top_p": None, "top_k": None}
-    outputs: list[str] = [""] * len(prompts)
-    with _progress(len(prompts), label, progress) as bar:
+    outputs: list[list[int]] = [[] for _ in prompts]
+    with sampling_state(model, seed, device), _progress(len(prompts), label, progress) as bar:
         for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
             width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):
                 p = prompts[i]
@@ -109,12 +124,23 @@ def generate_responses(model: Any, tokenizer: Any, examples: list[Example], sett
             budget = new_tokens if encoder_decoder else min(new_tokens, settings.max_length - width)
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
                                  num_beams=settings.num_beams, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                                 pad_token_id=pad, eos_token_id=eos, **sampling)
+                                 pad_token_id=pad_id, eos_token_id=eos_id, **sampling)
             continuation = gen if encoder_decoder else gen[:, width:]
             for row, i in enumerate(idx):
                 tokens = continuation[row].tolist()
-                if eos is not None and eos in tokens:
-                    tokens = tokens[: tokens.index(eos)]
-                outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                if encoder_decoder and tokens and tokens[0] == model.config.decoder_start_token_id:
+                    tokens = tokens[1:]
+                if eos_id is not None and eos_id in tokens:
+                    tokens = tokens[: tokens.index(eos_id)]
+                outputs[i] = tokens
             bar.advance(bar.task_ids[0], len(idx))
     return outputs
+
+
+def generate_responses(model: Any, tokenizer: Any, examples: list[Example], settings: GenerationConfig,
+                       seed: int | None = None, label: str = "generating", progress: bool | None = None
+                       ) -> list[str]:
+    """One response text per example (in order), cut at EOS, special tokens removed."""
+    ids = sample_token_ids(model, _prompt_ids(examples, tokenizer, settings), settings, pad_id(tokenizer),
+                           tokenizer.eos_token_id, seed=seed, label=label, progress=progress)
+    return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in ids]
