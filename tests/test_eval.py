@@ -226,3 +226,40 @@ def test_sampling_leaves_training_state_untouched(teacher_dir: Path) -> None:
     assert torch.is_grad_enabled()
     assert sample_token_ids(model, prompts, settings, tok.eos_token_id, tok.eos_token_id, seed=7) == first
     assert all(len(x) <= 6 for x in first)
+
+
+def test_seqkd_generate_then_train(teacher_dir: Path, train_file: Path, byte_tokenizer_dir: Path,
+                                   tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Sequence-level KD as two commands: the teacher answers the training prompts, the student trains on them."""
+    from dualkd.cli import main
+    from dualkd.config import validate_config
+    from dualkd.train.loop import train
+    from tests.conftest import read_metrics, tiny_run
+
+    out = tmp_path / "teacher_outputs.jsonl"
+    assert main(["generate", str(teacher_dir), "--data", str(train_file), "--out", str(out), "--max-examples", "24",
+                 "--max-new-tokens", "6", "--max-length", "96", "--max-prompt-length", "64"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    source = [json.loads(line) for line in train_file.read_text().splitlines()][:24]
+    assert 0 < len(rows) <= 24 and all(r["output"].strip() for r in rows)
+    by_prompt = {s["prompt"]: s for s in source}
+    assert all(r["prompt"] in by_prompt and r["references"] == [by_prompt[r["prompt"]]["output"]] for r in rows)
+    assert f"{len(rows)} examples" in capsys.readouterr().out
+    run = train(validate_config(tiny_run(tmp_path / "seqkd", out, byte_tokenizer_dir,
+                                         optimization={"max_steps": 4, "micro_batch_size": 4})))
+    assert len(read_metrics(run)) == 4 and (run / "final" / "model.safetensors").exists()
+
+
+def test_generated_chat_records_keep_the_conversation(tmp_path: Path) -> None:
+    from dualkd.data.formats import parse_record
+    from dualkd.eval.generate import write_generated_dataset
+
+    chat = parse_record({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+                        "x:1")
+    text = parse_record({"prompt": "Q\n", "output": ["A", "B"]}, "x:2")
+    path = tmp_path / "gen.jsonl"
+    assert write_generated_dataset([chat, text, text], ["Hello!", "C", "  "], path) == (2, 1)
+    first, second = (json.loads(x) for x in path.read_text().splitlines())
+    assert first["messages"][-1] == {"role": "assistant", "content": "Hello!"}
+    assert first["messages"][0]["content"] == "Hi"
+    assert second["output"] == "C" and second["references"] == ["A", "B"]

@@ -92,10 +92,7 @@ def _translation(value: str | None) -> tuple[str, str] | None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from dualkd.eval.generate import generate_responses, load_for_generation
+    from dualkd.eval.generate import generate_responses, load_for_generation, write_generated_dataset
     from dualkd.eval.suites import resolve_test_sets
 
     settings = _generation_settings(args)
@@ -103,13 +100,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                    max_examples=args.max_examples)
     model, tokenizer = load_for_generation(args.model, args.dtype)
     texts = generate_responses(model, tokenizer, test.examples, settings, seed=args.seed)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
-        for ex, text in zip(test.examples, texts):
-            f.write(json.dumps({"prompt": ex.prompt, "output": text, "references": list(ex.references),
-                                "source": ex.where}, ensure_ascii=False) + "\n")
-    print(out)
+    written, empty = write_generated_dataset(test.examples, texts, args.out)
+    if empty:
+        print(f"dualkd: {empty} empty generation(s) left out of {args.out}", file=sys.stderr)
+    print(f"{args.out}: {written} examples")
     return 0
 
 

@@ -13,6 +13,7 @@ the prompt as the source sentence.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -144,3 +145,26 @@ def generate_responses(model: Any, tokenizer: Any, examples: list[Example], sett
     ids = sample_token_ids(model, _prompt_ids(examples, tokenizer, settings), settings, pad_id(tokenizer),
                            tokenizer.eos_token_id, seed=seed, label=label, progress=progress)
     return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in ids]
+
+
+def write_generated_dataset(examples: list[Example], texts: list[str], path: str | Path) -> tuple[int, int]:
+    """Write the generations as a training set (SeqKD: a teacher's outputs replace the references): text records
+    as `prompt`/`output` (the original references kept under `references`), chat records as `messages` with the
+    generated final turn. Empty generations are left out. Returns (written, left out)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = empty = 0
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for ex, text in zip(examples, texts):
+            if not text.strip():
+                empty += 1
+                continue
+            if ex.messages is not None:
+                record = {"messages": [*ex.messages[:-1], {"role": "assistant", "content": text}]}
+            else:
+                record = {"prompt": ex.prompt, "output": text, "references": list(ex.references)}
+            f.write(json.dumps({**record, "source": ex.where}, ensure_ascii=False) + "\n")
+            written += 1
+    tmp.replace(out)
+    return written, empty
