@@ -161,3 +161,20 @@ def test_kd_with_different_tokenizers_is_refused(tmp_path: Path, train_file: Pat
     cfg = tiny_run(tmp_path / "r", train_file, byte_tokenizer_dir, teacher=other)
     with pytest.raises(ModelError, match="needs the student and teacher to share one tokenizer"):
         train(validate_config(cfg))
+
+
+def test_best_model_selected_by_sampled_dev_rouge(tmp_path: Path, train_file: Path, dev_file: Path,
+                                                  byte_tokenizer_dir: Path) -> None:
+    """eval.select_by: rougeL samples the dev prompts (fixed seeds), logs ROUGE-L and keeps the best by it."""
+    cfg = tiny_run(tmp_path / "run", train_file, byte_tokenizer_dir,
+                   data={"dev": str(dev_file)}, eval={"every_steps": 3, "select_by": "rougeL", "rouge_examples": 6,
+                                                     "rouge_repeats": 2},
+                   generation={"max_new_tokens": 6}, checkpoint={"every_steps": 1000, "keep_best": True})
+    run = train(validate_config(cfg))
+    dev = read_metrics(run, "dev")
+    assert [r["step"] for r in dev] == [3, 6, 9, 12] and all(0.0 <= r["rougeL"] <= 100.0 for r in dev)
+    summary = json.loads((run / "summary.json").read_text())
+    best = max(dev, key=lambda r: (r["rougeL"], -r["step"]))  # the first step that reached the maximum
+    assert summary["best_by"] == "rougeL" and summary["best_value"] == pytest.approx(best["rougeL"])
+    assert summary["best_step"] == best["step"]
+    assert summary["best_dev_loss"] == pytest.approx(best["loss"])

@@ -255,6 +255,14 @@ class EvalConfig(StrictModel):
     """Dev loss every N optimizer steps (None: at the end of every epoch)."""
     batch_size: int | None = Field(None, ge=1)
     """Dev micro-batch size (None: the training micro-batch size)."""
+    select_by: Literal["loss", "rougeL"] = "loss"
+    """What picks the `best/` model: the objective's dev loss (lower is better), or ROUGE-L of responses
+    sampled from the dev prompts (higher is better; the DSKD scripts' selection). Sampling uses the run's
+    `generation` settings capped to the data lengths, without n-gram blocking (as those scripts did)."""
+    rouge_examples: int | None = Field(None, ge=1)
+    """Dev examples sampled for ROUGE-L (None: all dev examples)."""
+    rouge_repeats: int = Field(3, ge=1)
+    """Samples per dev prompt for ROUGE-L (the DSKD scripts: 3), averaged; seeds are fixed across evaluations."""
 
 
 class LoggingConfig(StrictModel):

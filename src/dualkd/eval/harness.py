@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from dualkd.config import GenerationConfig
+from dualkd.data.formats import Example
 from dualkd.errors import DataError
 from dualkd.eval.generate import generate_responses, load_for_generation, resolve_model_dir
-from dualkd.eval.metrics import SENTENCE_METRICS, score
+from dualkd.eval.metrics import SENTENCE_METRICS, rouge_l, score
 from dualkd.eval.suites import TestSet
 
 PROTOCOL_SEEDS = (10, 20, 30, 40, 50)
@@ -108,3 +109,14 @@ def rescore(out_dir: str | Path) -> dict[str, Any]:
                                    for m in s["metrics"]}
         fresh[name] = {"per_seed": per_seed, **_summarize(per_seed)}
     return fresh
+
+
+def sampled_rouge_l(model: Any, tokenizer: Any, examples: Sequence[Example], settings: GenerationConfig,
+                    seeds: Sequence[int]) -> float:
+    """Sum over `examples` of ROUGE-L (mean over one sample per seed): the dev selection of the DSKD scripts.
+    A sum, so that processes evaluating shards of the dev set can add theirs up."""
+    total = 0.0
+    for seed in seeds:
+        texts = generate_responses(model, tokenizer, list(examples), settings, seed=seed, progress=False)
+        total += sum(rouge_l(text, ex.references) for text, ex in zip(texts, examples))
+    return total / max(len(seeds), 1)

@@ -38,6 +38,9 @@ class TrainerState:
     source: dict[str, Any] = field(default_factory=dict)
     """Data position of the batch source."""
     best_dev_loss: float | None = None
+    """Dev loss at `best_step`."""
+    best_value: float | None = None
+    """The selection metric (`eval.select_by`) at `best_step`."""
     best_step: int | None = None
     tokens_seen: int = 0
     """Response tokens trained on, over all processes."""

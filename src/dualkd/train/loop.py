@@ -138,9 +138,14 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
                 if parts.dev_set is not None and _due(cfg.eval.every_steps, state.step, epoch_done, last):
                     dev = evaluate(engine, module, objective, teacher, parts.dev_set,
                                    cfg.eval.batch_size or opt.micro_batch_size)
-                    log.write("dev", {"step": state.step, **dev})
                     log.print(f"  dev @ {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in dev.items()))
-                    if state.best_dev_loss is None or dev["loss"] < state.best_dev_loss:
+                    if cfg.eval.select_by == "rougeL":
+                        dev["rougeL"] = _dev_rouge_l(engine, module, parts, cfg)
+                        log.print(f"  dev @ {state.step}: rougeL {dev['rougeL']:.2f} (sampled, "
+                                  f"{cfg.eval.rouge_repeats} per prompt)")
+                    log.write("dev", {"step": state.step, **dev})
+                    if _improves(cfg.eval.select_by, dev, state):
+                        state.best_value = dev[cfg.eval.select_by]
                         state.best_dev_loss, state.best_step, new_best = dev["loss"], state.step, True
                 if (_due(cfg.checkpoint.every_steps, state.step, epoch_done, False)
                         or (new_best and cfg.checkpoint.keep_best)):
@@ -226,6 +231,34 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
     return record
 
 
+def _improves(select_by: str, dev: dict[str, float], state: TrainerState) -> bool:
+    """Whether this dev result beats the best so far (ROUGE-L: higher; loss: lower)."""
+    best = state.best_value
+    if best is None and select_by == "loss":
+        best = state.best_dev_loss  # a checkpoint written before `best_value` existed
+    if best is None:
+        return True
+    return dev[select_by] > best if select_by == "rougeL" else dev[select_by] < best
+
+
+def _dev_rouge_l(engine: Engine, module: nn.Module, parts: Parts, cfg: RunConfig) -> float:
+    """Mean ROUGE-L of responses the student samples for the dev prompts; processes share the prompts."""
+    from dualkd.eval.harness import sampled_rouge_l
+
+    assert parts.dev_set is not None
+    examples = parts.dev_set.examples[: cfg.eval.rouge_examples]
+    gen, data = cfg.generation, cfg.data
+    max_length = min(gen.max_length, data.max_length)
+    settings = gen.model_copy(update={
+        "no_repeat_ngram_size": 0, "max_length": max_length,
+        "max_prompt_length": min(gen.max_prompt_length, data.max_prompt_length or max_length - 1, max_length - 1)})
+    seeds = [cfg.seed + k for k in range(cfg.eval.rouge_repeats)]
+    mine = examples[engine.rank::engine.world_size]
+    local = sampled_rouge_l(engine.unwrap(module).student, parts.student_tokenizer, mine, settings, seeds)
+    total, count = engine.all_reduce_sum(torch.tensor([local, float(len(mine))], dtype=torch.float64)).tolist()
+    return total / max(count, 1.0)
+
+
 @torch.no_grad()
 def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: nn.Module | None,
              dataset: Any, batch_size: int) -> dict[str, float]:
@@ -263,6 +296,7 @@ def _finish(cfg: RunConfig, engine: Engine, module: nn.Module, ckpt: CheckpointM
         final_dir = export_model(raw.student, parts.student_tokenizer, run_dir / "final")
         _save_projectors(raw.objective, final_dir)
         summary = {"steps": state.step, "tokens_seen": state.tokens_seen, "best_dev_loss": state.best_dev_loss,
+                   "best_by": cfg.eval.select_by, "best_value": state.best_value,
                    "best_step": state.best_step, "final": str(final_dir),
                    "best": str(best_dir or final_dir) if state.best_step is not None else None}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
