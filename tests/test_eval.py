@@ -263,3 +263,30 @@ def test_generated_chat_records_keep_the_conversation(tmp_path: Path) -> None:
     assert first["messages"][-1] == {"role": "assistant", "content": "Hello!"}
     assert first["messages"][0]["content"] == "Hi"
     assert second["output"] == "C" and second["references"] == ["A", "B"]
+
+
+def test_translation_eval_with_an_encoder_decoder(tmp_path: Path, byte_tokenizer_dir: Path) -> None:
+    """BLEU/chrF on a {"de", "en"} file with a (tiny, random) seq2seq model: sources right-padded into the
+    encoder, beam search, the decoder start token not counted as output."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from dualkd.cli import main
+
+    tok = AutoTokenizer.from_pretrained(byte_tokenizer_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    config = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=2,
+                      pad_token_id=pad, eos_token_id=tok.eos_token_id, decoder_start_token_id=pad)
+    model_dir = tmp_path / "t5"
+    T5ForConditionalGeneration(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    test = write_jsonl(tmp_path / "test_2016.jsonl", [{"de": "Ein Hund läuft.", "en": "A dog runs."},
+                                                      {"de": "Zwei Männer.", "en": "Two men."}])
+    out = tmp_path / "eval"
+    assert main(["eval", str(model_dir), str(test), "--translation", "de:en", "--num-beams", "2",
+                 "--max-new-tokens", "5", "--out", str(out)]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    s = scores["sets"]["test_2016"]
+    assert s["metrics"] == ["bleu", "chrf"] and scores["seeds"] == [0]  # beams: one deterministic run
+    assert 0.0 <= s["mean"]["bleu"] <= 100.0 and 0.0 <= s["mean"]["chrf"] <= 100.0
+    rows = [json.loads(x) for x in (out / "generations" / "test_2016.seed0.jsonl").read_text().splitlines()]
+    assert [r["references"] for r in rows] == [["A dog runs."], ["Two men."]]

@@ -142,7 +142,14 @@ def generate_responses(model: Any, tokenizer: Any, examples: list[Example], sett
                        seed: int | None = None, label: str = "generating", progress: bool | None = None
                        ) -> list[str]:
     """One response text per example (in order), cut at EOS, special tokens removed."""
-    ids = sample_token_ids(model, _prompt_ids(examples, tokenizer, settings), settings, pad_id(tokenizer),
+    if getattr(model.config, "is_encoder_decoder", False):
+        # a source sentence is encoded the way seq2seq models are trained on it: with the tokenizer's own
+        # special tokens (Marian/T5 end it with </s>)
+        prompts = [tokenizer(ex.prompt or "", add_special_tokens=True, truncation=True,
+                             max_length=settings.max_prompt_length)["input_ids"] for ex in examples]
+    else:
+        prompts = _prompt_ids(examples, tokenizer, settings)
+    ids = sample_token_ids(model, prompts, settings, pad_id(tokenizer),
                            tokenizer.eos_token_id, seed=seed, label=label, progress=progress)
     return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in ids]
 
