@@ -55,6 +55,9 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert (out / "student-dskdv2" / "final" / "projectors.safetensors").exists()
     report = (out / "report" / "report.md").read_text()
     assert "student-dskdv2" in report and (out / "report" / "scores.png").exists()
+    assert "## Exact match by task family" in report and "describe *" in report
+    assert set(results["student-kd"]["exact_match_by_family"]) <= {"reverse", "sort", "arithmetic", "count",
+                                                                   "describe", "name_one", "two_things"}
     captured = capsys.readouterr()
     assert "dualkd demo" in captured.out and "student-dskdv2" in captured.out
     assert "report:" in captured.err

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dualkd.config import GenerationConfig, load_config
+from dualkd.data.instructions import MULTI_ANSWER, family_of
 from dualkd.data.synthetic import generate
 from dualkd.errors import DualKDError
 from dualkd.eval.harness import PROTOCOL_SEEDS, evaluate
@@ -114,12 +115,40 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict[
         s = scores["sets"]["test"]
         results[name] = {"dev_ce": dev_ce, "rougeL": s["mean"]["rougeL"], "rougeL_std": s["std"]["rougeL"],
                          "exact_match": s["mean"]["exact_match"], "exact_match_std": s["std"]["exact_match"]}
+    families = _exact_match_by_family(out, names, seeds)
+    for name in names:
+        results[name]["exact_match_by_family"] = families[name]
     (out / "results.json").write_text(json.dumps(results, indent=2))
     report_path = report([out / n for n in names], out / "report", teacher=out / "teacher",
                          title="dualkd demo: a tiny teacher distilled into 5 students")
+    with report_path.open("a", encoding="utf-8") as f:
+        f.write("\n" + _families_markdown(families, names))
     _print_table(console, results, names, time.perf_counter() - started)
     console.print(f"report: {report_path}")
     return results
+
+
+def _exact_match_by_family(out: Path, names: list[str], seeds: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """Exact match (any valid answer) per task family, mean over seeds, from the saved generations."""
+    by_model: dict[str, dict[str, float]] = {}
+    for name in names:
+        hits: dict[str, list[float]] = {}
+        for seed in seeds:
+            for line in (out / name / "eval" / "generations" / f"test.seed{seed}.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                hits.setdefault(family_of(row["prompt"]), []).append(row["exact_match"])
+        by_model[name] = {fam: sum(v) / len(v) for fam, v in sorted(hits.items())}
+    return by_model
+
+
+def _families_markdown(families: dict[str, dict[str, float]], names: list[str]) -> str:
+    cols = sorted({f for fams in families.values() for f in fams}, key=lambda f: (f in MULTI_ANSWER, f))
+    head = [f"{c}{' *' if c in MULTI_ANSWER else ''}" for c in cols]
+    lines = ["## Exact match by task family", "", "Mean over seeds; * = several valid answers (any counts).", "",
+             "| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(cols)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{families[name].get(c, 0.0):.1f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _print_table(console: Console, results: dict[str, dict[str, Any]], names: list[str], seconds: float) -> None:

@@ -121,6 +121,20 @@ def _two_things(rng: random.Random) -> tuple[str, str, list[str]]:
     return f"List two things you might find {where}.", "", [answer, *[v for v in valid if v != answer]]
 
 
+_MARKERS = {"reverse": "reverse order", "sort": "alphabetically", "arithmetic": "What is", "count": "How many words",
+            "describe": "Describe the", "name_one": "### Instruction: Name ", "two_things": "List two things"}
+MULTI_ANSWER = ("describe", "name_one", "two_things")
+"""The families with several valid answers."""
+
+
+def family_of(prompt: str) -> str:
+    """The task family a generated prompt belongs to."""
+    for family, marker in _MARKERS.items():
+        if marker in prompt:
+            return family
+    raise ValueError(f"not a prompt of data/instructions.py: {prompt[:60]!r}")
+
+
 FAMILIES = {"reverse": _reverse, "sort": _sort, "arithmetic": _arithmetic, "count": _count,
             "describe": _describe, "name_one": _name_one, "two_things": _two_things}
 
