@@ -65,3 +65,27 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
     (tmp_path / "mine").mkdir()
     assert main(["demo", "--quick", "--output-dir", str(tmp_path / "mine")]) == 2
+
+
+def test_tokenizer_train_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from transformers import AutoTokenizer
+
+    pairs = tmp_path / "train.jsonl"
+    records = [{"de": f"Ein Mann läuft über die Straße {i}.", "en": f"A man walks {i}."} for i in range(200)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", str(pairs), "--fields", "de,en", "--vocab-size", "600", "--out", str(out)]) == 0
+    assert "tokens, trained on 400 texts" in capsys.readouterr().out
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "Ein Mann läuft über die Straße. A man walks."
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok.eos_token is not None and tok.pad_token is not None and len(tok) <= 600
+    assert main(["tokenizer", "train", str(pairs), "--fields", "fr", "--out", str(tmp_path / "x")]) == 2
+    assert "field 'fr' is missing" in capsys.readouterr().err
+    # without --fields: prompts and responses of any supported format
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"Q{i}: name a color\n", "output": "red"}) + "\n" for i in range(50)))
+    assert main(["tokenizer", "train", str(sft), "--style", "byte_level", "--vocab-size", "300",
+                 "--out", str(tmp_path / "bl")]) == 0
+    byte_level = AutoTokenizer.from_pretrained(tmp_path / "bl")
+    assert byte_level.decode(byte_level("Q7: red", add_special_tokens=False)["input_ids"]) == "Q7: red"

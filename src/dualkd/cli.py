@@ -6,6 +6,7 @@
     dualkd eval MODEL [--suite dolly-protocol --data-dir DIR] [FILE ...]   the papers' test protocol
     dualkd eval --rescore EVAL_DIR                  recompute the scores from the saved generations
     dualkd report RUN_DIR ... [--teacher DIR]       Markdown + plots for runs side by side
+    dualkd tokenizer train FILE ... --out DIR       a BPE tokenizer for a corpus (e.g. --fields de,en)
     dualkd demo [--output-dir runs/demo]            the whole workflow in miniature on CPU (the main job)
 """
 
@@ -132,6 +133,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from dualkd.data.tokenizers import corpus_texts, train_tokenizer
+
+    fields = [f for f in args.fields.split(",") if f] if args.fields else None
+    texts = corpus_texts(args.files, fields=fields, max_examples=args.max_examples)
+    tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, style=args.style, show_progress=sys.stderr.isatty())
+    tokenizer.save_pretrained(args.out)
+    print(f"{args.out}: {args.style} BPE, {len(tokenizer)} tokens, trained on {len(texts)} texts")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from dualkd.report import report
 
@@ -184,6 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescore", metavar="EVAL_DIR", help="recompute the scores of an evaluation from its generations")
     _add_generation_options(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools: `dualkd tokenizer train`",
+                       description="Train a BPE tokenizer on a corpus (for models trained from scratch).")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("train", help="train a BPE tokenizer on jsonl files and save it as a Hugging Face folder",
+                        description="Train a byte-level (GPT-2-like) or SentencePiece-style BPE tokenizer on jsonl "
+                                    "files; with --fields de,en one tokenizer is shared by both sides of a parallel "
+                                    "corpus. The folder loads with AutoTokenizer and has EOS/BOS/PAD tokens.")
+    t.add_argument("files", nargs="+", help="jsonl files")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size (default 8000)")
+    t.add_argument("--style", choices=["metaspace", "byte_level"], default="metaspace",
+                   help="metaspace: SentencePiece-like with byte fallback (default); byte_level: GPT-2-like")
+    t.add_argument("--fields", help="comma-separated string fields to read (default: prompts and responses)")
+    t.add_argument("--max-examples", type=int, help="only the first N records of each file")
+    t.set_defaults(func=_cmd_tokenizer_train)
 
     p = sub.add_parser("report", help="Markdown report with plots for one or more runs",
                        description="Loss curves, dev metric over steps and per-set test scores of runs side by side.")

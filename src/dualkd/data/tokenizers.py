@@ -2,6 +2,7 @@
 
     tok = train_tokenizer(texts, vocab_size=1024, style="byte_level")   # GPT-2-like, spaces as Ġ
     tok = train_tokenizer(texts, vocab_size=700, style="metaspace")     # SentencePiece-like, spaces as ▁
+    texts = corpus_texts(["train.jsonl"], fields=["de", "en"])          # a shared tokenizer for both sides
 
 The result is a transformers fast tokenizer with EOS/BOS/PAD tokens and a small chat template, so it works
 with every data format, gives character offsets, and round-trips through save_pretrained/AutoTokenizer.
@@ -9,11 +10,14 @@ with every data format, gives character offsets, and round-trips through save_pr
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Literal
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from dualkd.errors import DataError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -25,7 +29,8 @@ CHAT_TEMPLATE = (
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int = 1024, style: Literal["byte_level", "metaspace"] = "byte_level"
+    texts: Iterable[str], vocab_size: int = 1024, style: Literal["byte_level", "metaspace"] = "byte_level",
+    show_progress: bool = False,
 ) -> PreTrainedTokenizerFast:
     specials = [EOS, PAD, *CHAT_SPECIALS]
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=style == "metaspace"))
@@ -43,9 +48,40 @@ def train_tokenizer(
     else:
         raise ValueError(f"unknown tokenizer style {style!r}")
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=show_progress
     )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def corpus_texts(paths: Sequence[str | Path], fields: Sequence[str] | None = None,
+                 max_examples: int | None = None) -> list[str]:
+    """Texts of jsonl files for tokenizer training: the named string fields of each record (e.g. both sides of
+    a parallel corpus), or, without `fields`, each example's prompt and responses in any supported format."""
+    from dualkd.config import DataSource
+    from dualkd.data.readers import iter_raw_records, load_examples
+
+    texts: list[str] = []
+    for path in paths:
+        source = DataSource(path=str(path))
+        if fields:
+            for n, (where, obj) in enumerate(iter_raw_records(source)):
+                if max_examples is not None and n >= max_examples:
+                    break
+                if isinstance(obj, Exception):
+                    raise obj
+                for f in fields:
+                    value = obj.get(f) if isinstance(obj, dict) else None
+                    if not isinstance(value, str):
+                        raise DataError(f"{where}: field '{f}' is missing or not a string")
+                    texts.append(value)
+        else:
+            examples, _ = load_examples(source, max_examples=max_examples)
+            for ex in examples:
+                if ex.messages is not None:
+                    texts.extend(turn["content"] for turn in ex.messages)
+                else:
+                    texts.extend([ex.prompt or "", *ex.references])
+    return texts
