@@ -41,7 +41,7 @@ def cross_teacher(tmp_path_factory: pytest.TempPathFactory, meta_tokenizer_dir: 
 
 def _config(tmp: Path, case: str, train_file: Path, byte_tok: Path, same_teacher: Path, cross_teacher: Path,
             **overrides) -> dict:
-    objective, kind = CASES[case]
+    objective, kind = {**CASES, **KD_CASES}[case]
     teacher = same_teacher if kind == "same" else cross_teacher
     return tiny_run(tmp / case, train_file, byte_tok, teacher=teacher, objective=dict(objective), **overrides)
 
@@ -92,6 +92,31 @@ def test_dskdv2_accumulation_invariance_with_agreement_counts(tmp_path: Path, tr
     for a, b in zip(*runs):
         for key in ("loss", "kd_student", "ce_t2s", "kd_teacher", "t2s_agreement"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+KD_CASES = {"kd": ({"name": "kd", "fused": "off"}, "same"), "kd_fused": ({"name": "kd", "fused": "on"}, "same")}
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + sorted(KD_CASES))
+def test_ce_scale_removes_exactly_the_gold_ce(case: str, tmp_path: Path, train_file: Path,
+                                               byte_tokenizer_dir: Path, teacher_dir: Path,
+                                               cross_teacher: Path) -> None:
+    """A student-sampled batch (ce_scale 0) keeps every distillation term and drops only (1 - r)·CE."""
+    from dataclasses import replace
+
+    cfg = validate_config(_config(tmp_path, case, train_file, byte_tokenizer_dir, teacher_dir, cross_teacher,
+                                  student={"arch": {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2,
+                                                    "n_positions": 256, **NO_DROPOUT}}))
+    parts = build_parts(cfg, tmp_path / case, SimpleNamespace(is_main=True, barrier=lambda: None))
+    module = TrainModule(parts.student, parts.objective)
+    batch = parts.train_set.collate(list(range(6)))
+    with torch.no_grad():
+        teacher_out = parts.objective.teacher_forward(parts.teacher, batch)
+        norm = StepNorm({k: float(v) for k, v in parts.objective.counts(batch, teacher_out, parts.student).items()})
+        full, metrics = module(batch, teacher_out, norm)
+        kd_only, _ = module(replace(batch, ce_scale=0.0), teacher_out, norm)
+    rate = cfg.objective.kd_rate
+    torch.testing.assert_close(full - kd_only, (1 - rate) * metrics["ce"], rtol=1e-4, atol=1e-5)
 
 
 def test_pinv_initialization_reproduces_teacher_logits() -> None:

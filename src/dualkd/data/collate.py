@@ -88,6 +88,9 @@ class Batch:
     """Dataset indices of the examples (for logging and sources that need them)."""
     alignment: Alignment | None = None
     """Student/teacher position pairs, for objectives that align two tokenizations (ETA, MinED)."""
+    ce_scale: float = 1.0
+    """Multiplies the objective's gold-CE weight: 0 for a student-sampled batch (on-policy KD keeps the CE on
+    the gold data)."""
 
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, student=self.student.to(device),

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
 from dualkd.errors import ModelError
-from dualkd.losses import fused_divergence, fused_kd_loss
-from dualkd.losses.fused import fused_cross_entropy
+from dualkd.losses import fused_divergence
+from dualkd.losses.fused import fused_ce_and_divergence, fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
 from dualkd.methods.common import (
     DivergenceChoice,
@@ -87,8 +87,9 @@ class DSKD(Objective):
         h_t2s = self.t2s(teacher.hidden.to(self.t2s.weight.dtype))  # [N, d_s]
 
         # (1 - r)·CE + r·D(projected teacher || student), in one pass over the student's logits
-        main, ce, kd_student, hits = fused_kd_loss(
-            h_s, w_s, h_t2s.detach(), w_s_fixed, labels, divergence=cfg.divergence, kd_rate=cfg.kd_rate,
+        main, ce, kd_student, hits = fused_ce_and_divergence(
+            h_s, w_s, h_t2s.detach(), w_s_fixed, labels, divergence=cfg.divergence,
+            ce_weight=(1 - cfg.kd_rate) * batch.ce_scale, div_weight=cfg.kd_rate,
             temperature=cfg.temperature, vocab_size=V, chunk_size=cfg.chunk_size, student_bias=b_s,
             teacher_bias=b_s_fixed, params=cfg.divergence_params)
         ce_t2s, t2s_hits = fused_cross_entropy(h_t2s, w_s_fixed, labels, bias=b_s_fixed, chunk_size=cfg.chunk_size)

@@ -170,6 +170,6 @@ class DSKDCMA(Objective):
                                       teacher_bias=teacher.bias, **kd_params)
         n, n_t = norm["tokens"], norm["teacher_tokens"]
         ce, kd_student, ce_t2s, kd_teacher = ce / n, kd_student / n, ce_t2s / n, kd_teacher / n_t
-        loss = (1 - cfg.kd_rate) * ce + cfg.kd_rate * (kd_student + ce_t2s + kd_teacher)
+        loss = (1 - cfg.kd_rate) * batch.ce_scale * ce + cfg.kd_rate * (kd_student + ce_t2s + kd_teacher)
         return loss, {"ce": ce.detach(), "kd_student": kd_student.detach(), "ce_t2s": ce_t2s.detach(),
                       "kd_teacher": kd_teacher.detach(), "acc": hits / n, "t2s_acc": t2s_hits / n}

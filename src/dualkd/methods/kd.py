@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch, ModelBatch
 from dualkd.errors import ModelError
-from dualkd.losses import divergence, fused_kd_loss, token_cross_entropy
+from dualkd.losses import divergence, token_cross_entropy
+from dualkd.losses.fused import fused_ce_and_divergence
 from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward, token_accuracy
 from dualkd.methods.common import DivergenceChoice, TeacherRows, check_head_is_linear, head_of
 from dualkd.models import shared_vocab_size
@@ -76,24 +77,26 @@ class KD(Objective):
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         tokens = batch.student
         if isinstance(teacher_out, TeacherRows):
-            return self._fused_loss(student, tokens, teacher_out, norm)
+            return self._fused_loss(student, tokens, teacher_out, norm, batch.ce_scale)
         logits = lm_forward(student, tokens).logits  # [B, T, V_s]
         ce = token_cross_entropy(logits, tokens.labels, tokens.loss_mask) / norm["tokens"]
         student_rows = logits[tokens.loss_mask][:, : self.vocab_size]  # [N, V]
         kd = divergence(self.config.divergence, student_rows, teacher_out, temperature=self.config.temperature,
                         reduction="sum", **self.config.divergence_params) / norm["tokens"]
         rate = self.config.kd_rate
-        loss = (1 - rate) * ce + rate * kd
+        loss = (1 - rate) * batch.ce_scale * ce + rate * kd
         acc = token_accuracy(logits.detach(), tokens.labels, tokens.loss_mask) / norm["tokens"]
         return loss, {"ce": ce.detach(), "kd": kd.detach(), "acc": acc}
 
-    def _fused_loss(self, student: nn.Module, tokens: ModelBatch, teacher: TeacherRows, norm: StepNorm
-                    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _fused_loss(self, student: nn.Module, tokens: ModelBatch, teacher: TeacherRows, norm: StepNorm,
+                    ce_scale: float) -> tuple[Tensor, dict[str, Tensor]]:
         hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden  # [B, T, d_s]
         head, bias = head_of(student)
-        loss, ce, kd, hits = fused_kd_loss(
+        rate = self.config.kd_rate
+        loss, ce, kd, hits = fused_ce_and_divergence(
             hidden[tokens.loss_mask], head, teacher.hidden, teacher.head, tokens.labels[tokens.loss_mask],
-            divergence=self.config.divergence, kd_rate=self.config.kd_rate, temperature=self.config.temperature,
+            divergence=self.config.divergence, ce_weight=(1 - rate) * ce_scale, div_weight=rate,
+            temperature=self.config.temperature,
             vocab_size=self.vocab_size, chunk_size=self.config.chunk_size, student_bias=bias,
             teacher_bias=teacher.bias, params=self.config.divergence_params)
         n = norm["tokens"]

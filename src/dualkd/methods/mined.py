@@ -124,5 +124,5 @@ class MinED(Objective):
                                          bias=b_s / tau if b_s is not None else None, chunk_size=cfg.chunk_size)
         n = norm["tokens"]
         ce, kd = ce / n, (kd_aligned + kd_rest) / n
-        loss = (1 - cfg.kd_rate) * ce + cfg.kd_rate * kd
+        loss = (1 - cfg.kd_rate) * batch.ce_scale * ce + cfg.kd_rate * kd
         return loss, {"ce": ce.detach(), "kd": kd.detach(), "aligned": aligned.sum().float() / n, "acc": hits / n}

@@ -25,4 +25,4 @@ class SFT(Objective):
         logits = lm_forward(student, tokens).logits  # [B, T, V]
         ce = token_cross_entropy(logits, tokens.labels, tokens.loss_mask) / norm["tokens"]
         acc = token_accuracy(logits.detach(), tokens.labels, tokens.loss_mask) / norm["tokens"]
-        return ce, {"ce": ce.detach(), "acc": acc}
+        return ce * batch.ce_scale, {"ce": ce.detach(), "acc": acc}

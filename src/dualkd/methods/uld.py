@@ -105,5 +105,5 @@ class ULD(Objective):
                                    teacher.bias, use_reentrant=False)
         n = norm["tokens"]
         ce, uld = ce / n, uld / n
-        loss = (1 - self.config.kd_rate) * ce + self.config.kd_rate * uld
+        loss = (1 - self.config.kd_rate) * batch.ce_scale * ce + self.config.kd_rate * uld
         return loss, {"ce": ce.detach(), "uld": uld.detach(), "acc": hits / n}
