@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dualkd.losses import DIVERGENCES, divergence, fused_divergence, masked_reduce, token_cross_entropy
-from dualkd.losses.fused import default_chunk_size, fused_kd_loss
+from dualkd.losses.fused import default_chunk_size, fused_ce_and_divergence
 
 NAMES = ["fkl", "rkl", "js", "tvd", "skl", "srkl", "akl"]
 
@@ -300,12 +300,13 @@ def test_fused_all_masked_and_minus_inf_bias() -> None:
             torch.testing.assert_close(a, b)
 
 
-def test_fused_kd_loss_mixes_ce_and_divergence_over_the_shared_vocab() -> None:
+def test_fused_ce_and_divergence_mixes_ce_and_divergence_over_the_shared_vocab() -> None:
     hs, ws, _, ht, wt, _, _ = _fused_inputs(30, 10, 14, 60)
     labels = torch.randint(0, 50, (30,), generator=torch.Generator().manual_seed(1))
     wt_small = wt.detach()[:50]  # teacher head: 50 rows; student head: 60 (padding rows)
-    loss, ce, kd, hits = fused_kd_loss(hs, ws, ht, wt_small, labels, divergence="skl", kd_rate=0.3,
-                                       temperature=2.0, vocab_size=50, chunk_size=7, params={"skew_lambda": 0.2})
+    loss, ce, kd, hits = fused_ce_and_divergence(hs, ws, ht, wt_small, labels, divergence="skl", ce_weight=0.7,
+                                                 div_weight=0.3, temperature=2.0, vocab_size=50, chunk_size=7,
+                                                 params={"skew_lambda": 0.2})
     z = hs @ ws.T
     ce_ref = torch.nn.functional.cross_entropy(z, labels, reduction="sum")
     kd_ref = divergence("skl", z[:, :50], ht @ wt_small.T, temperature=2.0, reduction="sum", skew_lambda=0.2)

@@ -59,12 +59,15 @@ def evaluate(model_path: str | Path, sets: Sequence[TestSet], settings: Generati
         for seed in seeds:
             texts = generate_responses(model, tokenizer, test.examples, settings, seed=seed,
                                        label=f"{test.name} seed {seed}", progress=progress)
-            per_seed[str(seed)] = {m: score(m, texts, refs) for m in test.metrics}
+            # sentence metrics once per example (saved with it, averaged here); corpus metrics over the set
+            per_example = {m: [SENTENCE_METRICS[m](t, r) for t, r in zip(texts, refs)] for m in test.metrics
+                           if m in SENTENCE_METRICS}
+            per_seed[str(seed)] = {m: statistics.fmean(per_example[m]) if m in per_example
+                                   else score(m, texts, refs) for m in test.metrics}
             lines = []
-            for ex, text in zip(test.examples, texts):
-                row = {"where": ex.where, "prompt": ex.prompt, "references": list(ex.references), "generation": text}
-                row.update({m: SENTENCE_METRICS[m](text, ex.references) for m in test.metrics
-                            if m in SENTENCE_METRICS})
+            for k, (ex, text) in enumerate(zip(test.examples, texts)):
+                row = {"where": ex.where, "prompt": ex.prompt, "references": refs[k], "generation": text}
+                row.update({m: values[k] for m, values in per_example.items()})
                 lines.append(json.dumps(row, ensure_ascii=False))
             _write_atomic(out / "generations" / f"{test.name}.seed{seed}.jsonl", "\n".join(lines) + "\n")
         result["sets"][test.name] = {"path": test.path, "n": len(test.examples), "metrics": list(test.metrics),

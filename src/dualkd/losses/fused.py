@@ -11,8 +11,8 @@ forward pass (as Liger-Kernel does), and backward only scales the stored gradien
 With reduction="none" the incoming gradient differs per token, so backward recomputes the chunks instead.
 The teacher side never gets gradients.
 
-`fused_kd_loss` is the same machinery for the `kd` objective: (1 - kd_rate)·CE + kd_rate·D in one pass, so
-that the student's logits are computed once per chunk for both terms.
+`fused_ce_and_divergence` is the same machinery for the objectives: ce_weight·CE + div_weight·D in one pass,
+so that the student's logits are computed once per chunk for both terms.
 """
 
 from __future__ import annotations
@@ -262,36 +262,6 @@ def fused_divergence(
     return loss
 
 
-def fused_kd_loss(
-    student_hidden: Tensor,
-    student_head: Tensor,
-    teacher_hidden: Tensor,
-    teacher_head: Tensor,
-    labels: Tensor,
-    *,
-    divergence: str,
-    kd_rate: float,
-    temperature: float = 1.0,
-    vocab_size: int | None = None,
-    reduction: Reduction = "sum",
-    chunk_size: int | None = None,
-    student_bias: Tensor | None = None,
-    teacher_bias: Tensor | None = None,
-    params: dict[str, float] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(1 - kd_rate)·CE(student, labels) + kd_rate·D(p_teacher^τ ‖ q_student^τ) on already selected rows.
-
-    CE uses the student's whole head; D compares the first `vocab_size` rows of both heads (same-family
-    vocab padding). Returns (loss, ce, kd, hits): the loss carries the gradients; ce, kd and hits (argmax ==
-    label) are for logging.
-    """
-    return fused_ce_and_divergence(student_hidden, student_head, teacher_hidden, teacher_head, labels,
-                                   divergence=divergence, ce_weight=1.0 - kd_rate, div_weight=kd_rate,
-                                   temperature=temperature, vocab_size=vocab_size, reduction=reduction,
-                                   chunk_size=chunk_size, student_bias=student_bias, teacher_bias=teacher_bias,
-                                   params=params)
-
-
 def fused_ce_and_divergence(
     student_hidden: Tensor,
     student_head: Tensor,
@@ -312,8 +282,11 @@ def fused_ce_and_divergence(
     params: dict[str, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """ce_weight·CE + div_weight·D over the same rows in one pass over the student's logits, with the
-    divergence only where `div_mask` [N] is True (teacher rows elsewhere are ignored). Returns (loss, ce, div,
-    hits) like `fused_kd_loss`; weights may carry normalizers (e.g. 1 / token count)."""
+    divergence only where `div_mask` [N] is True (teacher rows elsewhere are ignored).
+
+    CE uses the student's whole head; D compares the first `vocab_size` rows of both heads (same-family
+    vocab padding). Returns (loss, ce, div, hits): the loss carries the gradients (weights may carry
+    normalizers such as 1 / token count); ce, div and hits (argmax == label) are unweighted, for logging."""
     full = resolve_params(divergence, params or {})
     plan = _Plan(divergence=divergence, params=full, temperature=temperature, ce_weight=ce_weight,
                  div_weight=div_weight, div_vocab=vocab_size, chunk_size=chunk_size or 0)

@@ -14,6 +14,7 @@ them over micro-batches and averaging over processes gives global means.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -64,7 +65,7 @@ class SetupContext:
     """False when the student starts from random weights (`student.init: random`)."""
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, ABC):
     config_class: ClassVar[type[StrictModel]]
     needs_teacher: ClassVar[bool] = False
     """The loop loads a teacher and calls `teacher_forward`."""
@@ -98,10 +99,11 @@ class Objective(nn.Module):
     def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> Any:
         return None
 
+    @abstractmethod
     def forward(
         self, student: nn.Module, batch: Batch, teacher_out: Any, norm: StepNorm
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        raise NotImplementedError  # each objective defines it
+        """(loss for this micro-batch, already divided by the step's counts; detached metrics to log)."""
 
 
 def token_accuracy(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
