@@ -109,11 +109,6 @@ def stack_alignment(pairs: list[tuple[np.ndarray, np.ndarray]]) -> Alignment:
     cat = (lambda xs: torch.from_numpy(np.concatenate(xs)).long() if xs else torch.zeros(0, dtype=torch.long))
     return Alignment(cat(index), cat([s for s, _ in pairs]), cat([t for _, t in pairs]))
 
-    @property
-    def teacher_view(self) -> ModelBatch:
-        """The tokens the teacher reads."""
-        return self.teacher if self.teacher is not None else self.student
-
 
 def pad_batch(items: list[TokenizedExample], pad_id: int, pad_to_multiple_of: int | None = None) -> ModelBatch:
     """Right-pad to the longest sequence in `items` (dynamic padding)."""
