@@ -142,7 +142,7 @@ def test_length_bucketing_is_seeded_and_pads_less(tmp_path: Path, byte_tokenizer
         src = OffPolicySource(ds, 4, 1, 1, 0, seed=3, bucket_by_length=bucket)
         pad = total = 0
         for _ in range(src.steps_per_epoch):
-            s = src.next_step()[0].student
+            s = src.next_step().gold[0].student
             pad += int((s.attention_mask == 0).sum())
             total += s.attention_mask.numel()
         return pad / total
@@ -162,9 +162,9 @@ def test_global_batches_do_not_depend_on_the_split(tmp_path: Path, byte_tokenize
     accum = OffPolicySource(ds, 2, 4, 1, 0, seed=1)
     ranks = [OffPolicySource(ds, 2, 2, 2, r, seed=1) for r in range(2)]
     for _ in range(one.steps_per_epoch):
-        a = one.next_step()[0].indices
-        b = [i for mb in accum.next_step() for i in mb.indices]
-        c = [i for src in ranks for mb in src.next_step() for i in mb.indices]
+        a = one.next_step().gold[0].indices
+        b = [i for mb in accum.next_step().gold for i in mb.indices]
+        c = [i for src in ranks for mb in src.next_step().gold for i in mb.indices]
         assert a == b == c
 
 

@@ -265,6 +265,58 @@ class EvalConfig(StrictModel):
     """Samples per dev prompt for ROUGE-L (the DSKD scripts: 3), averaged; seeds are fixed across evaluations."""
 
 
+class SourceConfig(StrictModel):
+    """Where the training batches come from (train/sources.py, train/on_policy.py). The loss is the objective's
+    either way; on a student-sampled step the gold CE stays on the dataset responses."""
+
+    kind: Literal["off_policy", "on_policy", "seqkd", "replay"] = "off_policy"
+    """`off_policy`: dataset responses. `on_policy`: after `on_policy_after`, each step is replaced by student
+    samples for its prompts with probability `student_gen_ratio` (DSKDv2/GKD). `seqkd`: train on teacher
+    responses generated ahead of time (`seqkd_data`, made by `dualkd generate` or here before training).
+    `replay`: DistiLLM's adaptive off-policy replay buffer of student samples."""
+    student_gen_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    """on_policy: probability that a step trains on student samples (DSKDv2 `--stu-gen-ratio`: 0.5)."""
+    on_policy_after: int = Field(0, ge=0)
+    """on_policy: off-policy warm-up before sampling starts, in `on_policy_after_unit`s (DSKDv2: 3 epochs)."""
+    on_policy_after_unit: Literal["epochs", "steps"] = "epochs"
+    """Unit of `on_policy_after`."""
+    temperature: float = Field(1.0, gt=0)
+    """Student sampling temperature (DSKDv2 samples like its evaluation: 1.0, no top-p, no top-k)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Student sampling nucleus threshold (1.0: off)."""
+    top_k: int = Field(0, ge=0)
+    """Student sampling top-k (0: off)."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Cap on sampled tokens (None: up to `data.max_length` for prompt + response)."""
+    rollout_batch_size: int | None = Field(None, ge=1)
+    """Prompts per generate call (None: all of this process's prompts of the step at once)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """Sampling engine: Hugging Face `generate` (KV cache), or vLLM (GPU, `pip install vllm`)."""
+    vllm_sync_every: int = Field(1, ge=1)
+    """vllm: copy the student's weights into the vLLM engine every N optimizer steps."""
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
+    """vllm: share of the GPU memory vLLM may take (the rest is the trainer's)."""
+    replay_capacity: int = Field(1000, ge=1)
+    """replay: sampled examples kept per process (DistiLLM: 1000)."""
+    replay_init_threshold: float = Field(0.0, ge=0.0, le=1.0)
+    """replay: the starting probability φ of training on student samples (DistiLLM: 0.0)."""
+    replay_threshold_step: float = Field(0.1, gt=0.0, le=1.0)
+    """replay: how much φ rises when the dev loss got worse by `replay_loss_eps` (DistiLLM: 0.1)."""
+    replay_loss_eps: float = Field(0.1, ge=0.0)
+    """replay: dev-loss increase that raises φ (DistiLLM: 0.1)."""
+    replay_schedule: Literal["decreasing", "constant", "increasing"] = "decreasing"
+    """replay: share of φ spent on fresh samples over training: φ(1 - t/T) (DistiLLM's default), φ/2, or φ·t/T;
+    the rest of φ reuses the buffer."""
+    seqkd_data: str | None = None
+    """seqkd: the teacher-generated training set (jsonl from `dualkd generate`). When the file does not exist
+    the teacher writes it there before training (default `<output_dir>/seqkd-train.jsonl`)."""
+
+    @field_validator("seqkd_data")
+    @classmethod
+    def _expand_home(cls, value: str | None) -> str | None:
+        return os.path.expanduser(value) if value and value.startswith("~") else value
+
+
 class LoggingConfig(StrictModel):
     """Console, metrics file and TensorBoard."""
 
@@ -304,6 +356,8 @@ class RunConfig(StrictModel):
     teacher: ModelConfig | None = None
     """The frozen teacher (required by distillation objectives)."""
     data: DataConfig
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    """Where batches come from: dataset responses, student samples (on-policy, replay) or teacher outputs."""
     objective: ObjectiveConfig = Field(default_factory=lambda: _default_objective())
     """The training objective; `name` selects it and decides which other keys are allowed."""
     optimization: OptimConfig = Field(default_factory=OptimConfig)
@@ -319,6 +373,11 @@ class RunConfig(StrictModel):
                 raise ValueError("teacher.lora: the teacher is frozen; give a trained adapter as `teacher.adapter`")
             if self.teacher.train_tokenizer is not None:
                 raise ValueError("teacher.train_tokenizer: a teacher's tokenizer must come with the teacher")
+        if self.source.kind == "seqkd" and self.teacher is None and self.source.seqkd_data is None:
+            raise ValueError("source.kind=seqkd: set `source.seqkd_data` (teacher outputs from `dualkd generate`) "
+                             "or a `teacher` to generate them with")
+        if self.source.kind == "replay" and self.data.dev is None:
+            raise ValueError("source.kind=replay adapts to the dev loss: set `data.dev`")
         if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
             raise ValueError(
                 f"data.max_prompt_length ({self.data.max_prompt_length}) must be below data.max_length "

@@ -164,13 +164,29 @@ class TokenizedDataset:
         return len(self.student)
 
     def collate(self, indices: list[int]) -> Batch:
-        student = pad_batch([self.student[i] for i in indices], self.student_pad_id, self.pad_to_multiple_of)
-        teacher = None
-        if self.teacher is not None:
-            assert self.teacher_pad_id is not None
-            teacher = pad_batch([self.teacher[i] for i in indices], self.teacher_pad_id, self.pad_to_multiple_of)
-        alignment = stack_alignment([self.alignments[i] for i in indices]) if self.alignments is not None else None
-        return Batch(student=student, teacher=teacher, indices=list(indices), alignment=alignment)
+        return collate_examples(
+            [self.student[i] for i in indices],
+            [self.teacher[i] for i in indices] if self.teacher is not None else None,
+            [self.alignments[i] for i in indices] if self.alignments is not None else None,
+            indices, self.student_pad_id, self.teacher_pad_id, self.pad_to_multiple_of)
+
+
+def collate_examples(
+    student: list[TokenizedExample],
+    teacher: list[TokenizedExample] | None,
+    alignments: list[tuple[np.ndarray, np.ndarray]] | None,
+    indices: list[int],
+    student_pad_id: int,
+    teacher_pad_id: int | None,
+    pad_to_multiple_of: int | None = None,
+) -> Batch:
+    """Pad tokenized examples (dataset ones or student samples) into a Batch."""
+    teacher_batch = None
+    if teacher is not None:
+        assert teacher_pad_id is not None
+        teacher_batch = pad_batch(teacher, teacher_pad_id, pad_to_multiple_of)
+    return Batch(student=pad_batch(student, student_pad_id, pad_to_multiple_of), teacher=teacher_batch,
+                 indices=list(indices), alignment=stack_alignment(alignments) if alignments is not None else None)
 
 
 def make_dataset(

@@ -96,9 +96,11 @@ def sampling_state(model: nn.Module, seed: int | None, device: torch.device) -> 
 
 def sample_token_ids(model: nn.Module, prompts: list[list[int]], settings: GenerationConfig, pad_id: int,
                      eos_id: int | None, seed: int | None = None, label: str = "generating",
-                     progress: bool | None = False) -> list[list[int]]:
-    """Continuations of token-id prompts (in order), cut before EOS, with Hugging Face `generate` in batches of
-    similar prompt length (KV cache; decoder prompts left-padded, encoder sources right-padded)."""
+                     progress: bool | None = False, keep_eos: bool = False) -> list[list[int]]:
+    """Continuations of token-id prompts (in order), cut before EOS (`keep_eos`: just after it), with Hugging
+    Face `generate` in batches of similar prompt length (KV cache; decoder prompts left-padded, encoder
+    sources right-padded). Under FSDP or DeepSpeed ZeRO-3, `generate` gathers the sharded parameters itself
+    (`synced_gpus`): every process must then call this with the same number of prompts."""
     if not prompts:
         return []
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -132,7 +134,7 @@ def sample_token_ids(model: nn.Module, prompts: list[list[int]], settings: Gener
                 if encoder_decoder and tokens and tokens[0] == model.config.decoder_start_token_id:
                     tokens = tokens[1:]
                 if eos_id is not None and eos_id in tokens:
-                    tokens = tokens[: tokens.index(eos_id)]
+                    tokens = tokens[: tokens.index(eos_id) + int(keep_eos)]
                 outputs[i] = tokens
             bar.advance(bar.task_ids[0], len(idx))
     return outputs

@@ -22,6 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from dualkd.data.collate import Batch, ModelBatch
+from dualkd.errors import ModelError
+from dualkd.losses import token_cross_entropy
+from dualkd.losses.fused import fused_cross_entropy
+from dualkd.methods.common import check_head_is_linear, head_of
 from dualkd.schema import StrictModel
 
 
@@ -98,6 +102,30 @@ class Objective(nn.Module, ABC):
     @torch.no_grad()
     def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> Any:
         return None
+
+    def gold_ce(self, student: nn.Module, batch: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        """(1 - kd_rate)·CE on the dataset responses, alone: the gold part of a student-sampled step (the
+        objective's other terms train on the samples). Fused over the vocabulary when the head allows it."""
+        weight = 1.0 - float(getattr(self.config, "kd_rate", 0.0))
+        tokens = batch.student
+        n = norm["tokens"]
+        if weight == 0.0:  # kd_rate = 1: no gold term (DistiLLM's setting)
+            return torch.zeros((), device=tokens.input_ids.device), {}
+        if getattr(self, "_student_head_is_linear", None) is None:
+            try:
+                check_head_is_linear(student, "student")
+                self._student_head_is_linear = True
+            except ModelError:
+                self._student_head_is_linear = False
+        if self._student_head_is_linear:
+            hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden  # [B, T, d]
+            head, bias = head_of(student)
+            ce, hits = fused_cross_entropy(hidden[tokens.loss_mask], head, tokens.labels[tokens.loss_mask], bias=bias)
+        else:
+            logits = lm_forward(student, tokens).logits  # [B, T, V]
+            ce = token_cross_entropy(logits, tokens.labels, tokens.loss_mask)
+            hits = token_accuracy(logits.detach(), tokens.labels, tokens.loss_mask)
+        return weight * ce / n, {"ce": ce.detach() / n, "acc": hits / n}
 
     @abstractmethod
     def forward(

@@ -20,6 +20,7 @@ from dualkd.errors import ConfigError
 from dualkd.methods import Objective, build_objective
 from dualkd.methods.base import SetupContext
 from dualkd.models import load_model, load_tokenizer, same_vocabulary
+from dualkd.train.seqkd import seqkd_examples
 
 
 @dataclass
@@ -32,6 +33,9 @@ class Parts:
     train_set: TokenizedDataset
     dev_set: TokenizedDataset | None
     reports: list[LoadReport]
+    aligner: Any | None = None
+    """Pairs student/teacher positions of two tokenizations (cross-tokenizer objectives); on-policy sources
+    run it on student samples."""
 
 
 def training_texts(examples: list[Example]) -> Iterable[str]:
@@ -49,7 +53,10 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
         raise ConfigError(f"objective `{cfg.objective.name}` needs a teacher: set `teacher.path`")
 
     data = cfg.data
-    train_examples, train_report = load_examples(data.train, data.format, data.on_error, data.max_examples)
+    if cfg.source.kind == "seqkd":  # the teacher's outputs replace the references
+        train_examples, train_report = seqkd_examples(cfg, run_dir, engine)
+    else:
+        train_examples, train_report = load_examples(data.train, data.format, data.on_error, data.max_examples)
     dev_examples, dev_report = (None, None)
     if data.dev is not None:
         dev_examples, dev_report = load_examples(data.dev, data.format, data.on_error, data.dev_max_examples)
@@ -75,7 +82,8 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
                                  teacher_tokenizer=teacher_tokenizer, same_tokenizer=same,
                                  student_pretrained=cfg.student.init != "random"))
     reports = [r for r in (train_report, dev_report) if r is not None]
-    return Parts(objective, student, teacher, student_tokenizer, teacher_tokenizer, train_set, dev_set, reports)
+    return Parts(objective, student, teacher, student_tokenizer, teacher_tokenizer, train_set, dev_set, reports,
+                 aligner)
 
 
 def _student_tokenizer(cfg: RunConfig, run_dir: Path, engine: Any, examples: list[Example]) -> Any:

@@ -5,6 +5,7 @@ A checkpoint is a folder `checkpoints/step-00000120/` holding:
     optimizer.pt            optimizer state (our own file; loaded with weights_only=True)
     scheduler.pt            learning-rate schedule state
     rng-rank{r}.pt          RNG streams of each process (torch, CUDA, python, numpy)
+    source-rank{r}.json     state private to each process's batch source (the replay buffer), if any
     trainer_state.json      step, data position, best dev loss, ...
 It is written under `.tmp-step-...`, every file fsync'ed, then renamed into place: a crash (even SIGKILL)
 leaves either the previous complete checkpoint or the new one, never a torn one.
@@ -138,7 +139,8 @@ class CheckpointManager:
     def path_for(self, step: int) -> Path:
         return self.dir / f"step-{step:08d}"
 
-    def save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState) -> Path:
+    def save(self, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState,
+             rank_state: dict[str, Any] | None = None) -> Path:
         engine = self.engine
         final = self.path_for(state.step)
         tmp = self.dir / f".tmp-step-{state.step:08d}"
@@ -148,6 +150,8 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         engine.barrier()
         torch.save(rng_state(), tmp / f"rng-rank{engine.rank}.pt")
+        if rank_state is not None:
+            (tmp / f"source-rank{engine.rank}.json").write_text(json.dumps(rank_state))
         if engine.is_main:
             trainable = {n: p.detach().contiguous().cpu() for n, p in engine.unwrap(module).named_parameters()
                          if p.requires_grad}
@@ -176,6 +180,11 @@ class CheckpointManager:
         else:  # resumed with more processes than saved: the extra ones start from the seeded streams
             print(f"[dualkd] note: {rng_file.name} missing (different process count); RNG not restored")
         return state
+
+    def load_rank_state(self, path: Path) -> dict[str, Any] | None:
+        """This process's source state saved with the checkpoint (None when the source keeps none)."""
+        file = path / f"source-rank{self.engine.rank}.json"
+        return json.loads(file.read_text()) if file.exists() else None
 
     def _rotate(self, state: TrainerState) -> None:
         found = list_checkpoints(self.dir)

@@ -66,6 +66,13 @@ class Engine:
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module)
 
+    @contextlib.contextmanager
+    def for_generation(self, module: nn.Module) -> Iterator[nn.Module]:
+        """The plain module to sample from during training. Under DDP it holds full parameters. Under FSDP2
+        and DeepSpeed ZeRO-3 they stay sharded and Hugging Face `generate` gathers each layer as it runs
+        (`synced_gpus`, on by itself when it sees either engine), so every process must generate together."""
+        yield self.unwrap(module)
+
     # ------------------------------------------------------------------------------------------- step
     @contextlib.contextmanager
     def accumulate(self, module: nn.Module, sync: bool) -> Iterator[None]:

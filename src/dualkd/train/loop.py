@@ -11,10 +11,12 @@ checkpoint, or stop on SIGTERM/SIGINT with a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from dualkd.train.build import Parts, build_parts
 from dualkd.train.checkpoint import CheckpointManager, TrainerState, load_trainable
 from dualkd.train.engine import Engine
 from dualkd.train.logger import MetricsLogger
+from dualkd.train.on_policy import make_source
 from dualkd.train.optim import build_optimizer, build_scheduler
 from dualkd.train.sources import OffPolicySource, eval_batches
 from dualkd.train.telemetry import StepTimer, peak_memory_mib
@@ -54,8 +57,18 @@ class TrainModule(nn.Module):
         self.student = student
         self.objective = objective
 
-    def forward(self, batch: Batch, teacher_out: Any, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.objective(self.student, batch, teacher_out, norm)
+    def forward(self, batch: Batch, teacher_out: Any, norm: StepNorm, gold: Batch | None = None,
+                gold_norm: StepNorm | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective on `batch`. On a student-sampled step `batch` holds the samples (`ce_scale = 0`) and
+        `gold` the dataset micro-batch it replaces: its CE is added here, in the same forward call, so that
+        DDP sees one forward per backward."""
+        loss, metrics = self.objective(self.student, batch, teacher_out, norm)
+        if gold is None:
+            return loss, metrics
+        assert gold_norm is not None
+        gold_loss, gold_metrics = self.objective.gold_ce(self.student, gold, gold_norm)
+        sampled = {(f"sampled_{k}" if k in ("ce", "acc") else k): v for k, v in metrics.items()}
+        return loss + gold_loss, {**sampled, **gold_metrics}
 
 
 def train(cfg: RunConfig, resume: bool = False) -> Path:
@@ -89,13 +102,14 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
     opt = cfg.optimization
     module = TrainModule(parts.student, parts.objective)
     optimizer = build_optimizer(parts.student, opt, parts.objective.param_groups())
-    source = OffPolicySource(parts.train_set, opt.micro_batch_size, opt.grad_accum, engine.world_size, engine.rank,
-                             cfg.seed, cfg.data.bucket_by_length)
-    total_steps = opt.max_steps or opt.epochs * source.steps_per_epoch
+    gold = OffPolicySource(parts.train_set, opt.micro_batch_size, opt.grad_accum, engine.world_size, engine.rank,
+                           cfg.seed, cfg.data.bucket_by_length)
+    total_steps = opt.max_steps or opt.epochs * gold.steps_per_epoch
     scheduler = build_scheduler(optimizer, opt, total_steps)
     module, optimizer = engine.prepare(module, optimizer)
     teacher = engine.place_teacher(parts.teacher)
     objective = parts.objective
+    source = make_source(cfg, parts, gold, lambda: _student_for_sampling(engine, module), total_steps)
 
     state = TrainerState(resume_key=_resume_key(cfg, source.global_batch))
     if start is not None:
@@ -103,6 +117,9 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
         _check_resume_key(saved.resume_key, state.resume_key, start)
         state = saved
         source.load_state_dict(state.source)
+        rank_state = ckpt.load_rank_state(start)
+        if rank_state is not None:
+            source.load_rank_state_dict(rank_state)
 
     log = MetricsLogger(run_dir, enabled=engine.is_main, tensorboard=cfg.logging.tensorboard,
                         resume_step=state.step if start is not None else None)
@@ -116,6 +133,11 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
                         console=log.console, disable=not (show_bar and engine.is_main))
     last_ckpt_step = state.step if start is not None else -1
     module.train()
+    if source.wants_dev_loss and start is None and parts.dev_set is not None:  # replay: the starting dev loss
+        dev = evaluate(engine, module, objective, teacher, parts.dev_set, cfg.eval.batch_size or opt.micro_batch_size)
+        log.print("  dev @ 0: " + "  ".join(f"{k} {v:.4f}" for k, v in dev.items()))
+        source.observe_dev_loss(dev["loss"])
+        state.source = source.state_dict()
     try:
         with stop, progress:
             task = progress.add_task("train", total=total_steps, completed=state.step, info="")
@@ -144,18 +166,20 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
                         log.print(f"  dev @ {state.step}: rougeL {dev['rougeL']:.2f} (sampled, "
                                   f"{cfg.eval.rouge_repeats} per prompt)")
                     log.write("dev", {"step": state.step, **dev})
+                    source.observe_dev_loss(dev["loss"])
+                    state.source = source.state_dict()
                     if _improves(cfg.eval.select_by, dev, state):
                         state.best_value = dev[cfg.eval.select_by]
                         state.best_dev_loss, state.best_step, new_best = dev["loss"], state.step, True
                 if (_due(cfg.checkpoint.every_steps, state.step, epoch_done, False)
                         or (new_best and cfg.checkpoint.keep_best)):
-                    ckpt.save(module, optimizer, scheduler, state)
+                    ckpt.save(module, optimizer, scheduler, state, source.rank_state_dict())
                     last_ckpt_step = state.step
                 signum = int(engine.all_reduce_max(torch.tensor(stop.received or 0)).item())
                 if signum:
                     path = ckpt.path_for(state.step)
                     if last_ckpt_step != state.step:
-                        path = ckpt.save(module, optimizer, scheduler, state)
+                        path = ckpt.save(module, optimizer, scheduler, state, source.rank_state_dict())
                     log.event("stopped", f"received {signal.Signals(signum).name} at step {state.step}; saved {path}",
                               step=state.step)
                     raise TrainingStopped(signum, path)
@@ -166,39 +190,51 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
 
 
 def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher: nn.Module | None,
-                optimizer: torch.optim.Optimizer, scheduler: Any, source: OffPolicySource, timer: StepTimer,
+                optimizer: torch.optim.Optimizer, scheduler: Any, source: Any, timer: StepTimer,
                 opt: Any) -> dict[str, float]:
     timer.start_step()
+    step = source.next_step(timer)
     with timer.section("data"):
-        micro_batches = [b.to(engine.device) for b in source.next_step()]
+        gold = [b.to(engine.device) for b in step.gold]
+        sampled = [b.to(engine.device) for b in step.sampled] if step.sampled is not None else None
+    # what the objective trains on: the gold micro-batches, or on a sampled step their sampled twins
+    batches = sampled if sampled is not None else gold
     teacher_outs: list[Any] | None = None
     if objective.counts_need_teacher:  # denominators depend on the teacher: run it on every micro-batch first
         with timer.section("teacher"), torch.no_grad(), engine.autocast():
-            teacher_outs = [objective.teacher_forward(teacher, b) for b in micro_batches]
+            teacher_outs = [objective.teacher_forward(teacher, b) for b in batches]
     with timer.section("data"):
         student = engine.unwrap(module).student
         local: dict[str, float] = defaultdict(float)
-        for i, b in enumerate(micro_batches):
+        for i, b in enumerate(batches):
             with torch.no_grad():
                 counts = objective.counts(b, teacher_outs[i] if teacher_outs else None, student)
             for k, v in counts.items():
                 local[k] += float(v)
             local["input_tokens"] += b.student.num_input_tokens
+        if sampled is not None:  # the gold CE keeps its own denominator: the gold response tokens
+            for b in gold:
+                local["gold_tokens"] += b.student.num_loss_tokens
+                local["input_tokens"] += b.student.num_input_tokens
         keys = sorted(local)
         totals = engine.all_reduce_sum(torch.tensor([local[k] for k in keys], dtype=torch.float64))
         totals_by_key = dict(zip(keys, totals.tolist()))
         norm = StepNorm({k: v / engine.world_size for k, v in totals_by_key.items()})
+        gold_norm = StepNorm({"tokens": totals_by_key.get("gold_tokens", 0.0) / engine.world_size})
 
     sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
-    for i, batch in enumerate(micro_batches):
-        with engine.accumulate(module, sync=i == len(micro_batches) - 1):
+    for i, batch in enumerate(batches):
+        with engine.accumulate(module, sync=i == len(batches) - 1):
             if teacher_outs is not None:
                 teacher_out, teacher_outs[i] = teacher_outs[i], None  # free it once used
             else:
                 with timer.section("teacher"), torch.no_grad(), engine.autocast():
                     teacher_out = objective.teacher_forward(teacher, batch)
             with timer.section("student"):
-                loss, metrics = module(batch, teacher_out, norm)
+                if sampled is None:
+                    loss, metrics = module(batch, teacher_out, norm)
+                else:
+                    loss, metrics = module(batch, teacher_out, norm, gold[i], gold_norm)
                 engine.backward(loss)
         sums["loss"] += loss.detach().double().cpu()
         for k, v in metrics.items():
@@ -219,16 +255,26 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
     reduced = engine.all_reduce_sum(torch.stack([sums[k] for k in keys])) / engine.world_size
     record: dict[str, float] = dict(zip(keys, reduced.tolist()))
     step_time = timer.step_seconds()
+    gold_tokens = totals_by_key["gold_tokens"] if sampled is not None else totals_by_key["tokens"]
     record.update({
         "lr": lrs[0],
         "grad_norm": float(grad_norm),
-        "tokens": totals_by_key["tokens"],
+        "tokens": gold_tokens,
+        "sampled": float(sampled is not None),
+        "sampled_tokens": totals_by_key["tokens"] if sampled is not None else 0.0,
+        "replayed": float(step.kind == "replay"),
         "tokens_per_s": totals_by_key["input_tokens"] / max(step_time, 1e-9),
         "step_time": step_time,
         "peak_mem_mib": peak_memory_mib(engine.device),
         **timer.as_dict(),
     })
     return record
+
+
+@contextlib.contextmanager
+def _student_for_sampling(engine: Engine, module: nn.Module) -> Iterator[nn.Module]:
+    with engine.for_generation(module) as raw:
+        yield raw.student
 
 
 def _improves(select_by: str, dev: dict[str, float], state: TrainerState) -> bool:
@@ -350,7 +396,7 @@ def _check_resume_key(saved: dict[str, Any], now: dict[str, Any], path: Path) ->
         raise ConfigError(f"cannot resume exactly from {path}: the run's settings changed:\n  " + "\n  ".join(diff))
 
 
-def _announce(log: MetricsLogger, cfg: RunConfig, parts: Parts, source: OffPolicySource, total_steps: int,
+def _announce(log: MetricsLogger, cfg: RunConfig, parts: Parts, source: Any, total_steps: int,
               engine: Engine, start: Path | None) -> None:
     for report in parts.reports:
         if report.skipped:
@@ -368,6 +414,16 @@ def _announce(log: MetricsLogger, cfg: RunConfig, parts: Parts, source: OffPolic
     log.print(f"[dualkd] {engine.world_size} process(es) on {engine.device}; global batch {source.global_batch} "
               f"({cfg.optimization.micro_batch_size} x {cfg.optimization.grad_accum} x {engine.world_size}); "
               f"{source.steps_per_epoch} steps/epoch; {total_steps} steps")
+    src = cfg.source
+    if src.kind == "on_policy":
+        first = getattr(source, "start_step", 0)
+        log.print(f"[dualkd] on-policy: from step {first} on, a step trains on student samples with probability "
+                  f"{src.student_gen_ratio} (backend {src.backend})")
+    elif src.kind == "replay":
+        log.print(f"[dualkd] replay (DistiLLM): φ starts at {src.replay_init_threshold}, +{src.replay_threshold_step}"
+                  f" when the dev loss rises by {src.replay_loss_eps}; buffer of {src.replay_capacity} per process")
+    elif src.kind == "seqkd":
+        log.print(f"[dualkd] seqkd: training on teacher outputs ({parts.reports[0].source})")
     if source.dropped_per_epoch:
         log.print(f"[dualkd] {source.dropped_per_epoch} examples per epoch do not fill a last global batch and "
                   "wait for the next epoch's shuffle")

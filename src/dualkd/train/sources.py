@@ -7,22 +7,48 @@ micro-batches for each process. Consequences:
 - the data position is just (epoch, step in epoch): resuming rebuilds the epoch and skips what was done.
 With length bucketing, examples of similar length share a global batch (less padding); the order of the
 global batches is shuffled so the schedule does not see lengths sorted.
+
+Every source hands the loop a `Step`: the gold micro-batches, and on a student-sampled step (train/on_policy.py)
+their sampled twins. Sources charge their time to the step timer's "data" (and "rollout") sections.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from dualkd.data.collate import Batch
 from dualkd.data.dataset import TokenizedDataset
 from dualkd.errors import DataError
 
+
+@dataclass
+class Step:
+    """This process's micro-batches for one optimizer step."""
+
+    gold: list[Batch]
+    """Dataset micro-batches: the gold CE (and, off-policy, the whole objective) trains on them."""
+    sampled: list[Batch] | None = None
+    """On a student-sampled step, one batch of student samples per gold micro-batch (`ce_scale = 0`): the
+    objective's distillation terms train on these, normalized by their own counts."""
+    kind: str = "gold"
+    """gold | fresh (sampled this step) | replay (drawn from the replay buffer)."""
+
+
+def timed(timer: Any, name: str) -> contextlib.AbstractContextManager:
+    return timer.section(name) if timer is not None else contextlib.nullcontext()
+
+
 _BUCKET_SPAN = 32  # global batches per length-sorted chunk: wide enough to group lengths, small enough to mix
 
 
 class OffPolicySource:
+    wants_dev_loss = False
+    """Sources that adapt to the dev loss (replay) get `observe_dev_loss` calls from the loop."""
+
     def __init__(
         self,
         dataset: TokenizedDataset,
@@ -70,8 +96,13 @@ class OffPolicySource:
             rng.shuffle(batches)
         return [sorted(b, key=lambda j: (lengths[j], j)) for b in batches]
 
-    def next_step(self) -> list[Batch]:
-        """This process's micro-batches for the next optimizer step."""
+    @property
+    def steps_done(self) -> int:
+        """Optimizer steps taken from this source so far (over all epochs)."""
+        return self.epoch * self.steps_per_epoch + self.step_in_epoch
+
+    def next_indices(self) -> list[list[int]]:
+        """Dataset indices of this process's micro-batches for the next optimizer step."""
         if self._order is None:
             self._order = self.epoch_order(self.epoch)
         global_batch = self._order[self.step_in_epoch]
@@ -81,7 +112,21 @@ class OffPolicySource:
         self.step_in_epoch += 1
         if self.step_in_epoch == self.steps_per_epoch:
             self.epoch, self.step_in_epoch, self._order = self.epoch + 1, 0, None
-        return [self.dataset.collate(m) for m in micro]
+        return micro
+
+    def next_step(self, timer: Any = None) -> Step:
+        with timed(timer, "data"):
+            return Step(gold=[self.dataset.collate(m) for m in self.next_indices()])
+
+    def observe_dev_loss(self, loss: float) -> None:
+        """Off-policy data does not adapt."""
+
+    def rank_state_dict(self) -> dict[str, Any] | None:
+        """State private to this process (saved per rank in checkpoints); None when there is none."""
+        return None
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}

@@ -1,0 +1,69 @@
+"""Sequence-level KD (Kim & Rush, 2016): the student trains on the teacher's outputs instead of the references.
+
+The `seqkd` source is a dataset of teacher outputs made ahead of time, either by `dualkd generate --out` or
+here, once, before training when `source.seqkd_data` does not exist yet: every process decodes its share of
+the training prompts with the teacher (the run's `generation` settings: sampling, greedy or beams), the main
+process writes the set (`dualkd generate`'s format: prompt/output with the original references kept), and
+the run then reads it like any training file. A resumed run finds the file and reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dualkd.config import DataSource, RunConfig
+from dualkd.data.formats import Example
+from dualkd.data.readers import LoadReport, load_examples
+from dualkd.errors import ConfigError, DataError
+
+
+def seqkd_path(cfg: RunConfig, run_dir: Path) -> Path:
+    return Path(cfg.source.seqkd_data) if cfg.source.seqkd_data else run_dir / "seqkd-train.jsonl"
+
+
+def seqkd_examples(cfg: RunConfig, run_dir: Path, engine: Any) -> tuple[list[Example], LoadReport]:
+    """The training examples of a seqkd run (teacher outputs), generated first if the file is missing."""
+    path = seqkd_path(cfg, run_dir)
+    if not path.exists():
+        if cfg.teacher is None:
+            raise ConfigError(f"source.seqkd_data={path} does not exist and there is no `teacher` to generate it")
+        write_teacher_outputs(cfg, path, engine)
+    # the generated file is prompt/output or messages records, whatever the original format was
+    return load_examples(DataSource(path=str(path)), "auto", cfg.data.on_error, cfg.data.max_examples)
+
+
+def write_teacher_outputs(cfg: RunConfig, path: Path, engine: Any) -> None:
+    from dualkd.eval.generate import generate_responses, write_generated_dataset
+    from dualkd.models import load_model, load_tokenizer
+
+    assert cfg.teacher is not None
+    examples, _ = load_examples(cfg.data.train, cfg.data.format, cfg.data.on_error, cfg.data.max_examples)
+    tokenizer = load_tokenizer(cfg.teacher)
+    teacher = load_model(cfg.teacher, tokenizer, role="teacher", seed=cfg.seed).to(engine.device)
+    mine = list(range(engine.rank, len(examples), engine.world_size))
+    texts = generate_responses(teacher, tokenizer, [examples[i] for i in mine], cfg.generation, seed=cfg.seed,
+                               label="seqkd: teacher outputs", progress=None if engine.is_main else False)
+    del teacher
+    part = path.with_name(f"{path.name}.part{engine.rank}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part.write_text(json.dumps(dict(zip(mine, texts))), encoding="utf-8")
+    engine.barrier()
+    if engine.is_main:
+        by_index: dict[int, str] = {}
+        for r in range(engine.world_size):
+            shard = path.with_name(f"{path.name}.part{r}")
+            by_index.update({int(k): v for k, v in json.loads(shard.read_text(encoding="utf-8")).items()})
+        written, empty = write_generated_dataset(examples, [by_index[i] for i in range(len(examples))], path)
+        for r in range(engine.world_size):
+            path.with_name(f"{path.name}.part{r}").unlink()
+        if written == 0:
+            path.unlink()
+        else:
+            print(f"[dualkd] seqkd: {written} teacher outputs written to {path}"
+                  + (f" ({empty} empty ones left out)" if empty else ""))
+    engine.barrier()
+    if not path.exists():  # every process raises, none waits for the others
+        raise DataError(f"seqkd: the teacher returned an empty response for all {len(examples)} training prompts; "
+                        "check the teacher and the `generation` settings")
