@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dualkd import __version__
@@ -144,6 +145,61 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preference_build(args: argparse.Namespace) -> int:
+    from dualkd.config import DataSource
+    from dualkd.data.preferences import build_preference_set
+    from dualkd.data.readers import load_examples
+    from dualkd.eval.generate import load_for_generation
+
+    examples, _ = load_examples(DataSource(path=args.data), "auto", "raise", args.max_examples)
+    model, tokenizer = load_for_generation(args.model, args.dtype)
+    written, dropped = build_preference_set(examples, model, tokenizer, _generation_settings(args), args.out,
+                                            seed=args.seed)
+    print(f"{args.out}: {written} pairs (chosen: the reference; rejected: {args.model}'s sample)"
+          + (f"; {dropped} left out (empty sample or equal to the reference)" if dropped else ""))
+    return 0
+
+
+def _cmd_align_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from dualkd.eval.alignment import evaluate_alignment
+
+    out = args.out or str(Path(args.model) / "align-eval")
+    result = evaluate_alignment(args.model, args.pairs, args.dpo, args.reference, args.beta,
+                                _generation_settings(args), seed=args.seed, max_pairs=args.max_examples, out=out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_judge(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.progress import Progress
+
+    from dualkd.eval.judge import JudgeClient, api_key_from_env, judge_pairwise, read_generations
+
+    candidate, baseline = read_generations(args.candidate), read_generations(args.baseline)
+    if args.max_examples:
+        candidate = candidate[: args.max_examples]
+    client = JudgeClient(args.endpoint, args.model, api_key=api_key_from_env(args.api_key_env),
+                         cache_path=Path(args.cache) if args.cache else None, max_requests=args.max_requests,
+                         retries=args.retries, timeout=args.timeout)
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("judging", total=len(candidate))
+        result = judge_pairwise(candidate, baseline, client, both_orders=not args.one_order,
+                                progress=lambda: bar.advance(task))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    summary = {k: v for k, v in result.items() if k != "items"}
+    print(json.dumps(summary, indent=2))
+    if result["stopped"]:
+        print(f"dualkd judge: stopped early ({result['stopped']}); {result['judged']} of {result['of']} judged; "
+              "rerun with a larger budget to continue from the cache", file=sys.stderr)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from dualkd.report import report
 
@@ -212,6 +268,52 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fields", help="comma-separated string fields to read (default: prompts and responses)")
     t.add_argument("--max-examples", type=int, help="only the first N records of each file")
     t.set_defaults(func=_cmd_tokenizer_train)
+
+    p = sub.add_parser("preference", help="preference data tools: `dualkd preference build`",
+                       description="Make preference pairs (prompt/chosen/rejected) for DPO.")
+    psub = p.add_subparsers(dest="preference_command", required=True, metavar="ACTION")
+    b = psub.add_parser("build", help="pair each reference response (chosen) with a model's sample (rejected)",
+                        description="For every example of an instruction set, the reference response becomes "
+                                    "`chosen` and a sample from MODEL (a weaker model) `rejected`.")
+    b.add_argument("model", help="the model whose samples are rejected (folder or run directory)")
+    b.add_argument("--data", required=True, help="jsonl instruction set (prompt/output, alpaca or messages)")
+    b.add_argument("--out", required=True, help="output jsonl of preference pairs")
+    b.add_argument("--seed", type=int, default=10, help="sampling seed (default 10)")
+    b.add_argument("--max-examples", type=int, help="only the first N examples")
+    _add_generation_options(b)
+    b.set_defaults(func=_cmd_preference_build)
+
+    p = sub.add_parser("align-eval", help="alignment metrics on held-out preference pairs",
+                       description="Implicit-reward accuracy and margin against a reference model, and on the "
+                                   "model's own samples: response length, KL to the DPO model, ROUGE-L vs chosen.")
+    p.add_argument("model", help="the model to evaluate (folder or run directory)")
+    p.add_argument("--pairs", required=True, help="held-out preference pairs (jsonl)")
+    p.add_argument("--dpo", required=True, help="the DPO model (for KL(model || DPO))")
+    p.add_argument("--reference", required=True, help="the reference model of the implicit reward (DPO's start)")
+    p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward (default 0.1)")
+    p.add_argument("--seed", type=int, default=10, help="sampling seed (default 10)")
+    p.add_argument("--max-examples", type=int, help="only the first N pairs")
+    p.add_argument("--out", help="output folder (default: <model>/align-eval)")
+    _add_generation_options(p)
+    p.set_defaults(func=_cmd_align_eval)
+
+    p = sub.add_parser("judge", help="pairwise LLM-as-judge win rate through an OpenAI-compatible endpoint",
+                       description="Win rate of CANDIDATE's responses against BASELINE's, matched by prompt, each "
+                                   "pair judged in both orders. Generation files from `dualkd eval` or `dualkd "
+                                   "generate`. Answers are cached; failed requests are retried with backoff.")
+    p.add_argument("candidate", help="jsonl with prompt + generation (or output)")
+    p.add_argument("baseline", help="jsonl with prompt + generation (or output)")
+    p.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000/v1 (a vLLM server)")
+    p.add_argument("--model", required=True, help="the judge model's name at the endpoint")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--cache", default="judge-cache.jsonl", help="answer cache (jsonl; default ./judge-cache.jsonl)")
+    p.add_argument("--max-requests", type=int, help="stop after sending this many requests (retries count)")
+    p.add_argument("--retries", type=int, default=4, help="retries per request on timeouts, 429 and 5xx")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--one-order", action="store_true", help="judge each pair once (candidate first)")
+    p.add_argument("--max-examples", type=int, help="only the first N candidate prompts")
+    p.add_argument("--out", help="write the full result (per-prompt votes) as JSON here")
+    p.set_defaults(func=_cmd_judge)
 
     p = sub.add_parser("report", help="Markdown report with plots for one or more runs",
                        description="Loss curves, dev metric over steps and per-set test scores of runs side by side.")

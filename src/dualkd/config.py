@@ -160,9 +160,10 @@ class DataConfig(StrictModel):
     """Training data."""
     dev: DataSource | None = None
     """Validation data for the periodic dev loss (and best-checkpoint selection)."""
-    format: Literal["auto", "prompt_output", "alpaca", "messages"] = "auto"
-    """Record format. `auto` picks per record: `messages` -> chat, `prompt` -> prompt/output,
-    `instruction` -> Alpaca."""
+    format: Literal["auto", "prompt_output", "alpaca", "messages", "preference"] = "auto"
+    """Record format. `auto` picks per record: `chosen` -> preference pair, `messages` -> chat, `prompt` ->
+    prompt/output, `instruction` -> Alpaca. Preference pairs train `dpo` on both responses and every other
+    objective on the chosen one (AlignDistil off-policy)."""
     max_length: int = Field(512, ge=2)
     """Maximum tokens of prompt + response + EOS; longer sequences are cut at the end (as in DSKD/MiniLLM)."""
     max_prompt_length: int | None = Field(256, ge=1)
@@ -354,7 +355,10 @@ class RunConfig(StrictModel):
     student: ModelConfig
     """The model being trained."""
     teacher: ModelConfig | None = None
-    """The frozen teacher (required by distillation objectives)."""
+    """The frozen teacher (required by distillation objectives; DPO's reference model; AlignDistil's DPO model)."""
+    teachers: dict[str, ModelConfig] = Field(default_factory=dict)
+    """More frozen models some objectives read, by role (AlignDistil: `reverse`, the reverse-DPO model, or
+    `reference` for its Theorem-1 variant)."""
     data: DataConfig
     source: SourceConfig = Field(default_factory=SourceConfig)
     """Where batches come from: dataset responses, student samples (on-policy, replay) or teacher outputs."""
@@ -373,6 +377,9 @@ class RunConfig(StrictModel):
                 raise ValueError("teacher.lora: the teacher is frozen; give a trained adapter as `teacher.adapter`")
             if self.teacher.train_tokenizer is not None:
                 raise ValueError("teacher.train_tokenizer: a teacher's tokenizer must come with the teacher")
+        for role, spec in self.teachers.items():
+            if spec.lora is not None or spec.train_tokenizer is not None:
+                raise ValueError(f"teachers.{role}: a frozen model takes neither `lora` nor `train_tokenizer`")
         if self.source.kind == "seqkd" and self.teacher is None and self.source.seqkd_data is None:
             raise ValueError("source.kind=seqkd: set `source.seqkd_data` (teacher outputs from `dualkd generate`) "
                              "or a `teacher` to generate them with")

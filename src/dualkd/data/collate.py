@@ -91,6 +91,9 @@ class Batch:
     ce_scale: float = 1.0
     """Multiplies the objective's gold-CE weight: 0 for a student-sampled batch (on-policy KD keeps the CE on
     the gold data)."""
+    num_pairs: int = 0
+    """Preference batches (`dpo`): rows [0, P) hold the chosen responses and rows [P, 2P) the rejected ones of
+    the same prompts; 0 for ordinary batches."""
 
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, student=self.student.to(device),

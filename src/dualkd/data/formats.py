@@ -1,4 +1,4 @@
-"""Record formats: prompt/output, Alpaca instruction/input/output, chat messages.
+"""Record formats: prompt/output, Alpaca instruction/input/output, chat messages, preference pairs.
 
 A record becomes an `Example` (raw fields, validated). Rendering to (prompt text, response text) happens per
 tokenizer because a chat template belongs to a tokenizer: two models with different templates see the same
@@ -23,7 +23,7 @@ ALPACA_TEMPLATE_WITH_INPUT = (
     "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-Format = Literal["auto", "prompt_output", "alpaca", "messages"]
+Format = Literal["auto", "prompt_output", "alpaca", "messages", "preference"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,18 @@ class Example:
     prompt: str | None = None
     references: tuple[str, ...] = ()
     messages: tuple[dict[str, str], ...] | None = None
+    rejected: str | None = None
+    """Preference records: the rejected response (the chosen one is the training response)."""
+
+    @property
+    def rejected_example(self) -> Example:
+        """The same prompt with the rejected response in place of the chosen one."""
+        if self.rejected is None:
+            raise DataError(f"{self.where}: not a preference record (no `rejected` response)")
+        if self.messages is not None:
+            turn = {"role": "assistant", "content": self.rejected}
+            return Example(where=self.where, messages=(*self.messages[:-1], turn))
+        return Example(where=self.where, prompt=self.prompt, references=(self.rejected,))
 
     @property
     def response(self) -> str:
@@ -55,7 +67,10 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
 
 
 def detect_format(obj: dict[str, Any]) -> str | None:
-    """Auto-detection, in priority order: `messages`, then an already rendered `prompt`, then `instruction`."""
+    """Auto-detection, in priority order: `chosen` (a preference pair), `messages`, an already rendered `prompt`,
+    then `instruction`."""
+    if "chosen" in obj:
+        return "preference"
     if "messages" in obj:
         return "messages"
     if "prompt" in obj:
@@ -73,7 +88,7 @@ def parse_record(obj: Any, where: str, fmt: Format = "auto") -> Example:
     if kind is None:
         raise DataError(
             f"{where}: unknown record format (keys: {sorted(obj)}); expected `prompt`+`output`, "
-            "`instruction`(+`input`)+`output`, or `messages`"
+            "`instruction`(+`input`)+`output`, `messages`, or `prompt`+`chosen`+`rejected`"
         )
     if kind == "prompt_output":
         prompt = _string(obj, "prompt", where)
@@ -85,6 +100,8 @@ def parse_record(obj: Any, where: str, fmt: Format = "auto") -> Example:
                        references=_references(obj, "output", where))
     if kind == "messages":
         return Example(where=where, messages=_messages(obj, where))
+    if kind == "preference":
+        return _preference(obj, where)
     raise DataError(f"{where}: unknown format {kind!r}")
 
 
@@ -156,6 +173,44 @@ def _messages(obj: dict[str, Any], where: str) -> tuple[dict[str, str], ...]:
     if not turns[-1]["content"].strip():
         raise DataError(f"{where}: field 'messages[{len(turns) - 1}].content': empty response")
     return tuple(turns)
+
+
+def _preference(obj: dict[str, Any], where: str) -> Example:
+    """`prompt` + `chosen` + `rejected`. Text: three strings. Chat: `chosen`/`rejected` are message lists, either
+    whole conversations that differ only in the last (assistant) turn (UltraFeedback's layout), or just the
+    assistant turn after a `prompt` given as a string (one user turn) or a message list."""
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise DataError(f"{where}: field '{key}' is missing")
+    chosen, rejected = obj["chosen"], obj["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        prompt = _string(obj, "prompt", where)
+        for key, value in (("chosen", chosen), ("rejected", rejected)):
+            if not value.strip():
+                raise DataError(f"{where}: field '{key}': empty response")
+        return Example(where=where, prompt=prompt, references=(chosen,), rejected=rejected)
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise DataError(f"{where}: fields 'chosen'/'rejected': expected two strings or two message lists, got "
+                        f"{_describe(chosen)} and {_describe(rejected)}")
+    convs = []
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        if len(value) < 2:  # only the answer: the prompt holds the conversation before it
+            prompt = obj.get("prompt")
+            if isinstance(prompt, str):
+                before = [{"role": "user", "content": prompt}]
+            elif isinstance(prompt, list):
+                before = list(prompt)
+            else:
+                raise DataError(f"{where}: field 'prompt': expected a string or a message list before the single-turn "
+                                f"'{key}', got {_describe(prompt)}")
+            value = before + list(value)
+        try:
+            convs.append(_messages({"messages": value}, where))
+        except DataError as e:
+            raise DataError(str(e).replace("field 'messages", f"field '{key}")) from None
+    if convs[0][:-1] != convs[1][:-1]:
+        raise DataError(f"{where}: fields 'chosen'/'rejected': the conversations differ before the last turn")
+    return Example(where=where, messages=convs[0], rejected=convs[1][-1]["content"])
 
 
 def _describe(value: Any) -> str:

@@ -322,3 +322,18 @@ def fused_argmax(hidden: Tensor, head: Tensor, bias: Tensor | None = None, chunk
     for start in range(0, flat.shape[0], step):
         out[start:start + step] = _logits(flat[start:start + step], head, bias).argmax(-1)
     return out.reshape(hidden.shape[:-1])
+
+
+@torch.no_grad()
+def fused_total_variation(h1: Tensor, head1: Tensor, h2: Tensor, head2: Tensor, bias1: Tensor | None = None,
+                          bias2: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+    """½·Σ_v |softmax(h1 @ head1.T) − softmax(h2 @ head2.T)| per row, [N, d1], [N, d2] -> [N] (fp32), chunk by
+    chunk without [N, V] tensors (AlignDistil's disagreement between two frozen models; no gradients)."""
+    n = h1.shape[0]
+    out = torch.zeros(n, dtype=torch.float32, device=h1.device)
+    step = chunk_size or default_chunk_size(max(n, 1), head1.shape[0])
+    for s in range(0, n, step):
+        p = torch.softmax(upcast(_logits(h1[s:s + step], head1, bias1)), -1)
+        q = torch.softmax(upcast(_logits(h2[s:s + step], head2, bias2)), -1)
+        out[s:s + step] = 0.5 * (p - q).abs().sum(-1)
+    return out

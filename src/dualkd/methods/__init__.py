@@ -4,7 +4,9 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
+from dualkd.methods.aligndistil import AlignDistil, AlignDistilConfig
 from dualkd.methods.base import Objective, StepNorm
+from dualkd.methods.dpo import DPO, DPOConfig
 from dualkd.methods.dskd import DSKD, DSKDConfig
 from dualkd.methods.dskd_cma import DSKDCMA, DSKDCMAConfig
 from dualkd.methods.dskdv2 import DSKDv2, DSKDv2Config
@@ -15,10 +17,12 @@ from dualkd.methods.uld import ULD, ULDConfig
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "sft": SFT, "kd": KD, "dskd": DSKD, "dskd_cma": DSKDCMA, "dskdv2": DSKDv2, "uld": ULD, "mined": MinED,
+    "dpo": DPO, "aligndistil": AlignDistil,
 }
 
 ObjectiveConfig = Annotated[
-    Union[SFTConfig, KDConfig, DSKDConfig, DSKDv2Config, DSKDCMAConfig, ULDConfig, MinEDConfig],  # noqa: UP007
+    Union[SFTConfig, KDConfig, DSKDConfig, DSKDv2Config, DSKDCMAConfig, ULDConfig, MinEDConfig,  # noqa: UP007
+          DPOConfig, AlignDistilConfig],
     Field(discriminator="name"),
 ]
 

@@ -45,6 +45,16 @@ def lm_forward(model: nn.Module, tokens: ModelBatch, *, hidden: bool = False, lo
                     hidden=out.hidden_states[-1] if hidden or not logits else None)
 
 
+def response_logprobs(model: nn.Module, tokens: ModelBatch, chunk_size: int | None = None) -> Tensor:
+    """Σ_t log p(label_t) over each row's response tokens (+ EOS): [B]. Fused over the vocabulary (no [B, T, V]
+    logits); gradients flow when the caller has them on (DPO's policy), not for frozen models."""
+    hidden = lm_forward(model, tokens, hidden=True, logits=False).hidden  # [B, T, d]
+    head, bias = head_of(model)
+    ce, _ = fused_cross_entropy(hidden, head, tokens.labels, bias=bias, mask=tokens.loss_mask, reduction="none",
+                                chunk_size=chunk_size)  # [B, T], 0 off the mask
+    return -ce.sum(-1)
+
+
 @dataclass
 class StepNorm:
     """Loss denominators of one optimizer step (see the module docstring)."""
@@ -67,6 +77,9 @@ class SetupContext:
     same_tokenizer: bool
     student_pretrained: bool = True
     """False when the student starts from random weights (`student.init: random`)."""
+    frozen: dict[str, nn.Module] | None = None
+    """The extra frozen models of `frozen_roles`, loaded from the config's `teachers` (same tokenizer as the
+    teacher); the objective keeps them as plain attributes (never trained, saved or wrapped)."""
 
 
 class Objective(nn.Module, ABC):
@@ -75,6 +88,10 @@ class Objective(nn.Module, ABC):
     """The loop loads a teacher and calls `teacher_forward`."""
     teacher_reads_own_tokens: ClassVar[bool] = False
     """Cross-tokenizer objectives: the data is also tokenized with the teacher's tokenizer."""
+    wants_pairs: ClassVar[bool] = False
+    """The data are preference pairs (`PreferenceDataset`: chosen rows, then rejected rows)."""
+    eval_weight: ClassVar[str] = "tokens"
+    """The count that weights each dev batch's loss in the dev mean (DPO: pairs)."""
     counts_need_teacher: ClassVar[bool] = False
     """The loop runs the teacher on every micro-batch of a step before `counts` (denominators that depend on
     the teacher's predictions, such as DSKDv2's agreement count)."""
@@ -85,6 +102,11 @@ class Objective(nn.Module, ABC):
 
     def setup(self, ctx: SetupContext) -> None:
         """Validate models/tokenizers against the objective and build trainable extras (projectors)."""
+
+    def frozen_roles(self) -> dict[str, str]:
+        """Extra frozen models this objective reads besides the teacher: role -> what it is. The run config's
+        `teachers.<role>` names each; they reach `setup` as `ctx.frozen`."""
+        return {}
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer groups for the objective's own parameters, e.g. [{"params": [...], "lr": 1e-3}]."""

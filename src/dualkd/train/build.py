@@ -15,6 +15,7 @@ from torch import nn
 from dualkd.config import RunConfig
 from dualkd.data.dataset import TokenizedDataset, make_dataset
 from dualkd.data.formats import Example
+from dualkd.data.preferences import make_preference_dataset
 from dualkd.data.readers import LoadReport, load_examples
 from dualkd.errors import ConfigError
 from dualkd.methods import Objective, build_objective
@@ -36,6 +37,8 @@ class Parts:
     aligner: Any | None = None
     """Pairs student/teacher positions of two tokenizations (cross-tokenizer objectives); on-policy sources
     run it on student samples."""
+    frozen: dict[str, nn.Module] | None = None
+    """Extra frozen models of the objective (`teachers.<role>`), placed on the device with the teacher."""
 
 
 def training_texts(examples: list[Example]) -> Iterable[str]:
@@ -68,22 +71,47 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
     own_teacher_tokens = teacher_tokenizer if objective.teacher_reads_own_tokens and not same else None
     aligner = objective.make_aligner(student_tokenizer, teacher_tokenizer) if own_teacher_tokens else None
 
-    train_set = make_dataset(train_examples, train_report, data, student_tokenizer, own_teacher_tokens, aligner)
-    dev_set = None
-    if dev_examples is not None:
-        dev_set = make_dataset(dev_examples, dev_report, data, student_tokenizer, own_teacher_tokens, aligner)
+    def tokenized(examples: list[Example], report: LoadReport) -> Any:
+        if objective.wants_pairs:  # DPO: both responses of each preference pair
+            return make_preference_dataset(examples, report, data, student_tokenizer)
+        return make_dataset(examples, report, data, student_tokenizer, own_teacher_tokens, aligner)
+
+    train_set = tokenized(train_examples, train_report)
+    dev_set = tokenized(dev_examples, dev_report) if dev_examples is not None else None
 
     student = load_model(cfg.student, student_tokenizer, role="student", seed=cfg.seed)
     teacher = None
     if objective.needs_teacher:
         assert cfg.teacher is not None
         teacher = load_model(cfg.teacher, teacher_tokenizer, role="teacher", seed=cfg.seed)
+    frozen = _frozen_models(cfg, objective, student_tokenizer)
     objective.setup(SetupContext(student=student, teacher=teacher, student_tokenizer=student_tokenizer,
                                  teacher_tokenizer=teacher_tokenizer, same_tokenizer=same,
-                                 student_pretrained=cfg.student.init != "random"))
+                                 student_pretrained=cfg.student.init != "random", frozen=frozen))
     reports = [r for r in (train_report, dev_report) if r is not None]
     return Parts(objective, student, teacher, student_tokenizer, teacher_tokenizer, train_set, dev_set, reports,
-                 aligner)
+                 aligner, frozen)
+
+
+def _frozen_models(cfg: RunConfig, objective: Objective, student_tokenizer: Any) -> dict[str, nn.Module]:
+    """Load the objective's extra frozen models (`teachers.<role>`); each must read the student's tokens."""
+    roles = objective.frozen_roles()
+    missing = [r for r in roles if r not in cfg.teachers]
+    if missing:
+        raise ConfigError(f"objective `{cfg.objective.name}` needs " + "; ".join(
+            f"`teachers.{r}.path`: {roles[r]}" for r in missing))
+    unused = sorted(set(cfg.teachers) - set(roles))
+    if unused:
+        raise ConfigError(f"teachers.{unused[0]}: objective `{cfg.objective.name}` reads no such model "
+                          f"(it reads: {sorted(roles) or 'none'})")
+    frozen = {}
+    for role in roles:
+        spec = cfg.teachers[role]
+        tokenizer = load_tokenizer(spec)
+        if not same_vocabulary(student_tokenizer, tokenizer):
+            raise ConfigError(f"teachers.{role}: its tokenizer differs from the student's; this objective needs one")
+        frozen[role] = load_model(spec, tokenizer, role="teacher", seed=cfg.seed)
+    return frozen
 
 
 def _student_tokenizer(cfg: RunConfig, run_dir: Path, engine: Any, examples: list[Example]) -> Any:

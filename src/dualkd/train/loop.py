@@ -67,8 +67,10 @@ class TrainModule(nn.Module):
             return loss, metrics
         assert gold_norm is not None
         gold_loss, gold_metrics = self.objective.gold_ce(self.student, gold, gold_norm)
-        sampled = {(f"sampled_{k}" if k in ("ce", "acc") else k): v for k, v in metrics.items()}
-        return loss + gold_loss, {**sampled, **gold_metrics}
+        # the objective's own CE/accuracy on the samples is not trained (ce_scale = 0; fused objectives then skip
+        # it and report 0): the logged `ce` and `acc` are the gold ones
+        kd_metrics = {k: v for k, v in metrics.items() if k not in ("ce", "acc")}
+        return loss + gold_loss, {**kd_metrics, **gold_metrics}
 
 
 def train(cfg: RunConfig, resume: bool = False) -> Path:
@@ -108,6 +110,8 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
     scheduler = build_scheduler(optimizer, opt, total_steps)
     module, optimizer = engine.prepare(module, optimizer)
     teacher = engine.place_teacher(parts.teacher)
+    for model in (parts.frozen or {}).values():  # the objective holds them; placement moves them in place
+        engine.place_teacher(model)
     objective = parts.objective
     source = make_source(cfg, parts, gold, lambda: _student_for_sampling(engine, module), total_steps)
 
@@ -318,7 +322,7 @@ def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: n
             teacher_out = objective.teacher_forward(teacher, batch)
             counts = {k: float(v) for k, v in objective.counts(batch, teacher_out, raw.student).items()}
             loss, metrics = raw(batch, teacher_out, StepNorm(counts))
-        n = counts["tokens"]
+        n = counts[objective.eval_weight]
         totals["tokens"] += n
         totals["loss"] += float(loss) * n
         for k, v in metrics.items():

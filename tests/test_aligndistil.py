@@ -1,0 +1,382 @@
+"""Preference data, DPO / reverse DPO, AlignDistil (identities of the spec, fused vs naive), alignment
+evaluation and the LLM judge (against a small HTTP server started on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dualkd.config import validate_config
+from dualkd.data.formats import parse_record
+from dualkd.errors import DataError
+from dualkd.losses.policy import (
+    adaptive_alpha,
+    aligndistil_loss,
+    contrastive_teacher_logits,
+    dpo_loss,
+    reverse_kl,
+    sequence_logprobs,
+    theorem1_teacher_logits,
+    total_variation,
+)
+from dualkd.methods.base import StepNorm
+from dualkd.train.build import build_parts
+from dualkd.train.loop import TrainModule, train
+from tests.conftest import make_model_dir, read_metrics, synthetic_records, tiny_run, write_jsonl
+
+ENGINE = SimpleNamespace(is_main=True, barrier=lambda: None)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def test_preference_records() -> None:
+    ex = parse_record({"prompt": "Q?", "chosen": "yes", "rejected": "no"}, "f:1")
+    assert (ex.prompt, ex.response, ex.rejected) == ("Q?", "yes", "no")
+    assert ex.rejected_example.response == "no" and ex.rejected_example.prompt == "Q?"
+    user = {"role": "user", "content": "Q?"}
+    full = parse_record({"prompt": "Q?", "chosen": [user, {"role": "assistant", "content": "yes"}],
+                         "rejected": [user, {"role": "assistant", "content": "no"}]}, "f:2")
+    short = parse_record({"prompt": "Q?", "chosen": [{"role": "assistant", "content": "yes"}],
+                          "rejected": [{"role": "assistant", "content": "no"}]}, "f:3")
+    assert full.messages == short.messages and full.rejected == short.rejected == "no"
+    bad = [({"prompt": "Q?", "chosen": "yes"}, "field 'rejected' is missing"),
+           ({"prompt": "Q?", "chosen": "yes", "rejected": " "}, "field 'rejected': empty response"),
+           ({"chosen": "yes", "rejected": "no"}, "field 'prompt' is missing"),
+           ({"prompt": "Q?", "chosen": "yes", "rejected": ["no"]}, "two strings or two message lists"),
+           ({"chosen": [user, {"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
+            "differ before the last turn"),
+           ({"prompt": "Q?", "chosen": [user, {"role": "user", "content": "x"}],
+             "rejected": [user, {"role": "assistant", "content": "b"}]}, r"field 'chosen\[1\]'")]
+    for record, message in bad:
+        with pytest.raises(DataError, match=message) as e:
+            parse_record(record, "prefs.jsonl:7")
+        assert str(e.value).startswith("prefs.jsonl:7")
+
+
+# ----------------------------------------------------------------------------------------------- pure math
+
+
+def test_dpo_loss_hand_computed() -> None:
+    loss, rc, rr = dpo_loss(torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.5]),
+                            beta=0.5)
+    # rewards: 0.5·(−3 + 4) = 0.5 and 0.5·(−5 + 4.5) = −0.25; loss = −log σ(0.75) = log(1 + e^−0.75)
+    assert float(rc) == pytest.approx(0.5) and float(rr) == pytest.approx(-0.25)
+    assert float(loss) == pytest.approx(0.3868710, abs=1e-6)
+    logits = torch.randn(2, 4, 7)
+    labels, mask = torch.randint(0, 7, (2, 4)), torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    expected = [sum(F.log_softmax(logits[b, t], -1)[labels[b, t]] for t in range(4) if mask[b, t]) for b in range(2)]
+    assert torch.allclose(sequence_logprobs(logits, labels, mask), torch.stack(expected))
+
+
+def test_aligndistil_identities() -> None:
+    g = torch.Generator().manual_seed(0)
+    z_dpo, z_rev = torch.randn(3, 5, 11, generator=g), torch.randn(3, 5, 11, generator=g)
+    r, eps = 20.0, 1e-3
+    # equal models: α = ε, and the teacher is the DPO model
+    alpha = adaptive_alpha(z_dpo, z_dpo, r, eps)
+    assert torch.allclose(alpha, torch.full_like(alpha, eps))
+    assert torch.allclose(torch.softmax(contrastive_teacher_logits(z_dpo, z_dpo, alpha), -1), torch.softmax(z_dpo, -1))
+    # bounds
+    tvd = total_variation(z_dpo, z_rev)
+    assert bool(((tvd >= 0) & (tvd <= 1)).all())
+    alpha = adaptive_alpha(z_dpo, z_rev, r, eps)
+    assert bool(((alpha >= eps) & (alpha <= r + eps)).all())
+    assert float(total_variation(torch.tensor([[0.0, -1e9]]), torch.tensor([[-1e9, 0.0]]))) == pytest.approx(1.0)
+    # a per-position constant on either model's logits changes nothing
+    shift = torch.randn(3, 5, 1, generator=g)
+    star = torch.softmax(contrastive_teacher_logits(z_dpo, z_rev, alpha), -1)
+    assert torch.allclose(adaptive_alpha(z_dpo + shift, z_rev - 2 * shift, r, eps), alpha, atol=1e-6)
+    assert torch.allclose(torch.softmax(contrastive_teacher_logits(z_dpo + shift, z_rev + 3 * shift, alpha), -1),
+                          star, atol=1e-6)
+    # loss >= 0, and 0 when the student is the teacher
+    z_star = contrastive_teacher_logits(z_dpo, z_rev, alpha)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    student = torch.randn(3, 5, 11, generator=g)
+    assert float(aligndistil_loss(student, z_star, 0.1 / alpha, mask)) > 0
+    assert float(aligndistil_loss(z_star + 5.0, z_star, 0.1 / alpha, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_one_step_bandit_identity_and_convergence() -> None:
+    """E_{a~q}[β0·log(p_dpo/p_ref)] − β·KL(q‖p_ref) = −β·KL(q‖π*) + β·log Z with π* ∝ p_dpo^w p_ref^(1−w), w = β0/β;
+    gradient descent on free logits of q then reaches π* (Theorem 1's teacher)."""
+    g = torch.Generator().manual_seed(1)
+    z_dpo, z_ref, z_q = (torch.randn(9, generator=g, dtype=torch.float64) for _ in range(3))
+    beta0, beta = 0.1, 0.05
+    w = beta0 / beta
+    log_dpo, log_ref, log_q = (torch.log_softmax(z, -1) for z in (z_dpo, z_ref, z_q))
+    q = log_q.exp()
+    rlhf = (q * beta0 * (log_dpo - log_ref)).sum() - beta * (q * (log_q - log_ref)).sum()
+    log_unnorm = w * log_dpo + (1 - w) * log_ref
+    log_z = torch.logsumexp(log_unnorm, -1)
+    log_star = log_unnorm - log_z
+    assert torch.allclose(torch.log_softmax(theorem1_teacher_logits(z_dpo, z_ref, w), -1), log_star)
+    assert float(rlhf) == pytest.approx(float(-beta * (q * (log_q - log_star)).sum() + beta * log_z), abs=1e-12)
+    free = torch.zeros(9, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([free], lr=1.0)
+    for _ in range(3000):
+        opt.zero_grad()
+        reverse_kl(free[None], log_star[None]).sum().backward()
+        opt.step()
+    assert torch.allclose(torch.softmax(free.detach(), -1), log_star.exp(), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- objectives
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Preference pairs from the synthetic tasks: the right answer is chosen, another task's answer rejected."""
+    recs = synthetic_records(140, seed=5)
+    rng = random.Random(0)
+    pairs = [{"prompt": r["prompt"], "chosen": r["output"], "rejected": recs[rng.randrange(len(recs))]["output"]}
+             for r in recs]
+    pairs = [p for p in pairs if p["chosen"] != p["rejected"]]
+    root = tmp_path_factory.mktemp("prefs")
+    return write_jsonl(root / "train.jsonl", pairs[:96]), write_jsonl(root / "dev.jsonl", pairs[96:120])
+
+
+@pytest.fixture(scope="module")
+def reverse_model(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer_dir: Path) -> Path:
+    """A second model of the teacher's tokenizer (stands in for the reverse-DPO model in unit tests)."""
+    return make_model_dir(tmp_path_factory.mktemp("rev"), byte_tokenizer_dir, n_embd=48, seed=3)
+
+
+def _align_cfg(tmp: Path, prefs: tuple[Path, Path], tok: Path, dpo: Path, other: Path, **objective) -> dict:
+    role = "reference" if objective.get("teacher_logits") == "theorem1" else "reverse"
+    return tiny_run(tmp, prefs[0], tok, teacher=dpo, objective={"name": "aligndistil", **objective},
+                    teachers={role: {"path": str(other)}})
+
+
+@pytest.mark.parametrize("variant", [{}, {"length_norm": False}, {"teacher_logits": "constant", "alpha": 2.0},
+                                     {"teacher_logits": "theorem1", "w": 1.5}, {"kd_rate": 0.7}],
+                         ids=["adaptive", "token_mean", "constant", "theorem1", "with_ce"])
+def test_fused_aligndistil_matches_the_naive_loss(variant: dict, tmp_path: Path, prefs: tuple[Path, Path],
+                                                  byte_tokenizer_dir: Path, teacher_dir: Path,
+                                                  reverse_model: Path) -> None:
+    cfg = validate_config(_align_cfg(tmp_path, prefs, byte_tokenizer_dir, teacher_dir, reverse_model, **variant))
+    parts = build_parts(cfg, tmp_path, ENGINE)
+    obj, student = parts.objective, parts.student
+    student.eval()
+    batch = parts.train_set.collate(list(range(5)))
+    plan = obj.teacher_forward(parts.teacher, batch)
+    counts = {k: float(v) for k, v in obj.counts(batch).items()}
+    loss, metrics = TrainModule(student, obj)(batch, plan, StepNorm(counts))
+
+    tokens = batch.student
+    with torch.no_grad():
+        z_dpo = parts.teacher(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
+        other = parts.frozen["reference" if "w" in variant else "reverse"]
+        z_other = other(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
+    c = obj.config
+    if c.teacher_logits == "adaptive":
+        alpha = adaptive_alpha(z_dpo, z_other, c.r, c.eps)
+        z_star, weights = contrastive_teacher_logits(z_dpo, z_other, alpha), c.beta0 / alpha
+    elif c.teacher_logits == "constant":
+        z_star = contrastive_teacher_logits(z_dpo, z_other, c.alpha)
+        weights = torch.full(z_dpo.shape[:2], c.beta0 / c.alpha)
+    else:
+        z_star, weights = theorem1_teacher_logits(z_dpo, z_other, c.w), torch.full(z_dpo.shape[:2], c.beta0 / c.w)
+    logits = student(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
+    naive = c.kd_rate * aligndistil_loss(logits, z_star, weights, tokens.loss_mask, length_norm=c.length_norm)
+    if c.kd_rate < 1:
+        ce = F.cross_entropy(logits[tokens.loss_mask], tokens.labels[tokens.loss_mask])
+        naive = naive + (1 - c.kd_rate) * ce
+    assert float(loss.detach()) == pytest.approx(float(naive.detach()), rel=1e-4)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    naive_grads = torch.autograd.grad(naive, list(student.parameters()))
+    for a, b in zip(grads, naive_grads):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    assert float(metrics["tvd"]) >= 0 and float(metrics["alpha"]) > 0
+
+
+def test_loss_positions_follow_the_label_shift(tmp_path: Path, prefs: tuple[Path, Path], byte_tokenizer_dir: Path,
+                                               teacher_dir: Path, reverse_model: Path) -> None:
+    """The prediction of the first response token (at the last prompt position) counts; the position after the
+    EOS (padding) does not. The official off-policy trainer gets both wrong."""
+    cfg = validate_config(_align_cfg(tmp_path, prefs, byte_tokenizer_dir, teacher_dir, reverse_model))
+    parts = build_parts(cfg, tmp_path, ENGINE)
+    ex = parts.train_set.student[0]
+    batch = parts.train_set.collate([0, 1])
+    row = 0 if len(parts.train_set.student[0].ids) >= len(parts.train_set.student[1].ids) else 1
+    ex = parts.train_set.student[row]
+    mask, labels = batch.student.loss_mask[row], batch.student.labels[row]
+    first = ex.prompt_len - 1
+    assert bool(mask[first]) and int(labels[first]) == ex.ids[ex.prompt_len]
+    assert not bool(mask[:first].any())
+    assert int(mask.sum()) == len(ex.ids) - ex.prompt_len  # response tokens + EOS, nothing after it
+    assert int(labels[mask][-1]) == ex.ids[-1]
+    plan = parts.objective.teacher_forward(parts.teacher, batch)
+    assert plan.hidden.shape[0] == int(batch.student.loss_mask.sum())
+
+
+def test_frozen_models_get_no_gradients_and_are_not_trained(tmp_path: Path, prefs: tuple[Path, Path],
+                                                           byte_tokenizer_dir: Path, teacher_dir: Path,
+                                                           reverse_model: Path) -> None:
+    cfg = validate_config(_align_cfg(tmp_path, prefs, byte_tokenizer_dir, teacher_dir, reverse_model))
+    parts = build_parts(cfg, tmp_path, ENGINE)
+    module = TrainModule(parts.student, parts.objective)
+    batch = parts.train_set.collate(list(range(4)))
+    plan = parts.objective.teacher_forward(parts.teacher, batch)
+    loss, _ = module(batch, plan, StepNorm({k: float(v) for k, v in parts.objective.counts(batch).items()}))
+    loss.backward()
+    frozen = list(parts.teacher.parameters()) + list(parts.frozen["reverse"].parameters())
+    assert all(p.grad is None and not p.requires_grad for p in frozen)
+    assert any(p.grad is not None for p in parts.student.parameters())
+    own = {id(p) for p in module.parameters()}
+    assert not any(id(p) in own for p in frozen)  # neither wrapped, optimized nor checkpointed
+    assert parts.objective.state_dict() == {}
+
+
+def test_missing_or_stray_frozen_models_are_named(tmp_path: Path, prefs: tuple[Path, Path],
+                                                 byte_tokenizer_dir: Path, teacher_dir: Path) -> None:
+    from dualkd.errors import ConfigError
+
+    cfg = tiny_run(tmp_path, prefs[0], byte_tokenizer_dir, teacher=teacher_dir, objective={"name": "aligndistil"})
+    with pytest.raises(ConfigError, match=r"teachers\.reverse\.path"):
+        build_parts(validate_config(cfg), tmp_path, ENGINE)
+    cfg["teachers"] = {"reverse": {"path": str(teacher_dir)}, "critic": {"path": str(teacher_dir)}}
+    with pytest.raises(ConfigError, match="teachers.critic"):
+        build_parts(validate_config(cfg), tmp_path, ENGINE)
+
+
+def test_dpo_swap_pairs_flips_the_preference(tmp_path: Path, prefs: tuple[Path, Path], byte_tokenizer_dir: Path,
+                                             teacher_dir: Path, reverse_model: Path) -> None:
+    out = {}
+    for swap in (False, True):
+        cfg = tiny_run(tmp_path / str(swap), prefs[0], byte_tokenizer_dir, teacher=reverse_model,
+                       student={"path": str(teacher_dir)}, objective={"name": "dpo", "beta": 0.5, "swap_pairs": swap})
+        parts = build_parts(validate_config(cfg), tmp_path, ENGINE)
+        parts.student.eval()
+        batch = parts.train_set.collate(list(range(6)))
+        assert batch.num_pairs == 6 and batch.student.input_ids.shape[0] == 12
+        ref = parts.objective.teacher_forward(parts.teacher, batch)
+        counts = {k: float(v) for k, v in parts.objective.counts(batch).items()}
+        loss, metrics = parts.objective(parts.student, batch, ref, StepNorm(counts))
+        with torch.no_grad():
+            lp = sequence_logprobs(parts.student(input_ids=batch.student.input_ids,
+                                                 attention_mask=batch.student.attention_mask).logits,
+                                   batch.student.labels, batch.student.loss_mask)
+            lr = sequence_logprobs(parts.teacher(input_ids=batch.student.input_ids,
+                                                 attention_mask=batch.student.attention_mask).logits,
+                                   batch.student.labels, batch.student.loss_mask)
+        w, l_ = (slice(6, 12), slice(0, 6)) if swap else (slice(0, 6), slice(6, 12))
+        naive, _, _ = dpo_loss(lp[w], lp[l_], lr[w], lr[l_], 0.5)
+        assert float(loss) == pytest.approx(float(naive.mean()), rel=1e-5)
+        out[swap] = float(metrics["margin"])
+    assert out[True] == pytest.approx(-out[False], rel=1e-5)
+
+
+def test_dpo_reverse_dpo_then_aligndistil_off_and_on_policy(tmp_path: Path, prefs: tuple[Path, Path],
+                                                            byte_tokenizer_dir: Path, teacher_dir: Path) -> None:
+    common = dict(student={"path": str(teacher_dir)}, optimization={"lr": 2e-3, "max_steps": 8},
+                  data={"train": str(prefs[0]), "dev": str(prefs[1])}, eval={"every_steps": 4})
+    dpo = train(validate_config(tiny_run(tmp_path / "dpo", prefs[0], byte_tokenizer_dir, teacher=teacher_dir,
+                                         objective={"name": "dpo"}, **common)))
+    rdpo = train(validate_config(tiny_run(tmp_path / "rdpo", prefs[0], byte_tokenizer_dir, teacher=teacher_dir,
+                                          objective={"name": "dpo", "swap_pairs": True}, **common)))
+    dev = read_metrics(dpo, "dev")
+    assert dev and all(0 <= d["pref_acc"] <= 1 for d in dev)
+    first, last = read_metrics(dpo)[0], read_metrics(dpo)[-1]
+    assert last["margin"] > first["margin"]  # DPO pushes chosen over rejected
+    assert read_metrics(rdpo)[-1]["margin"] > read_metrics(rdpo)[0]["margin"]
+    for kind, source in (("off", {}), ("on", {"kind": "on_policy", "student_gen_ratio": 1.0,
+                                              "on_policy_after": 0, "max_new_tokens": 16})):
+        cfg = tiny_run(tmp_path / f"ad-{kind}", prefs[0], byte_tokenizer_dir, teacher=dpo / "final",
+                       objective={"name": "aligndistil"}, teachers={"reverse": {"path": str(rdpo / "final")}},
+                       source=source, **common)
+        records = read_metrics(train(validate_config(cfg)))
+        assert len(records) == 8 and all(r["loss"] >= 0 and r["alpha"] >= 1e-3 for r in records)
+        assert all(r["sampled"] == (1.0 if kind == "on" else 0.0) for r in records)
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def test_preference_build_and_align_eval(tmp_path: Path, train_file: Path, teacher_dir: Path,
+                                         reverse_model: Path) -> None:
+    from dualkd.cli import main
+    from dualkd.config import GenerationConfig
+    from dualkd.eval.alignment import evaluate_alignment
+
+    out = tmp_path / "prefs.jsonl"
+    assert main(["preference", "build", str(teacher_dir), "--data", str(train_file), "--out", str(out),
+                 "--max-examples", "12", "--max-new-tokens", "8", "--no-repeat-ngram-size", "0"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    originals = [json.loads(line) for line in train_file.read_text().splitlines()][:12]
+    assert rows and all(r["chosen"] == next(o["output"] for o in originals if o["prompt"] == r["prompt"])
+                        and r["rejected"] != r["chosen"] for r in rows)
+    settings = GenerationConfig(max_new_tokens=8, max_length=96, max_prompt_length=80)
+    same = evaluate_alignment(teacher_dir, out, teacher_dir, teacher_dir, beta=0.1, settings=settings)
+    assert same["kl_to_dpo"] == pytest.approx(0.0, abs=1e-5)  # the model is its own DPO model
+    other = evaluate_alignment(teacher_dir, out, reverse_model, teacher_dir, beta=0.1, settings=settings,
+                               out=tmp_path / "ae")
+    assert other["kl_to_dpo"] > 0 and 0 < other["response_length"] <= 8
+    assert same["reward_accuracy"] == 0.0 and same["reward_margin"] == 0.0  # π = π_ref: every margin is 0
+    assert (tmp_path / "ae" / "alignment.json").exists() and (tmp_path / "ae" / "samples.jsonl").exists()
+
+
+class _Judge(BaseHTTPRequestHandler):
+    """An OpenAI-style endpoint whose judge prefers the longer response; the first request fails with 503."""
+
+    calls = 0
+
+    def do_POST(self) -> None:  # noqa: N802
+        type(self).calls += 1
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if type(self).calls == 1:
+            self.send_response(503)
+            self.end_headers()
+            self.wfile.write(b"warming up")
+            return
+        text = body["messages"][-1]["content"]
+        a = text.split("[Response A]\n", 1)[1].split("\n\n[Response B]", 1)[0]
+        b = text.split("[Response B]\n", 1)[1].split("\n\nWhich response", 1)[0]
+        verdict = "tie" if len(a) == len(b) else ("A" if len(a) > len(b) else "B")
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": f"{verdict}."}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_judge_against_a_local_server(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dualkd.cli import main
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    prompts = [f"question {i}" for i in range(6)]
+    cand = write_jsonl(tmp_path / "cand.jsonl", [{"prompt": p, "generation": "long answer " * (i % 3)}
+                                                 for i, p in enumerate(prompts)])
+    base = write_jsonl(tmp_path / "base.jsonl", [{"prompt": p, "output": "long answer "} for p in reversed(prompts)])
+    cache = tmp_path / "cache.jsonl"
+    try:
+        args = ["judge", str(cand), str(base), "--endpoint", endpoint, "--model", "judge", "--cache", str(cache),
+                "--out", str(tmp_path / "judge.json")]
+        assert main([*args, "--max-requests", "5"]) == 0  # the budget stops it part-way
+        partial = json.loads((tmp_path / "judge.json").read_text())
+        assert partial["stopped"] and partial["judged"] < 6 and partial["requests_sent"] == 5
+        assert main(args) == 0
+        result = json.loads((tmp_path / "judge.json").read_text())
+        # candidate lengths: 0, 1, 2 repeats vs 1 repeat -> loss, tie, win, twice over
+        assert (result["wins"], result["ties"], result["losses"]) == (2, 2, 2)
+        assert result["win_rate"] == pytest.approx(50.0) and result["cache_hits"] >= 4
+        assert main(args) == 0  # all cached now: no request goes out
+        again = json.loads((tmp_path / "judge.json").read_text())
+        assert again["requests_sent"] == 0 and again["cache_hits"] == 12
+    finally:
+        server.shutdown()
