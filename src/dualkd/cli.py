@@ -200,6 +200,47 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from types import SimpleNamespace
+
+    import torch
+    from rich.progress import Progress
+
+    from dualkd.config import load_config
+    from dualkd.models import load_model
+    from dualkd.train.build import build_parts
+    from dualkd.train.teacher_cache import write_cache
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.teacher is None:
+        raise DualKDError(f"{args.config}: no `teacher` to cache")
+    if cfg.source.kind != "off_policy":
+        cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"kind": "off_policy"})})
+    # the run's own data building (tokenizers, truncation, skipped records): the cache covers exactly the
+    # examples training will read, in order
+    parts = build_parts(cfg, Path(cfg.output_dir), SimpleNamespace(is_main=True, barrier=lambda: None))
+    teacher = parts.teacher if parts.teacher is not None else load_model(cfg.teacher, parts.teacher_tokenizer,
+                                                                         role="teacher", seed=cfg.seed)
+    tokenizer = parts.teacher_tokenizer
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher.to(device)
+    name = cfg.teacher.path or "random"
+    splits = {"train": parts.train_set, "dev": parts.dev_set}
+    for split, dataset in splits.items():
+        if dataset is None:
+            continue
+        examples = dataset.teacher_view
+        with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+            task = bar.add_task(f"caching {split}", total=len(examples))
+            manifest = write_cache(Path(args.out) / split, teacher, tokenizer, examples, name, k=args.top_k,
+                                   hidden=args.hidden, logprob_dtype=args.logprob_dtype,
+                                   shard_examples=args.shard_examples, batch_size=args.batch_size, device=device,
+                                   progress=lambda n, task=task: bar.advance(task, n))
+        print(f"{Path(args.out) / split}: {manifest['examples']} examples, top-{args.top_k}"
+              + (", hidden states" if args.hidden else "") + f", {len(manifest['complete'])} shards")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from dualkd.report import report
 
@@ -314,6 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, help="only the first N candidate prompts")
     p.add_argument("--out", help="write the full result (per-prompt votes) as JSON here")
     p.set_defaults(func=_cmd_judge)
+
+    p = sub.add_parser("cache-teacher", help="run a config's teacher once over its data and cache its top-k",
+                       description="Write the teacher's top-k next-token log-probabilities (+ the tail mass) and "
+                                   "optionally its last hidden states for every response token of the config's "
+                                   "train (and dev) data; train from it with source.kind=cache "
+                                   "source.cache_dir=OUT. Resumable: rerun to continue after a crash.")
+    p.add_argument("config", help="the run config whose teacher and data to cache")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--top-k", type=int, default=64, help="tokens kept per position (default 64)")
+    p.add_argument("--hidden", action="store_true", help="also keep the teacher's last hidden states (bf16)")
+    p.add_argument("--logprob-dtype", choices=["float16", "float32"], default="float16",
+                   help="storage of the top-k log-probabilities (default float16)")
+    p.add_argument("--shard-examples", type=int, default=1024, help="examples per shard (default 1024)")
+    p.add_argument("--batch-size", type=int, default=8, help="teacher batch size (default 8)")
+    p.set_defaults(func=_cmd_cache_teacher)
 
     p = sub.add_parser("report", help="Markdown report with plots for one or more runs",
                        description="Loss curves, dev metric over steps and per-set test scores of runs side by side.")

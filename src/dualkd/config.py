@@ -270,11 +270,12 @@ class SourceConfig(StrictModel):
     """Where the training batches come from (train/sources.py, train/on_policy.py). The loss is the objective's
     either way; on a student-sampled step the gold CE stays on the dataset responses."""
 
-    kind: Literal["off_policy", "on_policy", "seqkd", "replay"] = "off_policy"
+    kind: Literal["off_policy", "on_policy", "seqkd", "replay", "cache"] = "off_policy"
     """`off_policy`: dataset responses. `on_policy`: after `on_policy_after`, each step is replaced by student
     samples for its prompts with probability `student_gen_ratio` (DSKDv2/GKD). `seqkd`: train on teacher
     responses generated ahead of time (`seqkd_data`, made by `dualkd generate` or here before training).
-    `replay`: DistiLLM's adaptive off-policy replay buffer of student samples."""
+    `replay`: DistiLLM's adaptive off-policy replay buffer of student samples. `cache`: dataset responses with
+    the teacher read from an offline cache (`dualkd cache-teacher`; no teacher model is loaded)."""
     student_gen_ratio: float = Field(0.5, ge=0.0, le=1.0)
     """on_policy: probability that a step trains on student samples (DSKDv2 `--stu-gen-ratio`: 0.5)."""
     on_policy_after: int = Field(0, ge=0)
@@ -312,7 +313,16 @@ class SourceConfig(StrictModel):
     """seqkd: the teacher-generated training set (jsonl from `dualkd generate`). When the file does not exist
     the teacher writes it there before training (default `<output_dir>/seqkd-train.jsonl`)."""
 
-    @field_validator("seqkd_data")
+    cache_dir: str | None = None
+    """cache: the folder `dualkd cache-teacher` wrote (its `train/` and, when the run has dev data, `dev/`)."""
+
+    @model_validator(mode="after")
+    def _cache_needs_a_folder(self) -> SourceConfig:
+        if self.kind == "cache" and not self.cache_dir:
+            raise ValueError("source.kind=cache: set `source.cache_dir` (the output of `dualkd cache-teacher`)")
+        return self
+
+    @field_validator("seqkd_data", "cache_dir")
     @classmethod
     def _expand_home(cls, value: str | None) -> str | None:
         return os.path.expanduser(value) if value and value.startswith("~") else value

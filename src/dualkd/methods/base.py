@@ -77,6 +77,8 @@ class SetupContext:
     same_tokenizer: bool
     student_pretrained: bool = True
     """False when the student starts from random weights (`student.init: random`)."""
+    cache_k: int | None = None
+    """The k of an offline teacher cache the run trains from (no teacher model then)."""
     frozen: dict[str, nn.Module] | None = None
     """The extra frozen models of `frozen_roles`, loaded from the config's `teachers` (same tokenizer as the
     teacher); the objective keeps them as plain attributes (never trained, saved or wrapped)."""
@@ -88,6 +90,8 @@ class Objective(nn.Module, ABC):
     """The loop loads a teacher and calls `teacher_forward`."""
     teacher_reads_own_tokens: ClassVar[bool] = False
     """Cross-tokenizer objectives: the data is also tokenized with the teacher's tokenizer."""
+    reads_teacher_cache: ClassVar[bool] = False
+    """The objective can train from an offline top-k teacher cache instead of a live teacher."""
     wants_pairs: ClassVar[bool] = False
     """The data are preference pairs (`PreferenceDataset`: chosen rows, then rejected rows)."""
     eval_weight: ClassVar[str] = "tokens"

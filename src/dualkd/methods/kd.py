@@ -4,6 +4,10 @@
 
 on response tokens, same tokenizer. D is any divergence of `dualkd.losses` (forward KL by default), no τ².
 
+`top_k: k` compares the teacher's k most likely tokens plus one tail bucket instead of the whole vocabulary
+(`losses/sparse.py`, forward KL): what an offline teacher cache holds (`dualkd cache-teacher`, then
+`source.kind: cache`), and the live twin of it, to check a cache against.
+
 Large vocabularies go through the fused chunked loss (`losses/fused.py`): the models return their last hidden
 states and the loss multiplies them by the LM heads chunk by chunk, so no [N, V] logits exist. `fused: auto`
 does this from `fused_min_vocab` rows on; both paths give the same numbers (tested).
@@ -18,13 +22,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from dualkd.data.collate import Batch, ModelBatch
 from dualkd.errors import ModelError
 from dualkd.losses import divergence, token_cross_entropy
-from dualkd.losses.fused import fused_ce_and_divergence
+from dualkd.losses.fused import default_chunk_size, fused_ce_and_divergence, fused_cross_entropy
+from dualkd.losses.sparse import TopKTargets, sparse_kl, topk_targets
 from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward, token_accuracy
 from dualkd.methods.common import DivergenceChoice, TeacherRows, check_head_is_linear, head_of
 from dualkd.models import shared_vocab_size
@@ -37,11 +42,21 @@ class KDConfig(DivergenceChoice):
     least `fused_min_vocab` rows."""
     fused_min_vocab: int = Field(32000, ge=1)
     """Vocabulary size from which `fused: auto` uses the fused loss."""
+    top_k: int | None = Field(None, ge=1)
+    """Distil only the teacher's top-k tokens + a tail bucket (forward KL). Reading a teacher cache sets it to
+    the cache's k when unset."""
+
+    @model_validator(mode="after")
+    def _top_k_is_forward_kl(self) -> KDConfig:
+        if self.top_k is not None and self.divergence != "fkl":
+            raise ValueError("top_k (sparse KD with a tail bucket) is defined for divergence fkl only")
+        return self
 
 
 class KD(Objective):
     config_class = KDConfig
     needs_teacher = True
+    reads_teacher_cache = True
     config: KDConfig
 
     def setup(self, ctx: SetupContext) -> None:
@@ -50,6 +65,14 @@ class KD(Objective):
                 "objective `kd` needs the student and teacher to share one tokenizer, but their vocabularies "
                 "differ; use a cross-tokenizer objective (dskd_cma, dskdv2, uld, mined)"
             )
+        self.top_k = self.config.top_k
+        if ctx.cache_k is not None:  # a teacher cache: its top-k targets are the teacher
+            if self.top_k is not None and self.top_k != ctx.cache_k:
+                raise ModelError(f"objective.top_k={self.top_k} but the teacher cache holds the top {ctx.cache_k}")
+            self.top_k = ctx.cache_k
+            self.vocab_size = min(ctx.student.get_output_embeddings().weight.shape[0], len(ctx.student_tokenizer))
+            self.fused = False
+            return
         assert ctx.teacher is not None
         self.vocab_size = shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer)
         mode = self.config.fused
@@ -62,9 +85,16 @@ class KD(Objective):
                 raise ModelError(f"{e}; set objective.fused: off") from None
 
     @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> Tensor | TeacherRows:
+    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> Tensor | TeacherRows | TopKTargets:
+        if batch.cached_teacher is not None:  # an offline cache stands in for the teacher
+            return batch.cached_teacher
         assert teacher is not None
         tokens = batch.student  # same tokenizer: the teacher reads the student's tokens
+        if self.top_k is not None:
+            hidden = lm_forward(teacher, tokens, hidden=True, logits=False).hidden[tokens.loss_mask]
+            head, bias = head_of(teacher)
+            return topk_rows(hidden, head[: self.vocab_size], bias[: self.vocab_size] if bias is not None else None,
+                             self.top_k, self.config.chunk_size)
         if self.fused:
             hidden = lm_forward(teacher, tokens, hidden=True, logits=False).hidden
             head, bias = head_of(teacher)
@@ -76,6 +106,8 @@ class KD(Objective):
     def forward(self, student: nn.Module, batch: Batch, teacher_out: Tensor | TeacherRows, norm: StepNorm
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         tokens = batch.student
+        if isinstance(teacher_out, TopKTargets):
+            return self._sparse_loss(student, tokens, teacher_out, norm, batch.ce_scale)
         if isinstance(teacher_out, TeacherRows):
             return self._fused_loss(student, tokens, teacher_out, norm, batch.ce_scale)
         logits = lm_forward(student, tokens).logits  # [B, T, V_s]
@@ -101,3 +133,34 @@ class KD(Objective):
             teacher_bias=teacher.bias, params=self.config.divergence_params)
         n = norm["tokens"]
         return loss / n, {"ce": ce / n, "kd": kd / n, "acc": hits / n}
+
+    def _sparse_loss(self, student: nn.Module, tokens: ModelBatch, teacher: TopKTargets, norm: StepNorm,
+                     ce_scale: float) -> tuple[Tensor, dict[str, Tensor]]:
+        hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden[tokens.loss_mask]  # [N, d_s]
+        if hidden.shape[0] != len(teacher):
+            raise ModelError(f"the teacher targets cover {len(teacher)} positions but the batch has "
+                             f"{hidden.shape[0]} response tokens (a cache of other data or truncation?)")
+        head, bias = head_of(student)
+        rate, n = self.config.kd_rate, norm["tokens"]
+        ce, hits = fused_cross_entropy(hidden, head, tokens.labels[tokens.loss_mask], bias=bias,
+                                       chunk_size=self.config.chunk_size)
+        kd = sparse_kl(hidden, head[: self.vocab_size], teacher, temperature=self.config.temperature,
+                       student_bias=bias[: self.vocab_size] if bias is not None else None,
+                       chunk_size=self.config.chunk_size)
+        loss = ((1 - rate) * ce_scale * ce + rate * kd) / n
+        return loss, {"ce": ce.detach() / n, "kd": kd.detach() / n, "acc": hits / n}
+
+
+@torch.no_grad()
+def topk_rows(hidden: Tensor, head: Tensor, bias: Tensor | None, k: int, chunk_size: int | None = None
+              ) -> TopKTargets:
+    """The teacher's top-k targets at N rows from its hidden states, chunk by chunk (no [N, V] logits)."""
+    n = hidden.shape[0]
+    step = chunk_size or default_chunk_size(max(n, 1), head.shape[0])
+    parts = [topk_targets(hidden[s:s + step] @ head.t() + (bias if bias is not None else 0), k)
+             for s in range(0, n, step)]
+    if not parts:
+        empty = hidden.new_zeros((0, k))
+        return TopKTargets(empty.long(), empty.float(), hidden.new_zeros(0).float())
+    return TopKTargets(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]),
+                       torch.cat([p.tail for p in parts]))

@@ -22,6 +22,7 @@ from dualkd.methods import Objective, build_objective
 from dualkd.methods.base import SetupContext
 from dualkd.models import load_model, load_tokenizer, same_vocabulary
 from dualkd.train.seqkd import seqkd_examples
+from dualkd.train.teacher_cache import attach_caches, cache_tokenizer
 
 
 @dataclass
@@ -52,7 +53,11 @@ def training_texts(examples: list[Example]) -> Iterable[str]:
 
 def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
     objective = build_objective(cfg.objective)
-    if objective.needs_teacher and cfg.teacher is None:
+    from_cache = cfg.source.kind == "cache"  # the teacher's outputs come from files, no teacher model is loaded
+    if from_cache and not objective.reads_teacher_cache:
+        raise ConfigError(f"source.kind=cache: objective `{cfg.objective.name}` cannot train from a teacher cache "
+                          "(the top-k cache serves `kd`)")
+    if objective.needs_teacher and cfg.teacher is None and not from_cache:
         raise ConfigError(f"objective `{cfg.objective.name}` needs a teacher: set `teacher.path`")
 
     data = cfg.data
@@ -65,7 +70,10 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
         dev_examples, dev_report = load_examples(data.dev, data.format, data.on_error, data.dev_max_examples)
 
     student_tokenizer = _student_tokenizer(cfg, run_dir, engine, train_examples)
-    teacher_tokenizer = load_tokenizer(cfg.teacher) if objective.needs_teacher and cfg.teacher else None
+    if from_cache:
+        teacher_tokenizer = cache_tokenizer(cfg.source.cache_dir)
+    else:
+        teacher_tokenizer = load_tokenizer(cfg.teacher) if objective.needs_teacher and cfg.teacher else None
     same = teacher_tokenizer is None or same_vocabulary(student_tokenizer, teacher_tokenizer)
     # the teacher reads its own tokenization only when an objective asks for it and the vocabularies differ
     own_teacher_tokens = teacher_tokenizer if objective.teacher_reads_own_tokens and not same else None
@@ -81,13 +89,18 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
 
     student = load_model(cfg.student, student_tokenizer, role="student", seed=cfg.seed)
     teacher = None
-    if objective.needs_teacher:
+    cache_k = None
+    if from_cache:
+        assert cfg.source.cache_dir is not None
+        cache_k = attach_caches(cfg.source.cache_dir, teacher_tokenizer, train_set, dev_set)
+    elif objective.needs_teacher:
         assert cfg.teacher is not None
         teacher = load_model(cfg.teacher, teacher_tokenizer, role="teacher", seed=cfg.seed)
     frozen = _frozen_models(cfg, objective, student_tokenizer)
     objective.setup(SetupContext(student=student, teacher=teacher, student_tokenizer=student_tokenizer,
                                  teacher_tokenizer=teacher_tokenizer, same_tokenizer=same,
-                                 student_pretrained=cfg.student.init != "random", frozen=frozen))
+                                 student_pretrained=cfg.student.init != "random", frozen=frozen,
+                                 cache_k=cache_k))
     reports = [r for r in (train_report, dev_report) if r is not None]
     return Parts(objective, student, teacher, student_tokenizer, teacher_tokenizer, train_set, dev_set, reports,
                  aligner, frozen)

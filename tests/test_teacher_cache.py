@@ -1,0 +1,129 @@
+"""The offline teacher cache: the sparse top-k loss against its dense twin, cache writing/reading/resume,
+refusal of a mismatched cache, and training from the cache = training with the live teacher's top-k."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dualkd.cli import main
+from dualkd.config import validate_config
+from dualkd.errors import DualKDError
+from dualkd.losses.sparse import sparse_kl, topk_targets
+from dualkd.train.loop import train
+from dualkd.train.teacher_cache import CacheMismatch, TeacherCache
+from tests.conftest import read_metrics, tiny_run
+
+
+def _naive_bucket_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Forward KL between the dense distributions folded into {top-k of the teacher, everything else}."""
+    p, q = torch.softmax(teacher_logits.double(), -1), torch.softmax(student_logits.double(), -1)
+    out = []
+    for row in range(p.shape[0]):
+        top = p[row].topk(k).indices
+        rest = torch.ones_like(p[row], dtype=torch.bool)
+        rest[top] = False
+        pb = torch.cat([p[row, top], p[row, rest].sum()[None]])
+        qb = torch.cat([q[row, top], q[row, rest].sum()[None]])
+        out.append((pb * (pb.log() - qb.log())).sum())
+    return torch.stack(out)
+
+
+def test_sparse_kl_is_the_dense_kl_on_the_same_support() -> None:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(13, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(13, 50, generator=g, dtype=torch.float64) * 3
+    for k in (1, 5, 49):
+        targets = topk_targets(teacher, k)
+        got = sparse_kl(h, w, targets, reduction="none", chunk_size=4)
+        expected = _naive_bucket_kl(h @ w.T, teacher, k)
+        assert torch.allclose(got.double(), expected, atol=1e-5), k
+        g1 = torch.autograd.grad(got.sum(), (h, w))
+        g2 = torch.autograd.grad(expected.sum(), (h, w))
+        assert all(torch.allclose(a.double(), b, atol=1e-5) for a, b in zip(g1, g2))
+    # nothing left in the tail: the full forward KL
+    full = topk_targets(teacher, 50)
+    dense = (torch.softmax(teacher, -1) * (torch.log_softmax(teacher, -1) - torch.log_softmax(h @ w.T, -1))).sum(-1)
+    assert torch.allclose(sparse_kl(h, w, full, reduction="none").double(), dense, atol=1e-5)
+    same = sparse_kl(h.detach(), w.detach(), topk_targets(h.detach() @ w.detach().T, 7))
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+
+
+def _cache_config(tmp: Path, train_file: Path, tok: Path, teacher: Path, dev_file: Path, **extra) -> Path:
+    cfg = tiny_run(tmp / "run", train_file, tok, teacher=teacher, objective={"name": "kd", "top_k": 8},
+                   data={"dev": str(dev_file), "max_examples": 40}, optimization={"max_steps": 6},
+                   eval={"every_steps": 3}, **extra)
+    path = tmp / "kd.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_cache_round_trip_resume_and_training_matches_the_live_teacher(
+        tmp_path: Path, train_file: Path, dev_file: Path, byte_tokenizer_dir: Path, teacher_dir: Path) -> None:
+    config = _cache_config(tmp_path, train_file, byte_tokenizer_dir, teacher_dir, dev_file)
+    cache = tmp_path / "cache"
+    args = ["cache-teacher", str(config), "--out", str(cache), "--top-k", "8", "--shard-examples", "16",
+            "--logprob-dtype", "float32", "--hidden"]
+    assert main(args) == 0
+    manifest = json.loads((cache / "train" / "manifest.json").read_text())
+    assert manifest["examples"] == 40 and manifest["complete"] == ["00000", "00001", "00002"]
+    reader = TeacherCache(cache / "train")
+    assert isinstance(reader._shard(0)["topk_ids"], np.memmap)  # read lazily, never whole
+    assert reader.hidden([0, 1]).dtype == torch.bfloat16 and reader.bytes_per_token() > 8 * 8
+    first = reader.targets([3, 17])
+
+    # a crash mid-way (the last shard lost, a temporary folder left) resumes to the same files
+    resumed = tmp_path / "resumed"
+    shutil.copytree(cache, resumed)
+    m = json.loads((resumed / "train" / "manifest.json").read_text())
+    m["complete"] = m["complete"][:1]
+    (resumed / "train" / "manifest.json").write_text(json.dumps(m))
+    shutil.rmtree(resumed / "train" / "shards" / "00002")
+    (resumed / "train" / "shards" / ".tmp-00001").mkdir()
+    assert main([*args[:3], str(resumed), *args[4:]]) == 0
+    again = TeacherCache(resumed / "train").targets([3, 17])
+    assert torch.equal(first.ids, again.ids) and torch.equal(first.logprobs, again.logprobs)
+    assert not (resumed / "train" / "shards" / ".tmp-00001").exists()
+
+    # the same k from the live teacher and from the cache: the same training, step for step
+    live = read_metrics(train(validate_config(yaml.safe_load(config.read_text()))))
+    cached_cfg = yaml.safe_load(config.read_text())
+    cached_cfg.update(output_dir=str(tmp_path / "from-cache"), teacher=None,
+                      source={"kind": "cache", "cache_dir": str(cache)})
+    from_cache = read_metrics(train(validate_config(cached_cfg)))
+    assert len(live) == len(from_cache) == 6
+    for a, b in zip(live, from_cache):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["kd"] == pytest.approx(b["kd"], rel=1e-5)
+    dev_live = read_metrics(tmp_path / "run", "dev")
+    dev_cache = read_metrics(tmp_path / "from-cache", "dev")
+    assert [d["loss"] for d in dev_live] == pytest.approx([d["loss"] for d in dev_cache], rel=1e-5)
+
+
+def test_a_mismatched_cache_is_refused(tmp_path: Path, train_file: Path, dev_file: Path, byte_tokenizer_dir: Path,
+                                       teacher_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    config = _cache_config(tmp_path, train_file, byte_tokenizer_dir, teacher_dir, dev_file)
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(config), "--out", str(cache), "--top-k", "8", "--shard-examples", "64"]) == 0
+    # another k into the same folder: refused, nothing overwritten
+    assert main(["cache-teacher", str(config), "--out", str(cache), "--top-k", "4", "--shard-examples", "64"]) == 2
+    assert "k: cache 8 vs now 4" in capsys.readouterr().err
+    assert TeacherCache(cache / "train").k == 8
+    cfg = yaml.safe_load(config.read_text())
+    cfg.update(output_dir=str(tmp_path / "other"), teacher=None, source={"kind": "cache", "cache_dir": str(cache)})
+    cfg["data"]["max_examples"] = 30  # other data than the cache was made from
+    with pytest.raises(CacheMismatch, match="data: cache"):
+        train(validate_config(cfg))
+    cfg["data"]["max_examples"] = 40
+    cfg["objective"] = {"name": "kd", "top_k": 4}
+    with pytest.raises(DualKDError, match="top 8"):
+        train(validate_config(cfg))
+    cfg["objective"] = {"name": "sft"}
+    with pytest.raises(DualKDError, match="cannot train from a teacher cache"):
+        train(validate_config(cfg))
