@@ -164,6 +164,10 @@ class DataConfig(StrictModel):
     """Record format. `auto` picks per record: `chosen` -> preference pair, `messages` -> chat, `prompt` ->
     prompt/output, `instruction` -> Alpaca. Preference pairs train `dpo` on both responses and every other
     objective on the chosen one (AlignDistil off-policy)."""
+    translation: str | None = Field(None, pattern=r"^[^:\s]+:[^:\s]+$")
+    """Sentence pairs `SOURCE:TARGET` (e.g. `de:en` for {"de": ..., "en": ...} lines): the source is the prompt,
+    the target the response. An encoder-decoder student reads the source with its encoder (then
+    `max_prompt_length` caps the source and `max_length` the target)."""
     max_length: int = Field(512, ge=2)
     """Maximum tokens of prompt + response + EOS; longer sequences are cut at the end (as in DSKD/MiniLLM)."""
     max_prompt_length: int | None = Field(256, ge=1)
@@ -181,6 +185,13 @@ class DataConfig(StrictModel):
     """Use only the first N training examples (quick runs)."""
     dev_max_examples: int | None = Field(None, ge=1)
     """Use only the first N dev examples."""
+
+    @property
+    def translation_pair(self) -> tuple[str, str] | None:
+        if self.translation is None:
+            return None
+        source, target = self.translation.split(":")
+        return source, target
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -395,7 +406,9 @@ class RunConfig(StrictModel):
                              "or a `teacher` to generate them with")
         if self.source.kind == "replay" and self.data.dev is None:
             raise ValueError("source.kind=replay adapts to the dev loss: set `data.dev`")
-        if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
+        # sentence pairs may go to an encoder-decoder model, where the two limits apply to different sequences
+        if (self.data.translation is None and self.data.max_prompt_length is not None
+                and self.data.max_prompt_length >= self.data.max_length):
             raise ValueError(
                 f"data.max_prompt_length ({self.data.max_prompt_length}) must be below data.max_length "
                 f"({self.data.max_length}) to leave room for a response"

@@ -46,9 +46,27 @@ def load_tokenizer(spec: ModelConfig, train_texts: Callable[[], Iterable[str]] |
         raise ModelError(f"cannot load tokenizer {source!r}: {type(e).__name__}: {_first_line(e)}") from None
 
 
+def is_encoder_decoder(spec: ModelConfig) -> bool:
+    """Whether `spec` names an encoder-decoder model (Marian, BART, T5), from its config alone."""
+    from transformers import AutoConfig
+
+    model_type = spec.arch.get("model_type")
+    try:
+        if spec.path is not None and (spec.init == "pretrained" or model_type is None):
+            config = AutoConfig.from_pretrained(spec.path, revision=spec.revision,
+                                                trust_remote_code=spec.trust_remote_code)
+        else:
+            config = AutoConfig.for_model(model_type)
+    except Exception as e:  # transformers raises many types
+        where = spec.path or model_type
+        raise ModelError(f"cannot read the model config of {where!r}: {type(e).__name__}: {_first_line(e)}") from None
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
 def load_model(spec: ModelConfig, tokenizer: Any, *, role: str, seed: int = 0) -> nn.Module:
-    """Load (or randomly initialize) a causal LM. Teachers come back frozen; students get LoRA if configured."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load (or randomly initialize) a causal LM or an encoder-decoder model. Teachers come back frozen; students
+    get LoRA if configured."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     dtype = DTYPES[spec.dtype]
     common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
@@ -69,17 +87,22 @@ def load_model(spec: ModelConfig, tokenizer: Any, *, role: str, seed: int = 0) -
                         setattr(config, k, v)
             else:
                 config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+            if getattr(config, "is_encoder_decoder", False) and "decoder_start_token_id" not in spec.arch:
+                # Marian/T5 start the decoder with the pad token; configs built from scratch carry other ids
+                config.decoder_start_token_id = getattr(tokenizer, "pad_token_id", None) or tokenizer.eos_token_id
+            auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = AutoModelForCausalLM.from_config(config, dtype=None if dtype == "auto" else dtype,
-                                                         **common)
+                model = auto.from_config(config, dtype=None if dtype == "auto" else dtype, **common)
         else:
             kwargs: dict[str, Any] = dict(common, dtype=dtype, revision=spec.revision)
             if spec.gguf_file:
                 kwargs["gguf_file"] = spec.gguf_file
             else:
                 kwargs["use_safetensors"] = True
-            model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
+            config = AutoConfig.from_pretrained(spec.path, revision=spec.revision, **common)
+            auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+            model = auto.from_pretrained(spec.path, **kwargs)
     except ModelError:
         raise
     except Exception as e:
@@ -111,8 +134,9 @@ def freeze(model: nn.Module) -> nn.Module:
 def apply_lora(model: nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False) -> nn.Module:
     import peft
 
+    task = "SEQ_2_SEQ_LM" if getattr(model.config, "is_encoder_decoder", False) else "CAUSAL_LM"
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules, task_type="CAUSAL_LM")
+                             target_modules=lora.target_modules, task_type=task)
     if gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input under LoRA
     return peft.get_peft_model(model, config)

@@ -149,3 +149,29 @@ def pad_batch(items: list[TokenizedExample], pad_id: int, pad_to_multiple_of: in
         texts=[x.text for x in items],
         prompt_chars=[x.prompt_chars for x in items],
     )
+
+
+def pad_seq2seq(items: list[TokenizedExample], pad_id: int, pad_to_multiple_of: int | None = None) -> ModelBatch:
+    """Encoder-decoder examples (`ids` = source + target, `prompt_len` = source length): the sources right-padded
+    as `input_ids` [B, S]; the targets as `labels` [B, T] with `loss_mask` on every target token (the model
+    builds its decoder inputs by shifting the labels right behind its start token). Offsets are -1: character
+    alignment is not used for translation."""
+    S = max(x.prompt_len for x in items)
+    T = max(len(x.ids) - x.prompt_len for x in items)
+    if pad_to_multiple_of:
+        S, T = (-(-n // pad_to_multiple_of) * pad_to_multiple_of for n in (S, T))
+    B = len(items)
+    input_ids = torch.full((B, S), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, S), dtype=torch.long)
+    labels = torch.zeros((B, T), dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.bool)
+    for b, x in enumerate(items):
+        source, target = x.ids[: x.prompt_len], x.ids[x.prompt_len:]
+        input_ids[b, : len(source)] = torch.tensor(source, dtype=torch.long)
+        attention_mask[b, : len(source)] = 1
+        labels[b, : len(target)] = torch.tensor(target, dtype=torch.long)
+        loss_mask[b, : len(target)] = True
+    return ModelBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels, loss_mask=loss_mask,
+                      offsets=torch.full((B, T + 1, 2), -1, dtype=torch.long),
+                      prompt_lengths=torch.tensor([x.prompt_len for x in items], dtype=torch.long),
+                      texts=[x.text for x in items], prompt_chars=[x.prompt_chars for x in items])

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from dualkd.config import DataConfig, DataSource
-from dualkd.data.collate import Batch, TokenizedExample, pad_batch, stack_alignment
+from dualkd.data.collate import Batch, TokenizedExample, pad_batch, pad_seq2seq, stack_alignment
 from dualkd.data.formats import Example, render
 from dualkd.data.readers import LoadReport, load_examples
 from dualkd.errors import DataError, ModelError
@@ -113,6 +113,43 @@ def tokenize_examples(
     return out
 
 
+def seq2seq_source_ids(tokenizer: Any, texts: list[str], max_length: int | None) -> list[list[int]]:
+    """Encoder inputs of an encoder-decoder model: the text with the tokenizer's own special tokens (Marian and
+    T5 end a source with </s>), cut to `max_length`. Training and generation both encode sources this way."""
+    out = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return [list(ids[:max_length]) if max_length else list(ids) for ids in out]
+
+
+def tokenize_seq2seq(examples: list[Example], tokenizer: Any, rules: TruncationRules
+                     ) -> list[TokenizedExample | DataError]:
+    """Source + target token ids of encoder-decoder examples: `ids` = source ids then target ids (+ EOS),
+    `prompt_len` = the source length. The source is cut to `max_prompt_length`, the target to `max_length`."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ModelError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; targets must end with one")
+    out: list[TokenizedExample | DataError] = []
+    usable = [ex for ex in examples if ex.messages is None]
+    sources = seq2seq_source_ids(tokenizer, [ex.prompt or "" for ex in usable], rules.max_prompt_length)
+    targets = tokenizer(text_target=[ex.response for ex in usable], add_special_tokens=True)["input_ids"]
+    k = 0
+    for ex in examples:
+        if ex.messages is not None:
+            out.append(DataError(f"{ex.where}: field 'messages': an encoder-decoder model reads prompt/response or "
+                                 "sentence-pair records, not chats"))
+            continue
+        source, target = sources[k], list(targets[k])
+        k += 1
+        if not target or target[-1] != eos:
+            target.append(eos)
+        if not source:
+            out.append(DataError(f"{ex.where}: field 'prompt': the source sentence is empty"))
+            continue
+        target = target[: rules.max_length]
+        out.append(TokenizedExample(ids=source + target, offsets=[(-1, -1)] * (len(source) + len(target)),
+                                    prompt_len=len(source), text=ex.response, prompt_chars=0))
+    return out
+
+
 def _encode(tokenizer: Any, texts: list[str], split_special: bool) -> Any:
     try:
         return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
@@ -148,7 +185,10 @@ class TokenizedDataset:
         teacher_pad_id: int | None = None,
         pad_to_multiple_of: int | None = None,
         alignments: list[tuple[np.ndarray, np.ndarray]] | None = None,
+        seq2seq: bool = False,
     ):
+        self.seq2seq = seq2seq
+        """Encoder-decoder examples: `ids` = source then target (`prompt_len` = source length)."""
         self.alignments = alignments
         self.examples = examples
         self.student = student
@@ -170,7 +210,7 @@ class TokenizedDataset:
             [self.student[i] for i in indices],
             [self.teacher[i] for i in indices] if self.teacher is not None else None,
             [self.alignments[i] for i in indices] if self.alignments is not None else None,
-            indices, self.student_pad_id, self.teacher_pad_id, self.pad_to_multiple_of)
+            indices, self.student_pad_id, self.teacher_pad_id, self.pad_to_multiple_of, self.seq2seq)
         if self.teacher_cache is not None:
             batch.cached_teacher = self.teacher_cache.targets(list(indices))
         return batch
@@ -189,13 +229,15 @@ def collate_examples(
     student_pad_id: int,
     teacher_pad_id: int | None,
     pad_to_multiple_of: int | None = None,
+    seq2seq: bool = False,
 ) -> Batch:
     """Pad tokenized examples (dataset ones or student samples) into a Batch."""
     teacher_batch = None
     if teacher is not None:
         assert teacher_pad_id is not None
         teacher_batch = pad_batch(teacher, teacher_pad_id, pad_to_multiple_of)
-    return Batch(student=pad_batch(student, student_pad_id, pad_to_multiple_of), teacher=teacher_batch,
+    pad = pad_seq2seq if seq2seq else pad_batch
+    return Batch(student=pad(student, student_pad_id, pad_to_multiple_of), teacher=teacher_batch,
                  indices=list(indices), alignment=stack_alignment(alignments) if alignments is not None else None)
 
 
@@ -206,12 +248,16 @@ def make_dataset(
     student_tokenizer: Any,
     teacher_tokenizer: Any | None = None,
     aligner: Any | None = None,
+    seq2seq: bool = False,
 ) -> TokenizedDataset:
     """Tokenize loaded examples. `teacher_tokenizer` is given only when the teacher reads different tokens than
     the student; `aligner` (align/pairs.py) then pairs their positions once, here. Examples that cannot be used
     raise, or are skipped and added to `report` (`on_error: skip`)."""
     rules = TruncationRules.from_config(cfg)
-    per_model = [tokenize_examples(examples, student_tokenizer, rules)]
+    if seq2seq and teacher_tokenizer is not None:
+        raise ModelError("encoder-decoder distillation needs one tokenizer for student and teacher")
+    tokenize = tokenize_seq2seq if seq2seq else tokenize_examples
+    per_model = [tokenize(examples, student_tokenizer, rules)]
     if teacher_tokenizer is not None:
         per_model.append(tokenize_examples(examples, teacher_tokenizer, rules))
     keep: list[int] = []
@@ -242,6 +288,7 @@ def make_dataset(
         teacher_pad_id=pad_id(teacher_tokenizer) if teacher_tokenizer is not None else None,
         pad_to_multiple_of=cfg.pad_to_multiple_of,
         alignments=alignments,
+        seq2seq=seq2seq,
     )
 
 

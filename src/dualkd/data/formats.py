@@ -80,10 +80,17 @@ def detect_format(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def parse_record(obj: Any, where: str, fmt: Format = "auto") -> Example:
-    """Validate one decoded JSON record. Raises DataError naming `where` and the field."""
+def parse_record(obj: Any, where: str, fmt: Format = "auto", translation: tuple[str, str] | None = None
+                 ) -> Example:
+    """Validate one decoded JSON record. Raises DataError naming `where` and the field. With `translation`
+    (source, target) the record is a sentence pair such as {"de": ..., "en": ...}: the source sentence is the
+    prompt, the target the reference."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if translation is not None:
+        for lang in translation:
+            _string(obj, lang, where, allow_empty=False)
+        return Example(where=where, prompt=obj[translation[0]], references=(obj[translation[1]],))
     kind = detect_format(obj) if fmt == "auto" else fmt
     if kind is None:
         raise DataError(

@@ -90,9 +90,10 @@ def _iter_hf(source: DataSource) -> Iterator[tuple[str, Any]]:
 
 
 def load_examples(
-    source: DataSource, fmt: Format = "auto", on_error: str = "raise", max_examples: int | None = None
+    source: DataSource, fmt: Format = "auto", on_error: str = "raise", max_examples: int | None = None,
+    translation: tuple[str, str] | None = None,
 ) -> tuple[list[Example], LoadReport]:
-    """Parse and validate every record of a source."""
+    """Parse and validate every record of a source (sentence pairs with `translation` = (source, target))."""
     report = LoadReport(source=source.describe())
     examples: list[Example] = []
     for where, obj in iter_raw_records(source):
@@ -101,7 +102,7 @@ def load_examples(
         try:
             if isinstance(obj, DataError):
                 raise obj
-            examples.append(parse_record(obj, where, fmt))
+            examples.append(parse_record(obj, where, fmt, translation))
         except DataError as e:
             if on_error != "skip":
                 raise

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from dualkd.config import GenerationConfig
-from dualkd.data.dataset import TruncationRules, pad_id, tokenize_examples
+from dualkd.data.dataset import TruncationRules, pad_id, seq2seq_source_ids, tokenize_examples
 from dualkd.data.formats import Example
 from dualkd.errors import DataError, ModelError
 
@@ -147,8 +147,7 @@ def generate_responses(model: Any, tokenizer: Any, examples: list[Example], sett
     if getattr(model.config, "is_encoder_decoder", False):
         # a source sentence is encoded the way seq2seq models are trained on it: with the tokenizer's own
         # special tokens (Marian/T5 end it with </s>)
-        prompts = [tokenizer(ex.prompt or "", add_special_tokens=True, truncation=True,
-                             max_length=settings.max_prompt_length)["input_ids"] for ex in examples]
+        prompts = seq2seq_source_ids(tokenizer, [ex.prompt or "" for ex in examples], settings.max_prompt_length)
     else:
         prompts = _prompt_ids(examples, tokenizer, settings)
     ids = sample_token_ids(model, prompts, settings, pad_id(tokenizer),

@@ -8,7 +8,6 @@ named suite of the DSKD/MiniLLM instruction-following protocol.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,23 +41,7 @@ TRANSLATION_METRICS = ("bleu", "chrf")
 
 def read_translation_pairs(path: Path, source: str, target: str, max_examples: int | None = None) -> list[Example]:
     """`{"de": ..., "en": ...}` lines as examples whose prompt is the source sentence and reference the target."""
-    examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if max_examples is not None and len(examples) >= max_examples:
-            break
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON: {e.msg}") from None
-        for lang in (source, target):
-            if not isinstance(obj, dict) or not isinstance(obj.get(lang), str) or not obj[lang].strip():
-                raise DataError(f"{where}: field '{lang}' is missing or not a non-empty string")
-        examples.append(Example(where=where, prompt=obj[source], references=(obj[target],)))
-    if not examples:
-        raise DataError(f"{path}: no examples")
+    examples, _ = load_examples(DataSource(path=str(path)), max_examples=max_examples, translation=(source, target))
     return examples
 
 

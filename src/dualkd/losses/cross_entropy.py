@@ -25,3 +25,12 @@ def token_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor, reduction:
     if reduction == "sum":
         return total
     return total / mask.sum().clamp(min=1).to(total.dtype)
+
+
+def label_smoothed_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor, epsilon: float) -> Tensor:
+    """Per-position label-smoothed CE as fairseq computes it: (1 − ε)·(−log q_y) + (ε / V)·Σ_v (−log q_v);
+    0 off the mask. [..., V], [...], [...] -> [...] (fp32)."""
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    nll = -logq.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    smooth = -logq.mean(-1)
+    return ((1.0 - epsilon) * nll + epsilon * smooth) * mask

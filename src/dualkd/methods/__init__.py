@@ -10,19 +10,20 @@ from dualkd.methods.dpo import DPO, DPOConfig
 from dualkd.methods.dskd import DSKD, DSKDConfig
 from dualkd.methods.dskd_cma import DSKDCMA, DSKDCMAConfig
 from dualkd.methods.dskdv2 import DSKDv2, DSKDv2Config
-from dualkd.methods.kd import KD, KDConfig
+from dualkd.methods.kd import KD, KDConfig, WordKD, WordKDConfig
 from dualkd.methods.mined import MinED, MinEDConfig
 from dualkd.methods.sft import SFT, SFTConfig
+from dualkd.methods.tie_kd import TIEKD, TIEKDConfig
 from dualkd.methods.uld import ULD, ULDConfig
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "sft": SFT, "kd": KD, "dskd": DSKD, "dskd_cma": DSKDCMA, "dskdv2": DSKDv2, "uld": ULD, "mined": MinED,
-    "dpo": DPO, "aligndistil": AlignDistil,
+    "dpo": DPO, "aligndistil": AlignDistil, "tie_kd": TIEKD, "word_kd": WordKD,
 }
 
 ObjectiveConfig = Annotated[
     Union[SFTConfig, KDConfig, DSKDConfig, DSKDv2Config, DSKDCMAConfig, ULDConfig, MinEDConfig,  # noqa: UP007
-          DPOConfig, AlignDistilConfig],
+          DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig],
     Field(discriminator="name"),
 ]
 

@@ -35,9 +35,21 @@ class LMOutput:
     hidden: Tensor | None  # [B, T, d] last layer, after the final norm
 
 
-def lm_forward(model: nn.Module, tokens: ModelBatch, *, hidden: bool = False, logits: bool = True) -> LMOutput:
+def lm_forward(model: nn.Module, tokens: ModelBatch, *, hidden: bool = False, logits: bool = True,
+               decoder_input_ids: Tensor | None = None, encoder_outputs: Any = None) -> LMOutput:
     """Run a causal LM on a padded batch. `logits=False` (for fused losses) asks transformers to compute the
-    LM head on the last position only (`logits_to_keep=1`), so the [B, T, V] logits are never built."""
+    LM head on the last position only (`logits_to_keep=1`), so the [B, T, V] logits are never built.
+
+    An encoder-decoder model reads `input_ids` with its encoder and predicts `labels`: its decoder inputs are
+    the labels shifted right behind its start token, unless `decoder_input_ids` [B, T] are given (TIE-KD's
+    later passes); `encoder_outputs` reuses an encoder pass. Outputs are per target position."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        if decoder_input_ids is None:
+            decoder_input_ids = model.prepare_decoder_input_ids_from_labels(
+                labels=tokens.labels.masked_fill(~tokens.loss_mask, -100))
+        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, encoder_outputs=encoder_outputs,
+                    decoder_input_ids=decoder_input_ids, output_hidden_states=hidden, use_cache=False)
+        return LMOutput(logits=out.logits, hidden=out.decoder_hidden_states[-1] if hidden else None)
     kwargs = {} if logits else {"logits_to_keep": 1}
     out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
                 output_hidden_states=hidden or not logits, use_cache=False, **kwargs)

@@ -29,6 +29,7 @@ from dualkd.data.collate import Batch, ModelBatch
 from dualkd.errors import ModelError
 from dualkd.losses import divergence, token_cross_entropy
 from dualkd.losses.fused import default_chunk_size, fused_ce_and_divergence, fused_cross_entropy
+from dualkd.losses.ranking import hierarchical_ranking_loss
 from dualkd.losses.sparse import TopKTargets, sparse_kl, topk_targets
 from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward, token_accuracy
 from dualkd.methods.common import DivergenceChoice, TeacherRows, check_head_is_linear, head_of
@@ -45,6 +46,9 @@ class KDConfig(DivergenceChoice):
     top_k: int | None = Field(None, ge=1)
     """Distil only the teacher's top-k tokens + a tail bucket (forward KL). Reading a teacher cache sets it to
     the cache's k when unset."""
+    ranking_top_k: int | None = Field(None, ge=1)
+    """Add TIE-KD's hierarchical ranking loss with this k to D (`losses/ranking.py`; needs the [N, V] logits,
+    so `fused: off`). None: no ranking loss."""
 
     @model_validator(mode="after")
     def _top_k_is_forward_kl(self) -> KDConfig:
@@ -77,6 +81,11 @@ class KD(Objective):
         self.vocab_size = shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer)
         mode = self.config.fused
         self.fused = mode == "on" or (mode == "auto" and self.vocab_size >= self.config.fused_min_vocab)
+        if self.config.ranking_top_k is not None:
+            if mode == "on" or self.config.top_k is not None:
+                raise ModelError("objective.ranking_top_k needs the dense logits: set objective.fused: off and no "
+                                 "top_k")
+            self.fused = False
         if self.fused:
             try:
                 check_head_is_linear(ctx.student, "student")
@@ -115,6 +124,9 @@ class KD(Objective):
         student_rows = logits[tokens.loss_mask][:, : self.vocab_size]  # [N, V]
         kd = divergence(self.config.divergence, student_rows, teacher_out, temperature=self.config.temperature,
                         reduction="sum", **self.config.divergence_params) / norm["tokens"]
+        if self.config.ranking_top_k is not None:
+            kd = kd + hierarchical_ranking_loss(student_rows, teacher_out, self.config.ranking_top_k).sum() / norm[
+                "tokens"]
         rate = self.config.kd_rate
         loss = (1 - rate) * batch.ce_scale * ce + rate * kd
         acc = token_accuracy(logits.detach(), tokens.labels, tokens.loss_mask) / norm["tokens"]
@@ -164,3 +176,14 @@ def topk_rows(hidden: Tensor, head: Tensor, bias: Tensor | None, k: int, chunk_s
         return TopKTargets(empty.long(), empty.float(), hidden.new_zeros(0).float())
     return TopKTargets(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]),
                        torch.cat([p.tail for p in parts]))
+
+
+class WordKDConfig(KDConfig):
+    """`word_kd`: the name translation papers use for `kd` on an encoder-decoder model (Kim & Rush's word-level
+    KD): the same loss, any divergence, per target token."""
+
+    name: Literal["word_kd"] = "word_kd"  # type: ignore[assignment]
+
+
+class WordKD(KD):
+    config_class = WordKDConfig

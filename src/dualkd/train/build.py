@@ -20,7 +20,7 @@ from dualkd.data.readers import LoadReport, load_examples
 from dualkd.errors import ConfigError
 from dualkd.methods import Objective, build_objective
 from dualkd.methods.base import SetupContext
-from dualkd.models import load_model, load_tokenizer, same_vocabulary
+from dualkd.models import is_encoder_decoder, load_model, load_tokenizer, same_vocabulary
 from dualkd.train.seqkd import seqkd_examples
 from dualkd.train.teacher_cache import attach_caches, cache_tokenizer
 
@@ -64,10 +64,12 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
     if cfg.source.kind == "seqkd":  # the teacher's outputs replace the references
         train_examples, train_report = seqkd_examples(cfg, run_dir, engine)
     else:
-        train_examples, train_report = load_examples(data.train, data.format, data.on_error, data.max_examples)
+        train_examples, train_report = load_examples(data.train, data.format, data.on_error, data.max_examples,
+                                                     data.translation_pair)
     dev_examples, dev_report = (None, None)
     if data.dev is not None:
-        dev_examples, dev_report = load_examples(data.dev, data.format, data.on_error, data.dev_max_examples)
+        dev_examples, dev_report = load_examples(data.dev, data.format, data.on_error, data.dev_max_examples,
+                                                 data.translation_pair)
 
     student_tokenizer = _student_tokenizer(cfg, run_dir, engine, train_examples)
     if from_cache:
@@ -79,10 +81,12 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
     own_teacher_tokens = teacher_tokenizer if objective.teacher_reads_own_tokens and not same else None
     aligner = objective.make_aligner(student_tokenizer, teacher_tokenizer) if own_teacher_tokens else None
 
+    seq2seq = is_encoder_decoder(cfg.student)  # the encoder reads the prompt (source), the decoder the response
+
     def tokenized(examples: list[Example], report: LoadReport) -> Any:
         if objective.wants_pairs:  # DPO: both responses of each preference pair
             return make_preference_dataset(examples, report, data, student_tokenizer)
-        return make_dataset(examples, report, data, student_tokenizer, own_teacher_tokens, aligner)
+        return make_dataset(examples, report, data, student_tokenizer, own_teacher_tokens, aligner, seq2seq)
 
     train_set = tokenized(train_examples, train_report)
     dev_set = tokenized(dev_examples, dev_report) if dev_examples is not None else None
@@ -96,6 +100,8 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
     elif objective.needs_teacher:
         assert cfg.teacher is not None
         teacher = load_model(cfg.teacher, teacher_tokenizer, role="teacher", seed=cfg.seed)
+        if bool(getattr(teacher.config, "is_encoder_decoder", False)) != seq2seq:
+            raise ConfigError("the student and the teacher must both be encoder-decoder models or both decoder-only")
     frozen = _frozen_models(cfg, objective, student_tokenizer)
     objective.setup(SetupContext(student=student, teacher=teacher, student_tokenizer=student_tokenizer,
                                  teacher_tokenizer=teacher_tokenizer, same_tokenizer=same,

@@ -39,7 +39,8 @@ def write_teacher_outputs(cfg: RunConfig, path: Path, engine: Any) -> None:
     from dualkd.models import load_model, load_tokenizer
 
     assert cfg.teacher is not None
-    examples, _ = load_examples(cfg.data.train, cfg.data.format, cfg.data.on_error, cfg.data.max_examples)
+    examples, _ = load_examples(cfg.data.train, cfg.data.format, cfg.data.on_error, cfg.data.max_examples,
+                                cfg.data.translation_pair)
     tokenizer = load_tokenizer(cfg.teacher)
     teacher = load_model(cfg.teacher, tokenizer, role="teacher", seed=cfg.seed).to(engine.device)
     mine = list(range(engine.rank, len(examples), engine.world_size))
