@@ -53,8 +53,9 @@ def is_encoder_decoder(spec: ModelConfig) -> bool:
     model_type = spec.arch.get("model_type")
     try:
         if spec.path is not None and (spec.init == "pretrained" or model_type is None):
+            extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
             config = AutoConfig.from_pretrained(spec.path, revision=spec.revision,
-                                                trust_remote_code=spec.trust_remote_code)
+                                                trust_remote_code=spec.trust_remote_code, **extra)
         else:
             config = AutoConfig.for_model(model_type)
     except Exception as e:  # transformers raises many types
@@ -100,7 +101,8 @@ def load_model(spec: ModelConfig, tokenizer: Any, *, role: str, seed: int = 0) -
                 kwargs["gguf_file"] = spec.gguf_file
             else:
                 kwargs["use_safetensors"] = True
-            config = AutoConfig.from_pretrained(spec.path, revision=spec.revision, **common)
+            extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+            config = AutoConfig.from_pretrained(spec.path, revision=spec.revision, **common, **extra)
             auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
             model = auto.from_pretrained(spec.path, **kwargs)
     except ModelError:
