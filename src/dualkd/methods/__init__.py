@@ -6,6 +6,7 @@ from pydantic import Field
 
 from dualkd.methods.aligndistil import AlignDistil, AlignDistilConfig
 from dualkd.methods.base import Objective, StepNorm
+from dualkd.methods.cbmi import CBMI, CBMIConfig
 from dualkd.methods.dpo import DPO, DPOConfig
 from dualkd.methods.dskd import DSKD, DSKDConfig
 from dualkd.methods.dskd_cma import DSKDCMA, DSKDCMAConfig
@@ -19,11 +20,12 @@ from dualkd.methods.uld import ULD, ULDConfig
 OBJECTIVES: dict[str, type[Objective]] = {
     "sft": SFT, "kd": KD, "dskd": DSKD, "dskd_cma": DSKDCMA, "dskdv2": DSKDv2, "uld": ULD, "mined": MinED,
     "dpo": DPO, "aligndistil": AlignDistil, "tie_kd": TIEKD, "word_kd": WordKD,
+    "cbmi": CBMI,
 }
 
 ObjectiveConfig = Annotated[
     Union[SFTConfig, KDConfig, DSKDConfig, DSKDv2Config, DSKDCMAConfig, ULDConfig, MinEDConfig,  # noqa: UP007
-          DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig],
+          DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig, CBMIConfig],
     Field(discriminator="name"),
 ]
 

@@ -72,6 +72,8 @@ class StepNorm:
     """Loss denominators of one optimizer step (see the module docstring)."""
 
     counts: dict[str, float]
+    step: int = 0
+    """Optimizer steps done before this one (objectives with a schedule, e.g. CBMI's phase switch)."""
 
     def __getitem__(self, key: str) -> float:
         # an all-masked global batch has zero sums; dividing by 1 keeps the loss 0 with finite gradients
@@ -108,6 +110,8 @@ class Objective(nn.Module, ABC):
     """The data are preference pairs (`PreferenceDataset`: chosen rows, then rejected rows)."""
     eval_weight: ClassVar[str] = "tokens"
     """The count that weights each dev batch's loss in the dev mean (DPO: pairs)."""
+    changes_trained_parameters: ClassVar[bool] = False
+    """Some parameters stop getting gradients mid-run (CBMI freezes its LM): DDP must look for unused ones."""
     counts_need_teacher: ClassVar[bool] = False
     """The loop runs the teacher on every micro-batch of a step before `counts` (denominators that depend on
     the teacher's predictions, such as DSKDv2's agreement count)."""

@@ -78,7 +78,10 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars; ours shows the training progress
-    engine = Engine(cfg.optimization.mixed_precision)
+    from dualkd.methods import OBJECTIVES
+
+    engine = Engine(cfg.optimization.mixed_precision,
+                    find_unused_parameters=OBJECTIVES[cfg.objective.name].changes_trained_parameters)
     try:
         return _train(cfg, resume or cfg.checkpoint.resume, engine)
     finally:
@@ -147,7 +150,8 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
             task = progress.add_task("train", total=total_steps, completed=state.step, info="")
             while state.step < total_steps:
                 epoch_before = source.epoch
-                record = _train_step(engine, module, objective, teacher, optimizer, scheduler, source, timer, opt)
+                record = _train_step(engine, module, objective, teacher, optimizer, scheduler, source, timer, opt,
+                                     state.step)
                 state.step += 1
                 state.tokens_seen += int(record["tokens"])
                 state.source = source.state_dict()
@@ -163,7 +167,7 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
                 new_best = False
                 if parts.dev_set is not None and _due(cfg.eval.every_steps, state.step, epoch_done, last):
                     dev = evaluate(engine, module, objective, teacher, parts.dev_set,
-                                   cfg.eval.batch_size or opt.micro_batch_size)
+                                   cfg.eval.batch_size or opt.micro_batch_size, state.step)
                     log.print(f"  dev @ {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in dev.items()))
                     if cfg.eval.select_by == "rougeL":
                         dev["rougeL"] = _dev_rouge_l(engine, module, parts, cfg)
@@ -195,7 +199,7 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
 
 def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher: nn.Module | None,
                 optimizer: torch.optim.Optimizer, scheduler: Any, source: Any, timer: StepTimer,
-                opt: Any) -> dict[str, float]:
+                opt: Any, step_index: int) -> dict[str, float]:
     timer.start_step()
     step = source.next_step(timer)
     with timer.section("data"):
@@ -223,8 +227,8 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
         keys = sorted(local)
         totals = engine.all_reduce_sum(torch.tensor([local[k] for k in keys], dtype=torch.float64))
         totals_by_key = dict(zip(keys, totals.tolist()))
-        norm = StepNorm({k: v / engine.world_size for k, v in totals_by_key.items()})
-        gold_norm = StepNorm({"tokens": totals_by_key.get("gold_tokens", 0.0) / engine.world_size})
+        norm = StepNorm({k: v / engine.world_size for k, v in totals_by_key.items()}, step=step_index)
+        gold_norm = StepNorm({"tokens": totals_by_key.get("gold_tokens", 0.0) / engine.world_size}, step=step_index)
 
     sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
     for i, batch in enumerate(batches):
@@ -311,7 +315,7 @@ def _dev_rouge_l(engine: Engine, module: nn.Module, parts: Parts, cfg: RunConfig
 
 @torch.no_grad()
 def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: nn.Module | None,
-             dataset: Any, batch_size: int) -> dict[str, float]:
+             dataset: Any, batch_size: int, step: int = 0) -> dict[str, float]:
     """Token-weighted mean of the objective's loss and metrics over the dev set (all processes)."""
     raw = engine.unwrap(module)  # no DDP wrapper: processes may run different numbers of batches
     raw.eval()
@@ -321,7 +325,7 @@ def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: n
         with engine.autocast():
             teacher_out = objective.teacher_forward(teacher, batch)
             counts = {k: float(v) for k, v in objective.counts(batch, teacher_out, raw.student).items()}
-            loss, metrics = raw(batch, teacher_out, StepNorm(counts))
+            loss, metrics = raw(batch, teacher_out, StepNorm(counts, step=step))
         n = counts[objective.eval_weight]
         totals["tokens"] += n
         totals["loss"] += float(loss) * n
@@ -356,7 +360,8 @@ def _finish(cfg: RunConfig, engine: Engine, module: nn.Module, ckpt: CheckpointM
 
 def _save_projectors(objective: nn.Module, out: Path) -> None:
     """An objective's own trained modules (projectors) beside the student, to continue from them later."""
-    state = {k: v.detach().contiguous().cpu() for k, v in objective.state_dict().items()}
+    # cloned: tied weights (a CBMI LM's embedding and head) share storage, which safetensors refuses
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in objective.state_dict().items()}
     if state:
         from safetensors.torch import save_file
 
