@@ -42,11 +42,14 @@ class Parts:
     """Extra frozen models of the objective (`teachers.<role>`), placed on the device with the teacher."""
 
 
-def training_texts(examples: list[Example]) -> Iterable[str]:
-    """Raw text of the training data, for training a tokenizer from scratch."""
+def training_texts(examples: list[Example], separate: bool = False) -> Iterable[str]:
+    """Raw text of the training data, for training a tokenizer from scratch: prompt + response as one text, or
+    as two (`separate`: the two sides of a sentence pair, which no merge should cross)."""
     for ex in examples:
         if ex.messages is not None:
             yield from (m["content"] for m in ex.messages)
+        elif separate:
+            yield from (ex.prompt or "", ex.response)
         else:
             yield (ex.prompt or "") + ex.response
 
@@ -142,7 +145,8 @@ def _student_tokenizer(cfg: RunConfig, run_dir: Path, engine: Any, examples: lis
 
     saved = run_dir / "tokenizer"
     if engine.is_main and not (saved / "tokenizer.json").exists():
-        tokenizer = load_tokenizer(cfg.student, train_texts=lambda: training_texts(examples))
+        pairs = cfg.data.translation is not None
+        tokenizer = load_tokenizer(cfg.student, train_texts=lambda: training_texts(examples, separate=pairs))
         tokenizer.save_pretrained(saved)
     engine.barrier()
     return AutoTokenizer.from_pretrained(saved)
