@@ -3,7 +3,7 @@
     python benchmarks/cache.py                     # SmolLM2-135M teacher and student, Dolly, k = 16/64/128
     python benchmarks/cache.py --examples 128 --reps 5
 
-- bytes per cached response token at k = 16, 64, 128: top-k ids (int32) + log-probabilities (fp16, and fp32 at
+- bytes per cached response token at k = 16, 64, 128: top-k ids (uint16 for vocabularies up to 65,536, else int32) + log-probabilities (fp16, and fp32 at
   k = 64) + the tail mass (fp32), and the hidden states (bf16) on top when `--hidden` is asked for. The anchor:
   DistillKit's ~300 bytes per token (compressed) at top-k 128.
 - write throughput: response tokens per second of `write_cache` (teacher forward + top-k + files);

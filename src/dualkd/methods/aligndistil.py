@@ -154,5 +154,7 @@ class AlignDistil(Objective):
             temperature=cfg.temperature, vocab_size=self.vocab_size, chunk_size=cfg.chunk_size,
             student_bias=bias)
         n = norm["tokens"]
-        return loss, {"kd": kd / denominator, "ce": ce / n, "acc": hits / n, "alpha": teacher.alpha.sum() / n,
-                      "tvd": teacher.tvd.sum() / n}
+        metrics = {"kd": kd / denominator, "alpha": teacher.alpha.sum() / n, "tvd": teacher.tvd.sum() / n}
+        if ce_weight:  # the fused pass computes the CE only when it is trained
+            metrics.update(ce=ce / n, acc=hits / n)
+        return loss, metrics

@@ -11,7 +11,7 @@ with `allow_pickle=False` and memory-mapped, so a shard is read lazily, never wh
     tokenizer/           the teacher's tokenizer (a cache of a teacher you do not have locally still trains)
     head.safetensors     with --hidden: the teacher's LM head (bf16), for objectives that project hidden states
     shards/00000/        examples [0, S): per response position (the teacher's `loss_mask` order)
-        topk_ids.npy       [N, k] int32       the teacher's k most likely next tokens
+        topk_ids.npy       [N, k] uint16|int32  the teacher's k most likely next tokens (uint16 for V <= 65,536)
         topk_logprobs.npy  [N, k] fp16|fp32   their log-probabilities
         tail.npy           [N] fp32           log of the remaining probability mass (the tail bucket)
         hidden.npy         [N, d] bf16 bits   with --hidden: the teacher's last hidden states (uint16 view)
@@ -115,6 +115,7 @@ def write_cache(out: str | Path, teacher: torch.nn.Module, tokenizer: Any, examp
         (out / "head.safetensors.tmp").replace(out / "head.safetensors")
     pad = pad_id(tokenizer)
     lp_dtype = np.float16 if logprob_dtype == "float16" else np.float32
+    ids_dtype = np.uint16 if vocab <= 1 << 16 else np.int32  # 2 bytes per id for vocabularies up to 65,536
     teacher.eval()
     started = time.perf_counter()
     for shard, start in enumerate(range(0, len(examples), shard_examples)):
@@ -142,7 +143,7 @@ def write_cache(out: str | Path, teacher: torch.nn.Module, tokenizer: Any, examp
                 offset += n
             if progress is not None:
                 progress(len(idx))
-        _write_shard(out / "shards", name, part, results, lp_dtype)
+        _write_shard(out / "shards", name, part, results, lp_dtype, ids_dtype)
         manifest["complete"].append(name)
         manifest["seconds"] = manifest.get("seconds", 0.0) + time.perf_counter() - started
         started = time.perf_counter()
@@ -166,14 +167,14 @@ def _start_manifest(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_shard(root: Path, name: str, part: list[TokenizedExample],
-                 results: list[tuple[TopKTargets, np.ndarray | None]], lp_dtype: type) -> None:
+                 results: list[tuple[TopKTargets, np.ndarray | None]], lp_dtype: type, ids_dtype: type) -> None:
     tmp = root / f".tmp-{name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     rows = np.cumsum([0] + [len(t) for t, _ in results]).astype(np.int64)
     _save_npy(tmp, "rows", rows)
-    _save_npy(tmp, "topk_ids", np.concatenate([t.ids.numpy().astype(np.int32) for t, _ in results]))
+    _save_npy(tmp, "topk_ids", np.concatenate([t.ids.numpy().astype(ids_dtype) for t, _ in results]))
     _save_npy(tmp, "topk_logprobs", np.concatenate([t.logprobs.numpy().astype(lp_dtype) for t, _ in results]))
     _save_npy(tmp, "tail", np.concatenate([t.tail.numpy().astype(np.float32) for t, _ in results]))
     if results[0][1] is not None:
@@ -237,7 +238,7 @@ class TeacherCache:
             shard = self._shard(i // per)
             j = i % per
             a, b = int(shard["rows"][j]), int(shard["rows"][j + 1])
-            ids.append(np.asarray(shard["topk_ids"][a:b]))
+            ids.append(np.asarray(shard["topk_ids"][a:b]).astype(np.int64))
             lps.append(np.asarray(shard["topk_logprobs"][a:b], dtype=np.float32))
             tails.append(np.asarray(shard["tail"][a:b]))
         return TopKTargets(torch.from_numpy(np.concatenate(ids)).long(), torch.from_numpy(np.concatenate(lps)),
