@@ -14,6 +14,8 @@ the prompt as the source sentence.
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +79,26 @@ def _progress(total: int, label: str, show: bool | None) -> Progress:
     return progress
 
 
+class _LogLines:
+    """Plain progress lines on stderr about every 10% (and the first batch), for long generation jobs whose
+    output goes to a log file rather than a terminal (`show=None` and no terminal)."""
+
+    def __init__(self, total: int, label: str, show: bool | None):
+        self.on = show is None and not Console(stderr=True).is_terminal and total >= 64
+        self.total, self.label, self.done, self.next = total, label, 0, 0
+        self.start = time.perf_counter()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if not self.on or (self.done < self.next and self.done < self.total):
+            return
+        self.next = self.done + max(self.total // 10, 1)
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        print(f"[dualkd] {self.label}: {self.done}/{self.total} ({elapsed:.0f} s, about {left:.0f} s left)",
+              file=sys.stderr, flush=True)
+
+
 @contextmanager
 def sampling_state(model: nn.Module, seed: int | None, device: torch.device) -> Iterator[None]:
     """Eval mode (no dropout) and no autograd for the duration, on a forked RNG seeded with `seed`: the
@@ -112,6 +134,7 @@ def sample_token_ids(model: nn.Module, prompts: list[list[int]], settings: Gener
                 "top_k": settings.top_k} if settings.do_sample else {"do_sample": False, "temperature": None,
                                                                          "top_p": None, "top_k": None}
     outputs: list[list[int]] = [[] for _ in prompts]
+    lines = _LogLines(len(prompts), label, progress)
     with sampling_state(model, seed, device), _progress(len(prompts), label, progress) as bar:
         for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
@@ -137,6 +160,7 @@ def sample_token_ids(model: nn.Module, prompts: list[list[int]], settings: Gener
                     tokens = tokens[: tokens.index(eos_id) + int(keep_eos)]
                 outputs[i] = tokens
             bar.advance(bar.task_ids[0], len(idx))
+            lines.advance(len(idx))
     return outputs
 
 
