@@ -3,9 +3,9 @@
     python benchmarks/cache.py                     # SmolLM2-135M teacher and student, Dolly, k = 16/64/128
     python benchmarks/cache.py --examples 128 --reps 5
 
-- bytes per cached response token at k = 16, 64, 128: top-k ids (uint16 for vocabularies up to 65,536, else int32) + log-probabilities (fp16, and fp32 at
-  k = 64) + the tail mass (fp32), and the hidden states (bf16) on top when `--hidden` is asked for. The anchor:
-  DistillKit's ~300 bytes per token (compressed) at top-k 128.
+- bytes per cached response token at k = 16, 64, 128: top-k ids (uint16 for vocabularies up to 65,536, else
+  int32) + log-probabilities (fp16, and fp32 at k = 64) + the tail mass (fp32), and the hidden states (bf16) on
+  top when `--hidden` is asked for. The anchor: DistillKit's ~300 bytes per token (compressed) at top-k 128.
 - write throughput: response tokens per second of `write_cache` (teacher forward + top-k + files);
 - read throughput: response tokens per second of `TeacherCache.targets` for random batches of 8 examples;
 - KD step (`kd`, top_k = 64, batch 4 × 256): the teacher's targets from a live forward vs from the cache, then

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from dualkd.config import DataConfig, DataSource, GenerationConfig
-from dualkd.data.collate import TokenizedExample
+from dualkd.data.collate import TokenizedExample, pad_batch
 from dualkd.data.dataset import pad_id
 from dualkd.data.preferences import make_preference_dataset
 from dualkd.data.readers import load_examples
 from dualkd.errors import ModelError
-from dualkd.eval.generate import _prompt_ids, sample_token_ids
+from dualkd.eval.generate import load_for_generation, prompt_ids, sample_token_ids
 from dualkd.eval.metrics import rouge_l
 from dualkd.losses.fused import fused_divergence
 from dualkd.methods.base import lm_forward, response_logprobs
@@ -51,8 +51,6 @@ def implicit_rewards(model: Any, reference: Any, dataset: Any, beta: float, batc
 def sequence_kl(model: Any, dpo: Any, sequences: list[TokenizedExample], pad: int, batch_size: int = 8
                 ) -> list[float]:
     """Σ_t KL(π(·|s_t) ‖ π_dpo(·|s_t)) over each sequence's response positions (fused, no [N, V] logits)."""
-    from dualkd.data.collate import pad_batch
-
     device = next(model.parameters()).device
     w_m, b_m = head_of(model)
     w_d, b_d = head_of(dpo)
@@ -72,8 +70,6 @@ def sequence_kl(model: Any, dpo: Any, sequences: list[TokenizedExample], pad: in
 def evaluate_alignment(model_path: str | Path, pairs_path: str | Path, dpo_path: str | Path,
                        reference_path: str | Path, beta: float, settings: GenerationConfig, seed: int = 10,
                        max_pairs: int | None = None, out: str | Path | None = None) -> dict[str, Any]:
-    from dualkd.eval.generate import load_for_generation
-
     model, tokenizer = load_for_generation(model_path)
     dpo, _ = load_for_generation(dpo_path)
     reference, _ = load_for_generation(reference_path)
@@ -84,7 +80,7 @@ def evaluate_alignment(model_path: str | Path, pairs_path: str | Path, dpo_path:
     result: dict[str, Any] = {"model": str(model_path), "pairs": len(dataset), "beta": beta, "seed": seed,
                               **implicit_rewards(model, reference, dataset, beta)}
 
-    prompts = _prompt_ids(dataset.examples, tokenizer, settings)
+    prompts = prompt_ids(dataset.examples, tokenizer, settings)
     samples = sample_token_ids(model, prompts, settings, pad_id(tokenizer), tokenizer.eos_token_id, seed=seed,
                                label="sampling", progress=None, keep_eos=True)
     sequences = [TokenizedExample(ids=p + s, offsets=[(0, 0)] * (len(p) + len(s)), prompt_len=len(p), text="",

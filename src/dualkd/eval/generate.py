@@ -60,7 +60,8 @@ def load_for_generation(path: str | Path, dtype: str = "float32", device: str | 
     return model.to(device).eval(), tokenizer
 
 
-def _prompt_ids(examples: list[Example], tokenizer: Any, settings: GenerationConfig) -> list[list[int]]:
+def prompt_ids(examples: list[Example], tokenizer: Any, settings: GenerationConfig) -> list[list[int]]:
+    """The prompt tokens of decoder-only examples, exactly as training tokenizes them (truncation included)."""
     rules = TruncationRules(max_length=settings.max_length, max_prompt_length=settings.max_prompt_length)
     out = []
     for tok in tokenize_examples(examples, tokenizer, rules):
@@ -173,7 +174,7 @@ def generate_responses(model: Any, tokenizer: Any, examples: list[Example], sett
         # special tokens (Marian/T5 end it with </s>)
         prompts = seq2seq_source_ids(tokenizer, [ex.prompt or "" for ex in examples], settings.max_prompt_length)
     else:
-        prompts = _prompt_ids(examples, tokenizer, settings)
+        prompts = prompt_ids(examples, tokenizer, settings)
     ids = sample_token_ids(model, prompts, settings, pad_id(tokenizer),
                            tokenizer.eos_token_id, seed=seed, label=label, progress=progress)
     return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in ids]

@@ -164,7 +164,8 @@ class ReplaySource(_Wrapped):
 
     def _from_buffer(self, step: int, sizes: list[int]) -> list[list[Rollout]]:
         rng = random.Random(f"{self.seed}:{step}:{self.gold.rank}:pick")
-        picked = [self.buffer[j] for j in rng.sample(range(len(self.buffer)), k=sum(sizes))]
+        items = list(self.buffer)  # a deque indexes in O(n); one copy per draw
+        picked = [items[j] for j in rng.sample(range(len(items)), k=sum(sizes))]
         picked.sort(key=lambda r: len(r.student.ids))  # similar lengths share a micro-batch: less padding
         out, k = [], 0
         for n in sizes:
