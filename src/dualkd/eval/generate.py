@@ -81,8 +81,8 @@ def _progress(total: int, label: str, show: bool | None) -> Progress:
 
 
 class _LogLines:
-    """Plain progress lines on stderr about every 10% (and the first batch), for long generation jobs whose
-    output goes to a log file rather than a terminal (`show=None` and no terminal)."""
+    """Plain progress lines on stderr about every 10%, for long generation jobs whose output goes to a log file
+    rather than a terminal (`show=None` and no terminal); quiet for jobs that finish within 10 seconds."""
 
     def __init__(self, total: int, label: str, show: bool | None):
         self.on = show is None and not Console(stderr=True).is_terminal and total >= 64
@@ -93,8 +93,10 @@ class _LogLines:
         self.done += n
         if not self.on or (self.done < self.next and self.done < self.total):
             return
-        self.next = self.done + max(self.total // 10, 1)
         elapsed = time.perf_counter() - self.start
+        if elapsed < 10.0:
+            return
+        self.next = self.done + max(self.total // 10, 1)
         left = elapsed / self.done * (self.total - self.done)
         print(f"[dualkd] {self.label}: {self.done}/{self.total} ({elapsed:.0f} s, about {left:.0f} s left)",
               file=sys.stderr, flush=True)
