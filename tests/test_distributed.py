@@ -1,11 +1,17 @@
-"""Two processes with torchrun + gloo on CPU follow the single-process loss curve for the same global batch.
+"""Two CPU processes (gloo) under each engine follow the single-process loss curve for the same global batch,
+and a run checkpointed under the engine resumes to the same curve.
 
-(`accelerate launch --cpu --num_processes 2` silently runs one process; torchrun gives two real ranks.)
+DDP is launched with torchrun (`accelerate launch --cpu --num_processes 2` silently runs one process);
+DeepSpeed ZeRO-2 and ZeRO-3 with `accelerate launch --config_file configs/accelerate/zero{2,3}.yaml`, the
+files users launch with. FSDP2 needs GPUs (accelerate sets FSDP up only for GPU-like devices): its test runs
+where two GPUs are visible; on CPU, an FSDP launch is refused with a clear error (tested).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,44 +21,120 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, read_metrics, tiny_run
+from tests.conftest import REPO, make_model_dir, read_metrics, tiny_run
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+STEPS = 6
+ENGINES = {  # name -> launcher prefix (before `-m dualkd.cli ...`)
+    "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "zero2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "configs/accelerate/zero2.yaml"), "--num_processes", "2", "--main_process_port", "0"],
+    "zero3": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "configs/accelerate/zero3.yaml"), "--num_processes", "2", "--main_process_port", "0"],
+    "fsdp2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "configs/accelerate/fsdp2.yaml"), "--num_processes", "2", "--main_process_port", "0"],
+}
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed not installed (`make install` installs it)")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP runs on GPUs only (2 needed)")
 
 
-def _write(tmp_path: Path, name: str, train_file: Path, tokenizer: Path, teacher: Path, micro: int, accum: int
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer_dir: Path) -> Path:
+    """The student starts from saved weights, as in real KD: random init under ZeRO-3 draws differently (each
+    process initializes its own partition), which would make the curves differ from step 1 for that reason."""
+    return make_model_dir(tmp_path_factory.mktemp("student"), byte_tokenizer_dir, seed=3, **NO_DROPOUT)
+
+
+def _write(tmp_path: Path, name: str, train_file: Path, student: Path, teacher: Path, micro: int, accum: int
            ) -> Path:
-    cfg = tiny_run(tmp_path / name, train_file, tokenizer, teacher=teacher,
-                   optimization={"max_steps": 6, "micro_batch_size": micro, "grad_accum": accum},
-                   checkpoint={"every_steps": 3})
-    cfg["student"]["arch"].update(NO_DROPOUT)
+    cfg = tiny_run(tmp_path / name, train_file, student, teacher=teacher,
+                   optimization={"max_steps": STEPS, "micro_batch_size": micro, "grad_accum": accum},
+                   checkpoint={"every_steps": 3, "keep_last": 2})
+    cfg["student"] = {"path": str(student)}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-@pytest.mark.distributed
-def test_two_processes_match_one(tmp_path: Path, train_file: Path, teacher_dir: Path,
-                                 byte_tokenizer_dir: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    single = _write(tmp_path, "single", train_file, byte_tokenizer_dir, teacher_dir, micro=2, accum=4)
-    subprocess.run([sys.executable, "-m", "dualkd.cli", "train", str(single)], env=env, check=True,
+def _launch(engine: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([*ENGINES[engine], "-m", "dualkd.cli", *args], env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-6000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory: pytest.TempPathFactory, train_file: Path, teacher_dir: Path,
+               student_dir: Path) -> Path:
+    """The reference: one process, 4 micro-batches of 2 per step (global batch 8)."""
+    tmp = tmp_path_factory.mktemp("single")
+    cfg = _write(tmp, "single", train_file, student_dir, teacher_dir, micro=2, accum=4)
+    subprocess.run([sys.executable, "-m", "dualkd.cli", "train", str(cfg)], env=_env(), check=True,
                    capture_output=True)
-    double = _write(tmp_path, "double", train_file, byte_tokenizer_dir, teacher_dir, micro=2, accum=2)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run([*torchrun, "-m", "dualkd.cli", "train", str(double)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    return tmp / "single"
+
+
+def _check_engine(engine: str, tmp_path: Path, single: Path, train_file: Path, teacher_dir: Path,
+                  student_dir: Path) -> None:
+    cfg = _write(tmp_path, "double", train_file, student_dir, teacher_dir, micro=2, accum=2)
+    done = _launch(engine, "train", str(cfg))
     assert "2 process(es)" in done.stderr and "global batch 8 (2 x 2 x 2)" in done.stderr
 
-    a, b = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "double")
-    assert len(a) == len(b) == 6
+    # the same loss curve as one process with the same global batch
+    a, b = read_metrics(single), read_metrics(tmp_path / "double")
+    assert len(a) == len(b) == STEPS
     for ra, rb in zip(a, b):
         assert ra["tokens"] == rb["tokens"]
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
-    pa = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
+        assert ra["lr"] == pytest.approx(rb["lr"])
+    pa = load_file(str(single / "final" / "model.safetensors"))
     pb = load_file(str(tmp_path / "double" / "final" / "model.safetensors"))
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=1e-4)
-    ckpt = tmp_path / "double" / "checkpoints" / "step-00000006"
+    ckpt = tmp_path / "double" / "checkpoints" / "step-00000003"
     assert (ckpt / "rng-rank0.pt").exists() and (ckpt / "rng-rank1.pt").exists()
+
+    # resume under the engine from the step-3 checkpoint: steps 4-6 as in the uninterrupted run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "double", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000006")
+    shutil.rmtree(resumed / "final")
+    (resumed / "summary.json").unlink()
+    text = cfg.read_text().replace(str(tmp_path / "double"), str(resumed))
+    resumed_cfg = tmp_path / "resumed.yaml"
+    resumed_cfg.write_text(text)
+    _launch(engine, "train", str(resumed_cfg), "--resume")
+    after = read_metrics(resumed)[-3:]
+    assert [r["step"] for r in after] == [4, 5, 6]
+    for ra, rb in zip(b[3:], after):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
+    pr = load_file(str(resumed / "final" / "model.safetensors"))
+    for k in pb:
+        torch.testing.assert_close(pb[k], pr[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("engine", [
+    "ddp",
+    pytest.param("zero2", marks=needs_deepspeed),
+    pytest.param("zero3", marks=needs_deepspeed),
+    pytest.param("fsdp2", marks=needs_two_gpus),
+])
+def test_two_processes_match_one(engine: str, tmp_path: Path, single_run: Path, train_file: Path,
+                                 teacher_dir: Path, student_dir: Path) -> None:
+    _check_engine(engine, tmp_path, single_run, train_file, teacher_dir, student_dir)
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fsdp_on_cpu_is_refused(tmp_path: Path, train_file: Path, teacher_dir: Path, student_dir: Path) -> None:
+    cfg = _write(tmp_path, "fsdp", train_file, student_dir, teacher_dir, micro=2, accum=2)
+    done = subprocess.run([*ENGINES["fsdp2"], "-m", "dualkd.cli", "train", str(cfg)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "FSDP needs GPUs" in done.stderr

@@ -62,6 +62,8 @@ def _generation_settings(args: argparse.Namespace) -> GenerationConfig:
     fields = {k: getattr(args, k) for k in ("max_length", "max_prompt_length", "max_new_tokens", "temperature",
                                             "top_p", "top_k", "no_repeat_ngram_size", "num_beams", "batch_size")
               if getattr(args, k) is not None}
+    if getattr(args, "translation", None) and args.no_repeat_ngram_size is None:
+        fields["no_repeat_ngram_size"] = 0  # the n-gram block is the instruction-following protocol's, not NMT's
     return GenerationConfig(do_sample=not (args.greedy or (args.num_beams or 1) > 1), **fields)
 
 
@@ -72,7 +74,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, help="nucleus sampling (default 1.0: off)")
     g.add_argument("--top-k", type=int, help="top-k sampling (default 0: off)")
     g.add_argument("--no-repeat-ngram-size", type=int,
-                   help="block repeated n-grams (default 6, what the papers' test scripts used; 0: pure sampling)")
+                   help="block repeated n-grams (default 6, what the papers' test scripts used; 0 with --translation)")
     g.add_argument("--num-beams", type=int, help="beam search width (>1 decodes with beams, no sampling)")
     g.add_argument("--max-length", type=int, help="prompt + response tokens (default 512)")
     g.add_argument("--max-prompt-length", type=int, help="prompt tokens kept (default 256)")

@@ -111,7 +111,7 @@ def load_model(spec: ModelConfig, tokenizer: Any, *, role: str, seed: int = 0) -
         where = spec.path or spec.arch.get("model_type")
         raise ModelError(f"cannot load the {role} from {where!r}: {type(e).__name__}: {_first_line(e)}") from None
 
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = model.get_input_embeddings().num_embeddings  # the module's count: ZeRO-3 partitions the weight
     if rows < len(tokenizer):
         raise ModelError(f"{role}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
                          f"{rows} rows; they do not belong together")
@@ -159,14 +159,20 @@ def is_lora(model: nn.Module) -> bool:
     return isinstance(model, peft.PeftModel)
 
 
+def head_rows(model: nn.Module) -> int:
+    """Rows of the model's LM head, read from the module (not its weight tensor, which DeepSpeed ZeRO-3
+    partitions at load: an empty tensor on every process)."""
+    head = model.get_output_embeddings()
+    return int(getattr(head, "out_features", None) or head.num_embeddings)
+
+
 def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> int:
     """Rows of the two LM heads that KD compares when both models use `tokenizer`.
 
     One family often pads its embedding differently per size (Qwen2: 151,936 vs 152,064 rows for 151,646
     tokens). Rows beyond `len(tokenizer)` are padding in both, so KD uses the first min(V_s, V_t, len(tok)).
     """
-    v_student = student.get_output_embeddings().weight.shape[0]
-    v_teacher = teacher.get_output_embeddings().weight.shape[0]
+    v_student, v_teacher = head_rows(student), head_rows(teacher)
     n_tokens = len(tokenizer)
     if min(v_student, v_teacher) < n_tokens:
         raise ModelError(f"vocabulary mismatch: the tokenizer has {n_tokens} tokens but the student head has "

@@ -83,7 +83,11 @@ def scores_markdown(result: dict[str, Any]) -> str:
     metrics = sorted({m for s in result["sets"].values() for m in s["metrics"]}, key=["rougeL", "exact_match",
                                                                                         "bleu", "chrf"].index)
     seeds = result["seeds"]
-    decoding = "greedy" if not result["generation"]["do_sample"] else f"sampling, seeds {', '.join(map(str, seeds))}"
+    gen = result["generation"]
+    if gen["do_sample"]:
+        decoding = f"sampling, seeds {', '.join(map(str, seeds))}"
+    else:
+        decoding = f"beam search, {gen['num_beams']} beams" if gen.get("num_beams", 1) > 1 else "greedy"
     lines = [f"# Evaluation of `{result['model']}`", "", f"Decoding: {decoding}; "
              f"no_repeat_ngram_size {result['generation']['no_repeat_ngram_size']}.", "",
              "| set | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]

@@ -72,7 +72,12 @@ class TeacherRows:
 
 
 def head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The LM head's weight [V, d] and bias [V] (or None), for losses that multiply hidden states by it."""
     head = model.get_output_embeddings()
+    if head.weight.numel() == 0:  # DeepSpeed ZeRO-3 partitions weights; only module forwards gather them
+        raise ModelError("this objective reads the LM head weights outside the model's forward (fused loss, "
+                         "projectors), but they are partitioned (DeepSpeed ZeRO-3). Use ZeRO-2, DDP or FSDP2, "
+                         "or `objective.fused: off` where the objective has it")
     return head.weight, getattr(head, "bias", None)
 
 
@@ -81,7 +86,7 @@ def check_head_is_linear(model: nn.Module, role: str) -> None:
     """The fused losses compute logits as last_hidden @ head.T (+ bias). Models that post-process logits
     (soft-capping, scaling) would silently get a different loss: refuse them with a clear message."""
     device = next(model.parameters()).device
-    ids = torch.arange(4, device=device)[None] % max(model.get_input_embeddings().weight.shape[0], 1)
+    ids = torch.arange(4, device=device)[None] % max(model.get_input_embeddings().num_embeddings, 1)
     was_training = model.training
     model.eval()
     out = model(input_ids=ids, output_hidden_states=True, use_cache=False)

@@ -33,7 +33,7 @@ from dualkd.losses.ranking import hierarchical_ranking_loss
 from dualkd.losses.sparse import TopKTargets, sparse_kl, topk_targets
 from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward, token_accuracy
 from dualkd.methods.common import DivergenceChoice, TeacherRows, check_head_is_linear, head_of
-from dualkd.models import shared_vocab_size
+from dualkd.models import head_rows, shared_vocab_size
 
 
 class KDConfig(DivergenceChoice):
@@ -74,7 +74,7 @@ class KD(Objective):
             if self.top_k is not None and self.top_k != ctx.cache_k:
                 raise ModelError(f"objective.top_k={self.top_k} but the teacher cache holds the top {ctx.cache_k}")
             self.top_k = ctx.cache_k
-            self.vocab_size = min(ctx.student.get_output_embeddings().weight.shape[0], len(ctx.student_tokenizer))
+            self.vocab_size = min(head_rows(ctx.student), len(ctx.student_tokenizer))
             self.fused = False
             return
         assert ctx.teacher is not None

@@ -31,6 +31,7 @@ from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
 from dualkd.methods.common import check_head_is_linear, head_of
+from dualkd.models import head_rows
 from dualkd.schema import StrictModel
 
 _UNMAPPED = -1e5  # the official code's "minus infinity" for student ids with no teacher token
@@ -69,7 +70,7 @@ class MinED(Objective):
         self.student_tokenizer, self.teacher_tokenizer = ctx.student_tokenizer, ctx.teacher_tokenizer
         w_t, b_t = head_of(ctx.teacher)
         to_teacher = nearest_token_ids(ctx.student_tokenizer, ctx.teacher_tokenizer)  # [V_s] teacher id or -1
-        rows = ctx.student.get_output_embeddings().weight.shape[0]
+        rows = head_rows(ctx.student)
         index = torch.full((rows,), 0, dtype=torch.long)
         mapped = torch.zeros(rows, dtype=torch.bool)
         n = min(rows, to_teacher.numel())

@@ -152,11 +152,13 @@ class CheckpointManager:
         torch.save(rng_state(), tmp / f"rng-rank{engine.rank}.pt")
         if rank_state is not None:
             (tmp / f"source-rank{engine.rank}.json").write_text(json.dumps(rank_state))
+        with engine.gathered(module):
+            if engine.is_main:
+                trainable = {n: p.detach().contiguous().cpu() for n, p in engine.unwrap(module).named_parameters()
+                             if p.requires_grad}
+                save_file(trainable, str(tmp / "trainable.safetensors"))
+        engine.save_optimizer(module, optimizer, tmp)
         if engine.is_main:
-            trainable = {n: p.detach().contiguous().cpu() for n, p in engine.unwrap(module).named_parameters()
-                         if p.requires_grad}
-            save_file(trainable, str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
         engine.barrier()
@@ -169,9 +171,10 @@ class CheckpointManager:
     def load(self, path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any
              ) -> TrainerState:
         state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
-        load_trainable(self.engine.unwrap(module), path / "trainable.safetensors")
+        with self.engine.gathered(module, modify=True):
+            load_trainable(self.engine.unwrap(module), path / "trainable.safetensors")
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            self.engine.load_optimizer(module, optimizer, path)
         if scheduler is not None:
             scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng-rank{self.engine.rank}.pt"

@@ -1,17 +1,29 @@
 """The distributed engine: the only file that knows about accelerate (and through it DDP, FSDP2, DeepSpeed).
 
 Everything else sees plain modules and tensors. Which engine runs is chosen by how the program is launched
-(`torchrun` / `accelerate launch --config_file ...`), not by dualkd flags.
+(`torchrun` / `accelerate launch --config_file configs/accelerate/<engine>.yaml ...`), not by dualkd flags;
+docs/scale-out.md lists the launch lines.
 
 Gradient accumulation is done here, not by accelerate: the loop normalizes every micro-batch loss by the
 token count of the whole global batch (see methods/base.py), so gradients must be summed, never averaged
 over micro-batches; `accumulate(sync=False)` only skips the gradient all-reduce of non-final micro-batches.
+Under DeepSpeed the same holds: losses go to its engine unscaled (`scale_wrt_gas=False`), the last
+micro-batch of a step is marked as its accumulation boundary, and its `step()` (clip, update, zero) runs
+there; the batch sizes and clipping in its config are filled from dualkd's config.
+
+DeepSpeed on CPU: accelerate sets a process group up only for GPU-like devices (or `cpu=True`, which turns
+DeepSpeed off). Passing the `gloo` backend explicitly (`InitProcessGroupKwargs`, public API) gives it one, and
+DeepSpeed's own CPU accelerator does the rest; that is how the ZeRO-2/3 tests run on 2 CPU processes.
+FSDP is not set up by accelerate for CPU processes at all: that is refused with a clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,19 +32,35 @@ from torch import Tensor, nn
 from dualkd.errors import ConfigError
 
 
+def _launched_with(engine: str) -> bool:
+    """Whether `accelerate launch` was told to use `engine` (it passes the choice on in the environment)."""
+    return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
+
+
 class Engine:
     def __init__(self, mixed_precision: str = "no", find_unused_parameters: bool = False):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
-        cpu = not torch.cuda.is_available()
-        if cpu and mixed_precision == "fp16":
+        no_gpu = not torch.cuda.is_available()
+        if no_gpu and mixed_precision == "fp16":
             raise ConfigError("optimization.mixed_precision: fp16 needs a GPU; use `no` or `bf16` on CPU")
-        self.accelerator = Accelerator(
-            cpu=cpu,
-            mixed_precision=mixed_precision,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
-        )
+        if no_gpu and _launched_with("FSDP") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("FSDP needs GPUs: accelerate sets FSDP up only for GPU-like devices, so on CPU "
+                              "processes it would silently train unsharded. Use DDP or DeepSpeed ZeRO on CPU "
+                              "(configs/accelerate/), FSDP on GPUs.")
+        handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
+        deepspeed_on_cpu = no_gpu and _launched_with("DEEPSPEED")
+        if deepspeed_on_cpu:
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        self.accelerator = Accelerator(cpu=no_gpu and not deepspeed_on_cpu, mixed_precision=mixed_precision,
+                                       kwargs_handlers=handlers)
+        self.is_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.world_size == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up no "
+                              "distributed engine: they would train unsynchronized copies")
+        self._sync = True  # whether the current micro-batch ends the optimizer step (DeepSpeed boundary)
+        self._frozen_engines: list[Any] = []
 
     # ------------------------------------------------------------------------------------------- topology
     @property
@@ -55,13 +83,86 @@ class Engine:
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------- modules
-    def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+    @property
+    def zero_stage(self) -> int | None:
+        """DeepSpeed's ZeRO stage, None under other engines."""
+        if not self.is_deepspeed:
+            return None
+        return int(self.accelerator.state.deepspeed_plugin.zero_stage)
+
+    def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer, micro_batch_size: int, grad_accum: int,
+                max_grad_norm: float | None) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Wrap the trainable module (student + objective extras) and its optimizer for this engine."""
+        if self.is_deepspeed:
+            self._fill_deepspeed_config(micro_batch_size, grad_accum, max_grad_norm)
         return self.accelerator.prepare(module, optimizer)
 
+    def _fill_deepspeed_config(self, micro_batch_size: int, grad_accum: int, max_grad_norm: float | None) -> None:
+        """dualkd's batch sizes and clipping are the truth; a DeepSpeed config may say `auto` or the same."""
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        wanted = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum,
+                  "train_batch_size": micro_batch_size * grad_accum * self.world_size,
+                  "gradient_clipping": float(max_grad_norm or 0.0)}
+        for key, value in wanted.items():
+            given = ds.get(key, "auto")
+            if given != "auto" and given != value:
+                raise ConfigError(f"the DeepSpeed config sets {key}={given}, dualkd's config means {value}: "
+                                  "set it to `auto` there (dualkd fills it)")
+            ds[key] = value
+
+    @contextlib.contextmanager
+    def gathered(self, module: nn.Module, modify: bool = False) -> Iterator[None]:
+        """Full parameters of `module` on every process for the duration: ZeRO-3 keeps them partitioned
+        otherwise. With `modify`, what the main process writes into them is kept. All processes must enter."""
+        if self.zero_stage != 3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0 if modify else None):
+            yield
+
+    def save_optimizer(self, module: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        """Save the optimizer state into a checkpoint folder. All processes call it: under DeepSpeed each
+        writes its partition (through DeepSpeed's own checkpointing, which also stores the module)."""
+        if self.is_deepspeed:
+            module.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+        elif self.is_main:
+            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load_optimizer(self, module: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        if self.is_deepspeed:
+            if not (directory / "deepspeed").is_dir():
+                raise ConfigError(f"{directory} was not saved under DeepSpeed; resume it with the engine that "
+                                  "wrote it (its model weights load anywhere: trainable.safetensors)")
+            module.load_checkpoint(str(directory / "deepspeed"), tag="state", load_lr_scheduler_states=False)
+            return
+        if not (directory / "optimizer.pt").exists():
+            raise ConfigError(f"{directory} was saved under DeepSpeed; resume it under DeepSpeed")
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+
     def place_teacher(self, teacher: nn.Module | None) -> nn.Module | None:
-        """Put the frozen teacher beside the student (replicated on every process)."""
-        return teacher.to(self.device) if teacher is not None else None
+        """Put the frozen teacher beside the student: replicated on every process, except under ZeRO-3."""
+        if teacher is None:
+            return None
+        if self.zero_stage == 3:
+            return self._zero3_inference(teacher)
+        return teacher.to(self.device)
+
+    def _zero3_inference(self, model: nn.Module) -> nn.Module:
+        """A frozen model under ZeRO-3. Transformers partitioned it at load (accelerate registers the ZeRO-3
+        config, so every model built afterwards is created partitioned); a DeepSpeed engine without optimizer
+        gathers each layer as it runs, through hooks on the module itself, so the plain module is returned."""
+        import deepspeed
+
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        config = {"train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                  **{k: ds[k] for k in ("bf16", "fp16") if k in ds}}
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        self._frozen_engines.append(engine)  # keeps its hooks alive
+        return model
 
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module)
@@ -77,7 +178,8 @@ class Engine:
     @contextlib.contextmanager
     def accumulate(self, module: nn.Module, sync: bool) -> Iterator[None]:
         """Run one micro-batch; gradients are all-reduced only when `sync` (the last micro-batch of a step)."""
-        if sync or self.world_size == 1:
+        self._sync = sync
+        if sync or self.world_size == 1 or self.is_deepspeed:
             yield
         else:
             with self.accelerator.no_sync(module):
@@ -87,13 +189,19 @@ class Engine:
         return self.accelerator.autocast()
 
     def backward(self, loss: Tensor) -> None:
-        self.accelerator.backward(loss)
+        if self.is_deepspeed:  # summed micro-batch gradients; DeepSpeed's step (clip, update) at the boundary
+            self.accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=self._sync, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
 
     def clip_grad_norm(self, module: nn.Module, max_norm: float) -> Tensor:
-        return self.accelerator.clip_grad_norm_(module.parameters(), max_norm)
+        """Clip and return the norm before clipping (DeepSpeed clipped in its step: its norm is returned)."""
+        return torch.as_tensor(self.accelerator.clip_grad_norm_(module.parameters(), max_norm))
 
     def grad_norm(self, module: nn.Module) -> Tensor:
         """Global gradient norm without clipping (for logging when clipping is off)."""
+        if self.is_deepspeed:  # the gradients live partitioned in DeepSpeed's optimizer
+            return torch.as_tensor(self.accelerator.deepspeed_engine_wrapped.get_global_grad_norm() or 0.0)
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros(())

@@ -111,7 +111,7 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
                            cfg.seed, cfg.data.bucket_by_length)
     total_steps = opt.max_steps or opt.epochs * gold.steps_per_epoch
     scheduler = build_scheduler(optimizer, opt, total_steps)
-    module, optimizer = engine.prepare(module, optimizer)
+    module, optimizer = engine.prepare(module, optimizer, opt.micro_batch_size, opt.grad_accum, opt.max_grad_norm)
     teacher = engine.place_teacher(parts.teacher)
     for model in (parts.frozen or {}).values():  # the objective holds them; placement moves them in place
         engine.place_teacher(model)
@@ -343,19 +343,25 @@ def _finish(cfg: RunConfig, engine: Engine, module: nn.Module, ckpt: CheckpointM
             parts: Parts, run_dir: Path, log: MetricsLogger) -> None:
     """Export the final student (and the best one by dev loss) as folders plain transformers loads."""
     raw = engine.unwrap(module)
-    best_dir = None
-    if engine.is_main:
-        if cfg.checkpoint.keep_best and state.best_step is not None and state.best_step != state.step:
-            best_dir = _export_best(raw, ckpt.path_for(state.best_step), parts.student_tokenizer, run_dir / "best")
-        final_dir = export_model(raw.student, parts.student_tokenizer, run_dir / "final")
-        _save_projectors(raw.objective, final_dir)
-        summary = {"steps": state.step, "tokens_seen": state.tokens_seen, "best_dev_loss": state.best_dev_loss,
-                   "best_by": cfg.eval.select_by, "best_value": state.best_value,
-                   "best_step": state.best_step, "final": str(final_dir),
-                   "best": str(best_dir or final_dir) if state.best_step is not None else None}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.event("finished", f"done: {state.step} steps; student saved to {final_dir}", step=state.step)
+    with engine.gathered(module):  # ZeRO-3: full parameters to write
+        if engine.is_main:
+            _export(cfg, raw, ckpt, state, parts, run_dir, log)
     engine.barrier()
+
+
+def _export(cfg: RunConfig, raw: nn.Module, ckpt: CheckpointManager, state: TrainerState, parts: Parts,
+            run_dir: Path, log: MetricsLogger) -> None:
+    best_dir = None
+    if cfg.checkpoint.keep_best and state.best_step is not None and state.best_step != state.step:
+        best_dir = _export_best(raw, ckpt.path_for(state.best_step), parts.student_tokenizer, run_dir / "best")
+    final_dir = export_model(raw.student, parts.student_tokenizer, run_dir / "final")
+    _save_projectors(raw.objective, final_dir)
+    summary = {"steps": state.step, "tokens_seen": state.tokens_seen, "best_dev_loss": state.best_dev_loss,
+               "best_by": cfg.eval.select_by, "best_value": state.best_value,
+               "best_step": state.best_step, "final": str(final_dir),
+               "best": str(best_dir or final_dir) if state.best_step is not None else None}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.event("finished", f"done: {state.step} steps; student saved to {final_dir}", step=state.step)
 
 
 def _save_projectors(objective: nn.Module, out: Path) -> None:
