@@ -14,7 +14,7 @@ from dualkd.config import validate_config
 from dualkd.data.formats import parse_record
 from dualkd.errors import DataError
 from dualkd.losses.ranking import hierarchical_ranking_loss
-from dualkd.methods.base import StepNorm
+from dualkd.methods.base import StepNorm, lm_forward
 from dualkd.methods.tie_kd import next_decoder_inputs
 from dualkd.train.build import build_parts
 from dualkd.train.loop import train
@@ -228,3 +228,21 @@ def test_cbmi_switch_and_frozen_lm(tmp_path: Path, pairs: tuple[Path, Path], byt
     records = read_metrics(train(cfg))  # and the whole run, with the switch at step 3
     assert len(records) == 6 and all(math.isfinite(r["loss"]) for r in records)
     assert [r["weighting"] for r in records] == pytest.approx([0.0] * 3 + [1.0] * 3)
+
+
+def test_sft_label_smoothing_is_fairseqs(tmp_path: Path, pairs: tuple[Path, Path], byte_tokenizer_dir: Path) -> None:
+    """The Transformer baseline's loss: (1 − ε)·NLL + ε·mean_v(−log q_v) per target token; `ce` stays the NLL."""
+    parts = build_parts(_run(tmp_path, pairs, byte_tokenizer_dir, {"name": "sft", "label_smoothing": 0.1}),
+                        tmp_path, ENGINE)
+    student, obj = parts.student, parts.objective
+    student.eval()
+    batch = parts.train_set.collate([0, 1, 2])
+    n = float(batch.student.loss_mask.sum())
+    loss, metrics = obj(student, batch, None, StepNorm({"tokens": n}))
+    tokens = batch.student
+    logq = torch.log_softmax(lm_forward(student, tokens).logits.double(), -1)  # the same encoder-decoder call
+    mask = tokens.loss_mask
+    nll = -logq.gather(-1, tokens.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
+    smooth = -logq.mean(-1)[mask]
+    assert float(loss) == pytest.approx(float((0.9 * nll + 0.1 * smooth).sum() / n), rel=1e-5)
+    assert float(metrics["ce"]) == pytest.approx(float(nll.sum() / n), rel=1e-5)

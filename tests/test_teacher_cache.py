@@ -105,6 +105,18 @@ def test_cache_round_trip_resume_and_training_matches_the_live_teacher(
     dev_cache = read_metrics(tmp_path / "from-cache", "dev")
     assert [d["loss"] for d in dev_live] == pytest.approx([d["loss"] for d in dev_cache], rel=1e-5)
 
+    # DSKD from the cached hidden states and LM head (bf16 on disk) follows the live-teacher run closely
+    dskd = {"name": "dskd", "kd_rate": 0.5}
+    live_cfg = {**yaml.safe_load(config.read_text()), "objective": dskd, "output_dir": str(tmp_path / "dskd-live")}
+    dskd_live = read_metrics(train(validate_config(live_cfg)))
+    cached_cfg.update(objective=dskd, output_dir=str(tmp_path / "dskd-cache"))
+    dskd_cache = read_metrics(train(validate_config(cached_cfg)))
+    assert len(dskd_live) == len(dskd_cache) == 6
+    for a, b in zip(dskd_live, dskd_cache):
+        assert a["ce"] == pytest.approx(b["ce"], rel=5e-3)  # the student's own CE: only earlier steps differ
+        for k in ("loss", "kd_teacher", "kd_student", "ce_t2s"):
+            assert a[k] == pytest.approx(b[k], rel=2e-2, abs=2e-3), k  # bf16 hidden states and head
+
 
 def test_a_mismatched_cache_is_refused(tmp_path: Path, train_file: Path, dev_file: Path, byte_tokenizer_dir: Path,
                                        teacher_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -126,4 +138,7 @@ def test_a_mismatched_cache_is_refused(tmp_path: Path, train_file: Path, dev_fil
         train(validate_config(cfg))
     cfg["objective"] = {"name": "sft"}
     with pytest.raises(DualKDError, match="cannot train from a teacher cache"):
+        train(validate_config(cfg))
+    cfg["objective"] = {"name": "dskd"}  # written without --hidden
+    with pytest.raises(CacheMismatch, match="--hidden"):
         train(validate_config(cfg))

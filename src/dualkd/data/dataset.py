@@ -201,6 +201,8 @@ class TokenizedDataset:
         ]
         self.teacher_cache: Any = None
         """An offline teacher cache of these examples (train/teacher_cache.py): batches carry its targets."""
+        self.cache_hidden = False
+        """Batches also carry the cached teacher hidden states."""
 
     def __len__(self) -> int:
         return len(self.student)
@@ -213,6 +215,8 @@ class TokenizedDataset:
             indices, self.student_pad_id, self.teacher_pad_id, self.pad_to_multiple_of, self.seq2seq)
         if self.teacher_cache is not None:
             batch.cached_teacher = self.teacher_cache.targets(list(indices))
+            if self.cache_hidden:
+                batch.cached_hidden = self.teacher_cache.hidden(list(indices))
         return batch
 
     @property

@@ -93,6 +93,8 @@ class SetupContext:
     """False when the student starts from random weights (`student.init: random`)."""
     cache_k: int | None = None
     """The k of an offline teacher cache the run trains from (no teacher model then)."""
+    cache_head: tuple[Tensor, Tensor | None] | None = None
+    """The cached teacher's LM head (weight [V, d], bias), for objectives with `reads_cached_hidden`."""
     frozen: dict[str, nn.Module] | None = None
     """The extra frozen models of `frozen_roles`, loaded from the config's `teachers` (same tokenizer as the
     teacher); the objective keeps them as plain attributes (never trained, saved or wrapped)."""
@@ -106,6 +108,8 @@ class Objective(nn.Module, ABC):
     """Cross-tokenizer objectives: the data is also tokenized with the teacher's tokenizer."""
     reads_teacher_cache: ClassVar[bool] = False
     """The objective can train from an offline top-k teacher cache instead of a live teacher."""
+    reads_cached_hidden: ClassVar[bool] = False
+    """From a cache, the objective reads the teacher's hidden states and LM head (written with --hidden)."""
     wants_pairs: ClassVar[bool] = False
     """The data are preference pairs (`PreferenceDataset`: chosen rows, then rejected rows)."""
     eval_weight: ClassVar[str] = "tokens"

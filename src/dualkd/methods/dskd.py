@@ -13,6 +13,9 @@ Two projectors put each model's last hidden states in the other's space, where t
 (DSKD v1 always uses forward KL in teacher space; DSKDv2 uses the chosen divergence there too.) The
 projectors are nn.Linear with bias and PyTorch's default init, trained with their own learning rate. Every
 term goes through the fused chunked loss, so the vocabulary size never shapes memory.
+
+From an offline teacher cache written with `--hidden` (`source.kind: cache`), h_t and W_t are the cached
+ones (bf16 on disk, used in the student's dtype): no teacher model is loaded.
 """
 
 from __future__ import annotations
@@ -45,19 +48,29 @@ class DSKDConfig(DivergenceChoice, ProjectorChoice):
 class DSKD(Objective):
     config_class = DSKDConfig
     needs_teacher = True
+    reads_teacher_cache = True
+    reads_cached_hidden = True
     config: DSKDConfig
 
     def setup(self, ctx: SetupContext) -> None:
         if not ctx.same_tokenizer:
             raise ModelError("objective `dskd` needs one tokenizer on both sides; for different vocabularies use "
                              "dskd_cma or dskdv2")
-        assert ctx.teacher is not None
-        self.vocab_size = shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer)
         check_head_is_linear(ctx.student, "student")
-        check_head_is_linear(ctx.teacher, "teacher")
-        d_s = ctx.student.get_output_embeddings().weight.shape[1]
-        d_t = ctx.teacher.get_output_embeddings().weight.shape[1]
-        dtype = ctx.student.get_output_embeddings().weight.dtype
+        w_s, _ = head_of(ctx.student)
+        d_s, dtype = w_s.shape[1], w_s.dtype
+        self.cached_head: tuple[Tensor, Tensor | None] | None = None  # plain attribute: never trained or saved
+        if ctx.cache_head is not None:  # an offline cache (--hidden) stands in for the teacher
+            w_t, b_t = ctx.cache_head
+            self.vocab_size = min(w_s.shape[0], w_t.shape[0], len(ctx.student_tokenizer))
+            self.cached_head = (w_t[:self.vocab_size].to(dtype), b_t[:self.vocab_size].to(dtype)
+                                if b_t is not None else None)
+            d_t = w_t.shape[1]
+        else:
+            assert ctx.teacher is not None
+            self.vocab_size = shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer)
+            check_head_is_linear(ctx.teacher, "teacher")
+            d_t = head_of(ctx.teacher)[0].shape[1]
         self.t2s = nn.Linear(d_t, d_s, dtype=dtype)
         self.s2t = nn.Linear(d_s, d_t, dtype=dtype)
         load_projectors(self, self.config.projector_path)
@@ -67,6 +80,10 @@ class DSKD(Objective):
 
     @torch.no_grad()
     def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> TeacherRows:
+        if batch.cached_hidden is not None:  # same tokenizer: the cached rows are the student's loss rows
+            assert self.cached_head is not None
+            w_t, b_t = (t.to(batch.cached_hidden.device) if t is not None else None for t in self.cached_head)
+            return TeacherRows(batch.cached_hidden.to(w_t.dtype), w_t, b_t)
         assert teacher is not None
         tokens = batch.student  # same tokenizer: the teacher reads the student's tokens
         hidden = lm_forward(teacher, tokens, hidden=True, logits=False).hidden

@@ -59,7 +59,7 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
     from_cache = cfg.source.kind == "cache"  # the teacher's outputs come from files, no teacher model is loaded
     if from_cache and not objective.reads_teacher_cache:
         raise ConfigError(f"source.kind=cache: objective `{cfg.objective.name}` cannot train from a teacher cache "
-                          "(the top-k cache serves `kd`)")
+                          "(a cache serves `kd` (top-k) and `dskd` (hidden states))")
     if objective.needs_teacher and cfg.teacher is None and not from_cache:
         raise ConfigError(f"objective `{cfg.objective.name}` needs a teacher: set `teacher.path`")
 
@@ -96,10 +96,11 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
 
     student = load_model(cfg.student, student_tokenizer, role="student", seed=cfg.seed)
     teacher = None
-    cache_k = None
+    cache_k = cache_head = None
     if from_cache:
         assert cfg.source.cache_dir is not None
-        cache_k = attach_caches(cfg.source.cache_dir, teacher_tokenizer, train_set, dev_set)
+        cache_k, cache_head = attach_caches(cfg.source.cache_dir, teacher_tokenizer, train_set, dev_set,
+                                            hidden=objective.reads_cached_hidden)
     elif objective.needs_teacher:
         assert cfg.teacher is not None
         teacher = load_model(cfg.teacher, teacher_tokenizer, role="teacher", seed=cfg.seed)
@@ -109,7 +110,7 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
     objective.setup(SetupContext(student=student, teacher=teacher, student_tokenizer=student_tokenizer,
                                  teacher_tokenizer=teacher_tokenizer, same_tokenizer=same,
                                  student_pretrained=cfg.student.init != "random", frozen=frozen,
-                                 cache_k=cache_k))
+                                 cache_k=cache_k, cache_head=cache_head))
     reports = [r for r in (train_report, dev_report) if r is not None]
     return Parts(objective, student, teacher, student_tokenizer, teacher_tokenizer, train_set, dev_set, reports,
                  aligner, frozen)

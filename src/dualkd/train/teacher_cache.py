@@ -256,6 +256,13 @@ class TeacherCache:
             parts.append(np.asarray(shard["hidden"][a:b]))
         return torch.from_numpy(np.concatenate(parts)).view(torch.bfloat16)
 
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's LM head saved with --hidden: weight [V, d] and bias [V] or None (bf16)."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self.folder / "head.safetensors"))
+        return tensors["weight"], tensors.get("bias")
+
     def sequence(self, i: int) -> TokenizedExample:
         """The teacher's tokenization of example i (ids, offsets, prompt) as stored."""
         per = self.manifest["shard_examples"]
@@ -291,11 +298,13 @@ def cache_tokenizer(cache_dir: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
-def attach_caches(cache_dir: str | Path, tokenizer: Any, train_set: Any, dev_set: Any | None) -> int:
+def attach_caches(cache_dir: str | Path, tokenizer: Any, train_set: Any, dev_set: Any | None, hidden: bool = False
+                  ) -> tuple[int, tuple[torch.Tensor, torch.Tensor | None] | None]:
     """Check the cache against this run's data and attach it to the datasets (batches then carry the teacher's
-    targets). Returns the cache's k."""
+    targets, and with `hidden` its hidden states). Returns the cache's k and, with `hidden`, the teacher's
+    LM head (weight, bias)."""
     caches = {"train": train_set, "dev": dev_set}
-    k = None
+    k, head = None, None
     for split, dataset in caches.items():
         if dataset is None:
             continue
@@ -303,7 +312,12 @@ def attach_caches(cache_dir: str | Path, tokenizer: Any, train_set: Any, dev_set
         cache.check(tokenizer, dataset.teacher_view)
         if k is not None and cache.k != k:
             raise CacheMismatch(f"{cache_dir}: train and dev caches have different k ({k} vs {cache.k})")
+        if hidden and not cache.manifest["hidden"]:
+            raise CacheMismatch(f"{cache.folder} holds no teacher hidden states, which this objective projects: "
+                                "write the cache with `dualkd cache-teacher ... --hidden`")
         k = cache.k
-        dataset.teacher_cache = cache
+        dataset.teacher_cache, dataset.cache_hidden = cache, hidden
+        if hidden and head is None:
+            head = cache.head()
     assert k is not None
-    return k
+    return k, head
