@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ ENGINES = {  # name -> launcher prefix (before `-m dualkd.cli ...`)
     "fsdp2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / "configs/accelerate/fsdp2.yaml"), "--num_processes", "2", "--main_process_port", "0"],
 }
+NAMES = {"ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed not installed (`make install` installs it)")
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP runs on GPUs only (2 needed)")
@@ -50,12 +52,13 @@ def student_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer_dir: Pa
     return make_model_dir(tmp_path_factory.mktemp("student"), byte_tokenizer_dir, seed=3, **NO_DROPOUT)
 
 
-def _write(tmp_path: Path, name: str, train_file: Path, student: Path, teacher: Path, micro: int, accum: int
-           ) -> Path:
+def _write(tmp_path: Path, name: str, train_file: Path, student: Path, teacher: Path, micro: int, accum: int,
+           placement: str = "auto") -> Path:
     cfg = tiny_run(tmp_path / name, train_file, student, teacher=teacher,
                    optimization={"max_steps": STEPS, "micro_batch_size": micro, "grad_accum": accum},
                    checkpoint={"every_steps": 3, "keep_last": 2})
     cfg["student"] = {"path": str(student)}
+    cfg["teacher"]["placement"] = placement
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -79,11 +82,12 @@ def single_run(tmp_path_factory: pytest.TempPathFactory, train_file: Path, teach
     return tmp / "single"
 
 
-def _check_engine(engine: str, tmp_path: Path, single: Path, train_file: Path, teacher_dir: Path,
+def _check_engine(engine: str, placement: str, tmp_path: Path, single: Path, train_file: Path, teacher_dir: Path,
                   student_dir: Path) -> None:
-    cfg = _write(tmp_path, "double", train_file, student_dir, teacher_dir, micro=2, accum=2)
+    cfg = _write(tmp_path, "double", train_file, student_dir, teacher_dir, micro=2, accum=2, placement=placement)
     done = _launch(engine, "train", str(cfg))
-    assert "2 process(es)" in done.stderr and "global batch 8 (2 x 2 x 2)" in done.stderr
+    said = done.stderr.replace("\n", " ")  # the console wraps long lines at spaces
+    assert re.search(rf"2 process\(es\) on \S+ \({NAMES[engine]}\); global batch 8 \(2 x 2 x 2\)", said), said[-3000:]
 
     # the same loss curve as one process with the same global batch
     a, b = read_metrics(single), read_metrics(tmp_path / "double")
@@ -119,15 +123,16 @@ def _check_engine(engine: str, tmp_path: Path, single: Path, train_file: Path, t
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("engine", [
-    "ddp",
-    pytest.param("zero2", marks=needs_deepspeed),
-    pytest.param("zero3", marks=needs_deepspeed),
-    pytest.param("fsdp2", marks=needs_two_gpus),
+@pytest.mark.parametrize(("engine", "placement"), [
+    ("ddp", "same"),
+    pytest.param("zero2", "same", marks=needs_deepspeed),
+    pytest.param("zero3", "sharded", marks=needs_deepspeed),  # the teacher as a frozen ZeRO-3 model
+    pytest.param("fsdp2", "same", marks=needs_two_gpus),
+    pytest.param("fsdp2", "sharded", marks=needs_two_gpus),
 ])
-def test_two_processes_match_one(engine: str, tmp_path: Path, single_run: Path, train_file: Path,
+def test_two_processes_match_one(engine: str, placement: str, tmp_path: Path, single_run: Path, train_file: Path,
                                  teacher_dir: Path, student_dir: Path) -> None:
-    _check_engine(engine, tmp_path, single_run, train_file, teacher_dir, student_dir)
+    _check_engine(engine, placement, tmp_path, single_run, train_file, teacher_dir, student_dir)
 
 
 @pytest.mark.distributed

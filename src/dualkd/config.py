@@ -104,6 +104,18 @@ class ModelConfig(StrictModel):
         return os.path.expanduser(value) if value and value.startswith("~") else value
 
 
+class TeacherConfig(ModelConfig):
+    """A frozen model the student learns from, and where it runs."""
+
+    placement: Literal["auto", "same", "cpu_offload", "sharded"] = "auto"
+    """`same`: a whole copy on every process's device. `cpu_offload`: the weights stay in CPU memory and each
+    layer is copied to the device as it runs (accelerate's big-model offload; for teachers larger than the
+    device's memory; objectives that read the LM head directly cannot use it). `sharded`: split over the
+    processes with the student's engine (DeepSpeed ZeRO-3, FSDP2). `auto`: `sharded` under ZeRO-3 (every
+    model is partitioned as it loads there), else `same`. A teacher read from an offline cache is
+    `source.kind: cache` (no teacher model then)."""
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 
@@ -375,9 +387,9 @@ class RunConfig(StrictModel):
     """Seed for initialization, data order and dropout (DSKD's scripts use 10)."""
     student: ModelConfig
     """The model being trained."""
-    teacher: ModelConfig | None = None
+    teacher: TeacherConfig | None = None
     """The frozen teacher (required by distillation objectives; DPO's reference model; AlignDistil's DPO model)."""
-    teachers: dict[str, ModelConfig] = Field(default_factory=dict)
+    teachers: dict[str, TeacherConfig] = Field(default_factory=dict)
     """More frozen models some objectives read, by role (AlignDistil: `reverse`, the reverse-DPO model, or
     `reference` for its Theorem-1 variant)."""
     data: DataConfig

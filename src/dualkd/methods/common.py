@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from dualkd.errors import ModelError
 from dualkd.losses.divergences import SPECS
@@ -74,11 +75,16 @@ class TeacherRows:
 def head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The LM head's weight [V, d] and bias [V] (or None), for losses that multiply hidden states by it."""
     head = model.get_output_embeddings()
-    if head.weight.numel() == 0:  # DeepSpeed ZeRO-3 partitions weights; only module forwards gather them
+    weight = head.weight
+    # ZeRO-3 partitions weights (empty tensors here), FSDP2 shards them (DTensor), CPU offload leaves meta
+    # tensors: only the model's own forward gathers them
+    if weight.numel() == 0 or weight.is_meta or isinstance(weight, DTensor):
         raise ModelError("this objective reads the LM head weights outside the model's forward (fused loss, "
-                         "projectors), but they are partitioned (DeepSpeed ZeRO-3). Use ZeRO-2, DDP or FSDP2, "
-                         "or `objective.fused: off` where the objective has it")
-    return head.weight, getattr(head, "bias", None)
+                         "projectors), but they are partitioned or offloaded (DeepSpeed ZeRO-3, FSDP2, "
+                         "teacher.placement: sharded/cpu_offload). Keep this model whole (teacher.placement: "
+                         "same; DDP or ZeRO-2 for the student), or set `objective.fused: off` where the "
+                         "objective has it")
+    return weight, getattr(head, "bias", None)
 
 
 @torch.no_grad()

@@ -84,6 +84,19 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- modules
     @property
+    def name(self) -> str:
+        if self.is_deepspeed:
+            return f"DeepSpeed ZeRO-{self.zero_stage}"
+        if self.accelerator.is_fsdp2:
+            return "FSDP2"
+        return "DDP" if self.world_size > 1 else "single process"
+
+    @staticmethod
+    def count_parameters(module: nn.Module, trainable: bool = False) -> int:
+        """Parameter count, also of a model ZeRO-3 partitioned at load (its tensors are empty there)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad or not trainable)
+
+    @property
     def zero_stage(self) -> int | None:
         """DeepSpeed's ZeRO stage, None under other engines."""
         if not self.is_deepspeed:
@@ -141,13 +154,39 @@ class Engine:
             raise ConfigError(f"{directory} was saved under DeepSpeed; resume it under DeepSpeed")
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
 
-    def place_teacher(self, teacher: nn.Module | None) -> nn.Module | None:
-        """Put the frozen teacher beside the student: replicated on every process, except under ZeRO-3."""
+    def place_teacher(self, teacher: nn.Module | None, placement: str = "auto") -> nn.Module | None:
+        """Put a frozen model where `teacher.placement` says (config.TeacherConfig); returns the module to
+        call (the same object, changed in place, for every placement)."""
         if teacher is None:
             return None
         if self.zero_stage == 3:
+            if placement in ("same", "cpu_offload"):
+                raise ConfigError(f"teacher.placement: {placement} is impossible under ZeRO-3: transformers "
+                                  "partitions every model as it loads there; use `sharded` (or `auto`)")
             return self._zero3_inference(teacher)
+        if placement == "sharded":
+            if self.accelerator.is_fsdp2:
+                return self._fsdp2_inference(teacher)
+            raise ConfigError("teacher.placement: sharded needs DeepSpeed ZeRO-3 or FSDP2 "
+                              "(configs/accelerate/zero3.yaml, fsdp2.yaml); this engine keeps whole models")
+        if placement == "cpu_offload":
+            from accelerate import cpu_offload
+
+            return cpu_offload(teacher, execution_device=self.device)
         return teacher.to(self.device)
+
+    def _fsdp2_inference(self, model: nn.Module) -> nn.Module:
+        """A frozen model under FSDP2, sharded like the student: one shard unit per transformer block (the
+        classes the model declares unsplittable), then the rest; each unit is gathered as it runs."""
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(self.device)
+        blocks = set(getattr(model, "_no_split_modules", None) or [])
+        for sub in model.modules():
+            if type(sub).__name__ in blocks:
+                fully_shard(sub)
+        fully_shard(model)
+        return model
 
     def _zero3_inference(self, model: nn.Module) -> nn.Module:
         """A frozen model under ZeRO-3. Transformers partitioned it at load (accelerate registers the ZeRO-3

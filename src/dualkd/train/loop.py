@@ -112,9 +112,9 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
     total_steps = opt.max_steps or opt.epochs * gold.steps_per_epoch
     scheduler = build_scheduler(optimizer, opt, total_steps)
     module, optimizer = engine.prepare(module, optimizer, opt.micro_batch_size, opt.grad_accum, opt.max_grad_norm)
-    teacher = engine.place_teacher(parts.teacher)
-    for model in (parts.frozen or {}).values():  # the objective holds them; placement moves them in place
-        engine.place_teacher(model)
+    teacher = engine.place_teacher(parts.teacher, cfg.teacher.placement if cfg.teacher else "auto")
+    for role, model in (parts.frozen or {}).items():  # the objective holds them; placement changes them in place
+        engine.place_teacher(model, cfg.teachers[role].placement)
     objective = parts.objective
     source = make_source(cfg, parts, gold, lambda: _student_for_sampling(engine, module), total_steps)
 
@@ -419,14 +419,17 @@ def _announce(log: MetricsLogger, cfg: RunConfig, parts: Parts, source: Any, tot
                       first=report.skipped[0])
         else:
             log.print(f"[dualkd] data {report.summary()}")
-    n_params = sum(p.numel() for p in parts.student.parameters())
-    n_train = sum(p.numel() for p in parts.student.parameters() if p.requires_grad)
+    n_params = engine.count_parameters(parts.student)
+    n_train = engine.count_parameters(parts.student, trainable=True)
     teacher = ""
     if parts.teacher is not None:
-        teacher = f"; teacher {sum(p.numel() for p in parts.teacher.parameters()) / 1e6:.2f}M params"
+        assert cfg.teacher is not None
+        teacher = (f"; teacher {engine.count_parameters(parts.teacher) / 1e6:.2f}M params "
+                   f"(placement {cfg.teacher.placement})")
     log.print(f"[dualkd] objective {cfg.objective.name}; student {n_params / 1e6:.2f}M params "
               f"({n_train / 1e6:.2f}M trained){teacher}")
-    log.print(f"[dualkd] {engine.world_size} process(es) on {engine.device}; global batch {source.global_batch} "
+    log.print(f"[dualkd] {engine.world_size} process(es) on {engine.device} ({engine.name}); "
+              f"global batch {source.global_batch} "
               f"({cfg.optimization.micro_batch_size} x {cfg.optimization.grad_accum} x {engine.world_size}); "
               f"{source.steps_per_epoch} steps/epoch; {total_steps} steps")
     src = cfg.source
