@@ -1,0 +1,95 @@
+"""One KD run under each engine, side by side: step time, throughput, the time split, peak memory per process.
+
+    python benchmarks/engines.py                          # SmolLM2-135M-Instruct <- itself, Dolly, 2 processes
+    python benchmarks/engines.py --steps 12 --engines single,ddp,zero2,zero3
+    python benchmarks/engines.py --teacher PATH --student PATH --engines ddp,zero3,fsdp2   # on a GPU machine
+
+Every engine runs the same config (`kd`, fused off so ZeRO-3 can run it; micro-batch 2 x accumulation 2 per
+process; `single` is one process with accumulation 4, the same global batch) through the launch line users
+type (`torchrun` for DDP on CPU, `accelerate launch --config_file configs/accelerate/<engine>.yaml` otherwise).
+Figures are medians over the steps after the first two (warm-up), read from each run's metrics.jsonl: step
+seconds, input tokens per second (global batch), the data/teacher/student/optimizer split, and the peak memory
+of the main process (max RSS on CPU, max allocated on GPU). Needs ../shared/tools/real-models and
+../shared/data/dolly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = Path(os.environ.get("DUALKD_REAL_MODELS", Path.home() / ".cache" / "dualkd-real"))
+DATA = REPO.parent / "shared" / "data" / "dolly" / "train.jsonl"
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", "0"]
+LAUNCH = {
+    "single": [sys.executable],
+    "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "zero2": [*ACCELERATE, "--config_file", str(REPO / "configs/accelerate/zero2.yaml")],
+    "zero3": [*ACCELERATE, "--config_file", str(REPO / "configs/accelerate/zero3.yaml")],
+    "fsdp2": [*ACCELERATE, "--config_file", str(REPO / "configs/accelerate/fsdp2.yaml")],
+}
+
+
+def run(engine: str, args: argparse.Namespace, root: Path) -> dict[str, float]:
+    out = root / engine
+    processes = 1 if engine == "single" else 2
+    cfg = {"output_dir": str(out), "seed": 1, "student": {"path": args.student},
+           "teacher": {"path": args.teacher, "placement": "sharded" if engine == "zero3" else "same"},
+           "data": {"train": str(DATA), "max_examples": 256, "max_length": args.max_length,
+                    "max_prompt_length": args.max_length // 2},
+           "objective": {"name": "kd", "fused": "off"},
+           "optimization": {"max_steps": args.steps, "micro_batch_size": 2, "grad_accum": 4 // processes,
+                            "lr": 1e-5, "warmup_steps": 0},
+           "checkpoint": {"every_steps": 10_000}, "eval": {"every_steps": 10_000},
+           "logging": {"every_steps": 1, "tensorboard": False, "progress_bar": "off"}}
+    path = root / f"{engine}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes)),
+           "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([*LAUNCH[engine], "-m", "dualkd.cli", "train", str(path)], env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}  # type: ignore
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["kind"] == "train"][2:]
+    med = {k: statistics.median(r[k] for r in rows) for k in ("step_time", "tokens_per_s", "peak_mem_mib",
+                                                                 "time/data", "time/teacher", "time/student",
+                                                                 "time/optimizer")}
+    med["loss_last"] = rows[-1]["loss"]
+    return med
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engines", default="single,ddp,zero2,zero3")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--student", default=str(MODELS / "smollm2-135m-instruct"))
+    ap.add_argument("--teacher", default=str(MODELS / "smollm2-135m-instruct"))
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="dualkd-bench-engines-"))
+    print(f"student {args.student}\nteacher {args.teacher}\nkd (fused off), global batch 8 (2 processes x 2 x 2; "
+          f"single: 1 x 2 x 4), max length {args.max_length}, {args.steps} steps, medians after 2 warm-up steps\n")
+    print("| engine | step s | tokens/s | data | teacher | student | optimizer | peak MiB (rank 0) | last loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for engine in args.engines.split(","):
+        m = run(engine, args, root)
+        if "error" in m:
+            print(f"| {engine} | failed: {m['error']} |")
+            continue
+        split = [f"{m[f'time/{k}'] / m['step_time']:.0%}" for k in ("data", "teacher", "student", "optimizer")]
+        print(f"| {engine} | {m['step_time']:.2f} | {m['tokens_per_s']:.0f} | " + " | ".join(split)
+              + f" | {m['peak_mem_mib']:.0f} | {m['loss_last']:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
