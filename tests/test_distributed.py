@@ -53,10 +53,16 @@ def student_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer_dir: Pa
 
 
 def _write(tmp_path: Path, name: str, train_file: Path, student: Path, teacher: Path, micro: int, accum: int,
-           placement: str = "auto") -> Path:
+           placement: str = "auto", dev_file: Path | None = None) -> Path:
     cfg = tiny_run(tmp_path / name, train_file, student, teacher=teacher,
                    optimization={"max_steps": STEPS, "micro_batch_size": micro, "grad_accum": accum},
-                   checkpoint={"every_steps": 3, "keep_last": 2})
+                   checkpoint={"every_steps": 3, "keep_last": 2},
+                   # 24 dev examples in 5 batches: the processes get 3 and 2 (sharded engines pad, see
+                   # sources.eval_batches); 3 ROUGE-L prompts likewise; `best/` is chosen by ROUGE-L
+                   eval={"every_steps": 3, "batch_size": 5, "select_by": "rougeL", "rouge_examples": 3,
+                         "rouge_repeats": 1},
+                   generation={"max_new_tokens": 8})
+    cfg["data"]["dev"] = str(dev_file)
     cfg["student"] = {"path": str(student)}
     cfg["teacher"]["placement"] = placement
     path = tmp_path / f"{name}.yaml"
@@ -72,19 +78,20 @@ def _launch(engine: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory: pytest.TempPathFactory, train_file: Path, teacher_dir: Path,
+def single_run(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_file: Path, teacher_dir: Path,
                student_dir: Path) -> Path:
     """The reference: one process, 4 micro-batches of 2 per step (global batch 8)."""
     tmp = tmp_path_factory.mktemp("single")
-    cfg = _write(tmp, "single", train_file, student_dir, teacher_dir, micro=2, accum=4)
+    cfg = _write(tmp, "single", train_file, student_dir, teacher_dir, micro=2, accum=4, dev_file=dev_file)
     subprocess.run([sys.executable, "-m", "dualkd.cli", "train", str(cfg)], env=_env(), check=True,
                    capture_output=True)
     return tmp / "single"
 
 
-def _check_engine(engine: str, placement: str, tmp_path: Path, single: Path, train_file: Path, teacher_dir: Path,
-                  student_dir: Path) -> None:
-    cfg = _write(tmp_path, "double", train_file, student_dir, teacher_dir, micro=2, accum=2, placement=placement)
+def _check_engine(engine: str, placement: str, tmp_path: Path, single: Path, train_file: Path, dev_file: Path,
+                  teacher_dir: Path, student_dir: Path) -> None:
+    cfg = _write(tmp_path, "double", train_file, student_dir, teacher_dir, micro=2, accum=2, placement=placement,
+                 dev_file=dev_file)
     done = _launch(engine, "train", str(cfg))
     said = done.stderr.replace("\n", " ")  # the console wraps long lines at spaces
     assert re.search(rf"2 process\(es\) on \S+ \({NAMES[engine]}\); global batch 8 \(2 x 2 x 2\)", said), said[-3000:]
@@ -96,6 +103,11 @@ def _check_engine(engine: str, placement: str, tmp_path: Path, single: Path, tra
         assert ra["tokens"] == rb["tokens"]
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
         assert ra["lr"] == pytest.approx(rb["lr"])
+    dev_a, dev_b = read_metrics(single, "dev"), read_metrics(tmp_path / "double", "dev")
+    assert [d["step"] for d in dev_a] == [d["step"] for d in dev_b] == [3, 6]
+    for da, db in zip(dev_a, dev_b):  # the dev loss is the same; ROUGE-L samples differ by process layout
+        assert da["loss"] == pytest.approx(db["loss"], rel=1e-5)
+        assert 0.0 <= db["rougeL"] <= 100.0
     pa = load_file(str(single / "final" / "model.safetensors"))
     pb = load_file(str(tmp_path / "double" / "final" / "model.safetensors"))
     for k in pa:
@@ -131,14 +143,15 @@ def _check_engine(engine: str, placement: str, tmp_path: Path, single: Path, tra
     pytest.param("fsdp2", "sharded", marks=needs_two_gpus),
 ])
 def test_two_processes_match_one(engine: str, placement: str, tmp_path: Path, single_run: Path, train_file: Path,
-                                 teacher_dir: Path, student_dir: Path) -> None:
-    _check_engine(engine, placement, tmp_path, single_run, train_file, teacher_dir, student_dir)
+                                 dev_file: Path, teacher_dir: Path, student_dir: Path) -> None:
+    _check_engine(engine, placement, tmp_path, single_run, train_file, dev_file, teacher_dir, student_dir)
 
 
 @pytest.mark.distributed
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_fsdp_on_cpu_is_refused(tmp_path: Path, train_file: Path, teacher_dir: Path, student_dir: Path) -> None:
-    cfg = _write(tmp_path, "fsdp", train_file, student_dir, teacher_dir, micro=2, accum=2)
+def test_fsdp_on_cpu_is_refused(tmp_path: Path, train_file: Path, dev_file: Path, teacher_dir: Path,
+                                student_dir: Path) -> None:
+    cfg = _write(tmp_path, "fsdp", train_file, student_dir, teacher_dir, micro=2, accum=2, dev_file=dev_file)
     done = subprocess.run([*ENGINES["fsdp2"], "-m", "dualkd.cli", "train", str(cfg)], env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0

@@ -119,11 +119,13 @@ def rescore(out_dir: str | Path) -> dict[str, Any]:
 
 
 def sampled_rouge_l(model: Any, tokenizer: Any, examples: Sequence[Example], settings: GenerationConfig,
-                    seeds: Sequence[int]) -> float:
+                    seeds: Sequence[int], counted: int | None = None) -> float:
     """Sum over `examples` of ROUGE-L (mean over one sample per seed): the dev selection of the DSKD scripts.
-    A sum, so that processes evaluating shards of the dev set can add theirs up."""
+    A sum, so that processes evaluating shards of the dev set can add theirs up. Only the first `counted`
+    examples count (the rest pad a process's share so all processes generate together)."""
     total = 0.0
+    counted = len(examples) if counted is None else counted
     for seed in seeds:
         texts = generate_responses(model, tokenizer, list(examples), settings, seed=seed, progress=False)
-        total += sum(rouge_l(text, ex.references) for text, ex in zip(texts, examples))
+        total += sum(rouge_l(text, ex.references) for text, ex in list(zip(texts, examples))[:counted])
     return total / max(len(seeds), 1)

@@ -97,6 +97,11 @@ class Engine:
         return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad or not trainable)
 
     @property
+    def shards_parameters(self) -> bool:
+        """Parameters live split over processes (ZeRO-3, FSDP2): every forward is a collective call."""
+        return self.zero_stage == 3 or bool(self.accelerator.is_fsdp2)
+
+    @property
     def zero_stage(self) -> int | None:
         """DeepSpeed's ZeRO stage, None under other engines."""
         if not self.is_deepspeed:

@@ -308,8 +308,12 @@ def _dev_rouge_l(engine: Engine, module: nn.Module, parts: Parts, cfg: RunConfig
         "max_prompt_length": min(gen.max_prompt_length, data.max_prompt_length or max_length - 1, max_length - 1)})
     seeds = [cfg.seed + k for k in range(cfg.eval.rouge_repeats)]
     mine = examples[engine.rank::engine.world_size]
-    local = sampled_rouge_l(engine.unwrap(module).student, parts.student_tokenizer, mine, settings, seeds)
-    total, count = engine.all_reduce_sum(torch.tensor([local, float(len(mine))], dtype=torch.float64)).tolist()
+    counted = len(mine)
+    if engine.shards_parameters:  # every generate call gathers the layers on all processes: make the same calls
+        mine = mine + examples[:len(examples[0::engine.world_size]) - len(mine)]
+    with engine.for_generation(module) as raw:
+        local = sampled_rouge_l(raw.student, parts.student_tokenizer, mine, settings, seeds, counted=counted)
+    total, count = engine.all_reduce_sum(torch.tensor([local, float(counted)], dtype=torch.float64)).tolist()
     return total / max(count, 1.0)
 
 
@@ -320,12 +324,15 @@ def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: n
     raw = engine.unwrap(module)  # no DDP wrapper: processes may run different numbers of batches
     raw.eval()
     totals: dict[str, float] = defaultdict(float)
-    for batch in eval_batches(dataset, batch_size, engine.world_size, engine.rank):
+    for batch, counted in eval_batches(dataset, batch_size, engine.world_size, engine.rank,
+                                       same_count=engine.shards_parameters):
         batch = batch.to(engine.device)
         with engine.autocast():
             teacher_out = objective.teacher_forward(teacher, batch)
             counts = {k: float(v) for k, v in objective.counts(batch, teacher_out, raw.student).items()}
             loss, metrics = raw(batch, teacher_out, StepNorm(counts, step=step))
+        if not counted:
+            continue
         n = counts[objective.eval_weight]
         totals["tokens"] += n
         totals["loss"] += float(loss) * n

@@ -135,9 +135,18 @@ class OffPolicySource:
         self.epoch, self.step_in_epoch, self._order = state["epoch"], state["step_in_epoch"], None
 
 
-def eval_batches(dataset: TokenizedDataset, batch_size: int, world_size: int, rank: int) -> Iterator[Batch]:
-    """The dev set in a fixed, length-sorted order; process `rank` takes every `world_size`-th batch."""
+def eval_batches(dataset: TokenizedDataset, batch_size: int, world_size: int, rank: int, same_count: bool = False
+                 ) -> Iterator[tuple[Batch, bool]]:
+    """The dev set in a fixed, length-sorted order; process `rank` takes every `world_size`-th batch. Yields
+    (batch, counts). With `same_count` every process runs as many batches as the busiest one, the extra ones
+    repeating a batch that counts for nothing: engines that shard parameters (ZeRO-3, FSDP2) gather them in
+    every forward, so all processes must run the same number of forwards."""
     order = sorted(range(len(dataset)), key=lambda j: (dataset.lengths[j], j))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for chunk in chunks[rank::world_size]:
-        yield dataset.collate(chunk)
+    mine = chunks[rank::world_size]
+    for chunk in mine:
+        yield dataset.collate(chunk), True
+    if same_count and chunks:
+        busiest = len(chunks[0::world_size])
+        for _ in range(busiest - len(mine)):
+            yield dataset.collate(chunks[0]), False
