@@ -18,7 +18,7 @@ from dualkd.errors import DualKDError
 from dualkd.losses.sparse import sparse_kl, topk_targets
 from dualkd.train.loop import train
 from dualkd.train.teacher_cache import CacheMismatch, TeacherCache
-from tests.conftest import read_metrics, tiny_run
+from tests.conftest import make_model_dir, read_metrics, tiny_run
 
 
 def _naive_bucket_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -142,3 +142,25 @@ def test_a_mismatched_cache_is_refused(tmp_path: Path, train_file: Path, dev_fil
     cfg["objective"] = {"name": "dskd"}  # written without --hidden
     with pytest.raises(CacheMismatch, match="--hidden"):
         train(validate_config(cfg))
+
+
+def test_dskdv2_across_tokenizers_trains_from_the_cache(tmp_path: Path, train_file: Path, dev_file: Path,
+                                                        byte_tokenizer_dir: Path, meta_tokenizer_dir: Path) -> None:
+    """DSKDv2-ETA with a teacher of another vocabulary: the cache's teacher tokenization is checked against the
+    run's, and the cached hidden states at the aligned teacher positions stand in for the live teacher."""
+    teacher = make_model_dir(tmp_path / "teacher", meta_tokenizer_dir, model_type="llama", hidden_size=48,
+                             intermediate_size=96, seed=2)
+    dskdv2 = {"name": "dskdv2", "alignment": "eta", "kd_rate": 0.5}
+    config = _cache_config(tmp_path, train_file, byte_tokenizer_dir, teacher, dev_file)
+    cfg = {**yaml.safe_load(config.read_text()), "objective": dskdv2}
+    config.write_text(yaml.safe_dump(cfg))
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(config), "--out", str(cache), "--top-k", "4", "--hidden"]) == 0
+    live = read_metrics(train(validate_config(cfg)))
+    from_cache = read_metrics(train(validate_config({**cfg, "teacher": None, "output_dir": str(tmp_path / "c"),
+                                                     "source": {"kind": "cache", "cache_dir": str(cache)}})))
+    assert len(live) == len(from_cache) == 6
+    for a, b in zip(live, from_cache):
+        assert a["tokens"] == b["tokens"]
+        for k in ("loss", "ce_t2s", "kd_student", "kd_teacher", "t2s_agreement"):
+            assert a[k] == pytest.approx(b[k], rel=2e-2, abs=2e-3), k  # bf16 hidden states and head

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from dualkd.align.pairs import ExactAligner
 from dualkd.align.vocab import shared_vocabulary, teacher_to_student_ids
 from dualkd.data.collate import Batch
+from dualkd.errors import ModelError
 from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_argmax, fused_ce_and_divergence, fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
@@ -86,6 +87,8 @@ class DSKDv2(Objective):
     needs_teacher = True
     teacher_reads_own_tokens = True
     counts_need_teacher = True
+    reads_teacher_cache = True
+    reads_cached_hidden = True
     config: DSKDv2Config
 
     def make_aligner(self, student_tokenizer: Any, teacher_tokenizer: Any) -> Any:
@@ -93,14 +96,21 @@ class DSKDv2(Objective):
 
     def setup(self, ctx: SetupContext) -> None:
         cfg = self.config
-        assert ctx.teacher is not None
         check_head_is_linear(ctx.student, "student")
-        check_head_is_linear(ctx.teacher, "teacher")
         w_s, _ = head_of(ctx.student)
-        w_t, _ = head_of(ctx.teacher)
+        self.cached_head: tuple[Tensor, Tensor | None] | None = None  # plain attribute: never trained or saved
+        if ctx.cache_head is not None:  # an offline cache (--hidden): its LM head stands in for the teacher's
+            w_t, b_t = (t.to(w_s.dtype) if t is not None else None for t in ctx.cache_head)
+            self.cached_head = (w_t, b_t)
+        else:
+            assert ctx.teacher is not None
+            check_head_is_linear(ctx.teacher, "teacher")
+            w_t, _ = head_of(ctx.teacher)
         self.same_vocab = ctx.same_tokenizer
         if self.same_vocab:
-            self.vocab_size = shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer)
+            n_tokens = len(ctx.student_tokenizer)
+            self.vocab_size = (min(w_s.shape[0], w_t.shape[0], n_tokens) if ctx.teacher is None
+                               else shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer))
             k = min(cfg.topk_vocab or self.vocab_size, self.vocab_size)
             student_ids = teacher_ids = torch.arange(k)
             to_student = torch.arange(self.vocab_size)
@@ -130,17 +140,26 @@ class DSKDv2(Objective):
     # ------------------------------------------------------------------------------------------- teacher
     @torch.no_grad()
     def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> TeacherRows:
-        assert teacher is not None
-        head, bias = head_of(teacher)
+        if self.cached_head is not None:
+            head, bias = (t.to(batch.student.input_ids.device) if t is not None else None for t in self.cached_head)
+        else:
+            assert teacher is not None
+            head, bias = head_of(teacher)
         if self.same_vocab:
             tokens = batch.student
-            hidden = lm_forward(teacher, tokens, hidden=True, logits=False).hidden[tokens.loss_mask]
+            if batch.cached_hidden is not None:  # cached rows = the loss rows (one tokenization)
+                hidden = batch.cached_hidden.to(head.dtype)
+            else:
+                hidden = lm_forward(teacher, tokens, hidden=True, logits=False).hidden[tokens.loss_mask]
             head, bias = head[: self.vocab_size], bias[: self.vocab_size] if bias is not None else None
         else:
             assert batch.teacher is not None and batch.alignment is not None, "dskdv2 needs aligned batches"
             al = batch.alignment
-            hidden = lm_forward(teacher, batch.teacher, hidden=True, logits=False).hidden
-            hidden = hidden[al.batch_index, al.teacher_pos]  # [P, d_t] at the paired positions
+            if batch.cached_hidden is not None:
+                hidden = self._cached_pair_rows(batch).to(head.dtype)
+            else:
+                hidden = lm_forward(teacher, batch.teacher, hidden=True, logits=False).hidden
+                hidden = hidden[al.batch_index, al.teacher_pos]  # [P, d_t] at the paired positions
         argmax = fused_argmax(hidden, head, bias, self.config.chunk_size)
         labels = self.to_student[argmax]  # the student token with the same bytes, or -1
         if not self.same_vocab:
@@ -152,6 +171,17 @@ class DSKDv2(Objective):
             student_gold = batch.student.labels[al.batch_index, al.student_pos]
             labels = torch.where(argmax == teacher_gold, student_gold, labels)
         return TeacherRows(hidden, head, bias, labels=labels)
+
+    @staticmethod
+    def _cached_pair_rows(batch: Batch) -> Tensor:
+        """The cached teacher hidden states at the aligned teacher positions [P, d_t]. The cache holds one row
+        per teacher response position, in `loss_mask` order (row-major over the batch)."""
+        assert batch.teacher is not None and batch.alignment is not None and batch.cached_hidden is not None
+        mask, al = batch.teacher.loss_mask, batch.alignment
+        row = torch.cumsum(mask.flatten().long(), 0).view(mask.shape) - 1  # [B, T_t] row of each loss position
+        if not bool(mask[al.batch_index, al.teacher_pos].all()):
+            raise ModelError("an aligned teacher position lies outside the response the cache holds")
+        return batch.cached_hidden[row[al.batch_index, al.teacher_pos]]
 
     @torch.no_grad()
     def counts(self, batch: Batch, teacher_out: Any = None, student: nn.Module | None = None) -> dict[str, Tensor]:

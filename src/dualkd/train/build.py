@@ -59,7 +59,7 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
     from_cache = cfg.source.kind == "cache"  # the teacher's outputs come from files, no teacher model is loaded
     if from_cache and not objective.reads_teacher_cache:
         raise ConfigError(f"source.kind=cache: objective `{cfg.objective.name}` cannot train from a teacher cache "
-                          "(a cache serves `kd` (top-k) and `dskd` (hidden states))")
+                          "(a cache serves `kd` (top-k), and `dskd` and `dskdv2` (written with --hidden))")
     if objective.needs_teacher and cfg.teacher is None and not from_cache:
         raise ConfigError(f"objective `{cfg.objective.name}` needs a teacher: set `teacher.path`")
 
