@@ -171,8 +171,7 @@ class CheckpointManager:
     def load(self, path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any
              ) -> TrainerState:
         state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
-        with self.engine.gathered(module, modify=True):
-            load_trainable(self.engine.unwrap(module), path / "trainable.safetensors")
+        self.engine.load_state(module, read_trainable(self.engine.unwrap(module), path / "trainable.safetensors"))
         if optimizer is not None:
             self.engine.load_optimizer(module, optimizer, path)
         if scheduler is not None:
@@ -199,13 +198,19 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def load_trainable(module: nn.Module, file: Path) -> None:
-    """Load the saved trainable parameters into `module`; every trainable parameter must be in the file."""
+def read_trainable(module: nn.Module, file: Path) -> dict[str, torch.Tensor]:
+    """The saved trainable parameters, checked against `module`: every trainable parameter must be in the file
+    and nothing else."""
     saved = load_file(str(file))
     wanted = {n for n, p in module.named_parameters() if p.requires_grad}
     missing, unexpected = wanted - saved.keys(), saved.keys() - {n for n, _ in module.named_parameters()}
     if missing or unexpected:
         raise DualKDError(f"checkpoint {file.parent} does not fit this model: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")
-    result = module.load_state_dict(saved, strict=False)
+    return saved
+
+
+def load_trainable(module: nn.Module, file: Path) -> None:
+    """Load the saved trainable parameters into a whole (unsplit) `module`."""
+    result = module.load_state_dict(read_trainable(module, file), strict=False)
     assert not result.unexpected_keys

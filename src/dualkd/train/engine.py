@@ -128,36 +128,67 @@ class Engine:
                                   "set it to `auto` there (dualkd fills it)")
             ds[key] = value
 
-    @contextlib.contextmanager
-    def gathered(self, module: nn.Module, modify: bool = False) -> Iterator[None]:
-        """Full parameters of `module` on every process for the duration: ZeRO-3 keeps them partitioned
-        otherwise. With `modify`, what the main process writes into them is kept. All processes must enter."""
-        if self.zero_stage != 3:
-            yield
-            return
-        import deepspeed
+    @property
+    def _fsdp2(self) -> bool:
+        return bool(self.accelerator.is_fsdp2)
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0 if modify else None):
+    @contextlib.contextmanager
+    def gathered(self, module: nn.Module) -> Iterator[None]:
+        """Full parameters of `module` on every process for the duration, to read (ZeRO-3 and FSDP2 keep them
+        split otherwise; what is written into them is lost at the end). All processes must enter."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                yield
+        elif self._fsdp2:
+            with fsdp2_unsharded(module):
+                yield
+        else:
             yield
+
+    def load_state(self, module: nn.Module, state: dict[str, Tensor]) -> None:
+        """Load whole tensors (a subset of the state, by name) into a module however it is split. All
+        processes call it, each with the same `state`."""
+        raw = self.unwrap(module)
+        if self._fsdp2:
+            fsdp2_load_full_state(raw, state)
+        elif self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(raw.parameters()), modifier_rank=0):
+                raw.load_state_dict(state, strict=False)
+        else:
+            raw.load_state_dict(state, strict=False)
 
     def save_optimizer(self, module: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
         """Save the optimizer state into a checkpoint folder. All processes call it: under DeepSpeed each
-        writes its partition (through DeepSpeed's own checkpointing, which also stores the module)."""
+        writes its partition (through DeepSpeed's own checkpointing, which also stores the module); under
+        FSDP2 the whole state is gathered to the main process (`optimizer-full.pt`)."""
         if self.is_deepspeed:
             module.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+        elif self._fsdp2:
+            state = fsdp2_full_optimizer_state(self.unwrap(module), optimizer.optimizer)
+            if self.is_main:
+                torch.save(state, directory / "optimizer-full.pt")
         elif self.is_main:
             torch.save(optimizer.state_dict(), directory / "optimizer.pt")
 
     def load_optimizer(self, module: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        wanted = "deepspeed" if self.is_deepspeed else "optimizer-full.pt" if self._fsdp2 else "optimizer.pt"
+        if not (directory / wanted).exists():
+            written = next((f for f in ("deepspeed", "optimizer-full.pt", "optimizer.pt") if (directory / f).exists()),
+                           "nothing")
+            raise ConfigError(f"{directory} holds {written}, not the {wanted} this engine ({self.name}) resumes "
+                              "from: resume under the engine that wrote it (its trainable weights, "
+                              "trainable.safetensors, load under any)")
         if self.is_deepspeed:
-            if not (directory / "deepspeed").is_dir():
-                raise ConfigError(f"{directory} was not saved under DeepSpeed; resume it with the engine that "
-                                  "wrote it (its model weights load anywhere: trainable.safetensors)")
             module.load_checkpoint(str(directory / "deepspeed"), tag="state", load_lr_scheduler_states=False)
-            return
-        if not (directory / "optimizer.pt").exists():
-            raise ConfigError(f"{directory} was saved under DeepSpeed; resume it under DeepSpeed")
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        elif self._fsdp2:
+            state = torch.load(directory / "optimizer-full.pt", weights_only=True)
+            fsdp2_load_full_optimizer_state(self.unwrap(module), optimizer.optimizer, state)
+        else:
+            optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
 
     def place_teacher(self, teacher: nn.Module | None, placement: str = "auto") -> nn.Module | None:
         """Put a frozen model where `teacher.placement` says (config.TeacherConfig); returns the module to
@@ -274,3 +305,48 @@ class Engine:
         self.accelerator.end_training()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------- FSDP2
+# Plain functions of torch's FSDP2 (`fully_shard`) modules, so that they are tested on CPU processes without
+# accelerate (which sets FSDP up only for GPUs): tests/test_distributed.py.
+
+
+@contextlib.contextmanager
+def fsdp2_unsharded(module: nn.Module) -> Iterator[None]:
+    """Every FSDP2 unit inside `module` all-gathered: its parameters are whole plain tensors until the end
+    (then freed again; writes into them do not reach the shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def fsdp2_load_full_state(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load whole tensors (by name, a subset) into the shards of an FSDP2 module."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def fsdp2_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state of a sharded module as whole tensors keyed by parameter name, on the main process
+    (an empty dict elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+
+
+def fsdp2_load_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+                                    ) -> None:
+    """Load a whole optimizer state (every process passes the same one) into the shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))

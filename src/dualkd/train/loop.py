@@ -350,7 +350,7 @@ def _finish(cfg: RunConfig, engine: Engine, module: nn.Module, ckpt: CheckpointM
             parts: Parts, run_dir: Path, log: MetricsLogger) -> None:
     """Export the final student (and the best one by dev loss) as folders plain transformers loads."""
     raw = engine.unwrap(module)
-    with engine.gathered(module):  # ZeRO-3: full parameters to write
+    with engine.gathered(module):  # ZeRO-3, FSDP2: whole parameters to write
         if engine.is_main:
             _export(cfg, raw, ckpt, state, parts, run_dir, log)
     engine.barrier()
