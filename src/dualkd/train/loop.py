@@ -321,7 +321,7 @@ def _dev_rouge_l(engine: Engine, module: nn.Module, parts: Parts, cfg: RunConfig
 def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: nn.Module | None,
              dataset: Any, batch_size: int, step: int = 0) -> dict[str, float]:
     """Token-weighted mean of the objective's loss and metrics over the dev set (all processes)."""
-    raw = engine.unwrap(module)  # no DDP wrapper: processes may run different numbers of batches
+    raw = engine.unwrap(module)  # no DDP wrapper: processes may run different numbers of batches (not when sharded)
     raw.eval()
     totals: dict[str, float] = defaultdict(float)
     for batch, counted in eval_batches(dataset, batch_size, engine.world_size, engine.rank,
