@@ -72,6 +72,22 @@ class TeacherRows:
     mask: Tensor | None = None  # [N] bool, filled by `counts` when a denominator needs it (agreement)
 
 
+class CachedHead:
+    """The teacher's LM head read from an offline cache (bf16 on disk), in the student's dtype, cut to the first
+    `rows` rows, and copied to a device once (not per batch). A plain object: never trained, saved or wrapped."""
+
+    def __init__(self, head: tuple[Tensor, Tensor | None], dtype: torch.dtype, rows: int | None = None):
+        weight, bias = head
+        self.weight = weight[:rows].to(dtype)  # [V, d_t]
+        self.bias = bias[:rows].to(dtype) if bias is not None else None  # [V]
+        self._on: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
+
+    def on(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        if device not in self._on:
+            self._on[device] = (self.weight.to(device), self.bias.to(device) if self.bias is not None else None)
+        return self._on[device]
+
+
 def head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The LM head's weight [V, d] and bias [V] (or None), for losses that multiply hidden states by it."""
     head = model.get_output_embeddings()

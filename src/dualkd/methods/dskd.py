@@ -31,6 +31,7 @@ from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_ce_and_divergence, fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
 from dualkd.methods.common import (
+    CachedHead,
     DivergenceChoice,
     ProjectorChoice,
     TeacherRows,
@@ -59,12 +60,11 @@ class DSKD(Objective):
         check_head_is_linear(ctx.student, "student")
         w_s, _ = head_of(ctx.student)
         d_s, dtype = w_s.shape[1], w_s.dtype
-        self.cached_head: tuple[Tensor, Tensor | None] | None = None  # plain attribute: never trained or saved
+        self.cached_head: CachedHead | None = None
         if ctx.cache_head is not None:  # an offline cache (--hidden) stands in for the teacher
-            w_t, b_t = ctx.cache_head
+            w_t = ctx.cache_head[0]
             self.vocab_size = min(w_s.shape[0], w_t.shape[0], len(ctx.student_tokenizer))
-            self.cached_head = (w_t[:self.vocab_size].to(dtype), b_t[:self.vocab_size].to(dtype)
-                                if b_t is not None else None)
+            self.cached_head = CachedHead(ctx.cache_head, dtype, rows=self.vocab_size)
             d_t = w_t.shape[1]
         else:
             assert ctx.teacher is not None
@@ -82,7 +82,7 @@ class DSKD(Objective):
     def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> TeacherRows:
         if batch.cached_hidden is not None:  # same tokenizer: the cached rows are the student's loss rows
             assert self.cached_head is not None
-            w_t, b_t = (t.to(batch.cached_hidden.device) if t is not None else None for t in self.cached_head)
+            w_t, b_t = self.cached_head.on(batch.cached_hidden.device)
             return TeacherRows(batch.cached_hidden.to(w_t.dtype), w_t, b_t)
         assert teacher is not None
         tokens = batch.student  # same tokenizer: the teacher reads the student's tokens

@@ -36,6 +36,7 @@ from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_argmax, fused_ce_and_divergence, fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
 from dualkd.methods.common import (
+    CachedHead,
     DivergenceChoice,
     ProjectorChoice,
     TeacherRows,
@@ -98,19 +99,18 @@ class DSKDv2(Objective):
         cfg = self.config
         check_head_is_linear(ctx.student, "student")
         w_s, _ = head_of(ctx.student)
-        self.cached_head: tuple[Tensor, Tensor | None] | None = None  # plain attribute: never trained or saved
+        self.cached_head: CachedHead | None = None
         if ctx.cache_head is not None:  # an offline cache (--hidden): its LM head stands in for the teacher's
-            w_t, b_t = (t.to(w_s.dtype) if t is not None else None for t in ctx.cache_head)
-            self.cached_head = (w_t, b_t)
+            self.cached_head = CachedHead(ctx.cache_head, w_s.dtype)
+            w_t = self.cached_head.weight
         else:
             assert ctx.teacher is not None
             check_head_is_linear(ctx.teacher, "teacher")
             w_t, _ = head_of(ctx.teacher)
         self.same_vocab = ctx.same_tokenizer
         if self.same_vocab:
-            n_tokens = len(ctx.student_tokenizer)
-            self.vocab_size = (min(w_s.shape[0], w_t.shape[0], n_tokens) if ctx.teacher is None
-                               else shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer))
+            self.vocab_size = (shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer) if ctx.teacher
+                               else min(w_s.shape[0], w_t.shape[0], len(ctx.student_tokenizer)))
             k = min(cfg.topk_vocab or self.vocab_size, self.vocab_size)
             student_ids = teacher_ids = torch.arange(k)
             to_student = torch.arange(self.vocab_size)
@@ -141,7 +141,7 @@ class DSKDv2(Objective):
     @torch.no_grad()
     def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> TeacherRows:
         if self.cached_head is not None:
-            head, bias = (t.to(batch.student.input_ids.device) if t is not None else None for t in self.cached_head)
+            head, bias = self.cached_head.on(batch.student.input_ids.device)
         else:
             assert teacher is not None
             head, bias = head_of(teacher)
