@@ -72,7 +72,7 @@ def token_bytes(tokenizer: Any) -> list[bytes | None]:
     return out
 
 
-def _bytes_index(tokenizer: Any) -> dict[bytes, int]:
+def bytes_index(tokenizer: Any) -> dict[bytes, int]:
     """bytes -> id. When several ids spell the same bytes (a SentencePiece byte piece `<0x74>` and the token
     `t`), the ordinary token wins: it is the one the tokenizer actually produces."""
     index: dict[bytes, int] = {}
@@ -90,7 +90,7 @@ def _bytes_index(tokenizer: Any) -> dict[bytes, int]:
 
 def teacher_to_student_ids(student_tokenizer: Any, teacher_tokenizer: Any) -> Tensor:
     """[V_t] LongTensor: the student id whose bytes equal each teacher token's, else -1; EOS maps to EOS."""
-    index = _bytes_index(student_tokenizer)
+    index = bytes_index(student_tokenizer)
     mapping = torch.full((len(teacher_tokenizer),), -1, dtype=torch.long)
     for i, b in enumerate(token_bytes(teacher_tokenizer)):
         if b is not None and b in index:

@@ -3,16 +3,23 @@ cross-tokenizer baseline in DSKD; methods/dskd.md §1).
 
     pairs      DTW over the response tokens' texts with edit-distance costs (computed once, when the data is
                built); a student position is aligned when the path gives it exactly one teacher token AND that
-               teacher token maps to the student's token through the teacher -> student vocabulary map
+               teacher token names the student's token in the teacher -> student vocabulary map
     teacher    at an aligned position, the teacher's logits re-indexed into the student vocabulary: student id s
-               gets the teacher logit of stu2tea[s] (its byte-identical or nearest teacher token)
+               gets the logit of partner(s), the one teacher token that names it (its exact-bytes partner
+               when it has one); student ids that no teacher token names get -1e5
     elsewhere  a pseudo one-hot target on the gold token (so the KD term is CE at temperature τ there)
     L = (1 - r)·CE(z_s, y) + r·FKL(teacher^τ || student^τ),   summed over response tokens / their count
 
-Both vocabulary maps are built from the tokenizers (exact bytes first, edit distance for the rest, cached on
-disk); the teacher -> student map is filled in lazily for the teacher tokens the data actually uses. The
-re-indexed teacher head W_t[stu2tea] makes the aligned term a plain fused divergence. Unlike the official
-code, positions are aligned on the tokens they predict (labels), not on their input tokens.
+So the KD target of student token s is p_t(partner(s)) renormalized over the student ids that have a partner,
+and no teacher logit reaches two student ids (`align/mined.py: mined_vocab_map`; built from the tokenizers,
+exact bytes first, edit distance for the rest, cached on disk). The re-indexed teacher head W_t[partner]
+makes the aligned term a plain fused divergence.
+
+Deviations from the official code (docs/fidelity.md): positions are aligned on the tokens they predict
+(labels), not on their input tokens; tokens are compared by their bytes, not by strings with `Ġ`/`▁`
+swapped; a student id with an exact-bytes partner gets that partner rather than the first teacher id (in id
+order) that names it. The official pseudo one-hot is the logits 100 / -1e5; here it is the exact one-hot,
+whose FKL is the same CE up to e^-1e5.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from dualkd.align.mined import nearest_token_ids
+from dualkd.align.mined import mined_vocab_map
 from dualkd.align.pairs import MinEDAligner
 from dualkd.data.collate import Batch
 from dualkd.losses import fused_divergence
@@ -67,30 +74,20 @@ class MinED(Objective):
         assert ctx.teacher is not None
         check_head_is_linear(ctx.student, "student")
         check_head_is_linear(ctx.teacher, "teacher")
-        self.student_tokenizer, self.teacher_tokenizer = ctx.student_tokenizer, ctx.teacher_tokenizer
         w_t, b_t = head_of(ctx.teacher)
-        to_teacher = nearest_token_ids(ctx.student_tokenizer, ctx.teacher_tokenizer)  # [V_s] teacher id or -1
+        vocab = mined_vocab_map(ctx.student_tokenizer, ctx.teacher_tokenizer)
         rows = head_rows(ctx.student)
-        index = torch.full((rows,), 0, dtype=torch.long)
-        mapped = torch.zeros(rows, dtype=torch.bool)
-        n = min(rows, to_teacher.numel())
-        index[:n] = to_teacher[:n].clamp(min=0)
-        mapped[:n] = to_teacher[:n] >= 0
+        partner = torch.full((rows,), -1, dtype=torch.long)  # student head rows past the tokenizer: unmapped
+        n = min(rows, vocab.partner.numel())
+        partner[:n] = vocab.partner[:n]
+        mapped, index = partner >= 0, partner.clamp(min=0)
         # the teacher head re-indexed into the student vocabulary (the teacher is frozen: built once); unmapped
         # ids get a -1e5 logit through the bias
         self.register_buffer("reindexed_head", w_t.detach()[index].clone(), persistent=False)  # [V_s, d_t]
         base = b_t.detach()[index] if b_t is not None else torch.zeros(rows, dtype=w_t.dtype)
         self.register_buffer("reindexed_bias", torch.where(mapped, base, torch.full_like(base, _UNMAPPED)),
                              persistent=False)
-        self.to_student = torch.full((len(ctx.teacher_tokenizer),), -2, dtype=torch.long)  # -2: not yet computed
-
-    def _teacher_to_student(self, teacher_ids: Tensor) -> Tensor:
-        ids = teacher_ids.cpu()
-        todo = torch.unique(ids[self.to_student[ids] == -2])
-        if todo.numel():
-            found = nearest_token_ids(self.teacher_tokenizer, self.student_tokenizer, todo.tolist())
-            self.to_student[todo] = found[todo]
-        return self.to_student[ids].to(teacher_ids.device)
+        self.register_buffer("to_student", vocab.to_student, persistent=False)  # [V_t] teacher id -> student id
 
     @torch.no_grad()
     def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> AlignedTeacher:
@@ -98,7 +95,7 @@ class MinED(Objective):
         al = batch.alignment
         teacher_labels = batch.teacher.labels[al.batch_index, al.teacher_pos]
         student_labels = batch.student.labels[al.batch_index, al.student_pos]
-        valid = self._teacher_to_student(teacher_labels) == student_labels
+        valid = self.to_student[teacher_labels] == student_labels
         hidden = lm_forward(teacher, batch.teacher, hidden=True, logits=False).hidden
         b, s, t = al.batch_index[valid], al.student_pos[valid], al.teacher_pos[valid]
         return AlignedTeacher(hidden[b, t], b, s)
