@@ -5,10 +5,12 @@ Each student position attends over the teacher's response positions (and the tra
 position of one model gets a mixture of the other model's states:
 
     Q = P_query([e_s(x); e_s(y)])                 student input-token and next-token embeddings   [B, Ts, 2dt]
-    K = N([e_t(x_t); e_t(y_t)])                   teacher embeddings, N(x) = x / std(x)           [B, Tt, 2dt]
+    K = N([e_t(x_t); e_t(y_t)])                   teacher input-token and gold next-token embeddings [B, Tt, 2dt]
     A = Q Kᵀ / sqrt(2 dt), -1e5 where either position is not a response token (no causal mask)
-    h_t2s = softmax(A) · P_t2s(N(h_t) + N(e_t(y_t)))                                             [B, Ts, ds]
+    h_t2s = softmax(A) · P_t2s(N(h_t) + N(e_t(v_t)))   v_t = y_t (version 1) or argmax p_t (2)    [B, Ts, ds]
     h_s2t = softmax(Aᵀ) · P_s2t(h_s)                                                             [B, Tt, dt]
+
+N(x) = x / std(x), the scalar (unbiased) std of x over the response positions of x's own sequence.
 
     L = (1 - r)·CE(z_s, y) + r·( D(p_t2s^τ/τ_t detached || q^τ) on positions where argmax z_t2s = y
                                 + CE(h_t2s W_sᵀ, y)                        (trains P_t2s and P_query)
@@ -16,9 +18,14 @@ position of one model gets a mixture of the other model's states:
 
 Version 1 (DSKD): D_t is forward KL; P_t2s, P_s2t and P_query are Linear layers with bias.
 Version 2 (DSKDv2): the teacher's values use the embeddings of its own argmax predictions instead of the
-gold targets, P_s2t is the pseudo-inverse map recomputed from the student head each step, P_t2s starts at
-its pseudo-inverse initialization, and D_t is the chosen divergence.
+gold targets (the keys keep the gold ones), P_s2t is the pseudo-inverse map recomputed from the student head
+each step, P_t2s starts at its pseudo-inverse initialization, and D_t is the chosen divergence.
 All terms are normalized by token counts of the global batch; the logits go through the fused chunked losses.
+
+Deviation from the official code (docs/fidelity.md): the official N(·) takes one std over the whole padded
+batch tensor (padded to 512 tokens there), so the attention temperature, and every example's loss, depends
+on the padding and on the other examples of the micro-batch. Here each sequence is scaled by the std of its
+own response positions: an example's loss is the same in any batch, and 8 x 1 and 2 x 4 make the same update.
 """
 
 from __future__ import annotations
@@ -58,14 +65,20 @@ class DSKDCMAConfig(DivergenceChoice, ProjectorChoice):
 class TeacherStates:
     hidden: Tensor  # [B, Tt, dt] last hidden states
     inputs: Tensor  # [B, Tt, dt] input embeddings of the teacher's tokens (response positions; else id 0)
-    targets: Tensor  # [B, Tt, dt] embeddings of its next tokens (gold, or its own argmax in version 2)
+    gold: Tensor  # [B, Tt, dt] embeddings of its gold next tokens (the keys)
+    values: Tensor  # [B, Tt, dt] embeddings of the next tokens in the values: gold (v1), its own argmax (v2)
     head: Tensor
     bias: Tensor | None
 
 
-def _scale_free(x: Tensor) -> Tensor:
-    """N(x) = x / std(x), the scalar std of the whole tensor."""
-    return x / x.std().clamp(min=1e-6)
+def _scale_free(x: Tensor, mask: Tensor) -> Tensor:
+    """N(x) = x / std(x) per sequence: one scalar, the unbiased std of all of x[b]'s entries at its response
+    positions. [B, T, d], [B, T] bool -> [B, T, d]."""
+    m = mask[:, :, None].to(x.dtype)
+    n = (mask.sum(1) * x.shape[-1]).to(x.dtype)  # [B] entries per sequence
+    mean = (x * m).sum((1, 2)) / n.clamp(min=1)
+    var = (((x - mean[:, None, None]) * m) ** 2).sum((1, 2)) / (n - 1).clamp(min=1)
+    return x / var.sqrt().clamp(min=1e-6)[:, None, None]
 
 
 class DSKDCMA(Objective):
@@ -121,8 +134,9 @@ class DSKDCMA(Objective):
         embed = teacher.get_input_embeddings()
         mask = tokens.loss_mask
         inputs = embed(torch.where(mask, tokens.input_ids, 0))
-        targets = embed(torch.where(mask, next_ids, 0))
-        return TeacherStates(hidden, inputs, targets, head, bias)
+        gold = embed(torch.where(mask, tokens.labels, 0))
+        values = embed(torch.where(mask, next_ids, 0)) if self.config.version == 2 else gold
+        return TeacherStates(hidden, inputs, gold, values, head, bias)
 
     def forward(self, student: nn.Module, batch: Batch, teacher: TeacherStates, norm: StepNorm
                 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -140,10 +154,11 @@ class DSKDCMA(Objective):
             s_emb = torch.cat([embed(torch.where(s_mask, s_tok.input_ids, 0)),
                                embed(torch.where(s_mask, s_tok.labels, 0))], dim=-1).to(dtype)
         query = self.query(s_emb)  # [B, Ts, 2dt]
-        key = _scale_free(torch.cat([teacher.inputs, teacher.targets], dim=-1).to(dtype))  # [B, Tt, 2dt]
+        key = _scale_free(torch.cat([teacher.inputs, teacher.gold], dim=-1).to(dtype), t_mask)  # [B, Tt, 2dt]
         scores = query @ key.transpose(1, 2) / math.sqrt(key.shape[-1])
         scores = scores.masked_fill(~(s_mask[:, :, None] & t_mask[:, None, :]), -1e5)
-        t_values = self.t2s(_scale_free(teacher.hidden.to(dtype)) + _scale_free(teacher.targets.to(dtype)))
+        t_values = self.t2s(_scale_free(teacher.hidden.to(dtype), t_mask)
+                            + _scale_free(teacher.values.to(dtype), t_mask))  # [B, Tt, ds]
         h_t2s = torch.softmax(scores, dim=-1) @ t_values  # [B, Ts, ds]
         if self.s2t is not None:
             s_values = self.s2t(hidden)

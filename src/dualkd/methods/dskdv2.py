@@ -217,7 +217,8 @@ class DSKDv2(Objective):
             assert al is not None
             row_of = torch.cumsum(mask.reshape(-1).long(), 0) - 1
             pair_rows = row_of[al.batch_index * mask.shape[1] + al.student_pos]
-        if norm["agree"] / norm["pairs"] <= cfg.t2s_agreement:
+        # the share from the raw counts: norm[...] floors a zero count at 1e-6, which would turn 0 ≤ 0 into >
+        if norm.counts["agree"] <= cfg.t2s_agreement * norm.counts["pairs"]:
             kd_pairs, kd_denominator = teacher.mask, norm["agree"]
         else:
             kd_pairs, kd_denominator = torch.ones_like(teacher.mask), norm["pairs"]
