@@ -11,8 +11,9 @@ GPT-2-style decoder sized like the NMT decoder, tied embeddings, trained from sc
 one). It reads the same decoder inputs as the NMT decoder, so both predict labels[t] at position t. Before
 `pretrain_steps` both train without weighting (w = 1); from then on the weights apply and, with
 `freeze_lm` (the official `--finetune-fix-lm`), the LM gets no gradient. σ are proper standard deviations
-over the real tokens (sentences) with ε; `compat: true` reproduces the official code's denominators (the
-padded length T for both σ, no ε), which give NaN on a one-token sentence.
+over the real tokens (sentences) with ε; `compat: true` reproduces the official code: its denominators (the
+padded length T for both σ, no ε; NaN on a one-token sentence) and its CBMI log p_NMT − log(p_LM + 1e-9)
+(the floor changes the weights by up to 6e-2 where p_LM(gold) is tiny).
 """
 
 from __future__ import annotations
@@ -51,16 +52,18 @@ class CBMIConfig(StrictModel):
     eps: float = Field(1e-6, gt=0)
     """ε inside both standard deviations."""
     compat: bool = False
-    """The official code's denominators (padded length, no ε) instead of correct standard deviations."""
+    """The official code's arithmetic: σ over the padded length without ε, and p_LM + 1e-9 inside the log."""
 
 
-def cbmi_values(nmt_logits: Tensor, lm_logits: Tensor, labels: Tensor) -> Tensor:
-    """log p_NMT(y) − log p_LM(y) per position (fp32, no gradient): [B, T, V], [B, T, V'], [B, T] -> [B, T]."""
+def cbmi_values(nmt_logits: Tensor, lm_logits: Tensor, labels: Tensor, lm_floor: float = 0.0) -> Tensor:
+    """log p_NMT(y) − log(p_LM(y) + lm_floor) per position (fp32 or wider, no gradient): [B, T, V], [B, T, V'],
+    [B, T] -> [B, T]. The official code uses lm_floor = 1e-9."""
     with torch.no_grad():
         y = labels.unsqueeze(-1)
-        nmt = torch.log_softmax(nmt_logits.float(), -1).gather(-1, y).squeeze(-1)
-        lm = torch.log_softmax(lm_logits.float(), -1).gather(-1, y).squeeze(-1)
-        return nmt - lm
+        dtype = torch.promote_types(nmt_logits.dtype, torch.float32)
+        nmt = torch.log_softmax(nmt_logits.to(dtype), -1).gather(-1, y).squeeze(-1)
+        lm = torch.log_softmax(lm_logits.to(dtype), -1).gather(-1, y).squeeze(-1)
+        return nmt - (torch.log(lm.exp() + lm_floor) if lm_floor else lm)
 
 
 def cbmi_weights(cbmi: Tensor, mask: Tensor, token_scale: float, sentence_scale: float, eps: float = 1e-6,
@@ -135,7 +138,7 @@ class CBMI(Objective):
             lm_logits = self.lm(input_ids=decoder_inputs, use_cache=False).logits[..., : self.vocab_size]
         nmt_ce = label_smoothed_cross_entropy(nmt_logits, tokens.labels, mask, cfg.label_smoothing)  # [B, T]
         lm_ce = label_smoothed_cross_entropy(lm_logits, tokens.labels, mask, cfg.label_smoothing)
-        cbmi = cbmi_values(nmt_logits, lm_logits, tokens.labels)
+        cbmi = cbmi_values(nmt_logits, lm_logits, tokens.labels, lm_floor=1e-9 if cfg.compat else 0.0)
         w = cbmi_weights(cbmi, mask, cfg.token_scale, cfg.sentence_scale, cfg.eps, cfg.compat) if weighting \
             else mask.float()
         n = norm["tokens"]
