@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dualkd.losses.divergences import upcast
 from dualkd.losses.reduce import Reduction
 
 
@@ -29,8 +30,8 @@ def token_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor, reduction:
 
 def label_smoothed_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor, epsilon: float) -> Tensor:
     """Per-position label-smoothed CE as fairseq computes it: (1 − ε)·(−log q_y) + (ε / V)·Σ_v (−log q_v);
-    0 off the mask. [..., V], [...], [...] -> [...] (fp32)."""
-    logq = torch.log_softmax(logits.float(), dim=-1)
+    0 off the mask. [..., V], [...], [...] -> [...] (fp32, or fp64 for fp64 inputs)."""
+    logq = torch.log_softmax(upcast(logits), dim=-1)
     nll = -logq.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     smooth = -logq.mean(-1)
     return ((1.0 - epsilon) * nll + epsilon * smooth) * mask

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dualkd.losses.divergences import upcast
+
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: Tensor, reference_rejected: Tensor,
              beta: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -31,13 +33,13 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: T
 
 def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     """Σ_t log p(labels_t) over the masked positions of each row: [B, T, V], [B, T], [B, T] -> [B]."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    logp = torch.log_softmax(upcast(logits), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return (logp * mask).sum(-1)
 
 
 def total_variation(dpo_logits: Tensor, rev_logits: Tensor) -> Tensor:
     """TVD_t = ½·Σ_v |p_dpo − p_rev| per position, in [0, 1]."""
-    p, q = torch.softmax(dpo_logits.float(), -1), torch.softmax(rev_logits.float(), -1)
+    p, q = torch.softmax(upcast(dpo_logits), -1), torch.softmax(upcast(rev_logits), -1)
     return 0.5 * (p - q).abs().sum(-1)
 
 
@@ -58,9 +60,9 @@ def theorem1_teacher_logits(dpo_logits: Tensor, ref_logits: Tensor, w: float) ->
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """KL(q_student ‖ p_teacher) per position (fp32)."""
-    logq = torch.log_softmax(student_logits.float(), -1)
-    logp = torch.log_softmax(teacher_logits.float(), -1)
+    """KL(q_student ‖ p_teacher) per position (fp32, or fp64 for fp64 inputs)."""
+    logq = torch.log_softmax(upcast(student_logits), -1)
+    logp = torch.log_softmax(upcast(teacher_logits), -1)
     return (logq.exp() * (logq - logp)).sum(-1)
 
 

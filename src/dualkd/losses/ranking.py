@@ -14,15 +14,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dualkd.losses.divergences import upcast
+
 
 def hierarchical_ranking_loss(student_logits: Tensor, teacher_logits: Tensor, k: int = 5) -> Tensor:
     """L_top1 + L_topk per position: [..., V], [..., V] -> [...]. Gradients reach the student only."""
     V = student_logits.shape[-1]
     if not 1 <= k <= V:
         raise ValueError(f"k must be in [1, V={V}], got {k}")
-    q = torch.softmax(student_logits.float(), dim=-1)
+    q = torch.softmax(upcast(student_logits), dim=-1)
     with torch.no_grad():
-        p = torch.softmax(teacher_logits.float(), dim=-1)
+        p = torch.softmax(upcast(teacher_logits), dim=-1)
         top_t = p.topk(k, dim=-1).indices  # [..., k] sorted by p
         top_s = q.detach().topk(k, dim=-1).indices
         p_t, p_s = p.gather(-1, top_t), p.gather(-1, top_s)

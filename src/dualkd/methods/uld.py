@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dualkd.data.collate import Batch
+from dualkd.losses.divergences import upcast
 from dualkd.losses.fused import default_chunk_size, fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
 from dualkd.methods.common import check_head_is_linear, head_of
@@ -60,9 +61,9 @@ def positional_pairs(student_mask: Tensor, teacher_mask: Tensor) -> tuple[Tensor
 
 def _sorted_l1(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t: Tensor, b_t: Tensor | None
                ) -> Tensor:
-    q = torch.softmax(F.linear(h_s, w_s, b_s).float(), dim=-1).sort(dim=-1, descending=True).values
+    q = torch.softmax(upcast(F.linear(h_s, w_s, b_s)), dim=-1).sort(dim=-1, descending=True).values
     with torch.no_grad():
-        p = torch.softmax(F.linear(h_t, w_t, b_t).float(), dim=-1).sort(dim=-1, descending=True).values
+        p = torch.softmax(upcast(F.linear(h_t, w_t, b_t)), dim=-1).sort(dim=-1, descending=True).values
     width = max(q.shape[-1], p.shape[-1])
     q = F.pad(q, (0, width - q.shape[-1]))
     p = F.pad(p, (0, width - p.shape[-1]))
@@ -98,7 +99,7 @@ class ULD(Objective):
                                        chunk_size=self.config.chunk_size)
         h_s = hidden[teacher.batch_index, teacher.student_pos]  # [P, d_s]
         step = self.config.chunk_size or default_chunk_size(max(h_s.shape[0], 1), teacher.head.shape[0])
-        uld = h_s.new_zeros((), dtype=torch.float32)
+        uld = h_s.new_zeros((), dtype=torch.promote_types(h_s.dtype, torch.float32))
         for start in range(0, h_s.shape[0], step):
             rows = slice(start, start + step)
             uld = uld + checkpoint(_sorted_l1, h_s[rows], w_s, b_s, teacher.hidden[rows], teacher.head,
