@@ -65,7 +65,7 @@ def meta_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus_texts: l
 
 
 def make_model_dir(out: Path, tokenizer_dir: Path, model_type: str = "gpt2", seed: int = 0, **arch: Any) -> Path:
-    """A random-init causal LM saved with its tokenizer as a Hugging Face folder."""
+    """A random-init causal LM (or Marian translation model) saved with its tokenizer as a Hugging Face folder."""
     from transformers import AutoTokenizer
 
     from dualkd.config import ModelConfig
@@ -77,6 +77,10 @@ def make_model_dir(out: Path, tokenizer_dir: Path, model_type: str = "gpt2", see
                   "num_key_value_heads": 2, "max_position_embeddings": 256},
         "qwen2": {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
                   "num_key_value_heads": 2, "max_position_embeddings": 256},
+        "marian": {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+                   "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+                   "max_position_embeddings": 128, "dropout": 0.0, "attention_dropout": 0.0,
+                   "activation_dropout": 0.0},
     }[model_type]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     spec = ModelConfig(init="random", arch={"model_type": model_type, **defaults, **arch}, tokenizer=str(tokenizer_dir))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from dualkd.losses.divergences import upcast
 from dualkd.losses.fused import default_chunk_size
 
 
@@ -41,25 +42,25 @@ class TopKTargets:
 
 def log_tail_mass(topk_logprobs: Tensor) -> Tensor:
     """log(1 − Σ exp(topk_logprobs)) per row, stable, floored at log(1e-12) (the mass can round to 0)."""
-    covered = torch.logsumexp(topk_logprobs.float(), dim=-1).clamp(max=0.0)
+    covered = torch.logsumexp(upcast(topk_logprobs), dim=-1).clamp(max=0.0)
     return torch.log((-torch.expm1(covered)).clamp(min=1e-12))
 
 
 @torch.no_grad()
 def topk_targets(logits: Tensor, k: int) -> TopKTargets:
-    """Top-k of a teacher's logits rows [N, V] (fp32 log-softmax)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    """Top-k of a teacher's logits rows [N, V] (log-softmax in fp32, fp64 for fp64 logits)."""
+    logp = torch.log_softmax(upcast(logits), dim=-1)
     values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
     return TopKTargets(ids=ids, logprobs=values, tail=log_tail_mass(values))
 
 
 def _bucket_kl(z: Tensor, ids: Tensor, t_logprobs: Tensor, t_tail: Tensor, temperature: float) -> Tensor:
     """Forward KL(teacher buckets ‖ student buckets) per row: z [c, V], ids/logprobs [c, k], tail [c]."""
-    s_logp = torch.log_softmax(z.float() / temperature, dim=-1)
+    s_logp = torch.log_softmax(upcast(z) / temperature, dim=-1)
     s_top = s_logp.gather(-1, ids)  # [c, k]
     s_tail = log_tail_mass(s_top)
     s = torch.cat([s_top, s_tail[:, None]], dim=-1)
-    t = torch.cat([t_logprobs.float(), t_tail.float()[:, None]], dim=-1)
+    t = torch.cat([t_logprobs, t_tail[:, None].to(t_logprobs.dtype)], dim=-1).to(s.dtype)
     if temperature != 1.0:
         t = t / temperature
     t = torch.log_softmax(t, dim=-1)  # the buckets sum to 1 up to rounding; at τ ≠ 1, the tempered buckets

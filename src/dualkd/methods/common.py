@@ -100,7 +100,12 @@ def head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
                          "teacher.placement: sharded/cpu_offload). Keep this model whole (teacher.placement: "
                          "same; DDP or ZeRO-2 for the student), or set `objective.fused: off` where the "
                          "objective has it")
-    return weight, getattr(head, "bias", None)
+    bias = getattr(head, "bias", None)
+    # Marian/BART add a `final_logits_bias` [1, V] buffer after the head: part of the logits, so part of the bias
+    extra = getattr(model, "final_logits_bias", None)
+    if isinstance(extra, Tensor):
+        bias = extra[0, : weight.shape[0]] if bias is None else bias + extra[0, : weight.shape[0]]
+    return weight, bias
 
 
 @torch.no_grad()
@@ -111,10 +116,15 @@ def check_head_is_linear(model: nn.Module, role: str) -> None:
     ids = torch.arange(4, device=device)[None] % max(model.get_input_embeddings().num_embeddings, 1)
     was_training = model.training
     model.eval()
-    out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    if getattr(model.config, "is_encoder_decoder", False):
+        out = model(input_ids=ids, decoder_input_ids=ids, output_hidden_states=True, use_cache=False)
+        last_hidden = out.decoder_hidden_states[-1]
+    else:
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        last_hidden = out.hidden_states[-1]
     model.train(was_training)
     weight, bias = head_of(model)
-    logits = torch.nn.functional.linear(out.hidden_states[-1], weight, bias)
+    logits = torch.nn.functional.linear(last_hidden, weight, bias)
     if not torch.allclose(logits.float(), out.logits.float(), atol=1e-3, rtol=1e-3):
         raise ModelError(f"the {role}'s logits are not last_hidden_state @ lm_head (the model post-processes them, "
                          "e.g. logit soft-capping), which the fused losses need")
