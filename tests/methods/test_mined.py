@@ -73,9 +73,10 @@ def _check_one_to_one(student_tok, teacher_tok) -> tuple[torch.Tensor, torch.Ten
     torch.testing.assert_close(target[:, mapped], expected)
     # an exact-bytes partner wins wherever one exists (for the student id the tokenizer produces for those
     # bytes: a SentencePiece byte piece `<0x21>` beside the token `!` gets no partner, `!` gets the teacher's)
-    t_bytes, s_index = set(token_bytes(teacher_tok)), bytes_index(student_tok)
-    exact = [s for b, s in s_index.items() if b in t_bytes]
-    assert exact and all(token_bytes(teacher_tok)[int(partner[s])] == token_bytes(student_tok)[s] for s in exact)
+    t_bytes, s_bytes, s_index = token_bytes(teacher_tok), token_bytes(student_tok), bytes_index(student_tok)
+    t_set = set(t_bytes)
+    exact = [s for b, s in s_index.items() if b in t_set]
+    assert exact and all(t_bytes[int(partner[s])] == s_bytes[s] for s in exact)
     return partner, to_student
 
 
