@@ -1,5 +1,7 @@
 """The DSKD family and the cross-tokenizer baselines on tiny random-init models with two tokenizers trained in
-the test (byte-level BPE, vocab 400, for the student; SentencePiece-style BPE, vocab 600, for the teacher)."""
+the test (byte-level BPE, vocab 400, for the student; SentencePiece-style BPE, vocab 600, for the teacher).
+Each objective's loss and gradients against its formula are in tests/methods (float64 twins); here: what
+reaches which parameters, accumulation, resume, projector files, alignment."""
 
 from __future__ import annotations
 
@@ -68,17 +70,6 @@ def test_gradients_reach_student_and_projectors_never_teacher(case: str, tmp_pat
     assert all(p.grad is None and not p.requires_grad for p in parts.teacher.parameters())
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_loss_falls(case: str, tmp_path: Path, train_file: Path, byte_tokenizer_dir: Path, teacher_dir: Path,
-                    cross_teacher: Path) -> None:
-    cfg = _config(tmp_path, case, train_file, byte_tokenizer_dir, teacher_dir, cross_teacher,
-                  optimization={"max_steps": 16, "micro_batch_size": 8, "lr": 3e-3})
-    steps = read_metrics(train(validate_config(cfg)))
-    losses = torch.tensor([r["loss"] for r in steps])
-    assert torch.isfinite(losses).all()
-    assert losses[-4:].mean() < losses[:4].mean()
-
-
 def test_dskdv2_accumulation_invariance_with_agreement_counts(tmp_path: Path, train_file: Path,
                                                                byte_tokenizer_dir: Path, cross_teacher: Path) -> None:
     """Its student-space KD is averaged over *agreeing* positions of the global batch: the teacher runs on the
@@ -89,6 +80,7 @@ def test_dskdv2_accumulation_invariance_with_agreement_counts(tmp_path: Path, tr
                       cross_teacher, optimization={"max_steps": 4, "micro_batch_size": micro, "grad_accum": accum})
         cfg["student"]["arch"].update(NO_DROPOUT)
         runs.append(read_metrics(train(validate_config(cfg))))
+    assert len(runs[0]) == len(runs[1]) == 4
     for a, b in zip(*runs):
         for key in ("loss", "kd_student", "ce_t2s", "kd_teacher", "t2s_agreement"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

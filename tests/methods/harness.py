@@ -125,6 +125,23 @@ def kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
 
 
 def divergence(name: str, teacher_logits: Tensor, student_logits: Tensor, tau: float) -> Tensor:
-    """D(p^τ ‖ q^τ) summed over rows for the divergences the twins use: fkl = KL(p‖q), rkl = KL(q‖p)."""
+    """D(p^τ ‖ q^τ) summed over rows for the divergences the twins use, at their default parameters:
+    fkl = KL(p‖q), rkl = KL(q‖p), js = ½KL(p‖m) + ½KL(q‖m) with m = ½(p + q), and akl = w·KL(p‖q) + (1 − w)·KL(q‖p)
+    with w = g_head / (g_head + g_tail): Σ|p − q| over the head and the tail, the tail being the tokens of
+    lowest p whose cumulative mass (ascending) stays ≤ 0.5."""
     t, s = teacher_logits / tau, student_logits / tau
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    if name == "js":
+        m = 0.5 * (p + q)
+        return 0.5 * (p * (p / m).log()).sum() + 0.5 * (q * (q / m).log()).sum()
+    if name == "akl":
+        with torch.no_grad():
+            p_sorted, order = p.sort(-1)
+            tail = p_sorted.cumsum(-1) <= 0.5
+            gap = (p - q).abs().gather(-1, order)
+            g_tail, g_head = (gap * tail).sum(-1), (gap * ~tail).sum(-1)
+            w = g_head / (g_head + g_tail)
+        fkl = (p * (p.log() - q.log())).sum(-1)
+        rkl = (q * (q.log() - p.log())).sum(-1)
+        return (w * fkl + (1 - w) * rkl).sum()
     return {"fkl": lambda: kl(t, s), "rkl": lambda: kl(s, t)}[name]()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dualkd.methods.cbmi import cbmi_values
 from tests.methods.conftest import marian_run
 from tests.methods.harness import assert_split_invariant, assert_twin, build64, implementation
 
@@ -76,7 +77,8 @@ def test_cbmi_is_its_formula(case: str, step: int, tmp_path: Path, mt_pairs: Pat
     twin = cbmi_twin(parts, parts.train_set.collate(list(range(8))), weighting)
     assert_twin(parts, loss, grads, twin)
     lm_grads = [g for k, g in grads.items() if k.startswith("objective.lm.")]
-    assert lm_grads and any(g.abs().max() > 0 for g in lm_grads) == (not weighting or not parts.objective.config.freeze_lm)
+    lm_trained = not weighting or not parts.objective.config.freeze_lm
+    assert lm_grads and any(g.abs().max() > 0 for g in lm_grads) == lm_trained
     if not weighting or (parts.objective.config.sentence_scale == 0 and not parts.objective.config.compat):
         assert_split_invariant(parts, step=step)
 
@@ -91,14 +93,13 @@ def test_weights_are_not_all_one(tmp_path: Path, mt_pairs: Path, byte_tokenizer_
 
 def test_compat_floor_where_p_lm_is_tiny() -> None:
     """Where p_LM(gold) ≈ 1e-10 the official +1e-9 changes CBMI by about log(11): compat has it, exact does not.
-    (On the tiny random LM above p_LM ≈ 1/V, where the floor is below the twin's tolerance.)"""
-    from dualkd.methods.cbmi import cbmi_values
-
+    (A random LM gives p_LM ≈ 1/V, where the floor is below the twin's tolerance: hence the peaked LM above.)"""
     nmt = torch.zeros(1, 1, 4, dtype=torch.float64)
     lm = torch.tensor([[[0.0, -23.0, 0.0, 0.0]]], dtype=torch.float64)  # p_LM(1) ≈ 1e-10 / 3
     y = torch.tensor([[1]])
     p_lm = torch.softmax(lm, -1)[0, 0, 1]
     exact, compat = cbmi_values(nmt, lm, y), cbmi_values(nmt, lm, y, lm_floor=1e-9)
-    torch.testing.assert_close(exact[0, 0], torch.log(torch.tensor(0.25, dtype=torch.float64)) - torch.log(p_lm))
-    torch.testing.assert_close(compat[0, 0], torch.log(torch.tensor(0.25, dtype=torch.float64)) - torch.log(p_lm + 1e-9))
+    log_nmt = torch.log(torch.tensor(0.25, dtype=torch.float64))
+    torch.testing.assert_close(exact[0, 0], log_nmt - torch.log(p_lm))
+    torch.testing.assert_close(compat[0, 0], log_nmt - torch.log(p_lm + 1e-9))
     assert float(exact - compat) > 2.0

@@ -13,8 +13,16 @@ import pytest
 import torch
 
 from tests.methods.conftest import student_run
-from tests.methods.harness import (assert_split_invariant, assert_twin, build64, ce, divergence, forward, head,
-                                   implementation)
+from tests.methods.harness import (
+    assert_split_invariant,
+    assert_twin,
+    build64,
+    ce,
+    divergence,
+    forward,
+    head,
+    implementation,
+)
 
 
 def dskd_twin(parts, batch) -> torch.Tensor:

@@ -20,8 +20,16 @@ import torch
 
 from dualkd.align.vocab import shared_vocabulary, teacher_to_student_ids
 from tests.methods.conftest import student_run
-from tests.methods.harness import (assert_split_invariant, assert_twin, build64, ce, divergence, forward, head,
-                                   implementation)
+from tests.methods.harness import (
+    assert_split_invariant,
+    assert_twin,
+    build64,
+    ce,
+    divergence,
+    forward,
+    head,
+    implementation,
+)
 
 
 def dskdv2_twin(parts, batch) -> torch.Tensor:

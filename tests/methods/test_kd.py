@@ -51,8 +51,10 @@ def kd_twin(parts, batch) -> torch.Tensor:
 
 @pytest.mark.parametrize("objective", [{"name": "kd", "fused": "off"},
                                        {"name": "kd", "fused": "on", "divergence": "rkl", "chunk_size": 7},
-                                       {"name": "kd", "top_k": 5, "temperature": 2.0, "kd_rate": 0.7}],
-                         ids=["dense_fkl", "fused_rkl", "top5"])
+                                       {"name": "kd", "top_k": 5, "temperature": 2.0, "kd_rate": 0.7},
+                                       {"name": "kd", "fused": "on", "divergence": "js", "temperature": 2.0},
+                                       {"name": "kd", "fused": "off", "divergence": "akl"}],
+                         ids=["dense_fkl", "fused_rkl", "top5", "fused_js", "dense_akl"])
 def test_kd_is_its_formula(objective: dict, tmp_path: Path, train_file: Path, byte_tokenizer_dir: Path,
                            teacher_dir: Path) -> None:
     parts = build64(student_run(tmp_path, train_file, byte_tokenizer_dir, teacher_dir, objective), tmp_path)

@@ -13,8 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from tests.methods.conftest import student_run
-from tests.methods.harness import (assert_close_grads, assert_split_invariant, assert_twin, build64, ce, forward,
-                                   implementation)
+from tests.methods.harness import (
+    assert_close_grads,
+    assert_split_invariant,
+    assert_twin,
+    build64,
+    ce,
+    forward,
+    implementation,
+)
 
 
 def uld_twin(parts, batch) -> torch.Tensor:
