@@ -110,7 +110,7 @@ def test_existing_run_needs_resume(tmp_path: Path, train_file: Path, byte_tokeni
     with pytest.raises(ConfigError, match="--resume: no complete checkpoint"):
         train(validate_config({**raw, "output_dir": str(tmp_path / "empty")}), resume=True)
     changed = {**raw, "seed": 99}
-    with pytest.raises(ConfigError, match="the run's settings changed:\n  seed: checkpoint 7 vs now 99"):
+    with pytest.raises(ConfigError, match=r"the run.s settings changed \(checkpoint -> now\):\n  seed +7 -> 99"):
         train(validate_config(changed), resume=True)
 
 

@@ -1,6 +1,6 @@
 """The `dualkd` command. Thin: parse arguments, call the library, print errors as one clear message.
 
-    dualkd train CONFIG [key.sub=value ...] [--resume]
+    dualkd train CONFIG [key.sub=value ...] [--resume [auto]] [--resume-with-changes]
     dualkd config CONFIG [key.sub=value ...]        print the resolved config
     dualkd generate MODEL --data FILE --out FILE    responses for a dataset (e.g. teacher outputs for SeqKD)
     dualkd eval MODEL [--suite dolly-protocol --data-dir DIR] [FILE ...]   the papers' test protocol
@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dualkd import __version__
 from dualkd.errors import DualKDError
@@ -25,13 +25,25 @@ if TYPE_CHECKING:
     from dualkd.config import GenerationConfig
 
 
+class _ResumeAction(argparse.Action):
+    """`--resume` (True) or `--resume auto`; an override written right after `--resume` stays an override."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
+                 option_string: str | None = None) -> None:
+        if value is True or value == "auto":
+            setattr(namespace, self.dest, value)
+            return
+        setattr(namespace, self.dest, True)
+        namespace.overrides_after_resume = [*getattr(namespace, "overrides_after_resume", []), value]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from dualkd.config import load_config
     from dualkd.train.loop import TrainingStopped, train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *getattr(args, "overrides_after_resume", [])])
     try:
-        run_dir = train(cfg, resume=args.resume)
+        run_dir = train(cfg, resume=args.resume or args.resume_with_changes, accept_changes=args.resume_with_changes)
     except TrainingStopped as e:
         print(f"dualkd: {e}", file=sys.stderr)
         return 128 + e.signum
@@ -260,8 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`objective.name=kd` are applied on top of the file.")
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest complete checkpoint in output_dir (exactly, on CPU)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, action=_ResumeAction, metavar="auto",
+                   help="continue from the latest complete checkpoint in output_dir (exactly, on CPU); "
+                        "`--resume auto`: resume when a complete checkpoint exists, start otherwise")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="resume although settings of the run changed (refused otherwise); each change is logged")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("config", help="validate a config and print it with every default filled in",
@@ -395,7 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides written after an option (`train CFG --resume a.b=1 c=2`) are still overrides
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except DualKDError as e:

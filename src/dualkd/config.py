@@ -371,8 +371,9 @@ class CheckpointConfig(StrictModel):
     """How many recent checkpoints to keep (the best one is kept on top of these)."""
     keep_best: bool = True
     """Also keep the checkpoint with the lowest dev loss, and export it as a model folder in `best/`."""
-    resume: bool = False
-    """Resume from the latest complete checkpoint in `output_dir` (same as `dualkd train --resume`)."""
+    resume: bool | Literal["auto"] = False
+    """Resume from the latest complete checkpoint in `output_dir` (same as `dualkd train --resume`); `auto`:
+    resume when one exists, start otherwise (requeued jobs)."""
 
 
 # ----------------------------------------------------------------------------------------------- run

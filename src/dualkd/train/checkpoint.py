@@ -82,14 +82,29 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def remove_dir(path: Path) -> None:
+    """Delete a checkpoint crash-safely: renamed out of the `step-N` namespace first (one atomic step), so a
+    kill during the deletion leaves a `.deleting-` folder that no listing counts, never a half-deleted
+    `step-N/`. Leftovers are removed at the next rotation."""
+    doomed = path.with_name(f".deleting-{path.name}")
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    _fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+_COMPLETE = ("trainer_state.json", "trainable.safetensors", "scheduler.pt")
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
+    """Complete checkpoints, oldest first (temporary folders of an interrupted save or deletion are ignored)."""
     if not ckpt_dir.is_dir():
         return []
     found = []
     for p in ckpt_dir.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and (p / "trainer_state.json").is_file():
+        if m and all((p / name).is_file() for name in _COMPLETE):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -168,9 +183,14 @@ class CheckpointManager:
         engine.barrier()
         return final
 
+    @staticmethod
+    def read_state(path: Path) -> TrainerState:
+        """The trainer state of a checkpoint, without loading anything else."""
+        return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+
     def load(self, path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any
              ) -> TrainerState:
-        state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+        state = self.read_state(path)
         self.engine.load_state(module, read_trainable(self.engine.unwrap(module), path / "trainable.safetensors"))
         if optimizer is not None:
             self.engine.load_optimizer(module, optimizer, path)
@@ -189,13 +209,15 @@ class CheckpointManager:
         return json.loads(file.read_text()) if file.exists() else None
 
     def _rotate(self, state: TrainerState) -> None:
+        for leftover in self.dir.glob(".deleting-step-*"):  # a deletion a kill interrupted
+            shutil.rmtree(leftover, ignore_errors=True)
         found = list_checkpoints(self.dir)
         keep = {step for step, _ in found[-self.keep_last:]}
         if self.keep_best and state.best_step is not None:
             keep.add(state.best_step)
         for step, path in found:
             if step not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+                remove_dir(path)
 
 
 def read_trainable(module: nn.Module, file: Path) -> dict[str, torch.Tensor]:

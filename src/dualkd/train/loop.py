@@ -18,7 +18,7 @@ import signal
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from dualkd.train.engine import Engine
 from dualkd.train.logger import MetricsLogger
 from dualkd.train.on_policy import make_source
 from dualkd.train.optim import build_optimizer, build_scheduler
+from dualkd.train.resume import check_resume, resume_key
 from dualkd.train.sources import OffPolicySource, eval_batches
 from dualkd.train.telemetry import StepTimer, peak_memory_mib
 
@@ -73,8 +74,10 @@ class TrainModule(nn.Module):
         return loss + gold_loss, {**kd_metrics, **gold_metrics}
 
 
-def train(cfg: RunConfig, resume: bool = False) -> Path:
-    """Run training; returns the run directory."""
+def train(cfg: RunConfig, resume: bool | Literal["auto"] = False, accept_changes: bool = False) -> Path:
+    """Run training; returns the run directory. `resume`: continue from the latest complete checkpoint (True),
+    or do so when one exists and start otherwise ("auto", for requeued jobs). `accept_changes`: resume even
+    though settings of the resume key changed (train/resume.py), logging each change."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars; ours shows the training progress
@@ -83,28 +86,37 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     engine = Engine(cfg.optimization.mixed_precision,
                     find_unused_parameters=OBJECTIVES[cfg.objective.name].changes_trained_parameters)
     try:
-        return _train(cfg, resume or cfg.checkpoint.resume, engine)
+        return _train(cfg, resume or cfg.checkpoint.resume, accept_changes, engine)
     finally:
         engine.end()
 
 
-def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
+def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool, engine: Engine) -> Path:
     run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir: {run_dir} is a file, not a folder")
     ckpt = CheckpointManager(run_dir / "checkpoints", engine, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
     start = ckpt.latest()
+    if resume == "auto":
+        resume = start is not None
     if resume and start is None:
         raise ConfigError(f"--resume: no complete checkpoint under {ckpt.dir}")
     if not resume and start is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints of a run; continue it with --resume, or choose "
                           "another output_dir")
+    opt = cfg.optimization
+    key = resume_key(cfg, opt.micro_batch_size * opt.grad_accum * engine.world_size)
+    changed = [] if start is None else check_resume(ckpt.read_state(start).resume_key, key, start, accept_changes)
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        if start is None:  # a resume never rewrites the config of the run it continues
+            save_config(cfg, run_dir / "config.yaml")
+        elif changed:
+            save_config(cfg, run_dir / f"config.resumed-{start.name}.yaml")
     engine.barrier()
     _seed_everything(cfg.seed)
 
     parts = build_parts(cfg, run_dir, engine)
-    opt = cfg.optimization
     module = TrainModule(parts.student, parts.objective)
     optimizer = build_optimizer(parts.student, opt, parts.objective.param_groups())
     gold = OffPolicySource(parts.train_set, opt.micro_batch_size, opt.grad_accum, engine.world_size, engine.rank,
@@ -118,11 +130,13 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
     objective = parts.objective
     source = make_source(cfg, parts, gold, lambda: _student_for_sampling(engine, module), total_steps)
 
-    state = TrainerState(resume_key=_resume_key(cfg, source.global_batch))
+    state = TrainerState(resume_key=key)
     if start is not None:
-        saved = ckpt.load(start, module, optimizer, scheduler)
-        _check_resume_key(saved.resume_key, state.resume_key, start)
-        state = saved
+        fresh = _hyperparameters(optimizer, scheduler)
+        state = ckpt.load(start, module, optimizer, scheduler)
+        state.resume_key = key
+        if changed:  # the new values apply from here on: lr, betas, weight decay, the schedule's base
+            _restore_hyperparameters(optimizer, scheduler, fresh)
         source.load_state_dict(state.source)
         rank_state = ckpt.load_rank_state(start)
         if rank_state is not None:
@@ -131,6 +145,9 @@ def _train(cfg: RunConfig, resume: bool, engine: Engine) -> Path:
     log = MetricsLogger(run_dir, enabled=engine.is_main, tensorboard=cfg.logging.tensorboard,
                         resume_step=state.step if start is not None else None)
     _announce(log, cfg, parts, source, total_steps, engine, start)
+    for name, old_value, new_value in changed:
+        log.event("resume_changed", f"resumed with {name}: {old_value!r} -> {new_value!r}", setting=name,
+                  old=old_value, new=new_value)
 
     timer = StepTimer(engine.device)
     stop = _StopSignals()
@@ -407,15 +424,23 @@ def _due(every: int | None, step: int, epoch_done: bool, last: bool) -> bool:
     return last or (step % every == 0 if every is not None else epoch_done)
 
 
-def _resume_key(cfg: RunConfig, global_batch: int) -> dict[str, Any]:
-    return {"seed": cfg.seed, "global_batch": global_batch, "train": cfg.data.train.describe(),
-            "objective": cfg.objective.model_dump(mode="json"), "student": cfg.student.path or "random"}
+def _hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[list[dict[str, Any]], list[float]]:
+    """The param groups' settings (without their parameters) and the schedule's base lrs, as built now."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return groups, list(scheduler.base_lrs)
 
 
-def _check_resume_key(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items() if saved.get(k) != v]
-    if diff:
-        raise ConfigError(f"cannot resume exactly from {path}: the run's settings changed:\n  " + "\n  ".join(diff))
+def _restore_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any,
+                             fresh: tuple[list[dict[str, Any]], list[float]]) -> None:
+    """After loading a checkpoint (whose optimizer and scheduler states carry the old settings), put the
+    settings of the current config back, with the lr of the current step under the current schedule."""
+    groups, base_lrs = fresh
+    scheduler.base_lrs = base_lrs
+    for g, settings, base, multiplier in zip(optimizer.param_groups, groups, base_lrs, scheduler.lr_lambdas):
+        g.update({k: v for k, v in settings.items() if k not in ("lr", "initial_lr")})
+        g["initial_lr"] = base
+        g["lr"] = base * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _announce(log: MetricsLogger, cfg: RunConfig, parts: Parts, source: Any, total_steps: int,
