@@ -105,7 +105,7 @@ BAD_LINES = [
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}',
      "empty response", "messages"),
     ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}',
-     "field 'messages[0]': expected", "messages"),
+     "field 'messages[0].content' is missing", "messages"),
 ]
 
 

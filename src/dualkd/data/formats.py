@@ -67,9 +67,9 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
 
 
 def detect_format(obj: dict[str, Any]) -> str | None:
-    """Auto-detection, in priority order: `chosen` (a preference pair), `messages`, an already rendered `prompt`,
-    then `instruction`."""
-    if "chosen" in obj:
+    """Auto-detection, in priority order: `chosen` or `rejected` (a preference pair), `messages`, an already
+    rendered `prompt`, then `instruction`."""
+    if "chosen" in obj or "rejected" in obj:
         return "preference"
     if "messages" in obj:
         return "messages"
@@ -124,8 +124,12 @@ def render(example: Example, tokenizer: Any) -> tuple[str, str]:
     if not template:
         raise DataError(f"{example.where}: field 'messages': the tokenizer has no chat template to render it with")
     history = list(example.messages[:-1])
-    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(list(example.messages), tokenize=False)
+    try:
+        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(list(example.messages), tokenize=False)
+    except Exception as e:  # jinja's TemplateError from raise_exception(), or a template bug
+        raise DataError(f"{example.where}: field 'messages': the tokenizer's chat template refuses this "
+                        f"conversation: {type(e).__name__}: {e}") from None
     if not full.startswith(prompt):
         raise DataError(
             f"{example.where}: field 'messages': the chat template renders the conversation so that the prompt "
@@ -137,15 +141,29 @@ def render(example: Example, tokenizer: Any) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------------- field checks
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _text(value: str, field: str, where: str) -> str:
+    """`value` if it is valid Unicode text; JSON's \\ud800 escapes can carry lone surrogates, which no
+    tokenizer can encode (and which would fail the whole dataset's tokenization call)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field '{field}': invalid Unicode: a lone surrogate "
+                        f"U+{ord(value[e.start]):04X} at character {e.start}") from None
+    return value
+
+
 def _string(obj: dict[str, Any], field: str, where: str, allow_empty: bool = True) -> str:
     if field not in obj:
         raise DataError(f"{where}: field '{field}' is missing")
     value = obj[field]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{field}': expected a string, got {type(value).__name__}")
+        raise DataError(f"{where}: field '{field}': expected a string, got {_describe(value)}")
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: field '{field}' is empty")
-    return value
+    return _text(value, field, where)
 
 
 def _references(obj: dict[str, Any], field: str, where: str) -> tuple[str, ...]:
@@ -159,7 +177,7 @@ def _references(obj: dict[str, Any], field: str, where: str) -> tuple[str, ...]:
         raise DataError(f"{where}: field '{field}': empty list of references")
     if not refs[0].strip():
         raise DataError(f"{where}: field '{field}': empty response")
-    return tuple(refs)
+    return tuple(_text(r, field, where) for r in refs)
 
 
 def _messages(obj: dict[str, Any], where: str) -> tuple[dict[str, str], ...]:
@@ -168,18 +186,42 @@ def _messages(obj: dict[str, Any], where: str) -> tuple[dict[str, str], ...]:
         raise DataError(f"{where}: field 'messages': expected a list of at least two turns, got {_describe(value)}")
     turns = []
     for i, turn in enumerate(value):
-        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(
-            turn.get("content"), str
-        ):
-            raise DataError(f"{where}: field 'messages[{i}]': expected {{'role': str, 'content': str}}, got "
+        field = f"messages[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: field '{field}': expected {{'role': str, 'content': str}}, got "
                             f"{_describe(turn)}")
-        turns.append({"role": turn["role"], "content": turn["content"]})
+        role = turn.get("role")
+        if role not in ROLES:
+            raise DataError(f"{where}: field '{field}.role': " + (
+                "missing" if role is None else f"unknown role {role!r}") + f"; expected one of {', '.join(ROLES)}")
+        turns.append({"role": role, "content": _content(turn, f"{field}.content", where)})
     if turns[-1]["role"] != "assistant":
         raise DataError(f"{where}: field 'messages[{len(turns) - 1}]': the last turn must be the assistant's "
                         f"response, got role {turns[-1]['role']!r}")
     if not turns[-1]["content"].strip():
         raise DataError(f"{where}: field 'messages[{len(turns) - 1}].content': empty response")
     return tuple(turns)
+
+
+def _content(turn: dict[str, Any], field: str, where: str) -> str:
+    """A turn's text: a string, or OpenAI-style content parts of which only text parts are accepted (joined
+    with newlines)."""
+    if "content" not in turn:
+        raise DataError(f"{where}: field '{field}' is missing")
+    content = turn["content"]
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else _describe(part)
+                raise DataError(f"{where}: field '{field}[{k}]': only text parts ({{'type': 'text', 'text': ...}}) "
+                                f"can be trained on, got {kind!r}")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    if not isinstance(content, str):
+        raise DataError(f"{where}: field '{field}': expected a string or a list of text parts, got "
+                        f"{_describe(content)}")
+    return _text(content, field, where)
 
 
 def _preference(obj: dict[str, Any], where: str) -> Example:
@@ -195,6 +237,7 @@ def _preference(obj: dict[str, Any], where: str) -> Example:
         for key, value in (("chosen", chosen), ("rejected", rejected)):
             if not value.strip():
                 raise DataError(f"{where}: field '{key}': empty response")
+            _text(value, key, where)
         return Example(where=where, prompt=prompt, references=(chosen,), rejected=rejected)
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
         raise DataError(f"{where}: fields 'chosen'/'rejected': expected two strings or two message lists, got "
@@ -221,6 +264,8 @@ def _preference(obj: dict[str, Any], where: str) -> Example:
 
 
 def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, list):
         return f"a list of {len(value)}" + (f" ({type(value[0]).__name__} first)" if value else "")
     return type(value).__name__

@@ -6,6 +6,7 @@ Every problem is a DataError that names the file and line (or dataset row) and t
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -48,12 +49,43 @@ def iter_raw_records(source: DataSource) -> Iterator[tuple[str, Any]]:
             yield f"{source.describe()}#{i}", record
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: a key given twice in one object is an error (json.loads keeps the last silently)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def decode_line(text: str, where: str) -> Any:
+    """One JSON record, or the DataError that says what is wrong with it (column, duplicate key, depth)."""
+    try:
+        return json.loads(text, object_pairs_hook=_object_without_duplicates)
+    except json.JSONDecodeError as e:
+        end = " (the end of the line: a truncated record?)" if e.pos >= len(text.rstrip()) else ""
+        return DataError(f"{where}: invalid JSON at column {e.colno}{end}: {e.msg}")
+    except _DuplicateKey as e:
+        return DataError(f"{where}: field '{e.args[0]}' appears twice in one object (which one is meant?)")
+    except RecursionError:
+        return DataError(f"{where}: invalid JSON: nested too deeply to read")
+    except ValueError as e:  # Python's limit on integer digits (4,300)
+        return DataError(f"{where}: invalid JSON: {str(e).split(';')[0]}")
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
+            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):  # written by some Windows editors: not data
+                raw = raw[len(codecs.BOM_UTF8):]
             if not raw.strip():
                 continue  # blank lines (e.g. a trailing newline) hold no record
             try:
@@ -62,10 +94,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 msg = f"{where}: undecodable bytes: invalid UTF-8 at byte offset {e.start} of the line"
                 yield where, DataError(msg)
                 continue
-            try:
-                yield where, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield where, DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}")
+            yield where, decode_line(text.rstrip("\r\n"), where)  # without the newline, an error stays on its line
 
 
 def _iter_hf(source: DataSource) -> Iterator[tuple[str, Any]]:
