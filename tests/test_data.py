@@ -181,3 +181,27 @@ def test_chat_without_template_is_an_error(tmp_path: Path, byte_tokenizer_dir: P
     cfg = DataConfig(train=str(f))
     with pytest.raises(DataError, match=rf"{f}:1: field 'messages': the tokenizer has no chat template"):
         build_dataset(cfg.train, cfg, tok)
+
+
+def test_truncation_is_counted_and_a_cut_answer_cue_warned(tmp_path: Path, byte_tokenizer_dir: Path) -> None:
+    """Alpaca prompts cut from the end lose `### Response:`: counted and warned; keep_end keeps the cue."""
+    from transformers import AutoTokenizer
+
+    from dualkd.data.dataset import make_dataset
+
+    long = "word " * 60
+    records = [{"instruction": long, "output": "short"}, {"instruction": "Hi", "output": "x " * 80},
+               {"instruction": "Hi", "output": "ok"}]
+    f = write_jsonl(tmp_path / "t.jsonl", records)
+    tok = AutoTokenizer.from_pretrained(byte_tokenizer_dir)
+    examples, report = load_examples(_src(f))
+    make_dataset(examples, report, DataConfig(train=str(f), max_length=160, max_prompt_length=100), tok)
+    cut = report.truncated["student"]
+    assert (cut.prompts, cut.sequences, cut.cues, cut.cue_example) == (1, 1, 1, "### Response:")
+    assert cut.summary(3) == ("1 of 3 prompts cut to data.max_prompt_length; "
+                              "1 of 3 sequences cut to data.max_length")
+    assert "lost their last line to truncation (e.g. '### Response:')" in report.warnings()[0]
+    examples, report = load_examples(_src(f))
+    make_dataset(examples, report, DataConfig(train=str(f), max_length=160, max_prompt_length=100,
+                                              prompt_truncation="keep_end"), tok)
+    assert report.truncated["student"].prompts == 1 and report.warnings() == []

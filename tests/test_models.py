@@ -50,10 +50,16 @@ def test_random_init_is_seeded_and_uses_tokenizer(byte_tokenizer_dir: Path) -> N
 
 def test_missing_model_is_a_clear_error(tmp_path: Path, byte_tokenizer_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(byte_tokenizer_dir)
-    with pytest.raises(ModelError, match=r"cannot load the teacher from '.*nothing-here'"):
+    with pytest.raises(ModelError, match=r"^teacher\.path: folder not found: .*nothing-here$"):
         load_model(ModelConfig(path=str(tmp_path / "nothing-here")), tok, role="teacher")
+    with pytest.raises(ModelError, match=r"^teacher\.path: folder not found: .*nothing-here$"):
+        load_tokenizer(ModelConfig(path=str(tmp_path / "nothing-here")), field="teacher")
+    empty = tmp_path / "empty"
+    empty.mkdir()  # a folder that exists but holds no model: transformers' reason, with the field
+    with pytest.raises(ModelError, match=r"^teacher: cannot load the teacher from '.*empty'"):
+        load_model(ModelConfig(path=str(empty)), tok, role="teacher")
     with pytest.raises(ModelError, match="cannot load tokenizer"):
-        load_tokenizer(ModelConfig(path=str(tmp_path / "nothing-here")))
+        load_tokenizer(ModelConfig(path=str(empty)))
 
 
 def test_tokenizer_larger_than_embedding_is_refused(tmp_path: Path, byte_tokenizer_dir: Path) -> None:

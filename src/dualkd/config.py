@@ -198,6 +198,15 @@ class DataConfig(StrictModel):
     dev_max_examples: int | None = Field(None, ge=1)
     """Use only the first N dev examples."""
 
+    @model_validator(mode="after")
+    def _prompt_leaves_room(self) -> DataConfig:
+        # sentence pairs may go to an encoder-decoder model, where the two limits apply to different sequences
+        if self.translation is None and self.max_prompt_length is not None \
+                and self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                             f"({self.max_length}) to leave room for a response")
+        return self
+
     @property
     def translation_pair(self) -> tuple[str, str] | None:
         if self.translation is None:
@@ -419,13 +428,6 @@ class RunConfig(StrictModel):
                              "or a `teacher` to generate them with")
         if self.source.kind == "replay" and self.data.dev is None:
             raise ValueError("source.kind=replay adapts to the dev loss: set `data.dev`")
-        # sentence pairs may go to an encoder-decoder model, where the two limits apply to different sequences
-        if (self.data.translation is None and self.data.max_prompt_length is not None
-                and self.data.max_prompt_length >= self.data.max_length):
-            raise ValueError(
-                f"data.max_prompt_length ({self.data.max_prompt_length}) must be below data.max_length "
-                f"({self.data.max_length}) to leave room for a response"
-            )
         return self
 
 

@@ -71,7 +71,7 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict[
     """Run the demo; returns per model its dev CE and test scores. `quick`: a few steps each (a smoke test)."""
     out = Path(output_dir)
     _prepare(out)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     started = time.perf_counter()
     n_test = 24 if quick else 200
     seeds = PROTOCOL_SEEDS[:2] if quick else PROTOCOL_SEEDS

@@ -10,6 +10,8 @@ files go through transformers' own GGUF reader).
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,8 +28,51 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def load_tokenizer(spec: ModelConfig, train_texts: Callable[[], Iterable[str]] | None = None) -> Any:
-    """The tokenizer named by `spec`, or a new one trained on `train_texts()` when `spec.train_tokenizer` is set."""
+def _require_local(source: str | None, field: str) -> None:
+    """A source written as a local path (`/x`, `./x`, `~/x`, `a/b/c`) must exist: otherwise transformers takes it
+    for a hub id and answers with a message about repo ids. `org/name` stays a hub id."""
+    if source is None or Path(source).expanduser().exists():
+        return
+    if source.startswith(("/", ".", "~")) or source.count("/") >= 2 or "\\" in source:
+        raise ModelError(f"{field}: folder not found: {source}")
+
+
+def _known_fields(config_class: type) -> set[str]:
+    """Every field a transformers config class accepts: its own parameters, their aliases and the common ones."""
+    from transformers import PretrainedConfig
+
+    own = set(inspect.signature(config_class.__init__).parameters)
+    common = set(inspect.signature(PretrainedConfig.__init__).parameters) | set(PretrainedConfig().to_dict())
+    return (own | common | set(getattr(config_class, "attribute_map", {})) | {"model_type"}) - {"self", "kwargs"}
+
+
+def check_arch(arch: dict[str, Any], field: str, config_class: type | None = None) -> None:
+    """Refuse an unknown `arch.model_type` (naming close matches) and `arch` fields the architecture's config
+    class does not have (a typo such as `n_layers` would otherwise be stored and ignored)."""
+    from transformers import CONFIG_MAPPING
+
+    if config_class is None:
+        model_type = arch.get("model_type")
+        if model_type is None:
+            return
+        if model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ModelError(f"{field}.arch.model_type: unknown model type {model_type!r}; {hint}(transformers knows "
+                             f"{len(CONFIG_MAPPING)} types, e.g. gpt2, llama, qwen2, mistral, gemma3_text, marian, t5)")
+        config_class = CONFIG_MAPPING[model_type]
+    known = _known_fields(config_class)
+    for key in arch:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ModelError(f"{field}.arch.{key}: not a field of {config_class.__name__}{hint}")
+
+
+def load_tokenizer(spec: ModelConfig, train_texts: Callable[[], Iterable[str]] | None = None,
+                   field: str = "student") -> Any:
+    """The tokenizer named by `spec`, or a new one trained on `train_texts()` when `spec.train_tokenizer` is set.
+    `field` names the config section in messages."""
     if spec.train_tokenizer is not None:
         from dualkd.data.tokenizers import train_tokenizer
 
@@ -37,6 +82,7 @@ def load_tokenizer(spec: ModelConfig, train_texts: Callable[[], Iterable[str]] |
     from transformers import AutoTokenizer
 
     source = spec.tokenizer_source
+    _require_local(source, f"{field}.tokenizer" if spec.tokenizer else f"{field}.path")
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
     if spec.gguf_file and spec.tokenizer is None:
         kwargs["gguf_file"] = spec.gguf_file
@@ -46,10 +92,12 @@ def load_tokenizer(spec: ModelConfig, train_texts: Callable[[], Iterable[str]] |
         raise ModelError(f"cannot load tokenizer {source!r}: {type(e).__name__}: {_first_line(e)}") from None
 
 
-def is_encoder_decoder(spec: ModelConfig) -> bool:
+def is_encoder_decoder(spec: ModelConfig, field: str = "student") -> bool:
     """Whether `spec` names an encoder-decoder model (Marian, BART, T5), from its config alone."""
     from transformers import AutoConfig
 
+    _require_local(spec.path, f"{field}.path")
+    check_arch(spec.arch, field)
     model_type = spec.arch.get("model_type")
     try:
         if spec.path is not None and (spec.init == "pretrained" or model_type is None):
@@ -64,10 +112,16 @@ def is_encoder_decoder(spec: ModelConfig) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
-def load_model(spec: ModelConfig, tokenizer: Any, *, role: str, seed: int = 0) -> nn.Module:
+def load_model(spec: ModelConfig, tokenizer: Any, *, role: str, seed: int = 0, field: str | None = None
+               ) -> nn.Module:
     """Load (or randomly initialize) a causal LM or an encoder-decoder model. Teachers come back frozen; students
-    get LoRA if configured."""
+    get LoRA if configured. `field` names the config section in messages (default: `role`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    field = field or role
+    _require_local(spec.path, f"{field}.path")
+    _require_local(spec.adapter, f"{field}.adapter")
+    check_arch(spec.arch, field)
 
     dtype = DTYPES[spec.dtype]
     common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
@@ -83,6 +137,7 @@ def load_model(spec: ModelConfig, tokenizer: Any, *, role: str, seed: int = 0) -
             fields.update(spec.arch)
             if spec.path is not None:
                 config = AutoConfig.from_pretrained(spec.path, revision=spec.revision, **common)
+                check_arch(spec.arch, field, type(config))
                 for k, v in fields.items():
                     if k != "model_type":
                         setattr(config, k, v)
@@ -109,7 +164,8 @@ def load_model(spec: ModelConfig, tokenizer: Any, *, role: str, seed: int = 0) -
         raise
     except Exception as e:
         where = spec.path or spec.arch.get("model_type")
-        raise ModelError(f"cannot load the {role} from {where!r}: {type(e).__name__}: {_first_line(e)}") from None
+        raise ModelError(f"{field}: cannot load the {role} from {where!r}: {type(e).__name__}: {_first_line(e)}"
+                         ) from None
 
     rows = model.get_input_embeddings().num_embeddings  # the module's count: ZeRO-3 partitions the weight
     if rows < len(tokenizer):

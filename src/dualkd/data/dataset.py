@@ -15,7 +15,7 @@ import numpy as np
 from dualkd.config import DataConfig, DataSource
 from dualkd.data.collate import Batch, TokenizedExample, pad_batch, pad_seq2seq, stack_alignment
 from dualkd.data.formats import Example, render
-from dualkd.data.readers import LoadReport, load_examples
+from dualkd.data.readers import LoadReport, Truncation, load_examples
 from dualkd.errors import DataError, ModelError
 
 
@@ -48,9 +48,11 @@ def leading_special_ids(tokenizer: Any) -> list[int]:
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer: Any, rules: TruncationRules
+    examples: list[Example], tokenizer: Any, rules: TruncationRules, cut: Truncation | None = None
 ) -> list[TokenizedExample | DataError]:
-    """One TokenizedExample per example, or the DataError that explains why it cannot be used."""
+    """One TokenizedExample per example, or the DataError that explains why it cannot be used; `cut` counts
+    what truncation removed."""
+    cut = cut if cut is not None else Truncation()
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ModelError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; responses must end with one")
@@ -94,7 +96,14 @@ def tokenize_examples(
                                      "start the sequence with"))
                 continue
             p_ids, p_off = [bos], [(0, 0)]
+        full_prompt = len(p_ids)
         p_ids, p_off = _truncate_prompt(p_ids, p_off, len(prefix) if not is_chat else 0, rules)
+        if len(p_ids) < full_prompt:
+            cut.prompts += 1
+            cue = _last_line(prompt)
+            if cue and max((end for _, end in p_off), default=0) < prompt.rstrip().rfind(cue) + len(cue):
+                cut.cues += 1
+                cut.cue_example = cut.cue_example or cue
         shift = len(prompt)
         r_ids, r_off = list(r_ids), [(s + shift, e + shift) for s, e in r_off]
         if not (is_chat and eos in r_ids):
@@ -106,6 +115,8 @@ def tokenize_examples(
                 f"{ex.where}: field '{field}': the prompt is {len(p_ids)} tokens and leaves no room for a response "
                 f"within data.max_length={rules.max_length} (set data.max_prompt_length to truncate it)"))
             continue
+        if len(p_ids) + len(r_ids) > rules.max_length:
+            cut.sequences += 1
         ids = (p_ids + r_ids)[: rules.max_length]
         offsets = (p_off + r_off)[: rules.max_length]
         out.append(TokenizedExample(ids=ids, offsets=offsets, prompt_len=len(p_ids), text=prompt + response,
@@ -120,8 +131,8 @@ def seq2seq_source_ids(tokenizer: Any, texts: list[str], max_length: int | None)
     return [list(ids[:max_length]) if max_length else list(ids) for ids in out]
 
 
-def tokenize_seq2seq(examples: list[Example], tokenizer: Any, rules: TruncationRules
-                     ) -> list[TokenizedExample | DataError]:
+def tokenize_seq2seq(examples: list[Example], tokenizer: Any, rules: TruncationRules,
+                     cut: Truncation | None = None) -> list[TokenizedExample | DataError]:
     """Source + target token ids of encoder-decoder examples: `ids` = source ids then target ids (+ EOS),
     `prompt_len` = the source length. The source is cut to `max_prompt_length`, the target to `max_length`."""
     eos = tokenizer.eos_token_id
@@ -129,7 +140,8 @@ def tokenize_seq2seq(examples: list[Example], tokenizer: Any, rules: TruncationR
         raise ModelError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; targets must end with one")
     out: list[TokenizedExample | DataError] = []
     usable = [ex for ex in examples if ex.messages is None]
-    sources = seq2seq_source_ids(tokenizer, [ex.prompt or "" for ex in usable], rules.max_prompt_length)
+    full_sources = seq2seq_source_ids(tokenizer, [ex.prompt or "" for ex in usable], None)
+    sources = [ids[: rules.max_prompt_length] if rules.max_prompt_length else ids for ids in full_sources]
     targets = tokenizer(text_target=[ex.response for ex in usable], add_special_tokens=True)["input_ids"]
     k = 0
     for ex in examples:
@@ -144,6 +156,9 @@ def tokenize_seq2seq(examples: list[Example], tokenizer: Any, rules: TruncationR
         if not source:
             out.append(DataError(f"{ex.where}: field 'prompt': the source sentence is empty"))
             continue
+        if cut is not None:
+            cut.prompts += int(len(source) < len(full_sources[k - 1]))
+            cut.sequences += int(len(target) > rules.max_length)
         target = target[: rules.max_length]
         out.append(TokenizedExample(ids=source + target, offsets=[(-1, -1)] * (len(source) + len(target)),
                                     prompt_len=len(source), text=ex.response, prompt_chars=0))
@@ -159,6 +174,12 @@ def _encode(tokenizer: Any, texts: list[str], split_special: bool) -> Any:
             f"tokenizer {tokenizer.name_or_path!r} cannot return character offsets (a slow tokenizer); "
             "dualkd needs a fast (Rust) tokenizer"
         ) from None
+
+
+def _last_line(prompt: str) -> str:
+    """The prompt's last non-empty line (`### Response:`, a chat template's `<|assistant|>`)."""
+    lines = [line for line in prompt.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 def _truncate_prompt(
@@ -261,9 +282,11 @@ def make_dataset(
     if seq2seq and teacher_tokenizer is not None:
         raise ModelError("encoder-decoder distillation needs one tokenizer for student and teacher")
     tokenize = tokenize_seq2seq if seq2seq else tokenize_examples
-    per_model = [tokenize(examples, student_tokenizer, rules)]
+    report.truncated["student"] = Truncation()
+    per_model = [tokenize(examples, student_tokenizer, rules, report.truncated["student"])]
     if teacher_tokenizer is not None:
-        per_model.append(tokenize_examples(examples, teacher_tokenizer, rules))
+        report.truncated["teacher"] = Truncation()
+        per_model.append(tokenize_examples(examples, teacher_tokenizer, rules, report.truncated["teacher"]))
     keep: list[int] = []
     for i in range(len(examples)):
         errors = [side[i] for side in per_model if isinstance(side[i], DataError)]

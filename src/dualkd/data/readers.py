@@ -21,20 +21,53 @@ from dualkd.errors import DataError
 
 
 @dataclass
+class Truncation:
+    """What tokenization cut, for one tokenizer."""
+
+    prompts: int = 0
+    """Prompts longer than data.max_prompt_length, cut to it."""
+    sequences: int = 0
+    """prompt + response longer than data.max_length: the response's end was cut."""
+    cues: int = 0
+    """Cut prompts that lost their last line: the template's answer cue (`### Response:`, `<|assistant|>`)."""
+    cue_example: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.prompts or self.sequences)
+
+    def summary(self, examples: int) -> str:
+        parts = [f"{n} of {examples} {what}" for n, what in ((self.prompts, "prompts cut to data.max_prompt_length"),
+                                                             (self.sequences, "sequences cut to data.max_length"))
+                 if n]
+        return "; ".join(parts)
+
+
+@dataclass
 class LoadReport:
-    """What was read and what was skipped (with `on_error: skip`)."""
+    """What was read, what was skipped (with `on_error: skip`) and what tokenization cut."""
 
     source: str
     kept: int = 0
     skipped: list[str] = field(default_factory=list)  # one error message per skipped record
+    truncated: dict[str, Truncation] = field(default_factory=dict)  # per tokenizer: "student", "teacher"
 
     def summary(self) -> str:
+        text = f"{self.source}: {self.kept} examples"
         if not self.skipped:
-            return f"{self.source}: {self.kept} examples"
+            return text
         reasons = Counter(msg.split(": ", 1)[-1].split(":")[0] for msg in self.skipped)
         top = ", ".join(f"{n}x {r}" for r, n in reasons.most_common(3))
-        return (f"{self.source}: {self.kept} examples, SKIPPED {len(self.skipped)} bad records ({top}); "
-                f"first: {self.skipped[0]}")
+        return f"{text}, SKIPPED {len(self.skipped)} bad records ({top}); first: {self.skipped[0]}"
+
+    def warnings(self) -> list[str]:
+        """What the user must hear about the data even when nothing was skipped."""
+        out = []
+        for who, cut in self.truncated.items():
+            if cut.cues:
+                out.append(f"{self.source}: {cut.cues} of {self.kept} {who} prompts lost their last line to "
+                           f"truncation (e.g. {cut.cue_example!r}), the cue after which the answer starts; "
+                           "raise data.max_prompt_length or set data.prompt_truncation: keep_end")
+        return out
 
 
 def iter_raw_records(source: DataSource) -> Iterator[tuple[str, Any]]:

@@ -10,6 +10,8 @@ with every data format, gives character offsets, and round-trips through save_pr
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -51,9 +53,23 @@ def train_tokenizer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=show_progress
     )
     tok.train_from_iterator(texts, trainer)
+    if style == "metaspace":
+        tok = _byte_pieces_as_ordinary_tokens(tok)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def _byte_pieces_as_ordinary_tokens(tok: Tokenizer) -> Tokenizer:
+    """The trainer puts the `<0xNN>` byte pieces into the vocabulary (where byte fallback finds them) as special
+    tokens; as special tokens, `decode(..., skip_special_tokens=True)` would drop every character the
+    tokenizer saw no merge for ('Ü 東京' -> ' 京'). Keep them in the vocabulary, not among the added tokens."""
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if not _BYTE_PIECE.fullmatch(t["content"])]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 def corpus_texts(paths: Sequence[str | Path], fields: Sequence[str] | None = None,

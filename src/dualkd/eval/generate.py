@@ -49,10 +49,15 @@ def load_for_generation(path: str | Path, dtype: str = "float32", device: str | 
     from dualkd.models import DTYPES
 
     folder = resolve_model_dir(path)
+    if not any(folder.glob("*.safetensors")):  # pickled weights (pytorch_model.bin) can run code when loaded
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        raise ModelError(f"{folder}: no safetensors weights" + (f" (found {', '.join(found)})" if found else "")
+                         + "; dualkd loads weights from safetensors only. Convert them with transformers: "
+                           "AutoModel.from_pretrained(folder).save_pretrained(folder) in a trusted session")
     config = AutoConfig.from_pretrained(folder)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
-        model = cls.from_pretrained(folder, dtype=DTYPES[dtype])
+        model = cls.from_pretrained(folder, dtype=DTYPES[dtype], use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # transformers raises many types
         raise ModelError(f"cannot load {folder}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
@@ -119,6 +124,46 @@ def sampling_state(model: nn.Module, seed: int | None, device: torch.device) -> 
             module.training = flag
 
 
+def model_positions(model: nn.Module) -> int | None:
+    """How many positions the model's (decoder's) position embeddings cover (None: no fixed limit known)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_target_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+_capped_notes: set[tuple[int, int]] = set()
+
+
+def fit_to_positions(settings: GenerationConfig, model: nn.Module, longest_prompt: int, encoder_decoder: bool
+                     ) -> GenerationConfig:
+    """`settings` with max_length (and max_new_tokens) capped at the model's positions, said once per
+    (limit, asked) pair; a prompt that alone fills the positions is refused before generating."""
+    limit = model_positions(model)
+    if limit is None:
+        return settings
+    if not encoder_decoder and longest_prompt >= limit:
+        raise ModelError(f"a prompt of {longest_prompt} tokens fills the model's {limit} positions and leaves no "
+                         f"room to generate: set generation.max_prompt_length (now {settings.max_prompt_length}) "
+                         f"below {limit}")
+    changes: dict[str, int] = {}
+    if settings.max_length > limit:
+        changes["max_length"] = limit
+    if settings.max_new_tokens is not None and settings.max_new_tokens > limit:
+        changes["max_new_tokens"] = limit
+    if not encoder_decoder and settings.max_prompt_length >= min(limit, settings.max_length):
+        changes["max_prompt_length"] = min(limit, settings.max_length) // 2
+    if not changes:
+        return settings
+    if (limit, settings.max_length) not in _capped_notes:
+        _capped_notes.add((limit, settings.max_length))
+        print(f"[dualkd] note: the model has {limit} positions; generation capped at "
+              + ", ".join(f"{k} {v}" for k, v in changes.items()), file=sys.stderr, flush=True)
+    return settings.model_copy(update=changes)
+
+
 def sample_token_ids(model: nn.Module, prompts: list[list[int]], settings: GenerationConfig, pad_id: int,
                      eos_id: int | None, seed: int | None = None, label: str = "generating",
                      progress: bool | None = False, keep_eos: bool = False) -> list[list[int]]:
@@ -131,6 +176,7 @@ def sample_token_ids(model: nn.Module, prompts: list[list[int]], settings: Gener
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # similar lengths share a batch
+    settings = fit_to_positions(settings, model, max(len(p) for p in prompts), encoder_decoder)
     new_tokens = settings.max_new_tokens or (
         settings.max_length if encoder_decoder else settings.max_length - settings.max_prompt_length)
     sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,

@@ -78,7 +78,8 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
     if from_cache:
         teacher_tokenizer = cache_tokenizer(cfg.source.cache_dir)
     else:
-        teacher_tokenizer = load_tokenizer(cfg.teacher) if objective.needs_teacher and cfg.teacher else None
+        teacher_tokenizer = (load_tokenizer(cfg.teacher, field="teacher") if objective.needs_teacher and cfg.teacher
+                             else None)
     same = teacher_tokenizer is None or same_vocabulary(student_tokenizer, teacher_tokenizer)
     # the teacher reads its own tokenization only when an objective asks for it and the vocabularies differ
     own_teacher_tokens = teacher_tokenizer if objective.teacher_reads_own_tokens and not same else None
@@ -130,10 +131,10 @@ def _frozen_models(cfg: RunConfig, objective: Objective, student_tokenizer: Any)
     frozen = {}
     for role in roles:
         spec = cfg.teachers[role]
-        tokenizer = load_tokenizer(spec)
+        tokenizer = load_tokenizer(spec, field=f"teachers.{role}")
         if not same_vocabulary(student_tokenizer, tokenizer):
             raise ConfigError(f"teachers.{role}: its tokenizer differs from the student's; this objective needs one")
-        frozen[role] = load_model(spec, tokenizer, role="teacher", seed=cfg.seed)
+        frozen[role] = load_model(spec, tokenizer, role="teacher", seed=cfg.seed, field=f"teachers.{role}")
     return frozen
 
 

@@ -20,7 +20,8 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: int | None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.console = Console(stderr=True, quiet=not enabled)
+        # soft_wrap: one record per line in logs (a pipe or file would otherwise get 80-column hard wraps)
+        self.console = Console(stderr=True, quiet=not enabled, soft_wrap=True)
         self.writer = None
         if not enabled:
             return

@@ -451,6 +451,13 @@ def _announce(log: MetricsLogger, cfg: RunConfig, parts: Parts, source: Any, tot
                       first=report.skipped[0])
         else:
             log.print(f"[dualkd] data {report.summary()}")
+        for who, cut in report.truncated.items():
+            if cut:
+                log.event("data_truncated", f"{report.source}: {who}: {cut.summary(report.kept)}",
+                          source=report.source, tokenizer=who, prompts=cut.prompts, sequences=cut.sequences,
+                          cues_cut=cut.cues)
+        for warning in report.warnings():
+            log.print(f"[dualkd] WARNING: {warning}")
     n_params = engine.count_parameters(parts.student)
     n_train = engine.count_parameters(parts.student, trainable=True)
     teacher = ""
@@ -481,12 +488,21 @@ def _announce(log: MetricsLogger, cfg: RunConfig, parts: Parts, source: Any, tot
         log.event("resumed", f"resumed from {start}", checkpoint=str(start))
 
 
+# what the loop itself logs; the rest of a record are the objective's loss terms and rates
+_LOOP_KEYS = {"kind", "time", "step", "epoch", "loss", "lr", "grad_norm", "tokens", "sampled", "sampled_tokens",
+              "replayed", "tokens_per_s", "step_time", "peak_mem_mib"}
+
+
 def _format_record(r: dict[str, Any], total: int) -> str:
+    """One console line per logged step: the loss and each of the objective's terms (accuracies aside), lr,
+    throughput, the time shares of the sections that took any time, peak memory."""
     parts = [f"step {r['step']}/{total}", f"loss {r['loss']:.4f}"]
-    parts += [f"{k} {r[k]:.4f}" for k in ("ce", "kd") if k in r]
+    terms = [k for k, v in r.items() if k not in _LOOP_KEYS and isinstance(v, (int, float))
+             and not k.startswith("time/") and not k.endswith("acc")]
+    parts += [f"{k} {r[k]:.4f}" for k in sorted(terms, key=lambda k: (k not in ("ce", "kd"), k))]
     t = {k.split("/")[1]: v for k, v in r.items() if k.startswith("time/")}
     total_t = max(r["step_time"], 1e-9)
-    share = " ".join(f"{k} {100 * v / total_t:.0f}%" for k, v in t.items())
+    share = " ".join(f"{k} {100 * v / total_t:.0f}%" for k, v in t.items() if v / total_t >= 0.005)
     parts += [f"lr {r['lr']:.2e}", f"{r['tokens_per_s']:.0f} tok/s", share, f"peak {r['peak_mem_mib']:.0f} MiB"]
     return "  ".join(parts)
 

@@ -41,7 +41,7 @@ def write_teacher_outputs(cfg: RunConfig, path: Path, engine: Any) -> None:
     assert cfg.teacher is not None
     examples, _ = load_examples(cfg.data.train, cfg.data.format, cfg.data.on_error, cfg.data.max_examples,
                                 cfg.data.translation_pair)
-    tokenizer = load_tokenizer(cfg.teacher)
+    tokenizer = load_tokenizer(cfg.teacher, field="teacher")
     teacher = load_model(cfg.teacher, tokenizer, role="teacher", seed=cfg.seed).to(engine.device)
     mine = list(range(engine.rank, len(examples), engine.world_size))
     texts = generate_responses(teacher, tokenizer, [examples[i] for i in mine], cfg.generation, seed=cfg.seed,
