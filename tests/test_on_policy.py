@@ -324,6 +324,20 @@ def test_seqkd_source_generates_teacher_outputs_then_trains(tmp_path: Path, trai
     assert len(read_metrics(train(validate_config(cfg2)))) == 2
 
 
+def test_seqkd_decodes_greedily_unless_asked_to_sample(tmp_path: Path, train_file: Path,
+                                                       byte_tokenizer_dir: Path, teacher_dir: Path) -> None:
+    """Kim & Rush decode the teacher greedily (or by beam search), not with the evaluation protocol's sampling."""
+    from dualkd.train.seqkd import teacher_decoding
+
+    raw = tiny_run(tmp_path / "s", train_file, byte_tokenizer_dir, teacher=teacher_dir, objective={"name": "sft"},
+                   source={"kind": "seqkd"}, generation={"num_beams": 3})
+    cfg = validate_config(raw)
+    assert cfg.generation.do_sample and not teacher_decoding(cfg).do_sample
+    assert teacher_decoding(cfg).num_beams == 3
+    sampled = validate_config({**raw, "source": {"kind": "seqkd", "seqkd_sampling": True}})
+    assert teacher_decoding(sampled).do_sample
+
+
 def test_sampling_does_not_move_the_training_rng(teacher_dir: Path) -> None:
     """Dropout masks of a training step are the same whether or not the student sampled first."""
     from contextlib import contextmanager
@@ -363,7 +377,7 @@ def test_tiny_sampling_recipes_run(name: str, tmp_path: Path, teacher_dir: Path)
     if name.endswith("on-policy"):
         overrides.append("source.on_policy_after=1")
     if name == "tiny-seqkd":  # the random test teacher answers greedily with EOS only: let it sample
-        overrides.append("generation.do_sample=true")
+        overrides += ["generation.do_sample=true", "source.seqkd_sampling=true"]
     records = read_metrics(train(load_config(REPO / "configs" / f"{name}.yaml", overrides)))
     assert len(records) == 6 and all(math.isfinite(r["loss"]) for r in records)
     if name != "tiny-seqkd":

@@ -344,6 +344,9 @@ class SourceConfig(StrictModel):
     seqkd_data: str | None = None
     """seqkd: the teacher-generated training set (jsonl from `dualkd generate`). When the file does not exist
     the teacher writes it there before training (default `<output_dir>/seqkd-train.jsonl`)."""
+    seqkd_sampling: bool = False
+    """seqkd: sample the teacher's outputs with the `generation` settings (temperature, top-p). Off (Kim &
+    Rush): the teacher decodes greedily, or with beam search when `generation.num_beams` > 1."""
 
     cache_dir: str | None = None
     """cache: the folder `dualkd cache-teacher` wrote (its `train/` and, when the run has dev data, `dev/`)."""

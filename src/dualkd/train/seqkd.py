@@ -2,7 +2,8 @@
 
 The `seqkd` source is a dataset of teacher outputs made ahead of time, either by `dualkd generate --out` or
 here, once, before training when `source.seqkd_data` does not exist yet: every process decodes its share of
-the training prompts with the teacher (the run's `generation` settings: sampling, greedy or beams), the main
+the training prompts with the teacher (greedy, or beam search with `generation.num_beams` > 1, as Kim & Rush;
+`source.seqkd_sampling: true` samples with the `generation` settings instead), the main
 process writes the set (`dualkd generate`'s format: prompt/output with the original references kept), and
 the run then reads it like any training file. A resumed run finds the file and reuses it.
 """
@@ -13,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dualkd.config import DataSource, RunConfig
+from dualkd.config import DataSource, GenerationConfig, RunConfig
 from dualkd.data.formats import Example
 from dualkd.data.readers import LoadReport, load_examples
 from dualkd.errors import ConfigError, DataError
@@ -34,6 +35,11 @@ def seqkd_examples(cfg: RunConfig, run_dir: Path, engine: Any) -> tuple[list[Exa
     return load_examples(DataSource(path=str(path)), "auto", cfg.data.on_error, cfg.data.max_examples)
 
 
+def teacher_decoding(cfg: RunConfig) -> GenerationConfig:
+    """How the teacher writes the SeqKD set: the `generation` settings, greedy unless `seqkd_sampling`."""
+    return cfg.generation if cfg.source.seqkd_sampling else cfg.generation.model_copy(update={"do_sample": False})
+
+
 def write_teacher_outputs(cfg: RunConfig, path: Path, engine: Any) -> None:
     from dualkd.eval.generate import generate_responses, write_generated_dataset
     from dualkd.models import load_model, load_tokenizer
@@ -44,7 +50,8 @@ def write_teacher_outputs(cfg: RunConfig, path: Path, engine: Any) -> None:
     tokenizer = load_tokenizer(cfg.teacher, field="teacher")
     teacher = load_model(cfg.teacher, tokenizer, role="teacher", seed=cfg.seed).to(engine.device)
     mine = list(range(engine.rank, len(examples), engine.world_size))
-    texts = generate_responses(teacher, tokenizer, [examples[i] for i in mine], cfg.generation, seed=cfg.seed,
+    settings = teacher_decoding(cfg)
+    texts = generate_responses(teacher, tokenizer, [examples[i] for i in mine], settings, seed=cfg.seed,
                                label="seqkd: teacher outputs", progress=None if engine.is_main else False)
     del teacher
     part = path.with_name(f"{path.name}.part{engine.rank}")
