@@ -202,6 +202,11 @@ def test_report_side_by_side(tmp_path: Path, train_file: Path, byte_tokenizer_di
         assert (tmp_path / "report" / png).stat().st_size > 1000 and f"]({png})" in text
     with pytest.raises(DataError, match="neither metrics.jsonl"):
         report([tmp_path], tmp_path / "r2")
+    # a trained run without an evaluation is named in the scores table, not dropped
+    unevaluated = train(validate_config(tiny_run(tmp_path / "plain", train_file, byte_tokenizer_dir,
+                                                 optimization={"max_steps": 2})))
+    text = report([*runs, unevaluated], tmp_path / "r3").read_text()
+    assert "| plain (not evaluated: run `dualkd eval` on it) | – | – |" in text
 
 
 def test_sampling_leaves_training_state_untouched(teacher_dir: Path) -> None:

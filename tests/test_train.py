@@ -199,3 +199,22 @@ def test_console_lines_show_the_objectives_terms_one_record_per_line(
     assert main(["train", str(cfg)]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
     assert len(lines) == 2 and all("peak" in line and "MiB" in line for line in lines)
+
+
+def test_exported_and_checkpoint_files_follow_the_umask(tmp_path: Path, train_file: Path,
+                                                        byte_tokenizer_dir: Path) -> None:
+    """safetensors writes 0600; what a run exports is readable as any file the user writes (0644 under 022)."""
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        run = train(validate_config(tiny_run(tmp_path / "run", train_file, byte_tokenizer_dir,
+                                             optimization={"max_steps": 1}, checkpoint={"every_steps": 1})))
+    finally:
+        os.umask(mask)
+    files = [run / "final" / "model.safetensors", *(run / "checkpoints").glob("step-*/trainable.safetensors")]
+    assert len(files) == 2
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert stat.S_IMODE((run / "final").stat().st_mode) == 0o755

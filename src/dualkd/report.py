@@ -174,6 +174,10 @@ def scores_table(runs: dict[str, dict[str, Any]], teacher: str | None = None) ->
             cells.append(f"{sum(main) / len(main):.2f}" if len(main) == len(sets) else "–")
         label = f"{name} (teacher)" if name == teacher and "teacher" not in name else name
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for name in runs:  # trained but never evaluated: named, so a missing row is not mistaken for a dropped one
+        if name not in scored:
+            lines.append(f"| {name} (not evaluated: run `dualkd eval` on it) | " + " | ".join("–" for _ in head)
+                         + " |")
     return lines
 
 
