@@ -83,3 +83,19 @@ def test_pickled_weights_are_refused(tmp_path: Path, byte_tokenizer_dir: Path) -
     (tmp_path / "bin" / "model.safetensors").unlink()  # a folder as older tools wrote it
     with pytest.raises(ModelError, match=r"no safetensors weights \(found pytorch_model.bin\)"):
         load_for_generation(tmp_path / "bin")
+
+
+def test_long_jobs_print_progress_lines_into_logs(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """Not a terminal (a batch log): a plain line about every 10% once the job runs past 10 s (generation,
+    teacher caching); nothing for short jobs."""
+    clock = iter(float(t) for t in range(0, 1000, 5))
+    monkeypatch.setattr(generate.time, "perf_counter", lambda: next(clock))
+    lines = generate.ProgressLines(200, "caching train", None)
+    for _ in range(20):
+        lines.advance(10)
+    out = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[dualkd] caching train")]
+    assert 8 <= len(out) <= 11 and out[-1].startswith("[dualkd] caching train: 200/200")
+    quick = generate.ProgressLines(10, "short", None)
+    quick.advance(10)
+    assert "short" not in capsys.readouterr().err

@@ -219,11 +219,15 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
 
     import torch
     from rich.progress import Progress
+    from transformers.utils import logging as hf_logging
 
     from dualkd.config import load_config
+    from dualkd.eval.generate import ProgressLines
     from dualkd.models import load_model
     from dualkd.train.build import build_parts
     from dualkd.train.teacher_cache import write_cache
+
+    hf_logging.disable_progress_bar()  # per-file loading bars
 
     cfg = load_config(args.config, args.overrides)
     if cfg.teacher is None:
@@ -244,12 +248,18 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
         if dataset is None:
             continue
         examples = dataset.teacher_view
+        lines = ProgressLines(len(examples), f"caching {split}", None)  # a log file gets plain lines
+
+        def advance(n: int, bar: Progress, task: Any, lines: ProgressLines = lines) -> None:
+            bar.advance(task, n)
+            lines.advance(n)
+
         with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
             task = bar.add_task(f"caching {split}", total=len(examples))
             manifest = write_cache(Path(args.out) / split, teacher, tokenizer, examples, name, k=args.top_k,
                                    hidden=args.hidden, logprob_dtype=args.logprob_dtype,
                                    shard_examples=args.shard_examples, batch_size=args.batch_size, device=device,
-                                   progress=lambda n, task=task: bar.advance(task, n))
+                                   progress=lambda n, bar=bar, task=task: advance(n, bar, task))
         print(f"{Path(args.out) / split}: {manifest['examples']} examples, top-{args.top_k}"
               + (", hidden states" if args.hidden else "") + f", {len(manifest['complete'])} shards")
     return 0

@@ -14,6 +14,7 @@ the prompt as the source sentence.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -45,9 +46,11 @@ def resolve_model_dir(path: str | Path) -> Path:
 def load_for_generation(path: str | Path, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from a local folder or run directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from dualkd.models import DTYPES
 
+    hf_logging.disable_progress_bar()  # per-file loading bars: ours say what is being done
     folder = resolve_model_dir(path)
     if not any(folder.glob("*.safetensors")):  # pickled weights (pytorch_model.bin) can run code when loaded
         found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
@@ -85,9 +88,9 @@ def _progress(total: int, label: str, show: bool | None) -> Progress:
     return progress
 
 
-class _LogLines:
-    """Plain progress lines on stderr about every 10%, for long generation jobs whose output goes to a log file
-    rather than a terminal (`show=None` and no terminal); quiet for jobs that finish within 10 seconds."""
+class ProgressLines:
+    """Plain progress lines on stderr about every 10%, for long jobs (generation, teacher caching) whose output
+    goes to a log file rather than a terminal (`show=None` and no terminal); quiet for jobs under 10 seconds."""
 
     def __init__(self, total: int, label: str, show: bool | None):
         self.on = show is None and not Console(stderr=True).is_terminal and total >= 64
@@ -105,6 +108,18 @@ class _LogLines:
         left = elapsed / self.done * (self.total - self.done)
         print(f"[dualkd] {self.label}: {self.done}/{self.total} ({elapsed:.0f} s, about {left:.0f} s left)",
               file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _padding_warning_off() -> Iterator[None]:
+    """Mute transformers' "We strongly recommend passing in an `attention_mask`" for one `generate` call."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextmanager
@@ -183,7 +198,7 @@ def sample_token_ids(model: nn.Module, prompts: list[list[int]], settings: Gener
                 "top_k": settings.top_k} if settings.do_sample else {"do_sample": False, "temperature": None,
                                                                          "top_p": None, "top_k": None}
     outputs: list[list[int]] = [[] for _ in prompts]
-    lines = _LogLines(len(prompts), label, progress)
+    lines = ProgressLines(len(prompts), label, progress)
     with sampling_state(model, seed, device), _progress(len(prompts), label, progress) as bar:
         for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
@@ -197,9 +212,11 @@ def sample_token_ids(model: nn.Module, prompts: list[list[int]], settings: Gener
                 else:  # the decoder continues left-padded prompts
                     ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
             budget = new_tokens if encoder_decoder else min(new_tokens, settings.max_length - width)
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=budget,
-                                 num_beams=settings.num_beams, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                                 pad_token_id=pad_id, eos_token_id=eos_id, **sampling)
+            with _padding_warning_off():  # the mask is given; transformers' decoding steps still warn
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=budget, num_beams=settings.num_beams,
+                                     no_repeat_ngram_size=settings.no_repeat_ngram_size, pad_token_id=pad_id,
+                                     eos_token_id=eos_id, **sampling)
             continuation = gen if encoder_decoder else gen[:, width:]
             for row, i in enumerate(idx):
                 tokens = continuation[row].tolist()

@@ -31,6 +31,9 @@ from torch import Tensor, nn
 
 from dualkd.errors import ConfigError
 
+if not torch.cuda.is_available():  # DeepSpeed (imported by accelerate) would warn that it fell back to the CPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 
 def _launched_with(engine: str) -> bool:
     """Whether `accelerate launch` was told to use `engine` (it passes the choice on in the environment)."""
