@@ -205,3 +205,21 @@ def test_truncation_is_counted_and_a_cut_answer_cue_warned(tmp_path: Path, byte_
     make_dataset(examples, report, DataConfig(train=str(f), max_length=160, max_prompt_length=100,
                                               prompt_truncation="keep_end"), tok)
     assert report.truncated["student"].prompts == 1 and report.warnings() == []
+
+
+def test_tokenizing_in_chunks_changes_nothing(tmp_path: Path, byte_tokenizer_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoTokenizer
+
+    from dualkd.data import dataset
+
+    records = [{"prompt": f"Q{i}: " + "x " * (i % 7), "output": f"a{i}"} for i in range(23)]
+    f = write_jsonl(tmp_path / "t.jsonl", records)
+    tok = AutoTokenizer.from_pretrained(byte_tokenizer_dir)
+    built = []
+    for chunk in (1000, 5):
+        monkeypatch.setattr(dataset, "TOKENIZE_CHUNK", chunk)
+        examples, report = load_examples(_src(f))
+        ds = dataset.make_dataset(examples, report, DataConfig(train=str(f)), tok)
+        built.append([(x.ids, x.offsets, x.prompt_len) for x in ds.student])
+    assert built[0] == built[1] and len(built[0]) == 23

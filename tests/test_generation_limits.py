@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from dualkd import progress
 from dualkd.config import GenerationConfig
 from dualkd.data.formats import Example
 from dualkd.data.tokenizers import train_tokenizer
@@ -90,12 +91,12 @@ def test_long_jobs_print_progress_lines_into_logs(monkeypatch: pytest.MonkeyPatc
     """Not a terminal (a batch log): a plain line about every 10% once the job runs past 10 s (generation,
     teacher caching); nothing for short jobs."""
     clock = iter(float(t) for t in range(0, 1000, 5))
-    monkeypatch.setattr(generate.time, "perf_counter", lambda: next(clock))
-    lines = generate.ProgressLines(200, "caching train", None)
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    lines = progress.ProgressLines(200, "caching train", None)
     for _ in range(20):
         lines.advance(10)
     out = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[dualkd] caching train")]
     assert 8 <= len(out) <= 11 and out[-1].startswith("[dualkd] caching train: 200/200")
-    quick = generate.ProgressLines(10, "short", None)
+    quick = progress.ProgressLines(10, "short", None)
     quick.advance(10)
     assert "short" not in capsys.readouterr().err

@@ -222,8 +222,8 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from dualkd.config import load_config
-    from dualkd.eval.generate import ProgressLines
     from dualkd.models import load_model
+    from dualkd.progress import ProgressLines
     from dualkd.train.build import build_parts
     from dualkd.train.teacher_cache import write_cache
 

