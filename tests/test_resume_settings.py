@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from dualkd.cli import main
 from dualkd.config import validate_config
-from dualkd.errors import ConfigError
+from dualkd.errors import ConfigError, DualKDError
 from dualkd.train import checkpoint as ckpt_module
-from dualkd.train.checkpoint import list_checkpoints, remove_dir
+from dualkd.train.checkpoint import list_checkpoints, remove_dir, verify_manifest, write_manifest
 from dualkd.train.loop import train
 from tests.conftest import make_model_dir, read_metrics, tiny_run
 
@@ -129,3 +129,25 @@ def test_checkpoint_deletion_is_crash_safe(tmp_path: Path, monkeypatch: pytest.M
     # and a step folder missing its weights (deleted by an older version, or by hand) is not complete either
     (ckpt_dir / "step-00000004" / "trainable.safetensors").unlink()
     assert list_checkpoints(ckpt_dir) == []
+
+
+def test_a_deepspeed_checkpoint_must_be_the_one_this_run_wrote(tmp_path: Path) -> None:
+    """DeepSpeed unpickles its checkpoint files (weights_only=False): a resume checks them against the SHA-256
+    manifest written with them, and refuses anything changed, added or unlisted."""
+    folder = tmp_path / "deepspeed"
+    (folder / "state").mkdir(parents=True)
+    (folder / "state" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    (folder / "state" / "zero_pp_rank_0_optim_states.pt").write_bytes(b"optimizer")
+    write_manifest(folder)
+    verify_manifest(folder)
+    (folder / "state" / "zero_pp_rank_0_optim_states.pt").write_bytes(b"0ptimizer")
+    with pytest.raises(DualKDError, match="zero_pp_rank_0_optim_states.pt changed since it was written"):
+        verify_manifest(folder)
+    write_manifest(folder)
+    (folder / "state" / "extra.pt").write_bytes(b"payload")
+    with pytest.raises(DualKDError, match=r"extra\.pt is not in the manifest"):
+        verify_manifest(folder)
+    (folder / "state" / "extra.pt").unlink()
+    (folder / "dualkd-manifest.json").unlink()
+    with pytest.raises(DualKDError, match="not written by dualkd"):
+        verify_manifest(folder)

@@ -7,12 +7,15 @@ A checkpoint is a folder `checkpoints/step-00000120/` holding:
     rng-rank{r}.pt          RNG streams of each process (torch, CUDA, python, numpy)
     source-rank{r}.json     state private to each process's batch source (the replay buffer), if any
     trainer_state.json      step, data position, best dev loss, ...
+    deepspeed/              under DeepSpeed: its own checkpoint (module and optimizer partitions), with
+                            dualkd-manifest.json, the SHA-256 of each file, checked before DeepSpeed unpickles them
 It is written under `.tmp-step-...`, every file fsync'ed, then renamed into place: a crash (even SIGKILL)
 leaves either the previous complete checkpoint or the new one, never a torn one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -120,6 +123,46 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# ----------------------------------------------------------------------------------------------- DeepSpeed
+
+DEEPSPEED_DIR = "deepspeed"
+MANIFEST = "dualkd-manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """SHA-256 of every file DeepSpeed wrote into `folder`: DeepSpeed reads its checkpoints back with
+    `torch.load(weights_only=False)` (pickle, which can run code), so a resume loads only files this run
+    wrote. Costs one read of the optimizer state per checkpoint (about 1 GB/s)."""
+    files = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"sha256": files}, indent=1))
+
+
+def verify_manifest(folder: Path) -> None:
+    """Refuse a DeepSpeed checkpoint whose files are not exactly the ones this run's manifest lists."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise DualKDError(f"{folder}: no {MANIFEST}, so it was not written by dualkd; DeepSpeed would unpickle "
+                          "it (torch.load with weights_only=False), which can run code: refusing to resume from it")
+    listed = json.loads(manifest.read_text())["sha256"]
+    found = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    problems = [f"{name} is not in the manifest" for name in sorted(found - set(listed))]
+    problems += [f"{name} is missing" for name in sorted(set(listed) - found)]
+    problems += [f"{name} changed since it was written" for name in sorted(found & set(listed))
+                 if _sha256(folder / name) != listed[name]]
+    if problems:
+        raise DualKDError(f"{folder}: not as this run wrote it ({'; '.join(problems[:3])}); DeepSpeed would "
+                          "unpickle these files (torch.load with weights_only=False): refusing to resume from it")
+
+
 # ----------------------------------------------------------------------------------------------- RNG
 
 
@@ -184,7 +227,10 @@ class CheckpointManager:
                              if p.requires_grad}
                 save_file(trainable, str(tmp / "trainable.safetensors"))
         engine.save_optimizer(module, optimizer, tmp)
+        engine.barrier()
         if engine.is_main:
+            if (tmp / DEEPSPEED_DIR).is_dir():
+                write_manifest(tmp / DEEPSPEED_DIR)
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
         engine.barrier()
@@ -204,6 +250,8 @@ class CheckpointManager:
         state = self.read_state(path)
         self.engine.load_state(module, read_trainable(self.engine.unwrap(module), path / "trainable.safetensors"))
         if optimizer is not None:
+            if (path / DEEPSPEED_DIR).is_dir():
+                verify_manifest(path / DEEPSPEED_DIR)
             self.engine.load_optimizer(module, optimizer, path)
         if scheduler is not None:
             scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
