@@ -89,7 +89,11 @@ def load_tokenizer(spec: ModelConfig, train_texts: Callable[[], Iterable[str]] |
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as e:  # transformers raises OSError, ValueError, EnvironmentError ...
-        raise ModelError(f"cannot load tokenizer {source!r}: {type(e).__name__}: {_first_line(e)}") from None
+        where = f"{field}.tokenizer" if spec.tokenizer else f"{field}.path"
+        local = "" if source is None or Path(source).expanduser().exists() else \
+            f" (and there is no local folder {source!r})"
+        raise ModelError(f"{where}: cannot load tokenizer {source!r}{local}: {type(e).__name__}: "
+                         f"{_first_line(e)}") from None
 
 
 def is_encoder_decoder(spec: ModelConfig, field: str = "student") -> bool:
