@@ -7,14 +7,12 @@ run in float64 (models, projectors and buffers converted after `setup`), so they
 tolerance of 1e-5 leaves no room for a wrong term.
 
     parts = build64(config, tmp_path)
-    loss, grads = implementation(parts, [[0, 1, 2, 3, 4, 5, 6, 7]])     # one micro-batch of 8
-    twin_loss = my_twin(parts, parts.train_set.collate(list(range(8))))
-    assert_twin(parts, loss, grads, twin_loss)
-    assert_split_invariant(parts)                                           # 2 x 4 == 8 x 1
+    assert_is_its_formula(parts, my_twin)   # one micro-batch of 8 against my_twin(parts, batch), then 2 x 4 == 8 x 1
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -97,6 +95,14 @@ def assert_split_invariant(parts: Any, step: int = 0, examples: int = 8) -> None
         split, split_grads = implementation(parts, [whole[i:i + size] for i in range(0, examples, size)], step)
         torch.testing.assert_close(split, loss, rtol=1e-9, atol=0.0)
         assert_close_grads(split_grads, grads, rtol=1e-9)
+
+
+def assert_is_its_formula(parts: Any, twin: Callable[[Any, Any], Tensor], examples: int = 8) -> None:
+    """A twin test's whole check: one micro-batch of `examples` against `twin(parts, batch)`, then the split."""
+    whole = list(range(examples))
+    loss, grads = implementation(parts, [whole])
+    assert_twin(parts, loss, grads, twin(parts, parts.train_set.collate(whole)))
+    assert_split_invariant(parts, examples=examples)
 
 
 # ------------------------------------------------------------------------------------------- twin pieces
