@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from dualkd.align import exact_alignment
-from dualkd.align.offsets import alignable
+from dualkd.align.offsets import alignable, exact_alignment_many
 from dualkd.align.vocab import shared_vocabulary, teacher_to_student_ids, token_bytes
 from tests.conftest import needs_real_models, needs_shared_data
 
@@ -58,6 +58,41 @@ def test_tensor_inputs_and_non_monotone_offsets() -> None:
     assert _pairs(s, t) == [(0, 1), (1, 0), (2, 2)]
     with pytest.raises(ValueError, match=r"shape \[n, 2\]"):
         exact_alignment(torch.zeros(3), t)
+
+
+def _random_offsets(rng: np.random.Generator, text_len: int) -> np.ndarray:
+    """A tokenization of a text of `text_len` characters: random cut points, some tokens split into byte pieces
+    that each report the whole character (shared spans), some empty specials; possibly non-monotone."""
+    cuts = np.unique(np.concatenate([[0, text_len], rng.integers(0, text_len + 1, size=rng.integers(0, 12))]))
+    spans = [(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        out += [(a, b)] * (2 if rng.random() < 0.15 else 1)
+        if rng.random() < 0.1:
+            out.append((b, b))
+    arr = np.array(out, dtype=np.int64).reshape(-1, 2)
+    if len(arr) > 2 and rng.random() < 0.1:
+        arr[[0, 1]] = arr[[1, 0]]
+    return arr
+
+
+def test_batched_alignment_equals_one_example_at_a_time() -> None:
+    """The one-pass alignment over many examples gives each example exactly what `exact_alignment` gives it
+    (the naive twin), also across the 256-example blocks and for empty responses."""
+    rng = np.random.default_rng(0)
+    students, teachers = [], []
+    for _ in range(600):
+        n = int(rng.integers(0, 40))
+        students.append(_random_offsets(rng, n) if n else np.zeros((0, 2), dtype=np.int64))
+        teachers.append(_random_offsets(rng, n) if n and rng.random() > 0.05 else np.zeros((0, 2), dtype=np.int64))
+    got = exact_alignment_many(students, teachers)
+    assert len(got) == 600
+    aligned = 0
+    for s, t, (si, ti) in zip(students, teachers, got):
+        want_s, want_t = exact_alignment(s, t)
+        assert si.tolist() == want_s.tolist() and ti.tolist() == want_t.tolist()
+        aligned += len(si)
+    assert aligned > 100  # pairs were found (random cuts of one text share a span now and then)
 
 
 def test_trained_tokenizers_of_two_families(byte_tokenizer_dir: Path, meta_tokenizer_dir: Path,

@@ -94,3 +94,47 @@ def exact_alignment(student_offsets: Offsets, teacher_offsets: Offsets) -> tuple
         order = np.argsort(s_out, kind="stable")
         s_out, t_out = s_out[order], t_out[order]
     return torch.from_numpy(s_out), torch.from_numpy(t_out)
+
+
+def exact_alignment_many(students: Sequence[np.ndarray], teachers: Sequence[np.ndarray]
+                         ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`exact_alignment` of every (student, teacher) pair of offset arrays ([n_i, 2], [m_i, 2], int64, starts
+    ≥ 0), computed for all pairs in one pass: example e's spans are moved to their own character range
+    [e·W, (e + 1)·W), so spans of different examples never meet and the per-example NumPy calls (most of the
+    time for short responses) happen once. Returns int64 index arrays per pair, as `exact_alignment` would."""
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    step = 256  # examples per pass: keys stay far inside int64 for texts up to ~10M characters
+    for first in range(0, len(students), step):
+        out += _align_block(students[first:first + step], teachers[first:first + step])
+    return out
+
+
+def _align_block(students: Sequence[np.ndarray], teachers: Sequence[np.ndarray]
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    n = len(students)
+    s_len = np.fromiter((len(x) for x in students), dtype=np.int64, count=n)
+    t_len = np.fromiter((len(x) for x in teachers), dtype=np.int64, count=n)
+    empty = np.zeros(0, dtype=np.int64)
+    if s_len.sum() == 0 or t_len.sum() == 0:
+        return [(empty, empty.copy()) for _ in range(n)]
+    s_all = np.concatenate([x.reshape(-1, 2) for x in students]).astype(np.int64, copy=False)
+    t_all = np.concatenate([x.reshape(-1, 2) for x in teachers]).astype(np.int64, copy=False)
+    if min(s_all.min(), t_all.min()) < 0:
+        raise ValueError("exact_alignment_many needs offsets that start at 0 or later")
+    W = int(max(s_all[:, 1].max(), t_all[:, 1].max())) + 1
+    s_ex, t_ex = np.repeat(np.arange(n), s_len), np.repeat(np.arange(n), t_len)
+    s_keys, s_idx = _alignable_keys(s_all + (s_ex * W)[:, None], n * W)
+    t_keys, t_idx = _alignable_keys(t_all + (t_ex * W)[:, None], n * W)
+    if s_keys.size == 0 or t_keys.size == 0:
+        return [(empty, empty.copy()) for _ in range(n)]
+    pos = np.minimum(np.searchsorted(t_keys, s_keys), t_keys.size - 1)
+    hit = t_keys[pos] == s_keys
+    s_out, t_out = s_idx[hit], t_idx[pos[hit]]  # indices into the concatenations
+    order = np.argsort(s_out, kind="stable")
+    s_out, t_out = s_out[order], t_out[order]
+    s_first = np.concatenate([[0], np.cumsum(s_len)[:-1]])
+    t_first = np.concatenate([[0], np.cumsum(t_len)[:-1]])
+    bounds = np.searchsorted(s_ex[s_out], np.arange(n + 1))
+    return [(s_out[a:b] - s_first[e], t_out[a:b] - t_first[e])
+            for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+

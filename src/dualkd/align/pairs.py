@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dualkd.align.mined import mined_alignment, token_texts
-from dualkd.align.offsets import exact_alignment
+from dualkd.align.offsets import exact_alignment_many
 from dualkd.data.collate import TokenizedExample
 
 Pairs = tuple[np.ndarray, np.ndarray]  # (student label positions, teacher label positions), int64
@@ -28,8 +28,16 @@ class Aligner(Protocol):
     def __call__(self, students: list[TokenizedExample], teachers: list[TokenizedExample]) -> list[Pairs]: ...
 
 
-def _relative_offsets(x: TokenizedExample) -> np.ndarray:
-    return np.asarray(x.offsets[x.prompt_len:], dtype=np.int64).reshape(-1, 2) - x.prompt_chars
+def _response_offsets(examples: list[TokenizedExample]) -> list[np.ndarray]:
+    """Every example's response offsets relative to the response start, from one NumPy conversion: [n_i, 2]."""
+    spans: list[tuple[int, int]] = []
+    lengths = []
+    for x in examples:
+        spans.extend(x.offsets[x.prompt_len:])
+        lengths.append(len(x.offsets) - x.prompt_len)
+    flat = np.array(spans, dtype=np.int64).reshape(-1, 2)
+    flat -= np.repeat(np.array([x.prompt_chars for x in examples], dtype=np.int64), lengths)[:, None]
+    return np.split(flat, np.cumsum(lengths)[:-1])
 
 
 def _ends_with_eos(x: TokenizedExample, eos: int | None) -> bool:
@@ -42,10 +50,10 @@ class ExactAligner:
         self.teacher_eos = teacher_tokenizer.eos_token_id
 
     def __call__(self, students: list[TokenizedExample], teachers: list[TokenizedExample]) -> list[Pairs]:
+        aligned = exact_alignment_many(_response_offsets(students), _response_offsets(teachers))
         out = []
-        for s, t in zip(students, teachers):
-            si, ti = exact_alignment(_relative_offsets(s), _relative_offsets(t))
-            s_pos, t_pos = si.numpy() + s.prompt_len - 1, ti.numpy() + t.prompt_len - 1
+        for s, t, (si, ti) in zip(students, teachers, aligned):
+            s_pos, t_pos = si + s.prompt_len - 1, ti + t.prompt_len - 1
             if _ends_with_eos(s, self.student_eos) and _ends_with_eos(t, self.teacher_eos):
                 s_pos = np.append(s_pos, len(s.ids) - 2)
                 t_pos = np.append(t_pos, len(t.ids) - 2)
