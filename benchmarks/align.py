@@ -7,9 +7,11 @@
 - MinED: `dualkd.align.mined.mined_alignment` (rapidfuzz cost matrix over distinct texts + compiled DTW)
   vs a pure-Python O(n·m) DTW whose cells call a C edit distance (rapidfuzz's Levenshtein, as the official
   code calls `editdistance`), on the first --dtw-pairs pairs.
-Single process, one thread; best of 20 (ETA) or 3 (MinED) timed runs after a warm-up (the pure-Python DTW:
-one run). Also prints the share of student tokens each ETA aligns. Needs ../shared/tools/real-models and
-../shared/data/dolly.
+- ETA as the pipeline calls it: `ExactAligner` over whole tokenized examples (prompt + response + EOS).
+One process, one thread, variants interleaved in rotating order after a warm-up (benchmarks/harness.py):
+7 repetitions for ETA, 3 for MinED; min / median / max of each and of the ratios; the load average before and
+after (the CSV is written only on a quiet machine). Also prints the share of student response tokens each ETA
+aligns. Needs ../shared/tools/real-models and ../shared/data/dolly.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import argparse
 import csv
 import json
 import os
-import time
+import statistics
+import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -26,6 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks.harness
 MODELS = Path(os.environ.get("DUALKD_REAL_MODELS", Path.home() / ".cache" / "dualkd-real"))
 DATA = REPO.parent / "shared" / "data" / "dolly" / "test.jsonl"
 
@@ -77,13 +81,20 @@ def python_dtw(student_texts: list[str], teacher_texts: list[str]) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtw-pairs", type=int, default=60, help="pairs timed with the pure-Python DTW")
+    parser.add_argument("--reps", type=int, default=7, help="interleaved timed repetitions (MinED: 3)")
     parser.add_argument("--out", default="benchmarks/results/align.csv")
+    parser.add_argument("--shared-ok", action="store_true", help="write the CSV even if the machine was shared")
     args = parser.parse_args()
     import torch
     from transformers import AutoTokenizer
 
+    from benchmarks.harness import interleaved, may_write
     from dualkd.align import exact_alignment
     from dualkd.align.mined import mined_alignment, token_texts
+    from dualkd.align.pairs import ExactAligner
+    from dualkd.config import DataSource
+    from dualkd.data.dataset import TruncationRules, tokenize_examples
+    from dualkd.data.readers import load_examples
 
     torch.set_num_threads(1)
     s_tok = AutoTokenizer.from_pretrained(MODELS / "smollm2-135m-instruct")
@@ -100,45 +111,55 @@ def main() -> None:
     s_texts = [[st[i] for i in ids] for ids in s_enc["input_ids"]]
     t_texts = [[tt[i] for i in ids] for ids in t_enc["input_ids"]]
     n_tokens = sum(len(x) for x in s_strs)
+    # what the data pipeline hands the aligner: whole tokenized examples (prompt + response + EOS)
+    examples, _ = load_examples(DataSource(path=str(DATA)))
+    rules = TruncationRules(max_length=4096, max_prompt_length=None)
+    s_ex, t_ex = tokenize_examples(examples, s_tok, rules), tokenize_examples(examples, t_tok, rules)
+    aligner = ExactAligner(s_tok, t_tok)
+    n, k = len(outputs), args.dtw_pairs
+
+    eta = interleaved({
+        "ETA: ExactAligner, as the pipeline calls it": lambda: aligner(s_ex, t_ex),
+        "ETA: exact_alignment, one call per pair": lambda: [exact_alignment(a, b) for a, b in zip(s_off, t_off)],
+        "ETA: DSKDv2 string walk (Python)": lambda: [string_walk_eta(a, b) for a, b in zip(s_strs, t_strs)],
+    }, reps=args.reps)
+    mined = interleaved({
+        f"MinED: compiled DTW, all {n} pairs": lambda: mined_alignment(s_texts, t_texts),
+        f"MinED: compiled DTW, first {k} pairs": lambda: mined_alignment(s_texts[:k], t_texts[:k]),
+        f"MinED: pure-Python DTW, first {k} pairs": lambda: [python_dtw(a, b) for a, b in zip(s_texts[:k],
+                                                                                              t_texts[:k])],
+    }, reps=3)
+
+    pipeline_cov = sum(len(a) - 1 for a, _ in eta.last["ETA: ExactAligner, as the pipeline calls it"]) / n_tokens
+    bare_cov = sum(len(a) for a, _ in eta.last["ETA: exact_alignment, one call per pair"]) / n_tokens
+    walk_cov = sum(len(p) for p in eta.last["ETA: DSKDv2 string walk (Python)"]) / n_tokens
+    coverage = dict(zip(eta.seconds, (pipeline_cov, bare_cov, walk_cov)))
+    pairs = {name: n for name in eta.seconds} | {name: (n if "all" in name else k) for name in mined.seconds}
+    print(f"# {n} Dolly test outputs; SmolLM2 {n_tokens} response tokens; one thread")
+    print(eta.table(baseline="ETA: DSKDv2 string walk (Python)"))
+    print(mined.table(baseline=f"MinED: pure-Python DTW, first {k} pairs"))
     rows = []
-
-    def timed(fn, reps: int = 1) -> tuple[float, object]:
-        """Best of `reps` runs after one untimed warm-up run (imports, JIT cache, allocator)."""
-        out = fn()
-        best = float("inf")
-        for _ in range(reps):
-            start = time.perf_counter()
-            out = fn()
-            best = min(best, time.perf_counter() - start)
-        return best, out
-
-    sec, eta = timed(lambda: [exact_alignment(a, b) for a, b in zip(s_off, t_off)], reps=20)
-    eta_cov = sum(len(a) for a, _ in eta) / n_tokens
-    rows.append(("ETA", "dualkd offsets (NumPy)", len(outputs) / sec, eta_cov))
-    sec_walk, walk = timed(lambda: [string_walk_eta(a, b) for a, b in zip(s_strs, t_strs)], reps=20)
-    rows.append(("ETA", "DSKDv2 string walk (Python)", len(outputs) / sec_walk, sum(len(p) for p in walk) / n_tokens))
-    sec, _ = timed(lambda: mined_alignment(s_texts, t_texts), reps=3)
-    mined_rate = len(outputs) / sec
-    rows.append(("MinED", "dualkd compiled DTW", mined_rate, float("nan")))
-    k = args.dtw_pairs
-    sec_py, _ = timed(lambda: [python_dtw(a, b) for a, b in zip(s_texts[:k], t_texts[:k])])
-    rows.append(("MinED", f"pure-Python DTW (first {k} pairs)", k / sec_py, float("nan")))
-    # the pure-Python DTW is O(n·m): compare on the same pairs too
-    sec_same, _ = timed(lambda: mined_alignment(s_texts[:k], t_texts[:k]), reps=3)
-    rows.append(("MinED", f"dualkd compiled DTW (first {k} pairs)", k / sec_same, float("nan")))
-
-    print(f"# {len(outputs)} Dolly test outputs; SmolLM2 {n_tokens} tokens; one thread")
-    print(f"{'task':6} {'implementation':36} {'pairs/s':>10} {'aligned':>8}")
-    for task, impl, rate, cov in rows:
-        print(f"{task:6} {impl:36} {rate:10.0f} {'' if cov != cov else f'{100 * cov:7.1f}%':>8}")
-    print(f"ETA speed-up over the string walk: {rows[0][2] / rows[1][2]:.1f}x; "
-          f"MinED speed-up over pure-Python DTW on the same {k} pairs: {rows[4][2] / rows[3][2]:.0f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["task", "implementation", "pairs_per_s", "aligned_share"])
-        w.writerows(rows)
+    print(f"\n{'implementation':48} {'pairs/s min':>12} {'median':>9} {'max':>9} {'aligned':>8}")
+    for timing in (eta, mined):
+        for name, secs in timing.seconds.items():
+            rates = sorted(pairs[name] / t for t in secs)
+            cov = coverage.get(name, float("nan"))
+            rows.append((name, rates[0], statistics.median(rates), rates[-1], cov, timing.load_before,
+                         timing.load_after))
+            print(f"{name:48} {rates[0]:12.0f} {statistics.median(rates):9.0f} {rates[-1]:9.0f} "
+                  f"{'' if cov != cov else f'{100 * cov:7.1f}%':>8}")
+    fast = eta.ratios("ETA: DSKDv2 string walk (Python)", "ETA: ExactAligner, as the pipeline calls it")
+    same = mined.ratios(f"MinED: pure-Python DTW, first {k} pairs", f"MinED: compiled DTW, first {k} pairs")
+    print(f"pipeline ETA vs string walk: {min(fast):.2f}-{max(fast):.2f}x faster; compiled MinED vs pure-Python "
+          f"DTW on the same {k} pairs: {min(same):.0f}-{max(same):.0f}x")
+    if may_write(eta, args.shared_ok) and may_write(mined, args.shared_ok):
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["implementation", "pairs_per_s_min", "pairs_per_s_median", "pairs_per_s_max",
+                        "aligned_share", "load_before", "load_after"])
+            w.writerows(rows)
 
 
 if __name__ == "__main__":
