@@ -88,7 +88,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from benchmarks.harness import interleaved, may_write
+    from benchmarks.harness import interleaved, may_write, start_load
     from dualkd.align import exact_alignment
     from dualkd.align.mined import mined_alignment, token_texts
     from dualkd.align.pairs import ExactAligner
@@ -97,6 +97,7 @@ def main() -> None:
     from dualkd.data.readers import load_examples
 
     torch.set_num_threads(1)
+    print(f"# load average {start_load():.2f} at the start")
     s_tok = AutoTokenizer.from_pretrained(MODELS / "smollm2-135m-instruct")
     t_tok = AutoTokenizer.from_pretrained(MODELS / "gemma-3-270m")
     outputs = [json.loads(line)["output"] for line in DATA.read_text().splitlines()]

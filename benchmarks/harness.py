@@ -5,9 +5,10 @@
 - One untimed warm-up run of each variant first (imports, allocator, caches), then `reps` ≥ 3 timed runs.
 - Ratios are taken per repetition (variant ÷ baseline of the same repetition) and reported as min / median /
   max, next to each variant's own min / median / max time.
-- The 1-minute load average is read before and after. A machine whose load before the run is above
-  `QUIET_LOAD`, or after it above the benchmark's own threads + `QUIET_LOAD`, was shared: `Timing.quiet` is
-  False, the figures are printed with a warning, and the benchmarks write their CSV only with `--shared-ok`.
+- The 1-minute load average is read when the benchmark starts (`start_load()`: it must be below `QUIET_LOAD`,
+  nothing else running) and before and after every timed group (then it holds the benchmark's own work: it
+  must stay below its threads + `QUIET_LOAD`). Otherwise the machine was shared: `Timing.quiet` is False, the
+  figures are printed with a warning, and the benchmarks write their CSV only with `--shared-ok`.
 
     timing = interleaved({"ours": lambda: f(x), "plain": lambda: g(x)}, reps=5, threads=1)
     print(timing.table(baseline="plain"))
@@ -29,6 +30,16 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+_START_LOAD = [float("inf")]
+
+
+def start_load() -> float:
+    """Read (once) and remember the load average as the benchmark starts, before it does any work."""
+    if _START_LOAD[0] == float("inf"):
+        _START_LOAD[0] = load_average()
+    return _START_LOAD[0]
+
+
 @dataclass
 class Timing:
     seconds: dict[str, list[float]]  # variant -> one time per repetition, in repetition order
@@ -39,7 +50,9 @@ class Timing:
 
     @property
     def quiet(self) -> bool:
-        return self.load_before <= QUIET_LOAD and self.load_after <= self.threads + QUIET_LOAD
+        """Nothing but this benchmark ran: its start was idle and the load never exceeded its own threads."""
+        limit = self.threads + QUIET_LOAD
+        return _START_LOAD[0] <= QUIET_LOAD and self.load_before <= limit and self.load_after <= limit
 
     def ratios(self, variant: str, baseline: str) -> list[float]:
         """variant time ÷ baseline time, repetition by repetition (< 1: the variant is faster)."""
@@ -64,7 +77,8 @@ class Timing:
             lines.append(row)
         lines.append(f"({unit}; {len(next(iter(self.seconds.values())))} interleaved reps; load average "
                      f"{self.load_before:.2f} before, {self.load_after:.2f} after"
-                     + ("" if self.quiet else " — SHARED MACHINE: these figures are not figures") + ")")
+                     + ("" if self.quiet else f" — SHARED MACHINE (load {_START_LOAD[0]:.2f} at the start): "
+                        "these figures are not figures") + ")")
         return "\n".join(lines)
 
 
@@ -74,6 +88,7 @@ def interleaved(variants: dict[str, Callable[[], Any]], reps: int = 5, threads: 
     if reps < 3:
         raise ValueError("at least 3 repetitions: a single run is not a figure")
     names = list(variants)
+    start_load()
     load_before = load_average()
     last: dict[str, Any] = {}
     for name in names:
@@ -93,7 +108,7 @@ def may_write(timing: Timing, shared_ok: bool) -> bool:
     """Whether a benchmark may write its figures: on a quiet machine, or when told the machine was shared."""
     if timing.quiet:
         return True
-    print("not writing the results: the machine was shared (load average "
-          f"{timing.load_before:.2f} before, {timing.load_after:.2f} after); rerun on a quiet machine "
-          "or pass --shared-ok to write them marked")
+    print(f"not writing the results: the machine was shared (load average {_START_LOAD[0]:.2f} at the start, "
+          f"{timing.load_before:.2f} before and {timing.load_after:.2f} after a timed group, with "
+          f"{timing.threads} threads of our own); rerun on a quiet machine or pass --shared-ok")
     return shared_ok

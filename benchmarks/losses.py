@@ -1,13 +1,18 @@
-"""Fused chunked KD loss vs the naive one (logits materialized, autograd): peak memory and time.
+"""Fused chunked KD loss vs the plain torch formula a user would write: time (interleaved) and peak memory.
 
-    python benchmarks/losses.py                       # V in {32000, 151936, 262144}, N in {1024, 4096}, d=1024
+    python benchmarks/losses.py --names fkl,rkl --vocab 262144 --rows 1024,2048 --dim 640
     python benchmarks/losses.py --names all --vocab 32000 --rows 1024      # a quick look at every divergence
     python benchmarks/losses.py --device cuda --dtype bfloat16             # on a GPU
 
-Each case (divergence, V, N, path) runs forward + backward once in a fresh subprocess, so that its peak
-memory is its own: on CPU the peak resident set size minus the resident size once the inputs exist; on
-CUDA torch's peak allocation minus the inputs. The naive path is skipped (and the table says so) when a
-small calibration run predicts it would not fit in --max-gib. Prints a table with the ratios and writes CSV.
+Plain = what a user writes: logits materialized (`h_s @ W_s.T`, `h_t @ W_t.T` without grad), `log_softmax`,
+`exp`, the divergence's sum, autograd (fkl, rkl, js; other divergences fall back to our dense `divergence`,
+marked "ours (dense)"). Fused = `fused_divergence` with its default chunk size.
+Time: both paths in this process, interleaved in rotating order after a warm-up, --reps repetitions
+(benchmarks/harness.py): min / median / max of each and of the per-repetition ratio fused ÷ plain.
+Memory: each case's forward + backward once in a fresh subprocess, so that its peak is its own (CPU: peak
+RSS minus the RSS once the inputs exist; CUDA: peak allocation minus the inputs). The plain path is skipped
+when a small calibration run predicts it would not fit in --max-gib. The CSV is written only when the load
+average says the machine was not shared.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.harness
+
 ALL = ["fkl", "rkl", "js", "tvd", "skl", "srkl", "akl"]
+PLAIN = ("fkl", "rkl", "js")  # written out in plain torch below; the others fall back to our dense loss
 
 
 def _rss_mib() -> float:
@@ -31,11 +39,70 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(path: str, name: str, n: int, v: int, d: int, device: str, dtype: str, temperature: float) -> dict:
-    """One forward + backward in this (fresh) process; returns seconds and peak MiB above the inputs."""
+def plain_loss(name: str, student_logits, teacher_logits, temperature: float):
+    """The divergence as a user writes it in torch: Σ over rows and vocabulary (None: not written here)."""
+    import math
+
+    import torch
+
+    logq = torch.log_softmax(student_logits / temperature, -1)
+    logp = torch.log_softmax(teacher_logits / temperature, -1)
+    if name == "fkl":
+        return (logp.exp() * (logp - logq)).sum()
+    if name == "rkl":
+        return (logq.exp() * (logq - logp)).sum()
+    if name == "js":
+        logm = torch.logaddexp(logp, logq) - math.log(2.0)
+        return 0.5 * (logp.exp() * (logp - logm)).sum() + 0.5 * (logq.exp() * (logq - logm)).sum()
+    return None
+
+
+def forward(path: str, name: str, hs, ws, ht, wt, temperature: float):
     import torch
 
     from dualkd.losses import divergence, fused_divergence
+
+    if path == "fused":
+        return fused_divergence(name, hs, ws, ht, wt, temperature=temperature, reduction="sum")
+    with torch.no_grad():
+        teacher_logits = ht @ wt.T
+    student_logits = hs @ ws.T
+    loss = plain_loss(name, student_logits, teacher_logits, temperature)
+    if loss is None:  # ours, dense: for divergences without a plain formula here
+        loss = divergence(name, student_logits, teacher_logits, temperature=temperature, reduction="sum")
+    return loss
+
+
+def time_case(name: str, n: int, v: int, args: argparse.Namespace, with_plain: bool):
+    """Both paths in this process, interleaved (benchmarks/harness.py)."""
+    import torch
+
+    from benchmarks.harness import interleaved
+
+    dt, dev, d = getattr(torch, args.dtype), torch.device(args.device), args.dim
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hs = torch.empty(n, d).normal_(generator=g).to(dev, dt).requires_grad_(True)
+    ws = torch.empty(v, d).normal_(generator=g).mul_(d**-0.5).to(dev, dt).requires_grad_(True)
+    ht = torch.empty(n, d).normal_(generator=g).to(dev, dt)
+    wt = torch.empty(v, d).normal_(generator=g).mul_(d**-0.5).to(dev, dt)
+
+    def step(path: str):
+        def go():
+            hs.grad = ws.grad = None
+            loss = forward(path, name, hs, ws, ht, wt, args.temperature)
+            loss.backward()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return float(loss.detach())
+        return go
+
+    variants = {"fused": step("fused")} | ({"plain": step("plain")} if with_plain else {})
+    return interleaved(variants, reps=args.reps, threads=torch.get_num_threads())
+
+
+def worker(path: str, name: str, n: int, v: int, d: int, device: str, dtype: str, temperature: float) -> dict:
+    """One forward + backward in this (fresh) process; returns seconds and peak MiB above the inputs."""
+    import torch
 
     dt = getattr(torch, dtype)
     dev = torch.device(device)
@@ -49,12 +116,7 @@ def worker(path: str, name: str, n: int, v: int, d: int, device: str, dtype: str
         return hs, ws, ht, wt
 
     def run(hs, ws, ht, wt):
-        if path == "naive":
-            with torch.no_grad():
-                teacher_logits = ht @ wt.T
-            loss = divergence(name, hs @ ws.T, teacher_logits, temperature=temperature)
-        else:
-            loss = fused_divergence(name, hs, ws, ht, wt, temperature=temperature)
+        loss = forward(path, name, hs, ws, ht, wt, temperature)
         loss.backward()
         return loss
 
@@ -98,8 +160,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--max-gib", type=float, default=20.0, help="skip naive cases predicted above this")
+    parser.add_argument("--max-gib", type=float, default=20.0, help="skip plain cases predicted above this")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved timed repetitions per case")
     parser.add_argument("--out", default="benchmarks/results/losses.csv")
+    parser.add_argument("--shared-ok", action="store_true", help="write the CSV even if the machine was shared")
     args = parser.parse_args()
 
     if args.worker:
@@ -109,67 +173,68 @@ def main() -> None:
 
     import torch
 
+    from benchmarks.harness import may_write, start_load
+
     names = ALL if args.names == "all" else args.names.split(",")
     vocabs = [int(x) for x in args.vocab.split(",")]
     rows = [int(x) for x in args.rows.split(",")]
     cpu = platform.processor() or platform.machine()
     print(f"# torch {torch.__version__}, {args.device} ({cpu}, {torch.get_num_threads()} threads), {args.dtype}, "
-          f"d={args.dim}, tau={args.temperature}")
+          f"d={args.dim}, tau={args.temperature}, load average {start_load():.2f} at start")
 
-    # naive memory grows as N*V on top of a fixed part (the head gradient): calibrate the bytes per logit
+    # plain memory grows as N*V on top of a fixed part (the head gradient): calibrate the bytes per logit
     # from two small cases, per divergence
     per_logit, fixed = {}, {}
     for name in names:
-        a = measure("naive", name, 256, 32000, args).get("peak_mib", 0.0)
-        b = measure("naive", name, 768, 32000, args).get("peak_mib", 0.0)
+        a = measure("plain", name, 256, 32000, args).get("peak_mib", 0.0)
+        b = measure("plain", name, 768, 32000, args).get("peak_mib", 0.0)
         per_logit[name] = max(b - a, 0.0) * 2**20 / (512 * 32000)
         fixed[name] = (a * 2**20 - per_logit[name] * 256 * 32000) / 32000  # bytes per vocab row
 
-    results = []
-    header = (f"{'div':5} {'V':>7} {'N':>5} | {'naive s':>8} {'fused s':>8} {'time x':>7} | "
-              f"{'naive MiB':>9} {'fused MiB':>9} {'mem %':>6}")
-    print(header)
-    print("-" * len(header))
-    for v in vocabs:
-        for n in rows:
-            for name in names:
-                predicted_gib = (per_logit[name] * n * v + fixed[name] * v) / 2**30
-                if predicted_gib > args.max_gib:
-                    naive = {"skipped": f"needs ~{predicted_gib:.0f} GiB"}
-                else:
-                    naive = measure("naive", name, n, v, args)
-                fused = measure("fused", name, n, v, args)
-                row = {"divergence": name, "vocab": v, "rows": n, "dim": args.dim, "device": args.device,
-                       "dtype": args.dtype, "naive_s": naive.get("seconds"), "fused_s": fused.get("seconds"),
-                       "naive_peak_mib": naive.get("peak_mib"), "fused_peak_mib": fused.get("peak_mib"),
-                       "naive_note": naive.get("skipped") or naive.get("error", ""),
-                       "fused_note": fused.get("error", ""), "naive_predicted_gib": round(predicted_gib, 1)}
-                if row["naive_s"] and row["fused_s"]:
-                    row["time_ratio"] = row["fused_s"] / row["naive_s"]
-                    row["mem_ratio"] = row["fused_peak_mib"] / max(row["naive_peak_mib"], 1e-9)
-                results.append(row)
-                print(_line(row), flush=True)
+    # memory first, every case in its own subprocess: a child's peak RSS counts what its parent held when it
+    # was started, so the in-process timing (which holds the plain path's gigabytes) must come after
+    cases = [(v, n, name) for v in vocabs for n in rows for name in names]
+    memory = {}
+    for v, n, name in cases:
+        predicted_gib = (per_logit[name] * n * v + fixed[name] * v) / 2**30
+        fits = predicted_gib <= args.max_gib
+        plain = measure("plain", name, n, v, args) if fits else {"skipped": f"needs ~{predicted_gib:.0f} GiB"}
+        memory[v, n, name] = (predicted_gib, fits, plain, measure("fused", name, n, v, args))
+    results, timings = [], []
+    for v, n, name in cases:
+        predicted_gib, fits, plain, fused = memory[v, n, name]
+        timing = time_case(name, n, v, args, with_plain=fits and "error" not in plain)
+        timings.append(timing)
+        row = {"divergence": name, "plain_formula": name in PLAIN, "vocab": v, "rows": n, "dim": args.dim,
+               "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "reps": args.reps,
+               "plain_peak_mib": plain.get("peak_mib"), "fused_peak_mib": fused.get("peak_mib"),
+               "plain_note": plain.get("skipped") or plain.get("error", ""),
+               "fused_note": fused.get("error", ""), "plain_predicted_gib": round(predicted_gib, 1),
+               "load_before": timing.load_before, "load_after": timing.load_after}
+        for path in timing.seconds:
+            row |= {f"{path}_{k}": x for k, x in timing.summary(path).items()}
+        if "plain" in timing.seconds:
+            ratios = timing.summary("fused", "plain")
+            row |= {f"time_{k}": x for k, x in ratios.items() if k.startswith("ratio")}
+        if row["plain_peak_mib"] and row["fused_peak_mib"]:
+            row["mem_ratio"] = row["fused_peak_mib"] / max(row["plain_peak_mib"], 1e-9)
+        results.append(row)
+        plain_mib = f"{row['plain_peak_mib']:.0f}" if row["plain_peak_mib"] else "-"
+        print(f"\n{name} V={v} N={n} d={args.dim}: memory plain "
+              f"{plain_mib} MiB{' (' + row['plain_note'] + ')' if row['plain_note'] else ''}"
+              f", fused {row['fused_peak_mib']:.0f} MiB"
+              + (f" ({100 * row['mem_ratio']:.1f}%)" if "mem_ratio" in row else ""), flush=True)
+        print(timing.table(baseline="plain" if "plain" in timing.seconds else None, unit="s", scale=1.0),
+              flush=True)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in results for k in r}))
-        writer.writeheader()
-        writer.writerows(results)
-    print(f"# wrote {out}")
-
-
-def _line(r: dict) -> str:
-    def num(x, fmt):
-        return format(x, fmt) if isinstance(x, (int, float)) else "-"
-
-    note = ""
-    if r.get("naive_note") or r.get("fused_note"):
-        note = f"  (naive: {r['naive_note']})" if r.get("naive_note") else f"  (fused: {r['fused_note']})"
-    mem = f"{100 * r['mem_ratio']:5.1f}%" if "mem_ratio" in r else "     -"
-    return (f"{r['divergence']:5} {r['vocab']:>7} {r['rows']:>5} | {num(r['naive_s'], '8.2f'):>8} "
-            f"{num(r['fused_s'], '8.2f'):>8} {num(r.get('time_ratio'), '6.2f'):>6}x | "
-            f"{num(r['naive_peak_mib'], '9.0f'):>9} {num(r['fused_peak_mib'], '9.0f'):>9} {mem}{note}")
+    if all(may_write(t, args.shared_ok) for t in timings):
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted({k for r in results for k in r}))
+            writer.writeheader()
+            writer.writerows(results)
+        print(f"# wrote {out}")
 
 
 if __name__ == "__main__":
