@@ -82,14 +82,14 @@ def load_tokenizer(spec: ModelConfig, train_texts: Callable[[], Iterable[str]] |
     from transformers import AutoTokenizer
 
     source = spec.tokenizer_source
-    _require_local(source, f"{field}.tokenizer" if spec.tokenizer else f"{field}.path")
+    where = f"{field}.tokenizer" if spec.tokenizer else f"{field}.path"
+    _require_local(source, where)
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
     if spec.gguf_file and spec.tokenizer is None:
         kwargs["gguf_file"] = spec.gguf_file
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as e:  # transformers raises OSError, ValueError, EnvironmentError ...
-        where = f"{field}.tokenizer" if spec.tokenizer else f"{field}.path"
         local = "" if source is None or Path(source).expanduser().exists() else \
             f" (and there is no local folder {source!r})"
         raise ModelError(f"{where}: cannot load tokenizer {source!r}{local}: {type(e).__name__}: "

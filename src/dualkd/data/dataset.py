@@ -141,8 +141,7 @@ def tokenize_seq2seq(examples: list[Example], tokenizer: Any, rules: TruncationR
         raise ModelError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; targets must end with one")
     out: list[TokenizedExample | DataError] = []
     usable = [ex for ex in examples if ex.messages is None]
-    full_sources = seq2seq_source_ids(tokenizer, [ex.prompt or "" for ex in usable], None)
-    sources = [ids[: rules.max_prompt_length] if rules.max_prompt_length else ids for ids in full_sources]
+    whole_sources = seq2seq_source_ids(tokenizer, [ex.prompt or "" for ex in usable], None)  # uncut: counted
     targets = tokenizer(text_target=[ex.response for ex in usable], add_special_tokens=True)["input_ids"]
     k = 0
     for ex in examples:
@@ -150,7 +149,8 @@ def tokenize_seq2seq(examples: list[Example], tokenizer: Any, rules: TruncationR
             out.append(DataError(f"{ex.where}: field 'messages': an encoder-decoder model reads prompt/response or "
                                  "sentence-pair records, not chats"))
             continue
-        source, target = sources[k], list(targets[k])
+        whole, target = whole_sources[k], list(targets[k])
+        source = whole[: rules.max_prompt_length] if rules.max_prompt_length else whole
         k += 1
         if not target or target[-1] != eos:
             target.append(eos)
@@ -158,7 +158,7 @@ def tokenize_seq2seq(examples: list[Example], tokenizer: Any, rules: TruncationR
             out.append(DataError(f"{ex.where}: field 'prompt': the source sentence is empty"))
             continue
         if cut is not None:
-            cut.prompts += int(len(source) < len(full_sources[k - 1]))
+            cut.prompts += int(len(source) < len(whole))
             cut.sequences += int(len(target) > rules.max_length)
         target = target[: rules.max_length]
         out.append(TokenizedExample(ids=source + target, offsets=[(-1, -1)] * (len(source) + len(target)),
