@@ -8,6 +8,7 @@
     dualkd report RUN_DIR ... [--teacher DIR]       Markdown + plots for runs side by side
     dualkd tokenizer train FILE ... --out DIR       a BPE tokenizer for a corpus (e.g. --fields de,en)
     dualkd demo [--output-dir runs/demo]            the whole workflow in miniature on CPU (the main job)
+    dualkd methods-table [--output-dir DIR]         every objective on the demo benchmark, 3 seeds (resumable)
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dualkd.demo import run_demo
 
     run_demo(args.output_dir, quick=args.quick)
+    return 0
+
+
+def _cmd_methods_table(args: argparse.Namespace) -> int:
+    from dualkd.methods_table import run_methods_table
+
+    run_methods_table(args.output_dir, quick=args.quick, rows=args.rows, doc=None if args.no_doc else args.doc)
     return 0
 
 
@@ -415,6 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo", help="where the data, runs and report go (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a few steps and a small test set (a smoke test)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("methods-table", help="every objective on the demo benchmark with 3 training seeds (resumable)",
+                       description="Train every objective on the demo's data (same-tokenizer and own-tokenizer "
+                                   "students of one architecture), choose each row's learning rate on dev, train 3 "
+                                   "seeds, evaluate with 5 sampling seeds and write the table. Rerun the same "
+                                   "command to continue a stopped table. About 2-3 hours on 2 CPU cores.")
+    p.add_argument("--output-dir", default="runs/methods-table", help="runs and results (default: runs/methods-table)")
+    p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
+    p.add_argument("--doc", default="docs/methods-table.md", help="the document whose generated part is rewritten")
+    p.add_argument("--no-doc", action="store_true", help="write results.json only")
+    p.add_argument("--quick", action="store_true", help="a few steps per run and a small test set (a smoke test)")
+    p.set_defaults(func=_cmd_methods_table)
     return parser
 
 

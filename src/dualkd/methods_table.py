@@ -1,0 +1,265 @@
+"""`dualkd methods-table`: every objective on the demo benchmark, three training seeds, one table.
+
+The shape of the papers' main tables, at demo size (data/instructions.py; the demo's teacher):
+1. the demo's data files and teacher (`demo.py`'s recipes), made once;
+2. per row, a small learning-rate grid (`LRS`) trained with the first seed and scored by its best dev CE (per
+   token of the row's own tokenizer, so rows of one tokenizer are chosen alike); the chosen rate is then
+   trained with the other seeds;
+3. every chosen run sampled on the test set with the protocol's 5 sampling seeds (ROUGE-L, exact match);
+4. `docs/methods-table.md` (+ a plot): mean ± std over training seeds, each run's score being its mean over
+   the sampling seeds; rows whose interval (mean ± std) overlaps their SFT baseline's are marked.
+
+Every student is the same GPT-2 (2 layers, d = 64) with a vocabulary of the teacher's size: the same-tokenizer
+rows use the teacher's byte-level BPE, the own-tokenizer rows a SentencePiece-style (metaspace) BPE trained on
+the students' data. They differ only in the tokenizer.
+
+Resumable: every run is a folder under `<out>/runs/<row>/lr<lr>/seed<seed>`; a finished run (final model and
+scores) is skipped and an unfinished one resumes from its last checkpoint, so a stopped table continues where
+it was. About 2-3 hours on 2 CPU cores (`--quick`: a smoke test of every row in a few minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from dualkd.atomic import write_text_atomic as write_atomic
+from dualkd.config import GenerationConfig, RunConfig, load_config
+from dualkd.data.synthetic import generate
+from dualkd.eval.harness import PROTOCOL_SEEDS, evaluate
+from dualkd.eval.suites import resolve_test_sets
+from dualkd.recipes import recipe
+from dualkd.train.loop import train
+
+LRS = (1e-3, 3e-3, 1e-2)
+SEEDS = (10, 11, 12)
+_ON_POLICY = "{kind: on_policy, student_gen_ratio: 0.5, on_policy_after: 10, on_policy_after_unit: epochs}"
+_GENERATION = "{do_sample: true, max_length: 64, max_prompt_length: 40, no_repeat_ngram_size: 0, batch_size: 64}"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    tokenizer: str  # "teacher" | "own"
+    objective: str
+    what: str
+    source: str | None = None
+
+
+ROWS = (
+    Row("sft", "teacher", "{name: sft}", "SFT"),
+    Row("kd-fkl", "teacher", "{name: kd, divergence: fkl}", "KD, forward KL"),
+    Row("kd-rkl", "teacher", "{name: kd, divergence: rkl}", "KD, reverse KL"),
+    Row("kd-js", "teacher", "{name: kd, divergence: js}", "KD, Jensen-Shannon"),
+    Row("kd-tvd", "teacher", "{name: kd, divergence: tvd}", "KD, total variation"),
+    Row("kd-skl", "teacher", "{name: kd, divergence: skl}", "KD, skewed KL (λ 0.1)"),
+    Row("kd-srkl", "teacher", "{name: kd, divergence: srkl}", "KD, skewed RKL (λ 0.1)"),
+    Row("kd-akl", "teacher", "{name: kd, divergence: akl}", "KD, adaptive KL"),
+    Row("dskd-fkl", "teacher", "{name: dskd, divergence: fkl}", "DSKD, forward KL"),
+    Row("dskd-rkl", "teacher", "{name: dskd, divergence: rkl}", "DSKD, reverse KL"),
+    Row("dskdv2", "teacher", "{name: dskdv2, divergence: fkl}", "DSKDv2, same vocabulary"),
+    Row("seqkd", "teacher", "{name: sft}", "SeqKD (teacher's greedy outputs)", "{kind: seqkd}"),
+    Row("on-policy-kd-fkl", "teacher", "{name: kd, divergence: fkl}", "on-policy KD, forward KL", _ON_POLICY),
+    Row("own-sft", "own", "{name: sft}", "SFT"),
+    Row("own-dskd-cma", "own", "{name: dskd_cma, version: 1, divergence: fkl}", "DSKD-CMA (v1)"),
+    Row("own-dskdv2-eta", "own", "{name: dskdv2, alignment: eta, divergence: fkl}", "DSKDv2-ETA"),
+    Row("own-dskdv2-cma", "own", "{name: dskdv2, alignment: cma, divergence: fkl}", "DSKDv2-CMA"),
+    Row("own-uld", "own", "{name: uld}", "ULD"),
+    Row("own-mined", "own", "{name: mined}", "MinED"),
+    Row("own-on-policy-dskdv2-eta", "own", "{name: dskdv2, alignment: eta, divergence: fkl}",
+        "on-policy DSKDv2-ETA", _ON_POLICY),
+)
+# the order runs are made in: the comparison the issue is about first, then the rest
+_FIRST = ("sft", "own-sft", "own-dskdv2-eta", "kd-fkl", "dskd-fkl")
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _lr_name(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+@dataclass
+class Bench:
+    out: Path
+    quick: bool
+    console: Console
+
+    def __post_init__(self) -> None:
+        n_test = 24 if self.quick else 200
+        teacher_data = load_config(recipe("demo-teacher")).data
+        sets = {"teacher-train": (teacher_data.train.num_examples, teacher_data.train.seed),
+                "dev": (teacher_data.dev.num_examples, teacher_data.dev.seed),
+                "student-train": (600, 3), "test": (n_test, 4)}
+        self.data = {k: _write_jsonl(self.out / "data" / f"{k}.jsonl", generate("instructions", n, seed))
+                     for k, (n, seed) in sets.items()}
+        self.short = (["optimization.max_steps=4", "eval.every_steps=2", "checkpoint.every_steps=2"]
+                      if self.quick else [])
+        self.sampling_seeds = PROTOCOL_SEEDS[:2] if self.quick else PROTOCOL_SEEDS
+        self.lrs = LRS[1:2] if self.quick else LRS
+        self.seeds = SEEDS[:2] if self.quick else SEEDS
+        self.teacher_vocab = 0
+
+    def _data_overrides(self, train_set: str) -> list[str]:
+        return [f"data.train.path={self.data[train_set]}", "data.train.synthetic=null",
+                f"data.dev.path={self.data['dev']}", "data.dev.synthetic=null"]
+
+    def teacher(self) -> Path:
+        run = self.out / "teacher"
+        if not (run / "final").is_dir():
+            self.console.rule("[bold]teacher: SFT from scratch on the demo's 6,000 examples")
+            train(load_config(recipe("demo-teacher"), [f"output_dir={run}", *self._data_overrides("teacher-train"),
+                                                       "checkpoint.resume=auto", *self.short]))
+        return run / "final"
+
+    def config(self, row: Row, lr: float, seed: int, teacher: Path) -> RunConfig:
+        """The run's config: the demo student's recipe with the row's objective, source and tokenizer."""
+        run = self.out / "runs" / row.name / _lr_name(lr) / f"seed{seed}"
+        vocab = len(json.loads((teacher / "tokenizer.json").read_text())["model"]["vocab"])  # 1,024
+        # one architecture for every student: the own-tokenizer rows differ only in their tokenizer
+        student = ([f"student.tokenizer={teacher}"] if row.tokenizer == "teacher"
+                   else ["student.tokenizer=null",
+                         f"student.train_tokenizer={{vocab_size: {vocab}, style: metaspace}}"])
+        overrides = [f"output_dir={run}", f"seed={seed}", f"optimization.lr={lr}", f"objective={row.objective}",
+                     *student, *self._data_overrides("student-train"), "checkpoint.resume=auto",
+                     "teacher=null" if row.objective == "{name: sft}" and row.source is None
+                     else f"teacher.path={teacher}", *self.short]
+        if row.source is not None:
+            overrides += [f"source={row.source}", f"generation={_GENERATION}"]
+        return load_config(recipe("demo-student"), overrides)
+
+    def run(self, row: Row, lr: float, seed: int) -> Path:
+        """Train one run (or resume / skip it); returns its folder."""
+        run = self.out / "runs" / row.name / _lr_name(lr) / f"seed{seed}"
+        if not (run / "final").is_dir():
+            cfg = self.config(row, lr, seed, self.teacher())
+            self.console.rule(f"[bold]{row.name} ({row.what}), lr {lr:g}, seed {seed}")
+            train(cfg)
+        return run
+
+    def best_dev_ce(self, run: Path) -> float:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return min(r["ce"] for r in records if r["kind"] == "dev")
+
+    def scores(self, run: Path) -> dict[str, float]:
+        """Test ROUGE-L and exact match of a run (mean over the sampling seeds), computed once and kept."""
+        path = run / "scores.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        sets = [replace(s, name="test") for s in resolve_test_sets([self.data["test"]])[0]]
+        settings = GenerationConfig(max_length=64, max_prompt_length=40, batch_size=50)
+        s = evaluate(run, sets, settings, seeds=self.sampling_seeds, out_dir=run / "eval",
+                     progress=False)["sets"]["test"]
+        result = {"rougeL": s["mean"]["rougeL"], "exact_match": s["mean"]["exact_match"],
+                  "dev_ce": self.best_dev_ce(run)}
+        write_atomic(path, json.dumps(result, indent=2))
+        return result
+
+    def chosen_lr(self, row: Row) -> float:
+        runs = {lr: self.run(row, lr, self.seeds[0]) for lr in self.lrs}
+        ce = {lr: self.best_dev_ce(run) for lr, run in runs.items()}
+        return min(ce, key=lambda lr: (not math.isfinite(ce[lr]), ce[lr]))
+
+
+def run_methods_table(output_dir: str | Path = "runs/methods-table", quick: bool = False,
+                      rows: Sequence[str] | None = None, doc: str | Path | None = "docs/methods-table.md") -> Path:
+    """Train and score every row (resumable); write the table; returns the results file."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=True, soft_wrap=True)
+    bench = Bench(out, quick, console)
+    chosen = [r for r in ROWS if rows is None or r.name in rows]
+    if rows is not None and len(chosen) != len(rows):
+        raise ValueError(f"unknown rows {sorted(set(rows) - {r.name for r in ROWS})}; "
+                         f"known: {[r.name for r in ROWS]}")
+    order = sorted(chosen, key=lambda r: (_FIRST.index(r.name) if r.name in _FIRST else len(_FIRST)))
+    started = time.perf_counter()
+    lrs = {row.name: bench.chosen_lr(row) for row in order}  # the grids first: every row gets a first figure
+    results: dict[str, Any] = {}
+    for row in order:
+        lr = lrs[row.name]
+        runs = [bench.run(row, lr, seed) for seed in bench.seeds]
+        grid = {f"{lr_:g}": bench.best_dev_ce(bench.out / "runs" / row.name / _lr_name(lr_) / f"seed{bench.seeds[0]}")
+                for lr_ in bench.lrs}
+        results[row.name] = {"tokenizer": row.tokenizer, "what": row.what, "lr": lr, "dev_ce_by_lr": grid,
+                             "seeds": {str(seed): bench.scores(run) for seed, run in zip(bench.seeds, runs)}}
+        write_atomic(out / "results.json", json.dumps(results, indent=2))
+    console.print(f"methods table: {len(order)} rows in {(time.perf_counter() - started) / 60:.1f} min")
+    if doc is not None:
+        write_doc(results, Path(doc), command=f"dualkd methods-table --output-dir {out}" + (" --quick" * quick))
+    return out / "results.json"
+
+
+def _summary(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std over training seeds (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return abs(a[0] - b[0]) <= a[1] + b[1]
+
+
+def table_markdown(results: dict[str, Any]) -> str:
+    """The table: per row mean ± std over training seeds; `~` marks an interval that overlaps SFT's."""
+    lines = []
+    for tokenizer, title in (("teacher", "Same tokenizer as the teacher"), ("own", "Own tokenizer")):
+        names = [n for n, r in results.items() if r["tokenizer"] == tokenizer]
+        if not names:
+            continue
+        stats = {n: {m: _summary([s[m] for s in results[n]["seeds"].values()])
+                     for m in ("rougeL", "exact_match", "dev_ce")} for n in names}
+        base = "sft" if tokenizer == "teacher" else "own-sft"
+        lines += [f"### {title}", "", "| row | method | lr | dev CE | ROUGE-L | exact match |",
+                  "|---|---|---|---|---|---|"]
+        for n in names:
+            cells = []
+            for m, digits in (("dev_ce", 3), ("rougeL", 2), ("exact_match", 1)):
+                mean, std = stats[n][m]
+                mark = " ~" if n != base and base in stats and m != "dev_ce" and _overlaps(stats[n][m],
+                                                                                         stats[base][m]) else ""
+                cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}{mark}")
+            lines.append(f"| {n} | {results[n]['what']} | {results[n]['lr']:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_doc(results: dict[str, Any], doc: Path, command: str) -> None:
+    """Write the generated part of the methods table document (between markers) and its plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.5), sharey=True)
+    for ax, metric in zip(axes, ("rougeL", "exact_match")):
+        stats = [_summary([s[metric] for s in results[n]["seeds"].values()]) for n in names]
+        colors = ["tab:blue" if results[n]["tokenizer"] == "teacher" else "tab:orange" for n in names]
+        ax.barh(range(len(names)), [m for m, _ in stats], xerr=[s for _, s in stats], color=colors, capsize=3)
+        ax.set_title(f"{'ROUGE-L' if metric == 'rougeL' else 'exact match'} (mean ± std over training seeds)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    plot = doc.with_suffix(".png")
+    fig.savefig(plot, dpi=110)
+    plt.close(fig)
+    generated = (f"<!-- generated by `{command}`: do not edit between the markers -->\n\n"
+                 + table_markdown(results) + f"\n![methods table]({plot.name})\n<!-- end generated -->")
+    text = doc.read_text() if doc.exists() else "# The methods table\n\n<!-- generated -->\n"
+    head, _, rest = text.partition("<!-- generated")
+    _, _, tail = rest.partition("<!-- end generated -->")
+    write_atomic(doc, head + generated + tail)
