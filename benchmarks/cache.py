@@ -23,7 +23,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("DUALKD_REAL_MODELS", Path.home() / ".cache" / "dualkd-real"))
@@ -40,17 +39,20 @@ def main() -> None:
     import torch
 
     from dualkd.config import validate_config
+    from dualkd.data.dataset import pad_id
     from dualkd.methods.base import StepNorm
+    from dualkd.teachers import CachedTeacher
+    from dualkd.teachers.cache_files import TeacherCache, write_cache
     from dualkd.train.build import build_parts
+    from dualkd.train.engine import LocalEngine
     from dualkd.train.loop import TrainModule
-    from dualkd.train.teacher_cache import TeacherCache, attach_caches, write_cache
 
     torch.manual_seed(0)
     model = str(MODELS / "smollm2-135m-instruct")
     cfg = {"output_dir": "/tmp/dualkd-bench-cache", "student": {"path": model}, "teacher": {"path": model},
            "data": {"train": str(DATA), "max_examples": args.examples, "max_length": 257, "max_prompt_length": 128},
            "objective": {"name": "kd", "top_k": 64}}
-    engine = SimpleNamespace(is_main=True, barrier=lambda: None)
+    engine = LocalEngine("cpu")
     parts = build_parts(validate_config(cfg), Path("/tmp/dualkd-bench-cache"), engine)
     teacher, tokenizer, ds = parts.teacher, parts.teacher_tokenizer, parts.train_set
     examples = ds.teacher_view
@@ -65,8 +67,8 @@ def main() -> None:
                                  (128, "float16", False), (128, "float16", True)):
             out = root / f"k{k}-{dtype}-{int(hidden)}"
             t0 = time.perf_counter()
-            write_cache(out, teacher, tokenizer, examples, model, k=k, hidden=hidden, logprob_dtype=dtype,
-                        shard_examples=32, batch_size=8)
+            write_cache(out, teacher, examples, model, pad_id=pad_id(tokenizer), k=k, hidden=hidden,
+                        logprob_dtype=dtype, shard_examples=32, batch_size=8)
             write_s = time.perf_counter() - t0
             cache = TeacherCache(out)
             rng = random.Random(0)
@@ -81,16 +83,16 @@ def main() -> None:
         live_obj = parts.objective
         module = TrainModule(parts.student, live_obj)
         longest = sorted(range(len(ds)), key=lambda i: -len(ds.student[i].ids))[: args.batch_size]
-        batch = ds.collate(longest)
-        attach_caches_dir = root / "step"
-        write_cache(attach_caches_dir / "train", teacher, tokenizer, examples, model, k=64, logprob_dtype="float32",
-                    shard_examples=32)
-        attach_caches(attach_caches_dir, tokenizer, ds, None)
+        step_dir = root / "step"
+        write_cache(step_dir / "train", teacher, examples, model, pad_id=pad_id(tokenizer), k=64,
+                    logprob_dtype="float32", shard_examples=32)
+        cached = CachedTeacher(step_dir, tokenizer, dtype=torch.float32)
+        cached.attach(torch.device("cpu"))
 
         def step(from_cache: bool) -> None:
-            b = ds.collate(longest) if from_cache else batch  # collate reads the cache (its time counts)
-            with torch.no_grad():
-                out = b.cached_teacher if from_cache else live_obj.teacher_forward(teacher, batch)
+            b = ds.collate(longest)
+            with torch.no_grad():  # the cache read counts in the cached step's time
+                out = live_obj.teacher_forward(cached if from_cache else teacher, b)
             n = float(b.student.loss_mask.sum())
             loss, _ = module(b, out, StepNorm({"tokens": n}))
             loss.backward()

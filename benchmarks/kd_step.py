@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("DUALKD_REAL_MODELS", Path.home() / ".cache" / "dualkd-real"))
@@ -43,9 +42,11 @@ def worker(case: str, part: str, reps: int, batch_size: int, seq_len: int, teach
     import torch
 
     from dualkd.config import validate_config
+    from dualkd.lm import lm_forward
     from dualkd.losses import token_cross_entropy
-    from dualkd.methods.base import StepNorm, lm_forward
+    from dualkd.methods.base import StepNorm
     from dualkd.train.build import build_parts
+    from dualkd.train.engine import LocalEngine
     from dualkd.train.loop import TrainModule
 
     spec = CASES[case]
@@ -56,7 +57,7 @@ def worker(case: str, part: str, reps: int, batch_size: int, seq_len: int, teach
         "data": {"train": str(DATA), "max_examples": 400, "max_length": seq_len + 1, "max_prompt_length": 128},
         "objective": spec["objective"],
     })
-    parts = build_parts(cfg, Path("/tmp/dualkd-bench-kd-step"), SimpleNamespace(is_main=True, barrier=lambda: None))
+    parts = build_parts(cfg, Path("/tmp/dualkd-bench-kd-step"), LocalEngine())
     ds = parts.train_set
     longest = sorted(range(len(ds)), key=lambda i: -len(ds.student[i].ids))[:batch_size]
     batch = ds.collate(longest)
@@ -66,7 +67,7 @@ def worker(case: str, part: str, reps: int, batch_size: int, seq_len: int, teach
 
     def baseline() -> None:
         with torch.no_grad():
-            lm_forward(teacher, batch.teacher_view)  # the teacher as a KD step would need it: full logits
+            lm_forward(teacher.model, batch.teacher_view)  # the teacher as a KD step would need it: full logits
         tokens = batch.student
         logits = lm_forward(student, tokens).logits
         loss = token_cross_entropy(logits, tokens.labels, tokens.loss_mask) / tokens.loss_mask.sum()
@@ -75,7 +76,7 @@ def worker(case: str, part: str, reps: int, batch_size: int, seq_len: int, teach
     def kd_step() -> None:
         with torch.no_grad():
             teacher_out = objective.teacher_forward(teacher, batch)
-            counts = objective.counts(batch, teacher_out, student)
+            teacher_out, counts = objective.prepare(batch, teacher_out, student)
         loss, _ = module(batch, teacher_out, StepNorm({k: float(v) for k, v in counts.items()}))
         loss.backward()
 

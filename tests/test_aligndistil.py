@@ -8,7 +8,6 @@ import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,10 +28,11 @@ from dualkd.losses.policy import (
 )
 from dualkd.methods.base import StepNorm
 from dualkd.train.build import build_parts
+from dualkd.train.engine import LocalEngine
 from dualkd.train.loop import TrainModule, train
 from tests.conftest import make_model_dir, read_metrics, synthetic_records, tiny_run, write_jsonl
 
-ENGINE = SimpleNamespace(is_main=True, barrier=lambda: None)
+ENGINE = LocalEngine()
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -174,7 +174,7 @@ def test_fused_aligndistil_matches_the_naive_loss(variant: dict, tmp_path: Path,
 
     tokens = batch.student
     with torch.no_grad():
-        z_dpo = parts.teacher(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
+        z_dpo = parts.teacher.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
         other = parts.frozen["reference" if "w" in variant else "reverse"]
         z_other = other(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
     c = obj.config
@@ -229,7 +229,7 @@ def test_frozen_models_get_no_gradients_and_are_not_trained(tmp_path: Path, pref
     plan = parts.objective.teacher_forward(parts.teacher, batch)
     loss, _ = module(batch, plan, StepNorm({k: float(v) for k, v in parts.objective.counts(batch).items()}))
     loss.backward()
-    frozen = list(parts.teacher.parameters()) + list(parts.frozen["reverse"].parameters())
+    frozen = list(parts.teacher.model.parameters()) + list(parts.frozen["reverse"].parameters())
     assert all(p.grad is None and not p.requires_grad for p in frozen)
     assert any(p.grad is not None for p in parts.student.parameters())
     own = {id(p) for p in module.parameters()}
@@ -266,7 +266,7 @@ def test_dpo_swap_pairs_flips_the_preference(tmp_path: Path, prefs: tuple[Path, 
             lp = sequence_logprobs(parts.student(input_ids=batch.student.input_ids,
                                                  attention_mask=batch.student.attention_mask).logits,
                                    batch.student.labels, batch.student.loss_mask)
-            lr = sequence_logprobs(parts.teacher(input_ids=batch.student.input_ids,
+            lr = sequence_logprobs(parts.teacher.model(input_ids=batch.student.input_ids,
                                                  attention_mask=batch.student.attention_mask).logits,
                                    batch.student.labels, batch.student.loss_mask)
         w, l_ = (slice(6, 12), slice(0, 6)) if swap else (slice(0, 6), slice(6, 12))

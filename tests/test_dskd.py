@@ -6,7 +6,6 @@ reaches which parameters, accumulation, resume, projector files, alignment."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from dualkd.config import validate_config
 from dualkd.methods.base import StepNorm
 from dualkd.methods.common import pinv_map
 from dualkd.train.build import build_parts
+from dualkd.train.engine import LocalEngine
 from dualkd.train.loop import TrainModule, train
 from tests.conftest import make_model_dir, read_metrics, tiny_run
 
@@ -53,13 +53,13 @@ def test_gradients_reach_student_and_projectors_never_teacher(case: str, tmp_pat
                                                              byte_tokenizer_dir: Path, teacher_dir: Path,
                                                              cross_teacher: Path) -> None:
     cfg = validate_config(_config(tmp_path, case, train_file, byte_tokenizer_dir, teacher_dir, cross_teacher))
-    engine = SimpleNamespace(is_main=True, barrier=lambda: None)
+    engine = LocalEngine()
     parts = build_parts(cfg, tmp_path / case, engine)
     module = TrainModule(parts.student, parts.objective)
     batch = parts.train_set.collate(list(range(6)))
     with torch.no_grad():
         teacher_out = parts.objective.teacher_forward(parts.teacher, batch)
-        counts = parts.objective.counts(batch, teacher_out, parts.student)
+        teacher_out, counts = parts.objective.prepare(batch, teacher_out, parts.student)
     loss, metrics = module(batch, teacher_out, StepNorm({k: float(v) for k, v in counts.items()}))
     assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)).all() for v in metrics.values())
     loss.backward()
@@ -67,7 +67,7 @@ def test_gradients_reach_student_and_projectors_never_teacher(case: str, tmp_pat
     assert student_grads and any(g.abs().sum() > 0 for g in student_grads)
     for name, p in parts.objective.named_parameters():
         assert p.grad is not None, f"projector {name} got no gradient"
-    assert all(p.grad is None and not p.requires_grad for p in parts.teacher.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in parts.teacher.model.parameters())
 
 
 def test_dskdv2_accumulation_invariance_with_agreement_counts(tmp_path: Path, train_file: Path,
@@ -90,23 +90,24 @@ KD_CASES = {"kd": ({"name": "kd", "fused": "off"}, "same"), "kd_fused": ({"name"
 
 
 @pytest.mark.parametrize("case", sorted(CASES) + sorted(KD_CASES))
-def test_ce_scale_removes_exactly_the_gold_ce(case: str, tmp_path: Path, train_file: Path,
+def test_ce_weight_removes_exactly_the_gold_ce(case: str, tmp_path: Path, train_file: Path,
                                                byte_tokenizer_dir: Path, teacher_dir: Path,
                                                cross_teacher: Path) -> None:
-    """A student-sampled batch (ce_scale 0) keeps every distillation term and drops only (1 - r)·CE."""
+    """A student-sampled step (`StepNorm.ce_weight` 0) keeps every distillation term and drops only (1 - r)·CE."""
     from dataclasses import replace
 
     cfg = validate_config(_config(tmp_path, case, train_file, byte_tokenizer_dir, teacher_dir, cross_teacher,
                                   student={"arch": {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2,
                                                     "n_positions": 256, **NO_DROPOUT}}))
-    parts = build_parts(cfg, tmp_path / case, SimpleNamespace(is_main=True, barrier=lambda: None))
+    parts = build_parts(cfg, tmp_path / case, LocalEngine())
     module = TrainModule(parts.student, parts.objective)
     batch = parts.train_set.collate(list(range(6)))
     with torch.no_grad():
         teacher_out = parts.objective.teacher_forward(parts.teacher, batch)
-        norm = StepNorm({k: float(v) for k, v in parts.objective.counts(batch, teacher_out, parts.student).items()})
+        teacher_out, counts = parts.objective.prepare(batch, teacher_out, parts.student)
+        norm = StepNorm({k: float(v) for k, v in counts.items()})
         full, metrics = module(batch, teacher_out, norm)
-        kd_only, _ = module(replace(batch, ce_scale=0.0), teacher_out, norm)
+        kd_only, _ = module(batch, teacher_out, replace(norm, ce_weight=0.0))
     rate = cfg.objective.kd_rate
     torch.testing.assert_close(full - kd_only, (1 - rate) * metrics["ce"], rtol=1e-4, atol=1e-5)
 
@@ -133,7 +134,7 @@ def test_pinv_initialization_reproduces_teacher_logits() -> None:
 def test_dskdv2_pinv_init_auto_follows_the_student_init(tmp_path: Path, train_file: Path, byte_tokenizer_dir: Path,
                                                         teacher_dir: Path, cross_teacher: Path) -> None:
     """auto: a pseudo-inverse of a random head carries nothing, so it is used only for a pretrained student."""
-    engine = SimpleNamespace(is_main=True, barrier=lambda: None)
+    engine = LocalEngine()
     random_cfg = validate_config(_config(tmp_path, "dskdv2_eta_trained_s2t", train_file, byte_tokenizer_dir,
                                          teacher_dir, cross_teacher))
     obj = build_parts(random_cfg, tmp_path / "r", engine).objective
@@ -148,13 +149,13 @@ def test_dskdv2_projected_teacher_matches_on_shared_vocab(tmp_path: Path, train_
                                                           byte_tokenizer_dir: Path, cross_teacher: Path) -> None:
     cfg = validate_config(_config(tmp_path, "dskdv2_eta", train_file, byte_tokenizer_dir, cross_teacher,
                                   cross_teacher))
-    parts = build_parts(cfg, tmp_path / "x", SimpleNamespace(is_main=True, barrier=lambda: None))
+    parts = build_parts(cfg, tmp_path / "x", LocalEngine())
     obj = parts.objective
     from dualkd.align.vocab import shared_vocabulary
 
     s_ids, t_ids = shared_vocabulary(parts.student_tokenizer, parts.teacher_tokenizer)
     w_s = parts.student.get_output_embeddings().weight.detach()
-    w_t = parts.teacher.get_output_embeddings().weight.detach()
+    w_t = parts.teacher.model.get_output_embeddings().weight.detach()
     h_t = torch.randn(40, w_t.shape[1])
     projected = obj.t2s(h_t) @ w_s[s_ids].T
     target = h_t @ w_t[t_ids].T
@@ -174,7 +175,7 @@ def test_projectors_are_saved_and_can_continue(tmp_path: Path, train_file: Path,
     assert set(saved) == {"t2s.weight"}
     again = _config(tmp_path / "again", "dskdv2_eta", train_file, byte_tokenizer_dir, cross_teacher, cross_teacher)
     again["objective"]["projector_path"] = str(run / "final")
-    parts = build_parts(validate_config(again), tmp_path / "y", SimpleNamespace(is_main=True, barrier=lambda: None))
+    parts = build_parts(validate_config(again), tmp_path / "y", LocalEngine())
     assert torch.equal(parts.objective.t2s.weight.detach(), saved["t2s.weight"])
 
 
@@ -182,7 +183,7 @@ def test_eta_pairs_in_the_dataset_are_the_same_text(tmp_path: Path, train_file: 
                                                     cross_teacher: Path) -> None:
     cfg = validate_config(_config(tmp_path, "dskdv2_eta", train_file, byte_tokenizer_dir, cross_teacher,
                                   cross_teacher))
-    parts = build_parts(cfg, tmp_path / "z", SimpleNamespace(is_main=True, barrier=lambda: None))
+    parts = build_parts(cfg, tmp_path / "z", LocalEngine())
     batch = parts.train_set.collate(list(range(8)))
     al, s, t = batch.alignment, batch.student, batch.teacher
     assert al is not None and t is not None and len(al) > 0

@@ -16,6 +16,7 @@ from dualkd.errors import ConfigError, ModelError
 from dualkd.methods.base import SetupContext, StepNorm
 from dualkd.methods.kd import KD, KDConfig
 from dualkd.models import load_model
+from dualkd.teachers import LiveTeacher
 from tests.conftest import make_model_dir, synthetic_records
 
 NAMES = ["fkl", "rkl", "js", "tvd", "skl", "srkl", "akl"]
@@ -48,9 +49,9 @@ def test_fused_and_plain_kd_agree(models, name: str) -> None:
         student = load_model(ModelConfig(path=str(s_dir)), tok, role="student")
         teacher = load_model(ModelConfig(path=str(t_dir)), tok, role="teacher")
         kd = KD(KDConfig(name="kd", divergence=name, temperature=2.0, kd_rate=0.4, fused=fused, chunk_size=7))
-        kd.setup(SetupContext(student, teacher, tok, tok, same_tokenizer=True))
+        kd.setup(SetupContext(student, LiveTeacher(teacher, tok), tok, tok, same_tokenizer=True))
         assert kd.fused == (fused == "on") and kd.vocab_size == 400
-        loss, metrics = kd(student, batch, kd.teacher_forward(teacher, batch), norm)
+        loss, metrics = kd(student, batch, kd.teacher_forward(LiveTeacher(teacher, tok), batch), norm)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
         results.append((loss.detach(), metrics, grads))
@@ -69,7 +70,7 @@ def test_auto_uses_fused_from_the_threshold(models) -> None:
     teacher = load_model(ModelConfig(path=str(t_dir)), tok, role="teacher")
     for threshold, expected in ((400, True), (401, False)):
         kd = KD(KDConfig(name="kd", fused_min_vocab=threshold))
-        kd.setup(SetupContext(student, teacher, tok, tok, same_tokenizer=True))
+        kd.setup(SetupContext(student, LiveTeacher(teacher, tok), tok, tok, same_tokenizer=True))
         assert kd.fused is expected
 
 
@@ -93,6 +94,6 @@ def test_post_processed_logits_are_refused_by_the_fused_path(tmp_path: Path, byt
     capped = load_model(spec, tok, role="teacher")
     kd = KD(KDConfig(name="kd", fused="on"))
     with pytest.raises(ModelError, match="set objective.fused: off"):
-        kd.setup(SetupContext(capped, capped, tok, tok, same_tokenizer=True))
+        kd.setup(SetupContext(capped, LiveTeacher(capped, tok), tok, tok, same_tokenizer=True))
 
 

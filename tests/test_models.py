@@ -15,7 +15,8 @@ from dualkd.data.formats import parse_record
 from dualkd.errors import ModelError
 from dualkd.methods.base import SetupContext, StepNorm
 from dualkd.methods.kd import KD, KDConfig
-from dualkd.models import export_model, load_model, load_tokenizer, shared_vocab_size
+from dualkd.models import export_model, head_rows, load_model, load_tokenizer, shared_vocab_size
+from dualkd.teachers import LiveTeacher
 from tests.conftest import make_model_dir, needs_real_models, synthetic_records
 
 
@@ -126,12 +127,12 @@ def test_same_family_vocab_padding_is_cut(tmp_path: Path, byte_tokenizer_dir: Pa
     t_dir = make_model_dir(tmp_path / "t", byte_tokenizer_dir, vocab_size=448, seed=2)
     student = load_model(ModelConfig(path=str(s_dir)), tok, role="student")
     teacher = load_model(ModelConfig(path=str(t_dir)), tok, role="teacher")
-    assert shared_vocab_size(student, teacher, tok) == 400
+    assert shared_vocab_size(head_rows(student), head_rows(teacher), tok) == 400
 
     kd = KD(KDConfig(name="kd", kd_rate=1.0))
-    kd.setup(SetupContext(student, teacher, tok, tok, same_tokenizer=True))
+    kd.setup(SetupContext(student, LiveTeacher(teacher, tok), tok, tok, same_tokenizer=True))
     batch = _batch(tok)
-    t_out = kd.teacher_forward(teacher, batch)
+    t_out = kd.teacher_forward(LiveTeacher(teacher, tok), batch)
     assert t_out.shape[-1] == 400
     n = float(batch.student.loss_mask.sum())
     loss, metrics = kd(student, batch, t_out, StepNorm({"tokens": n}))
@@ -146,23 +147,14 @@ def test_same_family_vocab_padding_is_cut(tmp_path: Path, byte_tokenizer_dir: Pa
     # huge logits on padding rows change nothing
     with torch.no_grad():
         teacher.get_output_embeddings().weight[400:] = 100.0
-    torch.testing.assert_close(kd.teacher_forward(teacher, batch), t_out)
+    torch.testing.assert_close(kd.teacher_forward(LiveTeacher(teacher, tok), batch), t_out)
     loss.backward()
 
 
 def test_vocab_mismatch_that_cuts_real_tokens_is_refused(tmp_path: Path, byte_tokenizer_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(byte_tokenizer_dir)
-
-    class Head(torch.nn.Module):
-        def __init__(self, rows: int):
-            super().__init__()
-            self.lm = torch.nn.Linear(4, rows)
-
-        def get_output_embeddings(self) -> torch.nn.Module:
-            return self.lm
-
     with pytest.raises(ModelError, match="vocabulary mismatch: the tokenizer has 400 tokens"):
-        shared_vocab_size(Head(400), Head(390), tok)
+        shared_vocab_size(400, 390, tok)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from dualkd.config import validate_config
 from dualkd.data.dataset import TokenizedDataset
 from dualkd.errors import ConfigError
+from dualkd.train.engine import LocalEngine
 from dualkd.train.loop import train
 from dualkd.train.on_policy import OnPolicySource, ReplaySource, draw
 from dualkd.train.rollouts import Rollout, Rollouts, decode_with_offsets
@@ -200,7 +201,6 @@ def test_sampled_step_trains_the_gold_ce_and_not_the_samples_ce(tmp_path: Path, 
     """With kd_rate 0 a sampled step's loss is the gold CE alone, normalized by the gold tokens (the samples'
     CE is not trained): the logged loss of step 1 equals the CE of the initial student on step 1's gold
     examples, computed here with plain torch."""
-    from types import SimpleNamespace
 
     from dualkd.train.build import build_parts
     from dualkd.train.sources import OffPolicySource
@@ -212,7 +212,7 @@ def test_sampled_step_trains_the_gold_ce_and_not_the_samples_ce(tmp_path: Path, 
     (record,) = read_metrics(train(validate_config(cfg)))
     assert record["sampled"] == 1.0 and record["sampled_tokens"] > 0
     run = validate_config(cfg)
-    parts = build_parts(run, tmp_path / "twin", SimpleNamespace(is_main=True, barrier=lambda: None))
+    parts = build_parts(run, tmp_path / "twin", LocalEngine())
     order = OffPolicySource(parts.train_set, 4, 2, 1, 0, run.seed, run.data.bucket_by_length).epoch_order(0)
     gold = parts.train_set.collate(order[0])
     with torch.no_grad():
@@ -225,14 +225,13 @@ def test_sampled_step_trains_the_gold_ce_and_not_the_samples_ce(tmp_path: Path, 
 def test_gold_ce_is_the_objectives_own_ce_term(tmp_path: Path, train_file: Path, byte_tokenizer_dir: Path,
                                               teacher_dir: Path) -> None:
     """Naive twin: objective(gold) - objective(gold with ce_scale 0) == gold_ce(gold), for the fused CE."""
-    from types import SimpleNamespace
 
     from dualkd.methods.base import StepNorm
     from dualkd.train.build import build_parts
 
     cfg = validate_config(tiny_run(tmp_path / "kd", train_file, byte_tokenizer_dir, teacher=teacher_dir,
                                    objective={"name": "kd", "kd_rate": 0.4}))
-    parts = build_parts(cfg, tmp_path / "kd", SimpleNamespace(is_main=True, barrier=lambda: None))
+    parts = build_parts(cfg, tmp_path / "kd", LocalEngine())
     parts.student.eval()
     batch = parts.train_set.collate(list(range(5)))
     t_out = parts.objective.teacher_forward(parts.teacher, batch)

@@ -16,8 +16,8 @@ from dualkd.cli import main
 from dualkd.config import validate_config
 from dualkd.errors import DualKDError
 from dualkd.losses.sparse import sparse_kl, topk_targets
+from dualkd.teachers.cache_files import CacheMismatch, TeacherCache
 from dualkd.train.loop import train
-from dualkd.train.teacher_cache import CacheMismatch, TeacherCache
 from tests.conftest import make_model_dir, read_metrics, tiny_run
 
 
@@ -95,8 +95,7 @@ def test_cache_round_trip_resume_and_training_matches_the_live_teacher(
     # the same k from the live teacher and from the cache: the same training, step for step
     live = read_metrics(train(validate_config(yaml.safe_load(config.read_text()))))
     cached_cfg = yaml.safe_load(config.read_text())
-    cached_cfg.update(output_dir=str(tmp_path / "from-cache"), teacher=None,
-                      source={"kind": "cache", "cache_dir": str(cache)})
+    cached_cfg.update(output_dir=str(tmp_path / "from-cache"), teacher={"cache": str(cache)})
     from_cache = read_metrics(train(validate_config(cached_cfg)))
     assert len(live) == len(from_cache) == 6
     for a, b in zip(live, from_cache):
@@ -128,7 +127,7 @@ def test_a_mismatched_cache_is_refused(tmp_path: Path, train_file: Path, dev_fil
     assert "k: cache 8 vs now 4" in capsys.readouterr().err
     assert TeacherCache(cache / "train").k == 8
     cfg = yaml.safe_load(config.read_text())
-    cfg.update(output_dir=str(tmp_path / "other"), teacher=None, source={"kind": "cache", "cache_dir": str(cache)})
+    cfg.update(output_dir=str(tmp_path / "other"), teacher={"cache": str(cache)})
     cfg["data"]["max_examples"] = 30  # other data than the cache was made from
     with pytest.raises(CacheMismatch, match="data: cache"):
         train(validate_config(cfg))
@@ -136,12 +135,19 @@ def test_a_mismatched_cache_is_refused(tmp_path: Path, train_file: Path, dev_fil
     cfg["objective"] = {"name": "kd", "top_k": 4}
     with pytest.raises(DualKDError, match="top 8"):
         train(validate_config(cfg))
-    cfg["objective"] = {"name": "sft"}
-    with pytest.raises(DualKDError, match="cannot train from a teacher cache"):
+    cfg["objective"] = {"name": "dskd_cma"}  # reads hidden states at every position: a live teacher only
+    with pytest.raises(DualKDError, match="objective `dskd_cma`.*an offline teacher cache cannot give"):
         train(validate_config(cfg))
     cfg["objective"] = {"name": "dskd"}  # written without --hidden
-    with pytest.raises(CacheMismatch, match="--hidden"):
+    with pytest.raises(DualKDError, match="--hidden"):
         train(validate_config(cfg))
+    cfg["objective"] = {"name": "kd"}
+    cfg["source"] = {"kind": "on_policy"}  # new sequences: the cache cannot score them
+    with pytest.raises(DualKDError, match="teacher.cache holds the teacher's outputs on the dataset responses"):
+        validate_config(cfg)
+    cfg["source"] = {"kind": "cache", "cache_dir": str(cache)}  # the old way says where it moved
+    with pytest.raises(DualKDError, match=r"by `teacher: \{cache: DIR\}`"):
+        validate_config(cfg)
 
 
 def test_dskdv2_across_tokenizers_trains_from_the_cache(tmp_path: Path, train_file: Path, dev_file: Path,
@@ -157,8 +163,8 @@ def test_dskdv2_across_tokenizers_trains_from_the_cache(tmp_path: Path, train_fi
     cache = tmp_path / "cache"
     assert main(["cache-teacher", str(config), "--out", str(cache), "--top-k", "4", "--hidden"]) == 0
     live = read_metrics(train(validate_config(cfg)))
-    from_cache = read_metrics(train(validate_config({**cfg, "teacher": None, "output_dir": str(tmp_path / "c"),
-                                                     "source": {"kind": "cache", "cache_dir": str(cache)}})))
+    from_cache = read_metrics(train(validate_config({**cfg, "teacher": {"cache": str(cache)},
+                                                     "output_dir": str(tmp_path / "c")})))
     assert len(live) == len(from_cache) == 6
     for a, b in zip(live, from_cache):
         assert a["tokens"] == b["tokens"]

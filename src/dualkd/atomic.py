@@ -6,9 +6,31 @@ import os
 from pathlib import Path
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` (UTF-8) to a temporary file beside `path`, then rename it over `path`."""
+def write_text_atomic(path: str | Path, text: str, fsync: bool = False) -> None:
+    """Write `text` (UTF-8) to a temporary file beside `path`, then rename it over `path`. `fsync`: the bytes
+    are on disk before the rename (files a crash must not leave empty: manifests, checkpoint state)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under a folder, then the folder (before renaming it into place)."""
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -223,53 +223,19 @@ def _cmd_judge(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from types import SimpleNamespace
-
-    import torch
-    from rich.progress import Progress
     from transformers.utils import logging as hf_logging
 
     from dualkd.config import load_config
-    from dualkd.models import load_model
-    from dualkd.progress import ProgressLines
-    from dualkd.train.build import build_parts
-    from dualkd.train.teacher_cache import write_cache
+    from dualkd.train.cache_teacher import cache_teacher
 
     hf_logging.disable_progress_bar()  # per-file loading bars
-
     cfg = load_config(args.config, args.overrides)
-    if cfg.teacher is None:
-        raise DualKDError(f"{args.config}: no `teacher` to cache")
-    if cfg.source.kind != "off_policy":
-        cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"kind": "off_policy"})})
-    # the run's own data building (tokenizers, truncation, skipped records): the cache covers exactly the
-    # examples training will read, in order
-    parts = build_parts(cfg, Path(cfg.output_dir), SimpleNamespace(is_main=True, barrier=lambda: None))
-    teacher = parts.teacher if parts.teacher is not None else load_model(cfg.teacher, parts.teacher_tokenizer,
-                                                                         role="teacher", seed=cfg.seed)
-    tokenizer = parts.teacher_tokenizer
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher.to(device)
-    name = cfg.teacher.path or "random"
-    splits = {"train": parts.train_set, "dev": parts.dev_set}
-    for split, dataset in splits.items():
-        if dataset is None:
-            continue
-        examples = dataset.teacher_view
-        lines = ProgressLines(len(examples), f"caching {split}", None)  # a log file gets plain lines
-
-        def advance(n: int, bar: Progress, task: Any, lines: ProgressLines = lines) -> None:
-            bar.advance(task, n)
-            lines.advance(n)
-
-        with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
-            task = bar.add_task(f"caching {split}", total=len(examples))
-            manifest = write_cache(Path(args.out) / split, teacher, tokenizer, examples, name, k=args.top_k,
-                                   hidden=args.hidden, logprob_dtype=args.logprob_dtype,
-                                   shard_examples=args.shard_examples, batch_size=args.batch_size, device=device,
-                                   progress=lambda n, bar=bar, task=task: advance(n, bar, task))
+    manifests = cache_teacher(cfg, args.out, k=args.top_k, hidden=args.hidden, logprob_dtype=args.logprob_dtype,
+                              shard_examples=args.shard_examples, batch_size=args.batch_size)
+    for split, manifest in zip(("train", "dev"), manifests):
         print(f"{Path(args.out) / split}: {manifest['examples']} examples, top-{args.top_k}"
               + (", hidden states" if args.hidden else "") + f", {len(manifest['complete'])} shards")
+    print(f"train from it with: dualkd train {args.config} teacher.cache={args.out}")
     return 0
 
 
@@ -394,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache-teacher", help="run a config's teacher once over its data and cache its top-k",
                        description="Write the teacher's top-k next-token log-probabilities (+ the tail mass) and "
                                    "optionally its last hidden states for every response token of the config's "
-                                   "train (and dev) data; train from it with source.kind=cache "
-                                   "source.cache_dir=OUT. Resumable: rerun to continue after a crash.")
+                                   "train (and dev) data; train from it with teacher.cache=OUT. "
+                                   "Resumable: rerun to continue after a crash.")
     p.add_argument("config", help="the run config whose teacher and data to cache")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--out", required=True, help="cache folder")

@@ -79,8 +79,14 @@ class ModelConfig(StrictModel):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (student only)."""
 
+    def _loads_a_model(self) -> bool:
+        """False where the outputs come from elsewhere (a teacher cache): then no path or tokenizer is needed."""
+        return True
+
     @model_validator(mode="after")
     def _check_sources(self) -> ModelConfig:
+        if not self._loads_a_model():
+            return self
         if self.init == "pretrained" and self.path is None:
             raise ValueError("`path` is required unless `init: random`")
         if self.init == "random" and self.path is None and "model_type" not in self.arch:
@@ -112,8 +118,20 @@ class TeacherConfig(ModelConfig):
     layer is copied to the device as it runs (accelerate's big-model offload; for teachers larger than the
     device's memory; objectives that read the LM head directly cannot use it). `sharded`: split over the
     processes with the student's engine (DeepSpeed ZeRO-3, FSDP2). `auto`: `sharded` under ZeRO-3 (every
-    model is partitioned as it loads there), else `same`. A teacher read from an offline cache is
-    `source.kind: cache` (no teacher model then)."""
+    model is partitioned as it loads there), else `same`."""
+    cache: str | None = None
+    """An offline teacher cache (the folder `dualkd cache-teacher` wrote): the teacher's outputs are read from
+    it and no teacher model is loaded (`path`, when given, only names it). It holds the top-k log-probabilities
+    of the training and dev responses (and with `--hidden` the hidden states there and the LM head): `kd`
+    (top-k), `dskd` and `dskdv2` train from it; objectives that read more are refused before training."""
+
+    def _loads_a_model(self) -> bool:
+        return self.cache is None
+
+    @field_validator("cache")
+    @classmethod
+    def _expand_cache_home(cls, value: str | None) -> str | None:
+        return os.path.expanduser(value) if value and value.startswith("~") else value
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -302,12 +320,12 @@ class SourceConfig(StrictModel):
     """Where the training batches come from (train/sources.py, train/on_policy.py). The loss is the objective's
     either way; on a student-sampled step the gold CE stays on the dataset responses."""
 
-    kind: Literal["off_policy", "on_policy", "seqkd", "replay", "cache"] = "off_policy"
+    kind: Literal["off_policy", "on_policy", "seqkd", "replay"] = "off_policy"
     """`off_policy`: dataset responses. `on_policy`: after `on_policy_after`, each step is replaced by student
     samples for its prompts with probability `student_gen_ratio` (DSKDv2/GKD). `seqkd`: train on teacher
     responses generated ahead of time (`seqkd_data`, made by `dualkd generate` or here before training).
-    `replay`: DistiLLM's adaptive off-policy replay buffer of student samples. `cache`: dataset responses with
-    the teacher read from an offline cache (`dualkd cache-teacher`; no teacher model is loaded)."""
+    `replay`: DistiLLM's adaptive off-policy replay buffer of student samples. (An offline teacher cache is
+    where the teacher comes from, not a source: `teacher.cache`.)"""
     student_gen_ratio: float = Field(0.5, ge=0.0, le=1.0)
     """on_policy: probability that a step trains on student samples (DSKDv2 `--stu-gen-ratio`: 0.5)."""
     on_policy_after: int = Field(0, ge=0)
@@ -348,16 +366,15 @@ class SourceConfig(StrictModel):
     """seqkd: sample the teacher's outputs with the `generation` settings (temperature, top-p). Off (Kim &
     Rush): the teacher decodes greedily, or with beam search when `generation.num_beams` > 1."""
 
-    cache_dir: str | None = None
-    """cache: the folder `dualkd cache-teacher` wrote (its `train/` and, when the run has dev data, `dev/`)."""
+    @model_validator(mode="before")
+    @classmethod
+    def _cache_moved_to_teacher(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (data.get("kind") == "cache" or "cache_dir" in data):
+            raise ValueError("an offline teacher cache is now where the teacher comes from: replace `source.kind: "
+                             "cache` and `source.cache_dir: DIR` by `teacher: {cache: DIR}`")
+        return data
 
-    @model_validator(mode="after")
-    def _cache_needs_a_folder(self) -> SourceConfig:
-        if self.kind == "cache" and not self.cache_dir:
-            raise ValueError("source.kind=cache: set `source.cache_dir` (the output of `dualkd cache-teacher`)")
-        return self
-
-    @field_validator("seqkd_data", "cache_dir")
+    @field_validator("seqkd_data")
     @classmethod
     def _expand_home(cls, value: str | None) -> str | None:
         return os.path.expanduser(value) if value and value.startswith("~") else value
@@ -426,6 +443,10 @@ class RunConfig(StrictModel):
         for role, spec in self.teachers.items():
             if spec.lora is not None or spec.train_tokenizer is not None:
                 raise ValueError(f"teachers.{role}: a frozen model takes neither `lora` nor `train_tokenizer`")
+        if self.teacher is not None and self.teacher.cache is not None and self.source.kind != "off_policy":
+            raise ValueError(f"teacher.cache holds the teacher's outputs on the dataset responses only; source.kind="
+                             f"{self.source.kind} asks the teacher about new sequences: use a live teacher "
+                             "(`teacher.path`, no `cache`)")
         if self.source.kind == "seqkd" and self.teacher is None and self.source.seqkd_data is None:
             raise ValueError("source.kind=seqkd: set `source.seqkd_data` (teacher outputs from `dualkd generate`) "
                              "or a `teacher` to generate them with")
@@ -517,11 +538,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif kind == "missing":
             lines.append(f"  {key}: required key is missing")
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
-            from dualkd.methods import OBJECTIVES
+            from dualkd.methods import CONFIGS
 
             given = e["input"].get("name") if isinstance(e["input"], dict) else None
             problem = "is missing" if given is None else f"unknown objective {given!r}"
-            lines.append(f"  {key}.name: {problem}; choose from {sorted(OBJECTIVES)}")
+            lines.append(f"  {key}.name: {problem}; choose from {sorted(CONFIGS)}")
         elif kind == "value_error":
             lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
         else:
@@ -540,7 +561,7 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[Any], list[type[BaseModel] | None]
     Returns the user-facing key path (union tags and validator names removed) and, for each key, the
     config class that owns it (None where the path leaves the typed classes, e.g. inside `arch`).
     """
-    from dualkd.methods import OBJECTIVES
+    from dualkd.methods import CONFIGS
 
     keys: list[Any] = []
     owners: list[type[BaseModel] | None] = []
@@ -548,8 +569,8 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[Any], list[type[BaseModel] | None]
     for part in loc:
         if isinstance(part, str) and (part.startswith("function-") or "[" in part):
             continue
-        if keys == ["objective"] and part in OBJECTIVES:
-            model = OBJECTIVES[part].config_class  # the discriminated-union tag: follow that variant
+        if keys == ["objective"] and part in CONFIGS:
+            model = CONFIGS[part]  # the discriminated-union tag: follow that variant
             continue
         is_model = isinstance(model, type) and issubclass(model, BaseModel)
         keys.append(part)

@@ -226,13 +226,13 @@ def head_rows(model: nn.Module) -> int:
     return int(getattr(head, "out_features", None) or head.num_embeddings)
 
 
-def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> int:
-    """Rows of the two LM heads that KD compares when both models use `tokenizer`.
+def shared_vocab_size(v_student: int, v_teacher: int, tokenizer: Any) -> int:
+    """Rows of the two LM heads (`v_student`, `v_teacher` rows: `head_rows`) that KD compares when both
+    models use `tokenizer`.
 
     One family often pads its embedding differently per size (Qwen2: 151,936 vs 152,064 rows for 151,646
     tokens). Rows beyond `len(tokenizer)` are padding in both, so KD uses the first min(V_s, V_t, len(tok)).
     """
-    v_student, v_teacher = head_rows(student), head_rows(teacher)
     n_tokens = len(tokenizer)
     if min(v_student, v_teacher) < n_tokens:
         raise ModelError(f"vocabulary mismatch: the tokenizer has {n_tokens} tokens but the student head has "

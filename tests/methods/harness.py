@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -23,9 +22,10 @@ from torch import Tensor, nn
 from dualkd.config import validate_config
 from dualkd.methods.base import StepNorm
 from dualkd.train.build import build_parts
+from dualkd.train.engine import LocalEngine
 from dualkd.train.loop import TrainModule
 
-ENGINE = SimpleNamespace(is_main=True, barrier=lambda: None)
+ENGINE = LocalEngine()
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 RTOL = 1e-5
 
@@ -33,7 +33,8 @@ RTOL = 1e-5
 def build64(cfg: dict[str, Any], tmp: Path) -> Any:
     """The run's parts (student, teacher, objective, data) with every model and the objective in float64."""
     parts = build_parts(validate_config(cfg), tmp, ENGINE)
-    for model in (parts.student, parts.teacher, parts.objective, *(parts.frozen or {}).values()):
+    teacher = parts.teacher.model if parts.teacher is not None else None
+    for model in (parts.student, teacher, parts.objective, *(parts.frozen or {}).values()):
         if model is not None:
             model.double()
     parts.student.eval()  # no dropout: the twin's forward must see the same network
@@ -55,10 +56,10 @@ def implementation(parts: Any, micro_batches: list[list[int]], step: int = 0) ->
     batches = [parts.train_set.collate(ix) for ix in micro_batches]
     teacher_outs = [obj.teacher_forward(parts.teacher, b) for b in batches]
     totals: dict[str, float] = {}
-    for b, out in zip(batches, teacher_outs):
-        with torch.no_grad():
-            for k, v in obj.counts(b, out, student).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+    for i, b in enumerate(batches):
+        teacher_outs[i], counts = obj.prepare(b, teacher_outs[i], student)
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
     module = TrainModule(student, obj)
     loss = sum(module(b, out, StepNorm(totals, step=step))[0] for b, out in zip(batches, teacher_outs))
     return loss, gradients(parts, loss)

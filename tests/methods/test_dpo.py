@@ -29,7 +29,8 @@ def dpo_twin(parts, batch) -> torch.Tensor:
     for i in range(P):
         w, l_ = (P + i, i) if cfg.swap_pairs else (i, P + i)  # chosen rows first, their rejected rows after
         with torch.no_grad():
-            ref_w, ref_l = sequence_logprob(parts.teacher, tokens, w), sequence_logprob(parts.teacher, tokens, l_)
+            ref = parts.teacher.model
+            ref_w, ref_l = sequence_logprob(ref, tokens, w), sequence_logprob(ref, tokens, l_)
         pi_w, pi_l = sequence_logprob(parts.student, tokens, w), sequence_logprob(parts.student, tokens, l_)
         loss = loss - F.logsigmoid(cfg.beta * ((pi_w - ref_w) - (pi_l - ref_l)))
     return loss / P

@@ -29,9 +29,9 @@ def dskd_twin(parts, batch) -> torch.Tensor:
     m, y = tokens.loss_mask, tokens.labels[tokens.loss_mask]
     z_s, h_s = (x[m] for x in forward(parts.student, tokens))
     with torch.no_grad():
-        z_t, h_t = (x[m] for x in forward(parts.teacher, tokens))
+        z_t, h_t = (x[m] for x in forward(parts.teacher.model, tokens))
     w_s, b_s = head(parts.student)
-    w_t, b_t = head(parts.teacher)
+    w_t, b_t = head(parts.teacher.model)
     V = w_s.shape[0]
     z_t2s = obj.t2s(h_t) @ w_s.detach().T + (b_s.detach() if b_s is not None else 0)
     z_s2t = obj.s2t(h_s) @ w_t.T + (b_t if b_t is not None else 0)

@@ -36,10 +36,10 @@ def cma_twin(parts, batch) -> torch.Tensor:
     s_tok, t_tok = batch.student, batch.teacher
     z_s_all, h_s_all = forward(parts.student, s_tok)
     with torch.no_grad():
-        z_t_all, h_t_all = forward(parts.teacher, t_tok)
-    e_s, e_t = parts.student.get_input_embeddings().weight.detach(), parts.teacher.get_input_embeddings().weight
+        z_t_all, h_t_all = forward(parts.teacher.model, t_tok)
+    e_s, e_t = parts.student.get_input_embeddings().weight.detach(), parts.teacher.model.get_input_embeddings().weight
     w_s, b_s = head(parts.student)
-    w_t, b_t = head(parts.teacher)
+    w_t, b_t = head(parts.teacher.model)
     w_fixed, b_fixed = w_s.detach(), (b_s.detach() if b_s is not None else 0)
     if v2:  # P_s2t = W_s[V']ᵀ pinv(W_t[V']ᵀ) over the shared vocabulary
         student_ids, teacher_ids = shared_vocabulary(parts.student_tokenizer, parts.teacher_tokenizer)
@@ -96,9 +96,9 @@ def test_v2_keys_are_gold_and_values_argmax(tmp_path: Path, train_file: Path, by
     states = parts.objective.teacher_forward(parts.teacher, batch)
     t_tok = batch.teacher
     m = t_tok.loss_mask
-    embed = parts.teacher.get_input_embeddings().weight
+    embed = parts.teacher.model.get_input_embeddings().weight
     torch.testing.assert_close(states.gold[m], embed[t_tok.labels[m]])
-    argmax = forward(parts.teacher, t_tok)[0].argmax(-1)
+    argmax = forward(parts.teacher.model, t_tok)[0].argmax(-1)
     torch.testing.assert_close(states.values[m], embed[argmax[m]])
     assert bool((argmax[m] != t_tok.labels[m]).any())  # a random teacher is often wrong: the two differ
 

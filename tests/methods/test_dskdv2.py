@@ -39,9 +39,9 @@ def dskdv2_twin(parts, batch) -> torch.Tensor:
     t_tok = batch.teacher if batch.teacher is not None else s_tok
     z_s, h_s = forward(parts.student, s_tok)
     with torch.no_grad():
-        z_t, h_t = forward(parts.teacher, t_tok)
+        z_t, h_t = forward(parts.teacher.model, t_tok)
     w_s, b_s = head(parts.student)
-    w_t, b_t = head(parts.teacher)
+    w_t, b_t = head(parts.teacher.model)
     w_fixed = w_s.detach()
     same = batch.teacher is None
     if same:  # every response position is a pair; the vocabulary is the student's
@@ -116,7 +116,7 @@ def test_both_agreement_branches_are_taken(tmp_path: Path, train_file: Path, byt
         cfg["student"]["arch"]["n_embd"] = 48
         parts = build64(cfg, tmp_path / str(threshold))
         batch = parts.train_set.collate(list(range(8)))
-        counts = parts.objective.counts(batch, parts.objective.teacher_forward(parts.teacher, batch), parts.student)
+        _, counts = parts.objective.prepare(batch, parts.objective.teacher_forward(parts.teacher, batch), parts.student)
         assert 0 < float(counts["agree"]) < float(counts["pairs"])
         loss, grads = implementation(parts, [list(range(8))])
         assert_twin(parts, loss, grads, dskdv2_twin(parts, batch))

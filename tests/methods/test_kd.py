@@ -46,7 +46,7 @@ def kd_twin(parts, batch) -> torch.Tensor:
         run = lambda model: forward(model, tok)[0]  # noqa: E731
     z_s = run(parts.student)[m]
     with torch.no_grad():
-        z_t = run(parts.teacher)[m]
+        z_t = run(parts.teacher.model)[m]
     V = min(z_s.shape[-1], z_t.shape[-1], len(parts.student_tokenizer))
     if cfg.top_k:
         kd = bucket_kl(z_t[:, :V], z_s[:, :V], cfg.top_k, cfg.temperature)
@@ -72,6 +72,6 @@ def test_kd_is_its_formula(objective: dict, tmp_path: Path, train_file: Path, by
 def test_word_kd_is_its_formula(objective: dict, tmp_path: Path, mt_pairs: Path, byte_tokenizer_dir: Path,
                                 marian_teacher: Path) -> None:
     parts = build64(marian_run(tmp_path, mt_pairs, byte_tokenizer_dir, marian_teacher, objective), tmp_path)
-    for model in (parts.student, parts.teacher):  # trained Marian models have one: the fused loss must add it
+    for model in (parts.student, parts.teacher.model):  # trained Marian models have one: the fused loss must add it
         model.final_logits_bias.normal_(generator=torch.Generator().manual_seed(0))
     assert_is_its_formula(parts, kd_twin)

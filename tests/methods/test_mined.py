@@ -26,7 +26,7 @@ def mined_twin(parts, batch, partner: torch.Tensor, to_student: torch.Tensor) ->
     s_tok, t_tok = batch.student, batch.teacher
     z_s = forward(parts.student, s_tok)[0]
     with torch.no_grad():
-        z_t = forward(parts.teacher, t_tok)[0]
+        z_t = forward(parts.teacher.model, t_tok)[0]
     V_s = z_s.shape[-1]
     al = batch.alignment
     valid = to_student[t_tok.labels[al.batch_index, al.teacher_pos]] == s_tok.labels[al.batch_index, al.student_pos]

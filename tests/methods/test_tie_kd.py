@@ -56,7 +56,7 @@ def tie_kd_twin(parts, batch) -> torch.Tensor:
     for n in range(cfg.iterations):
         z_s = logits(parts.student, decoder_inputs)
         with torch.no_grad():
-            z_t = logits(parts.teacher, decoder_inputs)
+            z_t = logits(parts.teacher.model, decoder_inputs)
         V = min(z_s.shape[-1], z_t.shape[-1], len(parts.student_tokenizer))
         log_q_full = torch.log_softmax(z_s[m], -1)
         if n == 0:

@@ -27,7 +27,7 @@ def uld_twin(parts, batch) -> torch.Tensor:
     s_tok, t_tok = batch.student, batch.teacher
     z_s = forward(parts.student, s_tok)[0]
     with torch.no_grad():
-        z_t = forward(parts.teacher, t_tok)[0]
+        z_t = forward(parts.teacher.model, t_tok)[0]
     r = parts.objective.config.kd_rate
     n = s_tok.loss_mask.sum()
     loss = 0.0

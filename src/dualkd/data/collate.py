@@ -11,7 +11,6 @@ Conventions (used by every objective):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any
 
 import numpy as np
 import torch
@@ -89,15 +88,6 @@ class Batch:
     """Dataset indices of the examples (for logging and sources that need them)."""
     alignment: Alignment | None = None
     """Student/teacher position pairs, for objectives that align two tokenizations (ETA, MinED)."""
-    ce_scale: float = 1.0
-    """Multiplies the objective's gold-CE weight: 0 for a student-sampled batch (on-policy KD keeps the CE on
-    the gold data)."""
-    cached_teacher: Any = None
-    """Teacher targets read from an offline cache (`losses.sparse.TopKTargets` over the teacher's response
-    positions, in `loss_mask` order), when the teacher does not run live."""
-    cached_hidden: Tensor | None = None
-    """The teacher's last hidden states [N, d_t] (bf16) of the same rows, from a cache written with --hidden,
-    for objectives that project them (`dskd`)."""
     num_pairs: int = 0
     """Preference batches (`dpo`): rows [0, P) hold the chosen responses and rows [P, 2P) the rejected ones of
     the same prompts; 0 for ordinary batches."""
@@ -105,9 +95,7 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, student=self.student.to(device),
                        teacher=self.teacher.to(device) if self.teacher is not None else None,
-                       alignment=self.alignment.to(device) if self.alignment is not None else None,
-                       cached_teacher=self.cached_teacher.to(device) if self.cached_teacher is not None else None,
-                       cached_hidden=self.cached_hidden.to(device) if self.cached_hidden is not None else None)
+                       alignment=self.alignment.to(device) if self.alignment is not None else None)
 
     @property
     def teacher_view(self) -> ModelBatch:

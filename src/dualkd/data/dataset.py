@@ -221,25 +221,16 @@ class TokenizedDataset:
         self.lengths = [
             max(len(s.ids), len(teacher[i].ids) if teacher is not None else 0) - 1 for i, s in enumerate(student)
         ]
-        self.teacher_cache: Any = None
-        """An offline teacher cache of these examples (train/teacher_cache.py): batches carry its targets."""
-        self.cache_hidden = False
-        """Batches also carry the cached teacher hidden states."""
 
     def __len__(self) -> int:
         return len(self.student)
 
     def collate(self, indices: list[int]) -> Batch:
-        batch = collate_examples(
+        return collate_examples(
             [self.student[i] for i in indices],
             [self.teacher[i] for i in indices] if self.teacher is not None else None,
             [self.alignments[i] for i in indices] if self.alignments is not None else None,
             indices, self.student_pad_id, self.teacher_pad_id, self.pad_to_multiple_of, self.seq2seq)
-        if self.teacher_cache is not None:
-            batch.cached_teacher = self.teacher_cache.targets(list(indices))
-            if self.cache_hidden:
-                batch.cached_hidden = self.teacher_cache.hidden(list(indices))
-        return batch
 
     @property
     def teacher_view(self) -> list[TokenizedExample]:

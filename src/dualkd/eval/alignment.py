@@ -25,9 +25,8 @@ from dualkd.data.readers import load_examples
 from dualkd.errors import ModelError
 from dualkd.eval.generate import load_for_generation, prompt_ids, sample_token_ids
 from dualkd.eval.metrics import rouge_l
+from dualkd.lm import head_of, lm_forward, response_logprobs
 from dualkd.losses.fused import fused_divergence
-from dualkd.methods.base import lm_forward, response_logprobs
-from dualkd.methods.common import head_of
 
 
 @torch.no_grad()

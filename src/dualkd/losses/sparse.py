@@ -91,3 +91,18 @@ def sparse_kl(student_hidden: Tensor, student_head: Tensor, targets: TopKTargets
     if reduction == "mean":
         return per_row.sum() / max(n, 1)
     return per_row.sum()
+
+
+@torch.no_grad()
+def topk_rows(hidden: Tensor, head: Tensor, bias: Tensor | None, k: int, chunk_size: int | None = None
+              ) -> TopKTargets:
+    """The teacher's top-k targets at N rows from its hidden states, chunk by chunk (no [N, V] logits)."""
+    n = hidden.shape[0]
+    step = chunk_size or default_chunk_size(max(n, 1), head.shape[0])
+    parts = [topk_targets(hidden[s:s + step] @ head.t() + (bias if bias is not None else 0), k)
+             for s in range(0, n, step)]
+    if not parts:
+        empty = hidden.new_zeros((0, k))
+        return TopKTargets(empty.long(), empty.float(), hidden.new_zeros(0).float())
+    return TopKTargets(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]),
+                       torch.cat([p.tail for p in parts]))

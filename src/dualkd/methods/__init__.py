@@ -1,24 +1,27 @@
-"""Objectives: one file per method. Register a new one by adding it to OBJECTIVES and ObjectiveConfig."""
+"""Objectives: one file per method. Register a new one by adding its factory to OBJECTIVES and its config to
+ObjectiveConfig."""
 
-from typing import Annotated, Union
+from collections.abc import Callable
+from typing import Annotated, Any, Union
 
 from pydantic import Field
 
+from dualkd.methods import dskdv2
 from dualkd.methods.aligndistil import AlignDistil, AlignDistilConfig
 from dualkd.methods.base import Objective, StepNorm
 from dualkd.methods.cbmi import CBMI, CBMIConfig
 from dualkd.methods.dpo import DPO, DPOConfig
 from dualkd.methods.dskd import DSKD, DSKDConfig
 from dualkd.methods.dskd_cma import DSKDCMA, DSKDCMAConfig
-from dualkd.methods.dskdv2 import DSKDv2, DSKDv2Config
+from dualkd.methods.dskdv2 import DSKDv2Config
 from dualkd.methods.kd import KD, KDConfig, WordKD, WordKDConfig
 from dualkd.methods.mined import MinED, MinEDConfig
 from dualkd.methods.sft import SFT, SFTConfig
 from dualkd.methods.tie_kd import TIEKD, TIEKDConfig
 from dualkd.methods.uld import ULD, ULDConfig
 
-OBJECTIVES: dict[str, type[Objective]] = {
-    "sft": SFT, "kd": KD, "dskd": DSKD, "dskd_cma": DSKDCMA, "dskdv2": DSKDv2, "uld": ULD, "mined": MinED,
+OBJECTIVES: dict[str, Callable[[Any], Objective]] = {
+    "sft": SFT, "kd": KD, "dskd": DSKD, "dskd_cma": DSKDCMA, "dskdv2": dskdv2.build, "uld": ULD, "mined": MinED,
     "dpo": DPO, "aligndistil": AlignDistil, "tie_kd": TIEKD, "word_kd": WordKD,
     "cbmi": CBMI,
 }
@@ -30,10 +33,15 @@ ObjectiveConfig = Annotated[
 ]
 
 
-def build_objective(config) -> Objective:
-    if isinstance(config, DSKDv2Config) and config.alignment == "cma":
-        return DSKDCMA(config.as_cma())  # DSKDv2's CMA variant lives with v1's CMA in dskd_cma.py
+CONFIGS: dict[str, type] = {cls.model_fields["name"].default: cls for cls in
+                            (SFTConfig, KDConfig, DSKDConfig, DSKDv2Config, DSKDCMAConfig, ULDConfig, MinEDConfig,
+                             DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig, CBMIConfig)}
+"""Each objective's config class by name."""
+
+
+def build_objective(config: Any) -> Objective:
+    """The objective a config names (its factory may choose the class: `dskdv2` with `alignment: cma`)."""
     return OBJECTIVES[config.name](config)
 
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "StepNorm", "build_objective"]
+__all__ = ["CONFIGS", "OBJECTIVES", "Objective", "ObjectiveConfig", "StepNorm", "build_objective"]

@@ -34,14 +34,15 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
 from dualkd.errors import ModelError
+from dualkd.lm import check_head_is_linear, head_of, lm_forward
 from dualkd.losses.fused import fused_ce_and_divergence, fused_total_variation
-from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
-from dualkd.methods.common import check_head_is_linear, head_of
-from dualkd.models import shared_vocab_size
-from dualkd.schema import StrictModel
+from dualkd.methods.base import Objective, SetupContext, StepNorm
+from dualkd.methods.common import DistillationConfig
+from dualkd.models import head_rows, shared_vocab_size
+from dualkd.teachers import Teacher
 
 
-class AlignDistilConfig(StrictModel):
+class AlignDistilConfig(DistillationConfig):
     name: Literal["aligndistil"] = "aligndistil"
     teacher_logits: Literal["adaptive", "constant", "theorem1"] = "adaptive"
     """`adaptive`: token-adaptive extrapolation (the method); `constant`: a fixed α; `theorem1`: interpolation
@@ -93,27 +94,27 @@ class AlignDistil(Objective):
         if not ctx.same_tokenizer:
             raise ModelError("objective `aligndistil`: the DPO models must share the student's tokenizer")
         assert ctx.teacher is not None and ctx.frozen is not None
+        ctx.teacher.require({"response_hidden", "head", "model"}, "objective `aligndistil`")
         (role,) = self.frozen_roles()
         self._other = {"model": ctx.frozen[role]}  # a plain dict: never a submodule (not trained, saved or wrapped)
-        for name, model in (("student", ctx.student), ("teacher", ctx.teacher), (role, ctx.frozen[role])):
+        for name, model in (("student", ctx.student), ("teacher", ctx.teacher.model), (role, ctx.frozen[role])):
             check_head_is_linear(model, name)
-        self.vocab_size = min(shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer),
-                              shared_vocab_size(ctx.student, ctx.frozen[role], ctx.student_tokenizer))
+        rows = head_rows(ctx.student)
+        self.vocab_size = min(shared_vocab_size(rows, ctx.teacher.vocab_rows, ctx.student_tokenizer),
+                              shared_vocab_size(rows, head_rows(ctx.frozen[role]), ctx.student_tokenizer))
 
-    def counts(self, batch: Batch, teacher_out: object = None, student: nn.Module | None = None
-               ) -> dict[str, Tensor]:
+    def counts(self, batch: Batch) -> dict[str, Tensor]:
         mask = batch.student.loss_mask
         return {"tokens": mask.sum(), "sequences": (mask.sum(-1) > 0).sum()}
 
     @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> TeacherPlan:
-        assert teacher is not None
+    def teacher_forward(self, teacher: Teacher, batch: Batch) -> TeacherPlan:
         tokens, V, cfg = batch.student, self.vocab_size, self.config
         other = self._other["model"]
         mask = tokens.loss_mask
-        h_dpo = lm_forward(teacher, tokens, hidden=True, logits=False).hidden[mask]  # [N, d]
+        h_dpo = teacher.response_hidden(tokens, batch.indices)  # [N, d]
         h_other = lm_forward(other, tokens, hidden=True, logits=False).hidden[mask]  # [N, d']
-        w_dpo, b_dpo = head_of(teacher)
+        w_dpo, b_dpo = teacher.head()
         w_oth, b_oth = head_of(other)
         w_dpo, w_oth = w_dpo[:V], w_oth[:V]
         b_dpo = b_dpo[:V] if b_dpo is not None else None
@@ -147,7 +148,7 @@ class AlignDistil(Objective):
         lengths = mask.sum(-1, keepdim=True).clamp(min=1).expand_as(mask)[mask].float()  # [N]
         row_weight = teacher.weight / lengths if cfg.length_norm else teacher.weight
         denominator = norm["sequences"] if cfg.length_norm else norm["tokens"]
-        ce_weight = (1 - cfg.kd_rate) * batch.ce_scale / norm["tokens"]
+        ce_weight = (1 - cfg.kd_rate) * norm.ce_weight / norm["tokens"]
         loss, ce, kd, hits = fused_ce_and_divergence(
             hidden[mask], head, teacher.hidden, teacher.head, tokens.labels[mask], divergence="rkl",
             ce_weight=ce_weight, div_weight=cfg.kd_rate / denominator, div_mask=row_weight,

@@ -26,8 +26,9 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
 from dualkd.errors import ModelError
+from dualkd.lm import lm_forward
 from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
-from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward, token_accuracy
+from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
 from dualkd.schema import StrictModel
 
 
@@ -142,7 +143,7 @@ class CBMI(Objective):
         w = cbmi_weights(cbmi, mask, cfg.token_scale, cfg.sentence_scale, cfg.eps, cfg.compat) if weighting \
             else mask.float()
         n = norm["tokens"]
-        loss = ((w * nmt_ce).sum() * batch.ce_scale + cfg.lm_rate * lm_ce.sum()) / n
+        loss = ((w * nmt_ce).sum() * norm.ce_weight + cfg.lm_rate * lm_ce.sum()) / n
         m = mask.float()
         return loss, {"ce": (nmt_ce.detach() * m).sum() / n, "lm_ce": lm_ce.detach().sum() / n,
                       "cbmi": (cbmi * m).sum() / n, "weight": (w * m).sum() / n,

@@ -1,5 +1,5 @@
-"""Pieces shared by the distillation objectives: the divergence choice in configs, the teacher's rows, LM-head
-access and checks, and projector helpers (pseudo-inverse maps, loading saved projectors)."""
+"""Pieces shared by the distillation objectives: the divergence choice in configs, the teacher's rows and head
+slice, and projector helpers (pseudo-inverse maps, loading saved projectors)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,25 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from dualkd.errors import ModelError
 from dualkd.losses.divergences import SPECS
 from dualkd.schema import StrictModel
+from dualkd.teachers import Teacher
 
 Divergence = Literal["fkl", "rkl", "js", "tvd", "skl", "srkl", "akl"]
 
 
-class DivergenceChoice(StrictModel):
-    """Config fields of any objective that takes a divergence from `dualkd.losses`."""
+class DistillationConfig(StrictModel):
+    """Config fields of every objective that mixes distillation terms with the gold cross-entropy."""
 
     kd_rate: float = Field(0.5, ge=0.0, le=1.0)
     """Weight of the distillation terms; the gold CE gets 1 - kd_rate (DSKD scripts: 0.5)."""
+
+
+class DivergenceChoice(DistillationConfig):
+    """Config fields of any objective that takes a divergence from `dualkd.losses`."""
+
     temperature: float = Field(1.0, gt=0)
     """τ applied to both distributions of each divergence (DSKD scripts use 2.0). No τ² rescaling."""
     divergence: Divergence = "fkl"
@@ -69,65 +74,13 @@ class TeacherRows:
     head: Tensor  # [V, d_t]
     bias: Tensor | None  # [V]
     labels: Tensor | None = None  # [N] targets derived from the teacher (e.g. its argmax in student ids)
-    mask: Tensor | None = None  # [N] bool, filled by `counts` when a denominator needs it (agreement)
+    mask: Tensor | None = None  # [N] bool, set by `prepare` when a denominator needs it (agreement)
 
 
-class CachedHead:
-    """The teacher's LM head read from an offline cache (bf16 on disk), in the student's dtype, cut to the first
-    `rows` rows, and copied to a device once (not per batch). A plain object: never trained, saved or wrapped."""
-
-    def __init__(self, head: tuple[Tensor, Tensor | None], dtype: torch.dtype, rows: int | None = None):
-        weight, bias = head
-        self.weight = weight[:rows].to(dtype)  # [V, d_t]
-        self.bias = bias[:rows].to(dtype) if bias is not None else None  # [V]
-        self._on: dict[torch.device, tuple[Tensor, Tensor | None]] = {}
-
-    def on(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
-        if device not in self._on:
-            self._on[device] = (self.weight.to(device), self.bias.to(device) if self.bias is not None else None)
-        return self._on[device]
-
-
-def head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The LM head's weight [V, d] and bias [V] (or None), for losses that multiply hidden states by it."""
-    head = model.get_output_embeddings()
-    weight = head.weight
-    # ZeRO-3 partitions weights (empty tensors here), FSDP2 shards them (DTensor), CPU offload leaves meta
-    # tensors: only the model's own forward gathers them
-    if weight.numel() == 0 or weight.is_meta or isinstance(weight, DTensor):
-        raise ModelError("this objective reads the LM head weights outside the model's forward (fused loss, "
-                         "projectors), but they are partitioned or offloaded (DeepSpeed ZeRO-3, FSDP2, "
-                         "teacher.placement: sharded/cpu_offload). Keep this model whole (teacher.placement: "
-                         "same; DDP or ZeRO-2 for the student), or set `objective.fused: off` where the "
-                         "objective has it")
-    bias = getattr(head, "bias", None)
-    # Marian/BART add a `final_logits_bias` [1, V] buffer after the head: part of the logits, so part of the bias
-    extra = getattr(model, "final_logits_bias", None)
-    if isinstance(extra, Tensor):
-        bias = extra[0, : weight.shape[0]] if bias is None else bias + extra[0, : weight.shape[0]]
-    return weight, bias
-
-
-@torch.no_grad()
-def check_head_is_linear(model: nn.Module, role: str) -> None:
-    """The fused losses compute logits as last_hidden @ head.T (+ bias). Models that post-process logits
-    (soft-capping, scaling) would silently get a different loss: refuse them with a clear message."""
-    device = next(model.parameters()).device
-    ids = torch.arange(4, device=device)[None] % max(model.get_input_embeddings().num_embeddings, 1)
-    was_training = model.training
-    model.eval()
-    if getattr(model.config, "is_encoder_decoder", False):
-        out = model(input_ids=ids, decoder_input_ids=ids, output_hidden_states=True, use_cache=False)
-        last_hidden = out.decoder_hidden_states[-1]
-    else:
-        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-        last_hidden = out.hidden_states[-1]
-    model.train(was_training)
-    weight, bias = head_of(model)
-    logits = torch.nn.functional.linear(last_hidden, weight, bias)
-    if not torch.allclose(logits.float(), out.logits.float(), atol=1e-3, rtol=1e-3):
-        raise ModelError(f"the {role}'s logits are not last_hidden_state @ lm_head (the model post-processes them, "
-                         "e.g. logit soft-capping), which the fused losses need")
+def head_rows_of(teacher: Teacher, rows: int) -> tuple[Tensor, Tensor | None]:
+    """The first `rows` rows of the teacher's LM head: weight [rows, d], bias [rows] or None."""
+    head, bias = teacher.head()
+    return head[:rows], bias[:rows] if bias is not None else None
 
 
 def pinv_map(source_rows: Tensor, target_rows: Tensor) -> Tensor:

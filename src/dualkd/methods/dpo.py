@@ -19,10 +19,11 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
 from dualkd.errors import ModelError
+from dualkd.lm import check_head_is_linear, response_logprobs
 from dualkd.losses.policy import dpo_loss
-from dualkd.methods.base import Objective, SetupContext, StepNorm, response_logprobs
-from dualkd.methods.common import check_head_is_linear
+from dualkd.methods.base import Objective, SetupContext, StepNorm
 from dualkd.schema import StrictModel
+from dualkd.teachers import Teacher
 
 
 class DPOConfig(StrictModel):
@@ -47,17 +48,16 @@ class DPO(Objective):
         if not ctx.same_tokenizer:
             raise ModelError("objective `dpo`: the reference model (`teacher`) must share the student's tokenizer")
         assert ctx.teacher is not None
+        ctx.teacher.require({"model"}, "objective `dpo` (the reference model's sequence log-probabilities)")
         check_head_is_linear(ctx.student, "student")
-        check_head_is_linear(ctx.teacher, "reference model")
+        check_head_is_linear(ctx.teacher.model, "reference model")
 
-    def counts(self, batch: Batch, teacher_out: object = None, student: nn.Module | None = None
-               ) -> dict[str, Tensor]:
+    def counts(self, batch: Batch) -> dict[str, Tensor]:
         return {"tokens": batch.student.loss_mask.sum(), "pairs": torch.tensor(float(batch.num_pairs))}
 
     @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> Tensor:
-        assert teacher is not None
-        return response_logprobs(teacher, batch.student, self.config.chunk_size)  # [2P]
+    def teacher_forward(self, teacher: Teacher, batch: Batch) -> Tensor:
+        return response_logprobs(teacher.model, batch.student, self.config.chunk_size)  # [2P]
 
     def forward(self, student: nn.Module, batch: Batch, teacher_out: Tensor, norm: StepNorm
                 ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -14,7 +14,7 @@ Two projectors put each model's last hidden states in the other's space, where t
 projectors are nn.Linear with bias and PyTorch's default init, trained with their own learning rate. Every
 term goes through the fused chunked loss, so the vocabulary size never shapes memory.
 
-From an offline teacher cache written with `--hidden` (`source.kind: cache`), h_t and W_t are the cached
+From an offline teacher cache written with `--hidden` (`teacher.cache`), h_t and W_t are the cached
 ones (bf16 on disk, used in the student's dtype): no teacher model is loaded.
 """
 
@@ -27,19 +27,13 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
 from dualkd.errors import ModelError
+from dualkd.lm import check_head_is_linear, head_of, lm_forward
 from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_ce_and_divergence, fused_cross_entropy
-from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
-from dualkd.methods.common import (
-    CachedHead,
-    DivergenceChoice,
-    ProjectorChoice,
-    TeacherRows,
-    check_head_is_linear,
-    head_of,
-    load_projectors,
-)
+from dualkd.methods.base import Objective, SetupContext, StepNorm
+from dualkd.methods.common import DivergenceChoice, ProjectorChoice, TeacherRows, head_rows_of, load_projectors
 from dualkd.models import shared_vocab_size
+from dualkd.teachers import Teacher
 
 
 class DSKDConfig(DivergenceChoice, ProjectorChoice):
@@ -49,8 +43,6 @@ class DSKDConfig(DivergenceChoice, ProjectorChoice):
 class DSKD(Objective):
     config_class = DSKDConfig
     needs_teacher = True
-    reads_teacher_cache = True
-    reads_cached_hidden = True
     config: DSKDConfig
 
     def setup(self, ctx: SetupContext) -> None:
@@ -60,17 +52,13 @@ class DSKD(Objective):
         check_head_is_linear(ctx.student, "student")
         w_s, _ = head_of(ctx.student)
         d_s, dtype = w_s.shape[1], w_s.dtype
-        self.cached_head: CachedHead | None = None
-        if ctx.cache_head is not None:  # an offline cache (--hidden) stands in for the teacher
-            w_t = ctx.cache_head[0]
-            self.vocab_size = min(w_s.shape[0], w_t.shape[0], len(ctx.student_tokenizer))
-            self.cached_head = CachedHead(ctx.cache_head, dtype, rows=self.vocab_size)
-            d_t = w_t.shape[1]
-        else:
-            assert ctx.teacher is not None
-            self.vocab_size = shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer)
-            check_head_is_linear(ctx.teacher, "teacher")
-            d_t = head_of(ctx.teacher)[0].shape[1]
+        teacher = ctx.teacher
+        assert teacher is not None
+        teacher.require({"response_hidden", "head"}, "objective `dskd`")  # a cache written with --hidden will do
+        self.vocab_size = shared_vocab_size(w_s.shape[0], teacher.vocab_rows, ctx.student_tokenizer)
+        if "model" in teacher.provides:
+            check_head_is_linear(teacher.model, "teacher")
+        d_t = teacher.head()[0].shape[1]
         self.t2s = nn.Linear(d_t, d_s, dtype=dtype)
         self.s2t = nn.Linear(d_s, d_t, dtype=dtype)
         load_projectors(self, self.config.projector_path)
@@ -79,17 +67,10 @@ class DSKD(Objective):
         return [{"params": list(self.parameters()), "lr": self.config.projector_lr, "name": "projectors"}]
 
     @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> TeacherRows:
-        if batch.cached_hidden is not None:  # same tokenizer: the cached rows are the student's loss rows
-            assert self.cached_head is not None
-            w_t, b_t = self.cached_head.on(batch.cached_hidden.device)
-            return TeacherRows(batch.cached_hidden.to(w_t.dtype), w_t, b_t)
-        assert teacher is not None
-        tokens = batch.student  # same tokenizer: the teacher reads the student's tokens
-        hidden = lm_forward(teacher, tokens, hidden=True, logits=False).hidden
-        head, bias = head_of(teacher)
-        V = self.vocab_size
-        return TeacherRows(hidden[tokens.loss_mask], head[:V], bias[:V] if bias is not None else None)
+    def teacher_forward(self, teacher: Teacher, batch: Batch) -> TeacherRows:
+        # same tokenizer: the teacher reads the student's tokens; its rows are the student's response rows
+        return TeacherRows(teacher.response_hidden(batch.student, batch.indices),
+                           *head_rows_of(teacher, self.vocab_size))
 
     def forward(self, student: nn.Module, batch: Batch, teacher: TeacherRows, norm: StepNorm
                 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -106,7 +87,7 @@ class DSKD(Objective):
         # (1 - r)·CE + r·D(projected teacher || student), in one pass over the student's logits
         main, ce, kd_student, hits = fused_ce_and_divergence(
             h_s, w_s, h_t2s.detach(), w_s_fixed, labels, divergence=cfg.divergence,
-            ce_weight=(1 - cfg.kd_rate) * batch.ce_scale, div_weight=cfg.kd_rate,
+            ce_weight=(1 - cfg.kd_rate) * norm.ce_weight, div_weight=cfg.kd_rate,
             temperature=cfg.temperature, vocab_size=V, chunk_size=cfg.chunk_size, student_bias=b_s,
             teacher_bias=b_s_fixed, params=cfg.divergence_params)
         ce_t2s, t2s_hits = fused_cross_entropy(h_t2s, w_s_fixed, labels, bias=b_s_fixed, chunk_size=cfg.chunk_size)

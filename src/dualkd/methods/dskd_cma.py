@@ -40,17 +40,12 @@ from torch import Tensor, nn
 
 from dualkd.align.vocab import shared_vocabulary
 from dualkd.data.collate import Batch, ModelBatch
+from dualkd.lm import check_head_is_linear, head_of, lm_forward
 from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_argmax, fused_cross_entropy
-from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
-from dualkd.methods.common import (
-    DivergenceChoice,
-    ProjectorChoice,
-    check_head_is_linear,
-    head_of,
-    load_projectors,
-    pinv_map,
-)
+from dualkd.methods.base import Objective, SetupContext, StepNorm
+from dualkd.methods.common import DivergenceChoice, ProjectorChoice, load_projectors, pinv_map
+from dualkd.teachers import Teacher
 
 
 class DSKDCMAConfig(DivergenceChoice, ProjectorChoice):
@@ -89,10 +84,12 @@ class DSKDCMA(Objective):
 
     def setup(self, ctx: SetupContext) -> None:
         assert ctx.teacher is not None
+        teacher = ctx.teacher
+        teacher.require({"hidden", "head", "model"}, f"objective `{self.config.name}` (cross-model attention)")
         check_head_is_linear(ctx.student, "student")
-        check_head_is_linear(ctx.teacher, "teacher")
+        check_head_is_linear(teacher.model, "teacher")
         w_s, _ = head_of(ctx.student)
-        w_t, _ = head_of(ctx.teacher)
+        w_t, _ = teacher.head()
         d_s, d_t = w_s.shape[1], w_t.shape[1]
         dtype = w_s.dtype
         v2 = self.config.version == 2
@@ -114,7 +111,7 @@ class DSKDCMA(Objective):
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.parameters()), "lr": self.config.projector_lr, "name": "projectors"}]
 
-    def counts(self, batch: Batch, teacher_out=None, student=None) -> dict[str, Tensor]:
+    def counts(self, batch: Batch) -> dict[str, Tensor]:
         return {"tokens": batch.student.loss_mask.sum(), "teacher_tokens": self._teacher_tokens(batch).loss_mask.sum()}
 
     @staticmethod
@@ -122,16 +119,15 @@ class DSKDCMA(Objective):
         return batch.teacher_view
 
     @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> TeacherStates:
-        assert teacher is not None
+    def teacher_forward(self, teacher: Teacher, batch: Batch) -> TeacherStates:
         tokens = self._teacher_tokens(batch)
-        hidden = lm_forward(teacher, tokens, hidden=True, logits=False).hidden  # [B, Tt, dt]
-        head, bias = head_of(teacher)
+        hidden = teacher.hidden(tokens)  # [B, Tt, dt]
+        head, bias = teacher.head()
         if self.config.version == 2:
             next_ids = fused_argmax(hidden, head, bias, self.config.chunk_size)
         else:
             next_ids = tokens.labels
-        embed = teacher.get_input_embeddings()
+        embed = teacher.model.get_input_embeddings()
         mask = tokens.loss_mask
         inputs = embed(torch.where(mask, tokens.input_ids, 0))
         gold = embed(torch.where(mask, tokens.labels, 0))
@@ -185,6 +181,6 @@ class DSKDCMA(Objective):
                                       teacher_bias=teacher.bias, **kd_params)
         n, n_t = norm["tokens"], norm["teacher_tokens"]
         ce, kd_student, ce_t2s, kd_teacher = ce / n, kd_student / n, ce_t2s / n, kd_teacher / n_t
-        loss = (1 - cfg.kd_rate) * batch.ce_scale * ce + cfg.kd_rate * (kd_student + ce_t2s + kd_teacher)
+        loss = (1 - cfg.kd_rate) * norm.ce_weight * ce + cfg.kd_rate * (kd_student + ce_t2s + kd_teacher)
         return loss, {"ce": ce.detach(), "kd_student": kd_student.detach(), "ce_t2s": ce_t2s.detach(),
                       "kd_teacher": kd_teacher.detach(), "acc": hits / n, "t2s_acc": t2s_hits / n}

@@ -22,6 +22,7 @@ All counts are taken over the global batch (the teacher runs before the step's d
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -31,22 +32,21 @@ from torch import Tensor, nn
 from dualkd.align.pairs import ExactAligner
 from dualkd.align.vocab import shared_vocabulary, teacher_to_student_ids
 from dualkd.data.collate import Batch
-from dualkd.errors import ModelError
+from dualkd.lm import check_head_is_linear, head_of, lm_forward
 from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_argmax, fused_ce_and_divergence, fused_cross_entropy
-from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
+from dualkd.methods.base import Objective, SetupContext, StepNorm
 from dualkd.methods.common import (
-    CachedHead,
     DivergenceChoice,
     ProjectorChoice,
     TeacherRows,
-    check_head_is_linear,
-    head_of,
+    head_rows_of,
     load_projectors,
     pinv_map,
 )
-from dualkd.methods.dskd_cma import DSKDCMAConfig
+from dualkd.methods.dskd_cma import DSKDCMA, DSKDCMAConfig
 from dualkd.models import shared_vocab_size
+from dualkd.teachers import Teacher, response_rows
 
 
 class DSKDv2Config(DivergenceChoice, ProjectorChoice):
@@ -83,6 +83,11 @@ class DSKDv2Config(DivergenceChoice, ProjectorChoice):
         return DSKDCMAConfig(name="dskd_cma", version=2, **{k: getattr(self, k) for k in shared})
 
 
+def build(config: DSKDv2Config) -> Objective:
+    """`dskdv2` with `alignment: cma` is DSKDv2's cross-model attention, built by dskd_cma.py (version 2)."""
+    return DSKDCMA(config.as_cma()) if config.alignment == "cma" else DSKDv2(config)
+
+
 class DSKDv2(Objective):
     config_class = DSKDv2Config
     needs_teacher = True
@@ -99,18 +104,15 @@ class DSKDv2(Objective):
         cfg = self.config
         check_head_is_linear(ctx.student, "student")
         w_s, _ = head_of(ctx.student)
-        self.cached_head: CachedHead | None = None
-        if ctx.cache_head is not None:  # an offline cache (--hidden): its LM head stands in for the teacher's
-            self.cached_head = CachedHead(ctx.cache_head, w_s.dtype)
-            w_t = self.cached_head.weight
-        else:
-            assert ctx.teacher is not None
-            check_head_is_linear(ctx.teacher, "teacher")
-            w_t, _ = head_of(ctx.teacher)
+        teacher = ctx.teacher
+        assert teacher is not None
+        teacher.require({"response_hidden", "head"}, "objective `dskdv2`")  # a cache written with --hidden will do
+        if "model" in teacher.provides:
+            check_head_is_linear(teacher.model, "teacher")
+        w_t, _ = teacher.head()
         self.same_vocab = ctx.same_tokenizer
         if self.same_vocab:
-            self.vocab_size = (shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer) if ctx.teacher
-                               else min(w_s.shape[0], w_t.shape[0], len(ctx.student_tokenizer)))
+            self.vocab_size = shared_vocab_size(w_s.shape[0], teacher.vocab_rows, ctx.student_tokenizer)
             k = min(cfg.topk_vocab or self.vocab_size, self.vocab_size)
             student_ids = teacher_ids = torch.arange(k)
             to_student = torch.arange(self.vocab_size)
@@ -139,27 +141,16 @@ class DSKDv2(Objective):
 
     # ------------------------------------------------------------------------------------------- teacher
     @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> TeacherRows:
-        if self.cached_head is not None:
-            head, bias = self.cached_head.on(batch.student.input_ids.device)
-        else:
-            assert teacher is not None
-            head, bias = head_of(teacher)
-        if self.same_vocab:
-            tokens = batch.student
-            if batch.cached_hidden is not None:  # cached rows = the loss rows (one tokenization)
-                hidden = batch.cached_hidden.to(head.dtype)
-            else:
-                hidden = lm_forward(teacher, tokens, hidden=True, logits=False).hidden[tokens.loss_mask]
-            head, bias = head[: self.vocab_size], bias[: self.vocab_size] if bias is not None else None
+    def teacher_forward(self, teacher: Teacher, batch: Batch) -> TeacherRows:
+        if self.same_vocab:  # one tokenization: the teacher's response rows are the student's
+            hidden = teacher.response_hidden(batch.student, batch.indices)  # [N, d_t]
+            head, bias = head_rows_of(teacher, self.vocab_size)
         else:
             assert batch.teacher is not None and batch.alignment is not None, "dskdv2 needs aligned batches"
             al = batch.alignment
-            if batch.cached_hidden is not None:
-                hidden = self._cached_pair_rows(batch).to(head.dtype)
-            else:
-                hidden = lm_forward(teacher, batch.teacher, hidden=True, logits=False).hidden
-                hidden = hidden[al.batch_index, al.teacher_pos]  # [P, d_t] at the paired positions
+            rows = response_rows(batch.teacher.loss_mask, al.batch_index, al.teacher_pos)
+            hidden = teacher.response_hidden(batch.teacher, batch.indices)[rows]  # [P, d_t] at the paired positions
+            head, bias = teacher.head()
         argmax = fused_argmax(hidden, head, bias, self.config.chunk_size)
         labels = self.to_student[argmax]  # the student token with the same bytes, or -1
         if not self.same_vocab:
@@ -172,27 +163,19 @@ class DSKDv2(Objective):
             labels = torch.where(argmax == teacher_gold, student_gold, labels)
         return TeacherRows(hidden, head, bias, labels=labels)
 
-    @staticmethod
-    def _cached_pair_rows(batch: Batch) -> Tensor:
-        """The cached teacher hidden states at the aligned teacher positions [P, d_t]. The cache holds one row
-        per teacher response position, in `loss_mask` order (row-major over the batch)."""
-        assert batch.teacher is not None and batch.alignment is not None and batch.cached_hidden is not None
-        mask, al = batch.teacher.loss_mask, batch.alignment
-        row = torch.cumsum(mask.flatten().long(), 0).view(mask.shape) - 1  # [B, T_t] row of each loss position
-        if not bool(mask[al.batch_index, al.teacher_pos].all()):
-            raise ModelError("an aligned teacher position lies outside the response the cache holds")
-        return batch.cached_hidden[row[al.batch_index, al.teacher_pos]]
-
     @torch.no_grad()
-    def counts(self, batch: Batch, teacher_out: Any = None, student: nn.Module | None = None) -> dict[str, Tensor]:
-        assert isinstance(teacher_out, TeacherRows) and teacher_out.labels is not None and student is not None
+    def prepare(self, batch: Batch, teacher_out: Any, student: nn.Module) -> tuple[TeacherRows, dict[str, Tensor]]:
+        """The agreement mask (argmax of the projected teacher state under the current student head equals the
+        label) is a denominator of the step: computed here, once, and handed to the loss with the rows."""
+        assert isinstance(teacher_out, TeacherRows) and teacher_out.labels is not None
         w_s, b_s = head_of(student)
         labels = teacher_out.labels
         t2s_argmax = fused_argmax(self.t2s(teacher_out.hidden.to(self.t2s.weight.dtype)), w_s, b_s,
                                   self.config.chunk_size)
-        teacher_out.mask = (t2s_argmax == labels) & (labels >= 0)
-        return {"tokens": batch.student.loss_mask.sum(), "pairs": torch.tensor(float(labels.numel())),
-                "t2s_labels": (labels >= 0).sum(), "agree": teacher_out.mask.sum()}
+        agree = (t2s_argmax == labels) & (labels >= 0)
+        counts = {"tokens": batch.student.loss_mask.sum(), "pairs": torch.tensor(float(labels.numel())),
+                  "t2s_labels": (labels >= 0).sum(), "agree": agree.sum()}
+        return replace(teacher_out, mask=agree), counts
 
     # ------------------------------------------------------------------------------------------- loss
     def forward(self, student: nn.Module, batch: Batch, teacher: TeacherRows, norm: StepNorm
@@ -231,7 +214,7 @@ class DSKDv2(Objective):
         student_space = cfg.spaces != "teacher"
         main, ce, kd_student, hits = fused_ce_and_divergence(
             h_rows, w_s, target_rows, w_fixed, tokens.labels[mask], divergence=cfg.divergence,
-            ce_weight=(1 - cfg.kd_rate) * batch.ce_scale / norm["tokens"],
+            ce_weight=(1 - cfg.kd_rate) * norm.ce_weight / norm["tokens"],
             div_weight=cfg.kd_rate / kd_denominator if student_space else 0.0, div_mask=kd_rows,
             temperature=cfg.temperature, chunk_size=cfg.chunk_size, student_bias=b_s, teacher_bias=b_fixed,
             params=cfg.divergence_params)

@@ -6,7 +6,8 @@ on response tokens, same tokenizer. D is any divergence of `dualkd.losses` (forw
 
 `top_k: k` compares the teacher's k most likely tokens plus one tail bucket instead of the whole vocabulary
 (`losses/sparse.py`, forward KL): what an offline teacher cache holds (`dualkd cache-teacher`, then
-`source.kind: cache`), and the live twin of it, to check a cache against.
+`teacher.cache`), and the live twin of it, to check a cache against. A teacher limited to its top k (a
+cache) sets `top_k` to that k.
 
 Large vocabularies go through the fused chunked loss (`losses/fused.py`): the models return their last hidden
 states and the loss multiplies them by the LM heads chunk by chunk, so no [N, V] logits exist. `fused: auto`
@@ -27,13 +28,15 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch, ModelBatch
 from dualkd.errors import ModelError
+from dualkd.lm import check_head_is_linear, head_of, lm_forward
 from dualkd.losses import divergence, token_cross_entropy
-from dualkd.losses.fused import default_chunk_size, fused_ce_and_divergence, fused_cross_entropy
+from dualkd.losses.fused import fused_ce_and_divergence, fused_cross_entropy
 from dualkd.losses.ranking import hierarchical_ranking_loss
-from dualkd.losses.sparse import TopKTargets, sparse_kl, topk_targets
-from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward, token_accuracy
-from dualkd.methods.common import DivergenceChoice, TeacherRows, check_head_is_linear, head_of
+from dualkd.losses.sparse import TopKTargets, sparse_kl
+from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
+from dualkd.methods.common import DivergenceChoice, TeacherRows, head_rows_of
 from dualkd.models import head_rows, shared_vocab_size
+from dualkd.teachers import Teacher
 
 
 class KDConfig(DivergenceChoice):
@@ -60,7 +63,6 @@ class KDConfig(DivergenceChoice):
 class KD(Objective):
     config_class = KDConfig
     needs_teacher = True
-    reads_teacher_cache = True
     config: KDConfig
 
     def setup(self, ctx: SetupContext) -> None:
@@ -69,16 +71,18 @@ class KD(Objective):
                 "objective `kd` needs the student and teacher to share one tokenizer, but their vocabularies "
                 "differ; use a cross-tokenizer objective (dskd_cma, dskdv2, uld, mined)"
             )
+        teacher = ctx.teacher
+        assert teacher is not None
         self.top_k = self.config.top_k
-        if ctx.cache_k is not None:  # a teacher cache: its top-k targets are the teacher
-            if self.top_k is not None and self.top_k != ctx.cache_k:
-                raise ModelError(f"objective.top_k={self.top_k} but the teacher cache holds the top {ctx.cache_k}")
-            self.top_k = ctx.cache_k
+        if teacher.k is not None:  # a teacher that only knows its top k (a cache): those are the targets
+            if self.top_k is not None and self.top_k != teacher.k:
+                raise ModelError(f"objective.top_k={self.top_k} but the teacher holds its top {teacher.k} only")
+            self.top_k = teacher.k
+            teacher.require({"topk"}, "objective `kd`")
             self.vocab_size = min(head_rows(ctx.student), len(ctx.student_tokenizer))
             self.fused = False
             return
-        assert ctx.teacher is not None
-        self.vocab_size = shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer)
+        self.vocab_size = shared_vocab_size(head_rows(ctx.student), teacher.vocab_rows, ctx.student_tokenizer)
         mode = self.config.fused
         self.fused = mode == "on" or (mode == "auto" and self.vocab_size >= self.config.fused_min_vocab)
         if self.config.ranking_top_k is not None:
@@ -86,39 +90,32 @@ class KD(Objective):
                 raise ModelError("objective.ranking_top_k needs the dense logits: set objective.fused: off and no "
                                  "top_k")
             self.fused = False
+        teacher.require({"topk"} if self.top_k is not None else {"response_hidden", "head"} if self.fused
+                        else {"logits"}, "objective `kd`")
         if self.fused:
             try:
                 check_head_is_linear(ctx.student, "student")
-                check_head_is_linear(ctx.teacher, "teacher")
+                check_head_is_linear(teacher.model, "teacher")
             except ModelError as e:
                 raise ModelError(f"{e}; set objective.fused: off") from None
 
     @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> Tensor | TeacherRows | TopKTargets:
-        if batch.cached_teacher is not None:  # an offline cache stands in for the teacher
-            return batch.cached_teacher
-        assert teacher is not None
+    def teacher_forward(self, teacher: Teacher, batch: Batch) -> Tensor | TeacherRows | TopKTargets:
         tokens = batch.student  # same tokenizer: the teacher reads the student's tokens
         if self.top_k is not None:
-            hidden = lm_forward(teacher, tokens, hidden=True, logits=False).hidden[tokens.loss_mask]
-            head, bias = head_of(teacher)
-            return topk_rows(hidden, head[: self.vocab_size], bias[: self.vocab_size] if bias is not None else None,
-                             self.top_k, self.config.chunk_size)
+            return teacher.topk(tokens, batch.indices, self.top_k, self.vocab_size, self.config.chunk_size)
         if self.fused:
-            hidden = lm_forward(teacher, tokens, hidden=True, logits=False).hidden
-            head, bias = head_of(teacher)
-            return TeacherRows(hidden[tokens.loss_mask], head[: self.vocab_size],
-                               bias[: self.vocab_size] if bias is not None else None)
-        logits = lm_forward(teacher, tokens).logits
+            return TeacherRows(teacher.response_hidden(tokens, batch.indices), *head_rows_of(teacher, self.vocab_size))
+        logits = teacher.logits(tokens)
         return logits[tokens.loss_mask][:, : self.vocab_size]  # [N, V] response positions only
 
     def forward(self, student: nn.Module, batch: Batch, teacher_out: Tensor | TeacherRows, norm: StepNorm
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         tokens = batch.student
         if isinstance(teacher_out, TopKTargets):
-            return self._sparse_loss(student, tokens, teacher_out, norm, batch.ce_scale)
+            return self._sparse_loss(student, tokens, teacher_out, norm)
         if isinstance(teacher_out, TeacherRows):
-            return self._fused_loss(student, tokens, teacher_out, norm, batch.ce_scale)
+            return self._fused_loss(student, tokens, teacher_out, norm)
         logits = lm_forward(student, tokens).logits  # [B, T, V_s]
         ce = token_cross_entropy(logits, tokens.labels, tokens.loss_mask) / norm["tokens"]
         student_rows = logits[tokens.loss_mask][:, : self.vocab_size]  # [N, V]
@@ -128,26 +125,26 @@ class KD(Objective):
             kd = kd + hierarchical_ranking_loss(student_rows, teacher_out, self.config.ranking_top_k).sum() / norm[
                 "tokens"]
         rate = self.config.kd_rate
-        loss = (1 - rate) * batch.ce_scale * ce + rate * kd
+        loss = (1 - rate) * norm.ce_weight * ce + rate * kd
         acc = token_accuracy(logits.detach(), tokens.labels, tokens.loss_mask) / norm["tokens"]
         return loss, {"ce": ce.detach(), "kd": kd.detach(), "acc": acc}
 
-    def _fused_loss(self, student: nn.Module, tokens: ModelBatch, teacher: TeacherRows, norm: StepNorm,
-                    ce_scale: float) -> tuple[Tensor, dict[str, Tensor]]:
+    def _fused_loss(self, student: nn.Module, tokens: ModelBatch, teacher: TeacherRows, norm: StepNorm
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
         hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden  # [B, T, d_s]
         head, bias = head_of(student)
         rate = self.config.kd_rate
         loss, ce, kd, hits = fused_ce_and_divergence(
             hidden[tokens.loss_mask], head, teacher.hidden, teacher.head, tokens.labels[tokens.loss_mask],
-            divergence=self.config.divergence, ce_weight=(1 - rate) * ce_scale, div_weight=rate,
+            divergence=self.config.divergence, ce_weight=(1 - rate) * norm.ce_weight, div_weight=rate,
             temperature=self.config.temperature,
             vocab_size=self.vocab_size, chunk_size=self.config.chunk_size, student_bias=bias,
             teacher_bias=teacher.bias, params=self.config.divergence_params)
         n = norm["tokens"]
         return loss / n, {"ce": ce / n, "kd": kd / n, "acc": hits / n}
 
-    def _sparse_loss(self, student: nn.Module, tokens: ModelBatch, teacher: TopKTargets, norm: StepNorm,
-                     ce_scale: float) -> tuple[Tensor, dict[str, Tensor]]:
+    def _sparse_loss(self, student: nn.Module, tokens: ModelBatch, teacher: TopKTargets, norm: StepNorm
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
         hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden[tokens.loss_mask]  # [N, d_s]
         if hidden.shape[0] != len(teacher):
             raise ModelError(f"the teacher targets cover {len(teacher)} positions but the batch has "
@@ -159,23 +156,8 @@ class KD(Objective):
         kd = sparse_kl(hidden, head[: self.vocab_size], teacher, temperature=self.config.temperature,
                        student_bias=bias[: self.vocab_size] if bias is not None else None,
                        chunk_size=self.config.chunk_size)
-        loss = ((1 - rate) * ce_scale * ce + rate * kd) / n
+        loss = ((1 - rate) * norm.ce_weight * ce + rate * kd) / n
         return loss, {"ce": ce.detach() / n, "kd": kd.detach() / n, "acc": hits / n}
-
-
-@torch.no_grad()
-def topk_rows(hidden: Tensor, head: Tensor, bias: Tensor | None, k: int, chunk_size: int | None = None
-              ) -> TopKTargets:
-    """The teacher's top-k targets at N rows from its hidden states, chunk by chunk (no [N, V] logits)."""
-    n = hidden.shape[0]
-    step = chunk_size or default_chunk_size(max(n, 1), head.shape[0])
-    parts = [topk_targets(hidden[s:s + step] @ head.t() + (bias if bias is not None else 0), k)
-             for s in range(0, n, step)]
-    if not parts:
-        empty = hidden.new_zeros((0, k))
-        return TopKTargets(empty.long(), empty.float(), hidden.new_zeros(0).float())
-    return TopKTargets(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]),
-                       torch.cat([p.tail for p in parts]))
 
 
 class WordKDConfig(KDConfig):

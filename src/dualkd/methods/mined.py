@@ -34,20 +34,19 @@ from torch import Tensor, nn
 from dualkd.align.mined import mined_vocab_map
 from dualkd.align.pairs import MinEDAligner
 from dualkd.data.collate import Batch
+from dualkd.lm import check_head_is_linear, head_of, lm_forward
 from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_cross_entropy
-from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
-from dualkd.methods.common import check_head_is_linear, head_of
+from dualkd.methods.base import Objective, SetupContext, StepNorm
+from dualkd.methods.common import DistillationConfig
 from dualkd.models import head_rows
-from dualkd.schema import StrictModel
+from dualkd.teachers import Teacher
 
 _UNMAPPED = -1e5  # the official code's "minus infinity" for student ids with no teacher token
 
 
-class MinEDConfig(StrictModel):
+class MinEDConfig(DistillationConfig):
     name: Literal["mined"] = "mined"
-    kd_rate: float = Field(0.5, ge=0.0, le=1.0)
-    """Weight of the KD term; CE gets 1 - kd_rate."""
     temperature: float = Field(1.0, gt=0)
     """τ of the forward KL (DSKD scripts: 2.0)."""
     chunk_size: int | None = Field(None, ge=1)
@@ -72,9 +71,10 @@ class MinED(Objective):
 
     def setup(self, ctx: SetupContext) -> None:
         assert ctx.teacher is not None
+        ctx.teacher.require({"hidden", "head", "model"}, "objective `mined`")
         check_head_is_linear(ctx.student, "student")
-        check_head_is_linear(ctx.teacher, "teacher")
-        w_t, b_t = head_of(ctx.teacher)
+        check_head_is_linear(ctx.teacher.model, "teacher")
+        w_t, b_t = ctx.teacher.head()
         vocab = mined_vocab_map(ctx.student_tokenizer, ctx.teacher_tokenizer)
         rows = head_rows(ctx.student)
         partner = torch.full((rows,), -1, dtype=torch.long)  # student head rows past the tokenizer: unmapped
@@ -90,13 +90,13 @@ class MinED(Objective):
         self.register_buffer("to_student", vocab.to_student, persistent=False)  # [V_t] teacher id -> student id
 
     @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> AlignedTeacher:
-        assert teacher is not None and batch.alignment is not None and batch.teacher is not None
+    def teacher_forward(self, teacher: Teacher, batch: Batch) -> AlignedTeacher:
+        assert batch.alignment is not None and batch.teacher is not None
         al = batch.alignment
         teacher_labels = batch.teacher.labels[al.batch_index, al.teacher_pos]
         student_labels = batch.student.labels[al.batch_index, al.student_pos]
         valid = self.to_student[teacher_labels] == student_labels
-        hidden = lm_forward(teacher, batch.teacher, hidden=True, logits=False).hidden
+        hidden = teacher.hidden(batch.teacher)  # [B, Tt, dt]
         b, s, t = al.batch_index[valid], al.student_pos[valid], al.teacher_pos[valid]
         return AlignedTeacher(hidden[b, t], b, s)
 
@@ -122,5 +122,5 @@ class MinED(Objective):
                                          bias=b_s / tau if b_s is not None else None, chunk_size=cfg.chunk_size)
         n = norm["tokens"]
         ce, kd = ce / n, (kd_aligned + kd_rest) / n
-        loss = (1 - cfg.kd_rate) * batch.ce_scale * ce + cfg.kd_rate * kd
+        loss = (1 - cfg.kd_rate) * norm.ce_weight * ce + cfg.kd_rate * kd
         return loss, {"ce": ce.detach(), "kd": kd.detach(), "aligned": aligned.sum().float() / n, "acc": hits / n}

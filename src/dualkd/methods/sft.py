@@ -11,9 +11,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
+from dualkd.lm import lm_forward
 from dualkd.losses import token_cross_entropy
 from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
-from dualkd.methods.base import Objective, StepNorm, lm_forward, token_accuracy
+from dualkd.methods.base import Objective, StepNorm, token_accuracy
 from dualkd.schema import StrictModel
 
 
@@ -35,4 +36,4 @@ class SFT(Objective):
         eps = self.config.label_smoothing
         loss = ce if eps == 0 else label_smoothed_cross_entropy(logits, tokens.labels, tokens.loss_mask,
                                                                  eps).sum() / norm["tokens"]
-        return loss * batch.ce_scale, {"ce": ce.detach(), "acc": acc}
+        return loss * norm.ce_weight, {"ce": ce.detach(), "acc": acc}

@@ -26,19 +26,19 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
 from dualkd.errors import ModelError
+from dualkd.lm import lm_forward
 from dualkd.losses import divergence
 from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
 from dualkd.losses.divergences import upcast
 from dualkd.losses.ranking import hierarchical_ranking_loss
-from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward, token_accuracy
-from dualkd.models import shared_vocab_size
-from dualkd.schema import StrictModel
+from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
+from dualkd.methods.common import DistillationConfig
+from dualkd.models import head_rows, shared_vocab_size
+from dualkd.teachers import Teacher
 
 
-class TIEKDConfig(StrictModel):
+class TIEKDConfig(DistillationConfig):
     name: Literal["tie_kd"] = "tie_kd"
-    kd_rate: float = Field(0.5, ge=0.0, le=1.0)
-    """λ: weight of the KD terms; 1 − λ weighs the label-smoothed CE (paper: 0.5)."""
     top_k: int = Field(5, ge=1)
     """k of the ranking loss (paper: 5)."""
     iterations: int = Field(3, ge=1)
@@ -55,7 +55,7 @@ class TIEKDConfig(StrictModel):
 
 @dataclass
 class TeacherPass:
-    model: nn.Module  # the frozen teacher, for the later passes
+    teacher: Teacher  # for the later passes (timed, placed and without gradients like every teacher call)
     logits: Tensor  # [B, T, V] pass 1
     encoder_outputs: Any  # reused by later passes (None for decoder-only models)
 
@@ -76,23 +76,23 @@ class TIEKD(Objective):
         if not ctx.same_tokenizer:
             raise ModelError("objective `tie_kd` needs one tokenizer for student and teacher")
         assert ctx.teacher is not None
+        ctx.teacher.require({"logits", "model"}, "objective `tie_kd`")
         self.seq2seq = bool(getattr(ctx.student.config, "is_encoder_decoder", False))
         if self.config.iterations > 1 and not self.seq2seq:
             raise ModelError("objective `tie_kd`: iterative KD (iterations > 1) re-runs a decoder on its own "
                              "predictions and needs an encoder-decoder model; use iterations: 1 for a causal LM")
-        self.vocab_size = shared_vocab_size(ctx.student, ctx.teacher, ctx.student_tokenizer)
+        self.vocab_size = shared_vocab_size(head_rows(ctx.student), ctx.teacher.vocab_rows, ctx.student_tokenizer)
         if self.config.top_k > self.vocab_size:
             raise ModelError(f"objective.top_k={self.config.top_k} exceeds the vocabulary ({self.vocab_size})")
         self.start_id = int(ctx.student.config.decoder_start_token_id) if self.seq2seq else 0
 
     @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> TeacherPass:
-        assert teacher is not None
+    def teacher_forward(self, teacher: Teacher, batch: Batch) -> TeacherPass:
         tokens = batch.student
         encoder_outputs = None
         if self.seq2seq and self.config.iterations > 1:
-            encoder_outputs = teacher.get_encoder()(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        logits = lm_forward(teacher, tokens, encoder_outputs=encoder_outputs).logits
+            encoder_outputs = teacher.encode(tokens)
+        logits = teacher.logits(tokens, encoder_outputs=encoder_outputs)
         return TeacherPass(teacher, logits, encoder_outputs)
 
     def forward(self, student: nn.Module, batch: Batch, teacher: TeacherPass, norm: StepNorm
@@ -113,9 +113,8 @@ class TIEKD(Objective):
                 ce = label_smoothed_cross_entropy(logits, tokens.labels, mask, cfg.label_smoothing).sum()
                 acc = token_accuracy(logits.detach(), tokens.labels, mask)
             else:
-                with torch.no_grad():
-                    t_logits = lm_forward(teacher.model, tokens, decoder_input_ids=decoder_inputs,
-                                          encoder_outputs=teacher.encoder_outputs).logits
+                t_logits = teacher.teacher.logits(tokens, decoder_input_ids=decoder_inputs,
+                                                  encoder_outputs=teacher.encoder_outputs)
             rows_s, rows_t = logits[mask][:, :V], t_logits[mask][:, :V]
             kd_total = kd_total + self._kl(rows_s, rows_t).sum()
             if cfg.ranking:
@@ -124,7 +123,7 @@ class TIEKD(Objective):
                 decoder_inputs = next_decoder_inputs(logits.detach(), self.start_id)
         n_tok = norm["tokens"]
         kd = (kd_total + ranking_total) / cfg.iterations
-        loss = ((1 - cfg.kd_rate) * batch.ce_scale * ce + cfg.kd_rate * kd) / n_tok
+        loss = ((1 - cfg.kd_rate) * norm.ce_weight * ce + cfg.kd_rate * kd) / n_tok
         metrics = {"ce": ce.detach() / n_tok, "kd": torch.as_tensor(kd_total).detach() / cfg.iterations / n_tok,
                    "acc": acc / n_tok}
         if cfg.ranking:

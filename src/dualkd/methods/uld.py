@@ -22,17 +22,16 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dualkd.data.collate import Batch
+from dualkd.lm import check_head_is_linear, head_of, lm_forward
 from dualkd.losses.divergences import upcast
 from dualkd.losses.fused import default_chunk_size, fused_cross_entropy
-from dualkd.methods.base import Objective, SetupContext, StepNorm, lm_forward
-from dualkd.methods.common import check_head_is_linear, head_of
-from dualkd.schema import StrictModel
+from dualkd.methods.base import Objective, SetupContext, StepNorm
+from dualkd.methods.common import DistillationConfig
+from dualkd.teachers import Teacher
 
 
-class ULDConfig(StrictModel):
+class ULDConfig(DistillationConfig):
     name: Literal["uld"] = "uld"
-    kd_rate: float = Field(0.5, ge=0.0, le=1.0)
-    """Weight of the ULD term; CE gets 1 - kd_rate."""
     chunk_size: int | None = Field(None, ge=1)
     """Positions per checkpointed chunk (None: about 16M logits per chunk)."""
 
@@ -79,15 +78,15 @@ class ULD(Objective):
     def setup(self, ctx: SetupContext) -> None:
         check_head_is_linear(ctx.student, "student")
         assert ctx.teacher is not None
-        check_head_is_linear(ctx.teacher, "teacher")
+        ctx.teacher.require({"hidden", "head", "model"}, "objective `uld`")
+        check_head_is_linear(ctx.teacher.model, "teacher")
 
     @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module | None, batch: Batch) -> PairedRows:
-        assert teacher is not None
+    def teacher_forward(self, teacher: Teacher, batch: Batch) -> PairedRows:
         t_tokens = batch.teacher_view
         b_idx, s_pos, t_pos = positional_pairs(batch.student.loss_mask, t_tokens.loss_mask)
-        hidden = lm_forward(teacher, t_tokens, hidden=True, logits=False).hidden[b_idx, t_pos]
-        head, bias = head_of(teacher)
+        hidden = teacher.hidden(t_tokens)[b_idx, t_pos]
+        head, bias = teacher.head()
         return PairedRows(hidden, head, bias, b_idx, s_pos)
 
     def forward(self, student: nn.Module, batch: Batch, teacher: PairedRows, norm: StepNorm
@@ -106,5 +105,5 @@ class ULD(Objective):
                                    teacher.bias, use_reentrant=False)
         n = norm["tokens"]
         ce, uld = ce / n, uld / n
-        loss = (1 - self.config.kd_rate) * batch.ce_scale * ce + self.config.kd_rate * uld
+        loss = (1 - self.config.kd_rate) * norm.ce_weight * ce + self.config.kd_rate * uld
         return loss, {"ce": ce.detach(), "uld": uld.detach(), "acc": hits / n}

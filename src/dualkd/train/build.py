@@ -18,18 +18,20 @@ from dualkd.data.formats import Example
 from dualkd.data.preferences import make_preference_dataset
 from dualkd.data.readers import LoadReport, load_examples
 from dualkd.errors import ConfigError
+from dualkd.lm import is_seq2seq
 from dualkd.methods import Objective, build_objective
 from dualkd.methods.base import SetupContext
 from dualkd.models import is_encoder_decoder, load_model, load_tokenizer, same_vocabulary
+from dualkd.teachers import CachedTeacher, LiveTeacher, Teacher, cache_tokenizer
 from dualkd.train.seqkd import seqkd_examples
-from dualkd.train.teacher_cache import attach_caches, cache_tokenizer
 
 
 @dataclass
 class Parts:
     objective: Objective
     student: nn.Module
-    teacher: nn.Module | None
+    teacher: Teacher | None
+    """Where the teacher's outputs come from: a live model (placed by the loop) or an offline cache."""
     student_tokenizer: Any
     teacher_tokenizer: Any | None
     train_set: TokenizedDataset
@@ -54,13 +56,13 @@ def training_texts(examples: list[Example], separate: bool = False) -> Iterable[
             yield (ex.prompt or "") + ex.response
 
 
-def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
-    objective = build_objective(cfg.objective)
-    from_cache = cfg.source.kind == "cache"  # the teacher's outputs come from files, no teacher model is loaded
-    if from_cache and not objective.reads_teacher_cache:
-        raise ConfigError(f"source.kind=cache: objective `{cfg.objective.name}` cannot train from a teacher cache "
-                          "(a cache serves `kd` (top-k), and `dskd` and `dskdv2` (written with --hidden))")
-    if objective.needs_teacher and cfg.teacher is None and not from_cache:
+def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective | None = None) -> Parts:
+    """The run's parts; `objective`: one already built from `cfg.objective` (the loop builds it first, to tell
+    the engine whether DDP must look for unused parameters)."""
+    objective = objective if objective is not None else build_objective(cfg.objective)
+    # the teacher's outputs come from files: no teacher model is loaded
+    cache_dir = cfg.teacher.cache if cfg.teacher is not None and objective.needs_teacher else None
+    if objective.needs_teacher and cfg.teacher is None:
         raise ConfigError(f"objective `{cfg.objective.name}` needs a teacher: set `teacher.path`")
 
     data = cfg.data
@@ -75,8 +77,8 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
                                                  data.translation_pair)
 
     student_tokenizer = _student_tokenizer(cfg, run_dir, engine, train_examples)
-    if from_cache:
-        teacher_tokenizer = cache_tokenizer(cfg.source.cache_dir)
+    if cache_dir is not None:
+        teacher_tokenizer = cache_tokenizer(cache_dir)
     else:
         teacher_tokenizer = (load_tokenizer(cfg.teacher, field="teacher") if objective.needs_teacher and cfg.teacher
                              else None)
@@ -96,22 +98,23 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any) -> Parts:
     dev_set = tokenized(dev_examples, dev_report) if dev_examples is not None else None
 
     student = load_model(cfg.student, student_tokenizer, role="student", seed=cfg.seed)
-    teacher = None
-    cache_k = cache_head = None
-    if from_cache:
-        assert cfg.source.cache_dir is not None
-        cache_k, cache_head = attach_caches(cfg.source.cache_dir, teacher_tokenizer, train_set, dev_set,
-                                            hidden=objective.reads_cached_hidden)
+    teacher: Teacher | None = None
+    if cache_dir is not None:
+        cached = CachedTeacher(cache_dir, teacher_tokenizer, dtype=next(student.parameters()).dtype)
+        for split, dataset in (("train", train_set), ("dev", dev_set)):
+            if dataset is not None:  # refuse a cache of other data, naming what differs
+                cached.for_split(split).check(dataset.teacher_view)
+        teacher = cached
     elif objective.needs_teacher:
         assert cfg.teacher is not None
-        teacher = load_model(cfg.teacher, teacher_tokenizer, role="teacher", seed=cfg.seed)
-        if bool(getattr(teacher.config, "is_encoder_decoder", False)) != seq2seq:
+        model = load_model(cfg.teacher, teacher_tokenizer, role="teacher", seed=cfg.seed)
+        if is_seq2seq(model) != seq2seq:
             raise ConfigError("the student and the teacher must both be encoder-decoder models or both decoder-only")
+        teacher = LiveTeacher(model, teacher_tokenizer)
     frozen = _frozen_models(cfg, objective, student_tokenizer)
     objective.setup(SetupContext(student=student, teacher=teacher, student_tokenizer=student_tokenizer,
                                  teacher_tokenizer=teacher_tokenizer, same_tokenizer=same,
-                                 student_pretrained=cfg.student.init != "random", frozen=frozen,
-                                 cache_k=cache_k, cache_head=cache_head))
+                                 student_pretrained=cfg.student.init != "random", frozen=frozen))
     reports = [r for r in (train_report, dev_report) if r is not None]
     return Parts(objective, student, teacher, student_tokenizer, teacher_tokenizer, train_set, dev_set, reports,
                  aligner, frozen)

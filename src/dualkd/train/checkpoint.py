@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dualkd.atomic import fsync_dir, fsync_tree
 from dualkd.errors import DualKDError
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -55,22 +56,6 @@ class TrainerState:
 # ----------------------------------------------------------------------------------------------- files
 
 
-def fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def readable_by_umask(path: Path) -> None:
     """Give every file and folder under `path` the modes a plain `open` would (0644/0755 under umask 022):
     safetensors writes 0600, which hides exported models and checkpoints from the rest of a group."""
@@ -91,7 +76,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         final.rename(old)
     tmp.rename(final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -104,7 +89,7 @@ def remove_dir(path: Path) -> None:
     if doomed.exists():
         shutil.rmtree(doomed, ignore_errors=True)
     path.rename(doomed)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 

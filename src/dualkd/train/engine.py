@@ -40,6 +40,21 @@ def _launched_with(engine: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
 
 
+class LocalEngine:
+    """One process on this machine, without accelerate: what building a run's parts needs of an engine (data
+    preparation, SeqKD generation, the cache writer, tests that build parts without training)."""
+
+    is_main = True
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def barrier(self) -> None:
+        """Nothing to wait for: one process."""
+
+
 class Engine:
     def __init__(self, mixed_precision: str = "no", find_unused_parameters: bool = False):
         from accelerate import Accelerator

@@ -28,8 +28,12 @@ from torch import Tensor, nn
 from dualkd.config import RunConfig, save_config
 from dualkd.data.collate import Batch
 from dualkd.errors import ConfigError, DualKDError
-from dualkd.methods import Objective, StepNorm
+from dualkd.lm import head_is_linear, head_of, lm_forward
+from dualkd.losses import token_cross_entropy
+from dualkd.losses.fused import fused_cross_entropy
+from dualkd.methods import Objective, StepNorm, build_objective
 from dualkd.models import export_model, is_lora
+from dualkd.teachers import Teacher
 from dualkd.train.build import Parts, build_parts
 from dualkd.train.checkpoint import CheckpointManager, TrainerState, load_trainable
 from dualkd.train.engine import Engine
@@ -57,21 +61,38 @@ class TrainModule(nn.Module):
         super().__init__()
         self.student = student
         self.objective = objective
+        self._fused_gold: bool | None = None  # the gold CE from hidden states (known at the first sampled step)
 
     def forward(self, batch: Batch, teacher_out: Any, norm: StepNorm, gold: Batch | None = None,
                 gold_norm: StepNorm | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """The objective on `batch`. On a student-sampled step `batch` holds the samples (`ce_scale = 0`) and
-        `gold` the dataset micro-batch it replaces: its CE is added here, in the same forward call, so that
-        DDP sees one forward per backward."""
+        """The objective on `batch`. On a student-sampled step `batch` holds the samples (`norm.ce_weight`
+        is 0) and `gold` the dataset micro-batch they replace: its CE is added here, in the same forward call,
+        so that DDP sees one forward per backward. The logged `ce` and `acc` are then the gold ones."""
         loss, metrics = self.objective(self.student, batch, teacher_out, norm)
         if gold is None:
             return loss, metrics
         assert gold_norm is not None
-        gold_loss, gold_metrics = self.objective.gold_ce(self.student, gold, gold_norm)
-        # the objective's own CE/accuracy on the samples is not trained (ce_scale = 0; fused objectives then skip
-        # it and report 0): the logged `ce` and `acc` are the gold ones
-        kd_metrics = {k: v for k, v in metrics.items() if k not in ("ce", "acc")}
-        return loss + gold_loss, {**kd_metrics, **gold_metrics}
+        gold_loss, gold_metrics = self._gold_ce(gold, gold_norm)
+        return loss + gold_loss, {**metrics, **gold_metrics}
+
+    def _gold_ce(self, gold: Batch, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        """(1 - kd_rate)·CE on the dataset responses, normalized by their tokens; fused over the vocabulary when
+        the student's logits are its last hidden states times its head."""
+        weight, tokens, n = self.objective.gold_weight(), gold.student, norm["tokens"]
+        if weight == 0.0:  # kd_rate = 1: no gold term (DistiLLM's setting)
+            return torch.zeros((), device=tokens.input_ids.device), {}
+        if self._fused_gold is None:
+            self._fused_gold = head_is_linear(self.student)
+        mask = tokens.loss_mask
+        if self._fused_gold:
+            hidden = lm_forward(self.student, tokens, hidden=True, logits=False).hidden  # [B, T, d]
+            head, bias = head_of(self.student)
+            ce, hits = fused_cross_entropy(hidden[mask], head, tokens.labels[mask], bias=bias)
+        else:
+            logits = lm_forward(self.student, tokens).logits  # [B, T, V]
+            ce = token_cross_entropy(logits, tokens.labels, mask)
+            hits = ((logits.detach().argmax(-1) == tokens.labels) & mask).sum().float()
+        return weight * ce / n, {"ce": ce.detach() / n, "acc": hits / n}
 
 
 def train(cfg: RunConfig, resume: bool | Literal["auto"] = False, accept_changes: bool = False) -> Path:
@@ -81,17 +102,17 @@ def train(cfg: RunConfig, resume: bool | Literal["auto"] = False, accept_changes
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars; ours shows the training progress
-    from dualkd.methods import OBJECTIVES
-
+    objective = build_objective(cfg.objective)
     engine = Engine(cfg.optimization.mixed_precision,
-                    find_unused_parameters=OBJECTIVES[cfg.objective.name].changes_trained_parameters)
+                    find_unused_parameters=objective.changes_trained_parameters)
     try:
-        return _train(cfg, resume or cfg.checkpoint.resume, accept_changes, engine)
+        return _train(cfg, resume or cfg.checkpoint.resume, accept_changes, engine, objective)
     finally:
         engine.end()
 
 
-def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool, engine: Engine) -> Path:
+def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool, engine: Engine,
+           objective: Objective) -> Path:
     run_dir = Path(cfg.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir: {run_dir} is a file, not a folder")
@@ -116,7 +137,7 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
     engine.barrier()
     _seed_everything(cfg.seed)
 
-    parts = build_parts(cfg, run_dir, engine)
+    parts = build_parts(cfg, run_dir, engine, objective)
     module = TrainModule(parts.student, parts.objective)
     optimizer = build_optimizer(parts.student, opt, parts.objective.param_groups())
     gold = OffPolicySource(parts.train_set, opt.micro_batch_size, opt.grad_accum, engine.world_size, engine.rank,
@@ -124,7 +145,12 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
     total_steps = opt.max_steps or opt.epochs * gold.steps_per_epoch
     scheduler = build_scheduler(optimizer, opt, total_steps)
     module, optimizer = engine.prepare(module, optimizer, opt.micro_batch_size, opt.grad_accum, opt.max_grad_norm)
-    teacher = engine.place_teacher(parts.teacher, cfg.teacher.placement if cfg.teacher else "auto")
+    timer = StepTimer(engine.device)
+    teacher = parts.teacher
+    if teacher is not None:
+        assert cfg.teacher is not None
+        placement = cfg.teacher.placement
+        teacher.attach(engine.device, lambda model: engine.place_teacher(model, placement), engine.autocast, timer)
     for role, model in (parts.frozen or {}).items():  # the objective holds them; placement changes them in place
         engine.place_teacher(model, cfg.teachers[role].placement)
     objective = parts.objective
@@ -149,16 +175,17 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
         log.event("resume_changed", f"resumed with {name}: {old_value!r} -> {new_value!r}", setting=name,
                   old=old_value, new=new_value)
 
-    timer = StepTimer(engine.device)
     stop = _StopSignals()
     show_bar = cfg.logging.progress_bar == "on" or (cfg.logging.progress_bar == "auto" and log.console.is_terminal)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=log.console, disable=not (show_bar and engine.is_main))
     last_ckpt_step = state.step if start is not None else -1
+    dev_teacher = teacher.for_split("dev") if teacher is not None else None  # a cache reads the dev files
     module.train()
     if source.wants_dev_loss and start is None and parts.dev_set is not None:  # replay: the starting dev loss
-        dev = evaluate(engine, module, objective, teacher, parts.dev_set, cfg.eval.batch_size or opt.micro_batch_size)
+        dev = evaluate(engine, module, objective, dev_teacher, parts.dev_set,
+                       cfg.eval.batch_size or opt.micro_batch_size)
         log.print("  dev @ 0: " + "  ".join(f"{k} {v:.4f}" for k, v in dev.items()))
         source.observe_dev_loss(dev["loss"])
         state.source = source.state_dict()
@@ -183,7 +210,7 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
                 last = state.step == total_steps
                 new_best = False
                 if parts.dev_set is not None and _due(cfg.eval.every_steps, state.step, epoch_done, last):
-                    dev = evaluate(engine, module, objective, teacher, parts.dev_set,
+                    dev = evaluate(engine, module, objective, dev_teacher, parts.dev_set,
                                    cfg.eval.batch_size or opt.micro_batch_size, state.step)
                     log.print(f"  dev @ {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in dev.items()))
                     if cfg.eval.select_by == "rougeL":
@@ -214,7 +241,7 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
     return run_dir
 
 
-def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher: nn.Module | None,
+def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher: Teacher | None,
                 optimizer: torch.optim.Optimizer, scheduler: Any, source: Any, timer: StepTimer,
                 opt: Any, step_index: int) -> dict[str, float]:
     timer.start_step()
@@ -232,8 +259,9 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
         student = engine.unwrap(module).student
         local: dict[str, float] = defaultdict(float)
         for i, b in enumerate(batches):
-            with torch.no_grad():
-                counts = objective.counts(b, teacher_outs[i] if teacher_outs else None, student)
+            prepared, counts = objective.prepare(b, teacher_outs[i] if teacher_outs else None, student)
+            if teacher_outs is not None:
+                teacher_outs[i] = prepared
             for k, v in counts.items():
                 local[k] += float(v)
             local["input_tokens"] += b.student.num_input_tokens
@@ -244,7 +272,8 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
         keys = sorted(local)
         totals = engine.all_reduce_sum(torch.tensor([local[k] for k in keys], dtype=torch.float64))
         totals_by_key = dict(zip(keys, totals.tolist()))
-        norm = StepNorm({k: v / engine.world_size for k, v in totals_by_key.items()}, step=step_index)
+        norm = StepNorm({k: v / engine.world_size for k, v in totals_by_key.items()}, step=step_index,
+                        ce_weight=0.0 if sampled is not None else 1.0)  # samples have no gold: CE from `gold`
         gold_norm = StepNorm({"tokens": totals_by_key.get("gold_tokens", 0.0) / engine.world_size}, step=step_index)
 
     sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
@@ -335,7 +364,7 @@ def _dev_rouge_l(engine: Engine, module: nn.Module, parts: Parts, cfg: RunConfig
 
 
 @torch.no_grad()
-def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: nn.Module | None,
+def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: Teacher | None,
              dataset: Any, batch_size: int, step: int = 0) -> dict[str, float]:
     """Token-weighted mean of the objective's loss and metrics over the dev set (all processes)."""
     raw = engine.unwrap(module)  # no DDP wrapper: processes may run different numbers of batches (not when sharded)
@@ -346,7 +375,8 @@ def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: n
         batch = batch.to(engine.device)
         with engine.autocast():
             teacher_out = objective.teacher_forward(teacher, batch)
-            counts = {k: float(v) for k, v in objective.counts(batch, teacher_out, raw.student).items()}
+            teacher_out, counts = objective.prepare(batch, teacher_out, raw.student)
+            counts = {k: float(v) for k, v in counts.items()}
             loss, metrics = raw(batch, teacher_out, StepNorm(counts, step=step))
         if not counted:
             continue
@@ -463,7 +493,8 @@ def _announce(log: MetricsLogger, cfg: RunConfig, parts: Parts, source: Any, tot
     teacher = ""
     if parts.teacher is not None:
         assert cfg.teacher is not None
-        teacher = (f"; teacher {engine.count_parameters(parts.teacher) / 1e6:.2f}M params "
+        teacher = (f"; teacher read from the cache {cfg.teacher.cache}" if cfg.teacher.cache is not None else
+                   f"; teacher {engine.count_parameters(parts.teacher.model) / 1e6:.2f}M params "
                    f"(placement {cfg.teacher.placement})")
     log.print(f"[dualkd] objective {cfg.objective.name}; student {n_params / 1e6:.2f}M params "
               f"({n_train / 1e6:.2f}M trained){teacher}")

@@ -10,7 +10,7 @@ the dataset's own, so that every objective trains on it unchanged:
 
     rollouts = Rollouts(dataset, sampler, student_tokenizer, teacher_tokenizer, aligner)
     made = rollouts.sample([3, 17, 42], seed=1234)     # list[Rollout], one per dataset index
-    batch = rollouts.collate(made)                      # a Batch (ce_scale = 0: CE stays on the gold data)
+    batch = rollouts.collate(made)                      # a Batch of samples (the loop keeps the CE on the gold data)
 """
 
 from __future__ import annotations
@@ -159,17 +159,15 @@ class Rollouts:
         return [Rollout(s, t, p, i) for s, t, p, i in zip(students, teachers, pairs, indices)]
 
     def collate(self, rollouts: list[Rollout]) -> Batch:
-        """A batch of rollouts; `ce_scale = 0` keeps the gold CE off the sampled tokens."""
+        """A batch of rollouts (they have no gold: the loop trains them with `StepNorm.ce_weight` 0)."""
         has_teacher = bool(rollouts) and rollouts[0].teacher is not None
         has_pairs = bool(rollouts) and rollouts[0].pairs is not None
-        batch = collate_examples(
+        return collate_examples(
             [r.student for r in rollouts],
             [r.teacher for r in rollouts] if has_teacher else None,  # type: ignore[misc]
             [r.pairs for r in rollouts] if has_pairs else None,  # type: ignore[misc]
             [r.index for r in rollouts], self.dataset.student_pad_id, self.dataset.teacher_pad_id,
             self.pad_to_multiple_of)
-        batch.ce_scale = 0.0
-        return batch
 
     # ------------------------------------------------------------------------------------------- sides
     def _student_example(self, gold: TokenizedExample, sample: Sample) -> tuple[TokenizedExample, str]:

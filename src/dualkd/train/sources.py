@@ -32,8 +32,8 @@ class Step:
     gold: list[Batch]
     """Dataset micro-batches: the gold CE (and, off-policy, the whole objective) trains on them."""
     sampled: list[Batch] | None = None
-    """On a student-sampled step, one batch of student samples per gold micro-batch (`ce_scale = 0`): the
-    objective's distillation terms train on these, normalized by their own counts."""
+    """On a student-sampled step, one batch of student samples per gold micro-batch (trained with
+    `StepNorm.ce_weight` 0): the objective's distillation terms train on these, normalized by their own counts."""
     kind: str = "gold"
     """gold | fresh (sampled this step) | replay (drawn from the replay buffer)."""
 

@@ -13,26 +13,38 @@ import torch
 
 
 class StepTimer:
-    """Wall time per section of an optimizer step: data, teacher, student (forward+backward), optimizer."""
+    """Wall time per section of an optimizer step: data, teacher, student (forward+backward), optimizer.
+    Sections nest: time inside an inner section (a teacher pass inside the student's loss) is charged to the
+    inner one only."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.seconds: dict[str, float] = defaultdict(float)
         self._start = time.perf_counter()
+        self._open: list[list] = []  # [name, time the section last resumed]
 
     def start_step(self) -> None:
         self.seconds = defaultdict(float)
         self._start = time.perf_counter()
 
+    def _charge_open(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()  # kernels are asynchronous; charge them to the right section
+        now = time.perf_counter()
+        if self._open:
+            self.seconds[self._open[-1][0]] += now - self._open[-1][1]
+        return now
+
     @contextlib.contextmanager
     def section(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+        self._open.append([name, self._charge_open()])
         try:
             yield
         finally:
-            if self.cuda:
-                torch.cuda.synchronize()  # kernels are asynchronous; charge them to the right section
-            self.seconds[name] += time.perf_counter() - t0
+            now = self._charge_open()
+            self._open.pop()
+            if self._open:
+                self._open[-1][1] = now
 
     def step_seconds(self) -> float:
         return time.perf_counter() - self._start

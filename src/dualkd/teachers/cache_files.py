@@ -1,7 +1,7 @@
-"""An offline teacher cache: run a large teacher once over a training set, train students from the files.
+"""The files of an offline teacher cache: run a large teacher once over a training set, train from the files.
 
     dualkd cache-teacher configs/kd.yaml --out cache/ --top-k 64 [--hidden]
-    dualkd train configs/kd.yaml source.kind=cache source.cache_dir=cache/      # no teacher model loaded
+    dualkd train configs/kd.yaml teacher.cache=cache/          # no teacher model loaded (teachers/cached.py)
 
 Layout of the cache folder (every file written to a temporary name, fsync'ed, renamed; NumPy arrays loaded
 with `allow_pickle=False` and memory-mapped, so a shard is read lazily, never whole):
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -36,10 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dualkd.data.collate import TokenizedExample
+from dualkd.atomic import fsync_tree, write_text_atomic
+from dualkd.data.collate import TokenizedExample, pad_batch
 from dualkd.errors import ConfigError, DataError
-from dualkd.losses.sparse import TopKTargets
-from dualkd.train.checkpoint import fsync_tree
+from dualkd.losses.sparse import TopKTargets, topk_rows
+from dualkd.teachers.base import Teacher
 
 FORMAT = 1
 
@@ -69,33 +69,19 @@ def _save_npy(folder: Path, name: str, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    with tmp.open("w") as f:
-        f.write(json.dumps(data, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------------------------- writing
 
 
 @torch.no_grad()
-def write_cache(out: str | Path, teacher: torch.nn.Module, tokenizer: Any, examples: list[TokenizedExample],
-                teacher_name: str, *, k: int = 64, hidden: bool = False, logprob_dtype: str = "float16",
+def write_cache(out: str | Path, teacher: Teacher, examples: list[TokenizedExample], teacher_name: str, *,
+                pad_id: int, k: int = 64, hidden: bool = False, logprob_dtype: str = "float16",
                 shard_examples: int = 1024, batch_size: int = 8, device: torch.device | str = "cpu",
                 chunk_size: int | None = None, progress: Any = None) -> dict[str, Any]:
-    """Write (or resume) a cache of `teacher` over `examples` (the teacher's tokenization of the training set).
-    Returns the manifest."""
-    from dualkd.data.collate import pad_batch
-    from dualkd.data.dataset import pad_id
-    from dualkd.methods.base import lm_forward
-    from dualkd.methods.common import head_of
-    from dualkd.methods.kd import topk_rows
-
+    """Write (or resume) a cache of `teacher` (a live one: its response hidden states and head) over `examples`
+    (the teacher's tokenization of the training set, padded with `pad_id`). Returns the manifest."""
     out = Path(out)
-    head, bias = head_of(teacher)
+    tokenizer = teacher.tokenizer
+    head, bias = teacher.head()
     vocab = min(head.shape[0], len(tokenizer))
     meta = {"format": FORMAT, "teacher": teacher_name, "tokenizer": tokenizer_fingerprint(tokenizer),
             "data": data_fingerprint(examples), "examples": len(examples), "k": k, "vocab": vocab,
@@ -113,10 +99,8 @@ def write_cache(out: str | Path, teacher: torch.nn.Module, tokenizer: Any, examp
             tensors["bias"] = bias[:vocab].detach().to(torch.bfloat16).contiguous().cpu()
         save_file(tensors, str(out / "head.safetensors.tmp"))
         (out / "head.safetensors.tmp").replace(out / "head.safetensors")
-    pad = pad_id(tokenizer)
     lp_dtype = np.float16 if logprob_dtype == "float16" else np.float32
     ids_dtype = np.uint16 if vocab <= 1 << 16 else np.int32  # 2 bytes per id for vocabularies up to 65,536
-    teacher.eval()
     started = time.perf_counter()
     for shard, start in enumerate(range(0, len(examples), shard_examples)):
         name = f"{shard:05d}"
@@ -129,10 +113,9 @@ def write_cache(out: str | Path, teacher: torch.nn.Module, tokenizer: Any, examp
         order = sorted(range(len(part)), key=lambda i: len(part[i].ids))  # similar lengths share a batch
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
-            tokens = pad_batch([part[i] for i in idx], pad).to(device)
-            h = lm_forward(teacher, tokens, hidden=True, logits=False).hidden  # [B, T, d]
+            tokens = pad_batch([part[i] for i in idx], pad_id).to(device)
             counts = tokens.loss_mask.sum(-1).tolist()
-            rows = h[tokens.loss_mask]
+            rows = teacher.response_hidden(tokens, [start + i for i in idx])  # [N, d]
             targets = topk_rows(rows, head[:vocab], bias[:vocab] if bias is not None else None, k, chunk_size)
             offset = 0
             for i, n in zip(idx, counts):
@@ -147,7 +130,7 @@ def write_cache(out: str | Path, teacher: torch.nn.Module, tokenizer: Any, examp
         manifest["complete"].append(name)
         manifest["seconds"] = manifest.get("seconds", 0.0) + time.perf_counter() - started
         started = time.perf_counter()
-        _write_json_atomic(out / "manifest.json", manifest)
+        write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2), fsync=True)
     return manifest
 
 
@@ -162,7 +145,7 @@ def _start_manifest(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
         return manifest
     out.mkdir(parents=True, exist_ok=True)
     manifest = {**meta, "complete": []}
-    _write_json_atomic(path, manifest)
+    write_text_atomic(path, json.dumps(manifest, indent=2), fsync=True)
     return manifest
 
 
@@ -282,42 +265,3 @@ class TeacherCache:
             size += sum((folder / f"{a}.npy").stat().st_size for a in ("topk_ids", "topk_logprobs", "tail", "hidden")
                         if (folder / f"{a}.npy").exists())
         return size / max(rows, 1)
-
-
-# ----------------------------------------------------------------------------------------------- training
-
-
-def cache_tokenizer(cache_dir: str | Path) -> Any:
-    """The teacher tokenizer saved in a cache."""
-    from transformers import AutoTokenizer
-
-    folder = Path(cache_dir) / "train" / "tokenizer"
-    if not folder.exists():
-        raise DataError(f"{cache_dir}: no teacher cache here (expected {folder}); write one with "
-                        "`dualkd cache-teacher CONFIG --out {cache_dir}`")
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def attach_caches(cache_dir: str | Path, tokenizer: Any, train_set: Any, dev_set: Any | None, hidden: bool = False
-                  ) -> tuple[int, tuple[torch.Tensor, torch.Tensor | None] | None]:
-    """Check the cache against this run's data and attach it to the datasets (batches then carry the teacher's
-    targets, and with `hidden` its hidden states). Returns the cache's k and, with `hidden`, the teacher's
-    LM head (weight, bias)."""
-    caches = {"train": train_set, "dev": dev_set}
-    k, head = None, None
-    for split, dataset in caches.items():
-        if dataset is None:
-            continue
-        cache = TeacherCache(Path(cache_dir) / split)
-        cache.check(tokenizer, dataset.teacher_view)
-        if k is not None and cache.k != k:
-            raise CacheMismatch(f"{cache_dir}: train and dev caches have different k ({k} vs {cache.k})")
-        if hidden and not cache.manifest["hidden"]:
-            raise CacheMismatch(f"{cache.folder} holds no teacher hidden states, which this objective projects: "
-                                "write the cache with `dualkd cache-teacher ... --hidden`")
-        k = cache.k
-        dataset.teacher_cache, dataset.cache_hidden = cache, hidden
-        if hidden and head is None:
-            head = cache.head()
-    assert k is not None
-    return k, head

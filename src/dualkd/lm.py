@@ -1,0 +1,113 @@
+"""How dualkd runs a language model: one forward for causal and encoder-decoder models, the LM head's
+weight and bias for losses that multiply hidden states by it, and the check that the logits are that product.
+
+Every component (objectives, teachers, the cache writer, evaluation) runs models through these, so every one
+sees outputs the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from dualkd.data.collate import ModelBatch
+from dualkd.errors import ModelError
+from dualkd.losses.fused import fused_cross_entropy
+
+
+def is_seq2seq(model: nn.Module) -> bool:
+    """An encoder-decoder model (its encoder reads the prompt, its decoder predicts the response)."""
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor | None  # [B, T, V]
+    hidden: Tensor | None  # [B, T, d] last layer, after the final norm
+
+
+def lm_forward(model: nn.Module, tokens: ModelBatch, *, hidden: bool = False, logits: bool = True,
+               decoder_input_ids: Tensor | None = None, encoder_outputs: Any = None) -> LMOutput:
+    """Run a causal LM on a padded batch. `logits=False` (for fused losses) asks transformers to compute the
+    LM head on the last position only (`logits_to_keep=1`), so the [B, T, V] logits are never built.
+
+    An encoder-decoder model reads `input_ids` with its encoder and predicts `labels`: its decoder inputs are
+    the labels shifted right behind its start token, unless `decoder_input_ids` [B, T] are given (TIE-KD's
+    later passes); `encoder_outputs` reuses an encoder pass. Outputs are per target position."""
+    if is_seq2seq(model):
+        if decoder_input_ids is None:
+            decoder_input_ids = model.prepare_decoder_input_ids_from_labels(
+                labels=tokens.labels.masked_fill(~tokens.loss_mask, -100))
+        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, encoder_outputs=encoder_outputs,
+                    decoder_input_ids=decoder_input_ids, output_hidden_states=hidden, use_cache=False)
+        return LMOutput(logits=out.logits, hidden=out.decoder_hidden_states[-1] if hidden else None)
+    kwargs = {} if logits else {"logits_to_keep": 1}
+    out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                output_hidden_states=hidden or not logits, use_cache=False, **kwargs)
+    return LMOutput(logits=out.logits if logits else None,
+                    hidden=out.hidden_states[-1] if hidden or not logits else None)
+
+
+def response_logprobs(model: nn.Module, tokens: ModelBatch, chunk_size: int | None = None) -> Tensor:
+    """Σ_t log p(label_t) over each row's response tokens (+ EOS): [B]. Fused over the vocabulary (no [B, T, V]
+    logits); gradients flow when the caller has them on (DPO's policy), not for frozen models."""
+    hidden = lm_forward(model, tokens, hidden=True, logits=False).hidden  # [B, T, d]
+    head, bias = head_of(model)
+    ce, _ = fused_cross_entropy(hidden, head, tokens.labels, bias=bias, mask=tokens.loss_mask, reduction="none",
+                                chunk_size=chunk_size)  # [B, T], 0 off the mask
+    return -ce.sum(-1)
+
+
+def head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The LM head's weight [V, d] and bias [V] (or None), for losses that multiply hidden states by it."""
+    head = model.get_output_embeddings()
+    weight = head.weight
+    # ZeRO-3 partitions weights (empty tensors here), FSDP2 shards them (DTensor), CPU offload leaves meta
+    # tensors: only the model's own forward gathers them
+    if weight.numel() == 0 or weight.is_meta or isinstance(weight, DTensor):
+        raise ModelError("this objective reads the LM head weights outside the model's forward (fused loss, "
+                         "projectors), but they are partitioned or offloaded (DeepSpeed ZeRO-3, FSDP2, "
+                         "teacher.placement: sharded/cpu_offload). Keep this model whole (teacher.placement: "
+                         "same; DDP or ZeRO-2 for the student), or set `objective.fused: off` where the "
+                         "objective has it")
+    bias = getattr(head, "bias", None)
+    # Marian/BART add a `final_logits_bias` [1, V] buffer after the head: part of the logits, so part of the bias
+    extra = getattr(model, "final_logits_bias", None)
+    if isinstance(extra, Tensor):
+        bias = extra[0, : weight.shape[0]] if bias is None else bias + extra[0, : weight.shape[0]]
+    return weight, bias
+
+
+def head_is_linear(model: nn.Module) -> bool:
+    """Whether the model's logits are last_hidden_state @ head.T (+ bias) (`check_head_is_linear`)."""
+    try:
+        check_head_is_linear(model, "model")
+    except ModelError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def check_head_is_linear(model: nn.Module, role: str) -> None:
+    """The fused losses compute logits as last_hidden @ head.T (+ bias). Models that post-process logits
+    (soft-capping, scaling) would silently get a different loss: refuse them with a clear message."""
+    device = next(model.parameters()).device
+    ids = torch.arange(4, device=device)[None] % max(model.get_input_embeddings().num_embeddings, 1)
+    was_training = model.training
+    model.eval()
+    if is_seq2seq(model):
+        out = model(input_ids=ids, decoder_input_ids=ids, output_hidden_states=True, use_cache=False)
+        last_hidden = out.decoder_hidden_states[-1]
+    else:
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        last_hidden = out.hidden_states[-1]
+    model.train(was_training)
+    weight, bias = head_of(model)
+    logits = torch.nn.functional.linear(last_hidden, weight, bias)
+    if not torch.allclose(logits.float(), out.logits.float(), atol=1e-3, rtol=1e-3):
+        raise ModelError(f"the {role}'s logits are not last_hidden_state @ lm_head (the model post-processes them, "
+                         "e.g. logit soft-capping), which the fused losses need")

@@ -1,0 +1,124 @@
+"""The teacher as a component: what objectives read of a frozen model, whoever produces it.
+
+An objective never holds the teacher model; in `teacher_forward` it asks a `Teacher` for one of these:
+
+    hidden(tokens)                     [B, T, d]  last hidden states at every position        (live)
+    response_hidden(tokens, indices)   [N, d]     the same at the N response positions,
+                                                  in `loss_mask` order (row-major)           (live; cache --hidden)
+    head()                             W [V, d], b [V] | None: the LM head                   (live; cache --hidden)
+    topk(tokens, indices, k, vocab)    TopKTargets at the N response positions               (live; cache)
+    logits(tokens, decoder_input_ids)  [B, T, V]  for the batch or for given decoder inputs  (live)
+    encode(tokens)                     encoder outputs to reuse across decoder passes        (live, seq2seq)
+
+`tokens` is the teacher's view of a batch (`Batch.teacher_view`), `indices` the examples' dataset indices
+(what a cache reads by). Every call runs without gradients; a live teacher also runs under the engine's
+autocast and is timed as "teacher", wherever an objective calls it (TIE-KD calls it inside its loss).
+
+Implementations: `LiveTeacher` (a model on this machine: teachers/live.py) and `CachedTeacher` (an offline
+cache written by `dualkd cache-teacher`: teachers/cached.py). A third, e.g. a teacher behind an inference
+server that returns top-k log-probabilities of given tokens, is a subclass that implements `topk` (and
+whatever else the server returns), declares those in `provides`, and is chosen in `train/build.py` from the
+teacher's config section. No objective changes: each says in `setup` what it reads (`require`), and a teacher
+that cannot serve it is refused there, before training, with the objective's name in the message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from dualkd.data.collate import ModelBatch
+from dualkd.errors import ConfigError
+from dualkd.losses.sparse import TopKTargets
+
+CAPABILITIES = {
+    "hidden": "hidden states at every position",
+    "response_hidden": "hidden states at the response positions",
+    "head": "the LM head",
+    "topk": "top-k log-probabilities",
+    "logits": "full-vocabulary logits",
+    "model": "the model itself (its embeddings, encoder passes or checks)",
+}
+
+
+class Teacher(ABC):
+    """A frozen model's outputs, as objectives read them (see the module docstring)."""
+
+    provides: ClassVar[frozenset[str]]
+    """What this kind of teacher can return (keys of CAPABILITIES)."""
+    what: ClassVar[str]
+    """How the teacher is named in messages (`a live teacher`, `an offline teacher cache`)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    @property
+    def k(self) -> int | None:
+        """The number of top-k entries this teacher is limited to (a cache holds exactly k); None: any k."""
+        return None
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of the teacher's LM head (its vocabulary size, padding included)."""
+        raise NotImplementedError
+
+    @property
+    def model(self) -> nn.Module:
+        """The teacher model (live teachers only; `require({'model'})` first)."""
+        raise self._refuse("model", "")
+
+    @abstractmethod
+    def attach(self, device: torch.device, place: Callable[[nn.Module], nn.Module],
+               autocast: Callable[[], contextlib.AbstractContextManager], timer: Any = None) -> None:
+        """Before training: where the teacher runs. `place` puts a model where `teacher.placement` says (the
+        engine's job); `autocast` and `timer` (StepTimer) wrap every call of a live teacher."""
+
+    def for_split(self, split: str) -> Teacher:
+        """The teacher of one data split ("train", "dev"): a cache reads each split's own files."""
+        return self
+
+    def require(self, needs: set[str], who: str) -> None:
+        """Refuse, before training, an objective that reads what this teacher cannot return."""
+        for need in sorted(needs):
+            if need not in self.provides:
+                raise self._refuse(need, who)
+
+    def _refuse(self, need: str, who: str) -> ConfigError:
+        by = f"{who} reads " if who else "this needs "
+        can = ", ".join(CAPABILITIES[c] for c in sorted(self.provides))
+        return ConfigError(f"{by}the teacher's {CAPABILITIES[need]}, which {self.what} cannot give (it gives: "
+                           f"{can}); use a live teacher (`teacher.path`) for it")
+
+    def hidden(self, tokens: ModelBatch) -> Tensor:
+        raise self._refuse("hidden", "")
+
+    def response_hidden(self, tokens: ModelBatch, indices: list[int]) -> Tensor:
+        raise self._refuse("response_hidden", "")
+
+    def head(self) -> tuple[Tensor, Tensor | None]:
+        raise self._refuse("head", "")
+
+    def topk(self, tokens: ModelBatch, indices: list[int], k: int, vocab_size: int,
+             chunk_size: int | None = None) -> TopKTargets:
+        raise self._refuse("topk", "")
+
+    def logits(self, tokens: ModelBatch, decoder_input_ids: Tensor | None = None, encoder_outputs: Any = None
+               ) -> Tensor:
+        raise self._refuse("logits", "")
+
+    def encode(self, tokens: ModelBatch) -> Any:
+        raise self._refuse("model", "")
+
+
+def response_rows(mask: Tensor, batch_index: Tensor, position: Tensor) -> Tensor:
+    """The row, in `response_hidden`'s order, of each (batch_index, position) pair [P]; every pair must lie on
+    the mask [B, T] (aligned positions are response positions)."""
+    row = mask.flatten().long().cumsum(0).view(mask.shape) - 1  # [B, T] row of each response position
+    if not bool(mask[batch_index, position].all()):
+        raise ValueError("a paired teacher position lies outside the response")
+    return row[batch_index, position]

@@ -1,0 +1,77 @@
+"""A teacher model on this machine: every call without gradients, under the engine's autocast, timed as "teacher".
+
+The engine places the model (`teacher.placement`: same device, CPU offload, sharded) before training and
+attaches its autocast and the step timer (`run_under`); objectives only call the methods of `Teacher`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from dualkd.data.collate import ModelBatch
+from dualkd.lm import head_of, lm_forward
+from dualkd.losses.sparse import TopKTargets, topk_rows
+from dualkd.models import head_rows
+from dualkd.teachers.base import CAPABILITIES, Teacher
+
+
+class LiveTeacher(Teacher):
+    provides: ClassVar[frozenset[str]] = frozenset(CAPABILITIES)
+    what: ClassVar[str] = "a live teacher"
+
+    def __init__(self, model: nn.Module, tokenizer: Any):
+        super().__init__(tokenizer)
+        self._model = model
+        self._autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self._timer: Any = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def vocab_rows(self) -> int:
+        return head_rows(self._model)
+
+    def attach(self, device: torch.device, place: Callable[[nn.Module], nn.Module],
+               autocast: Callable[[], contextlib.AbstractContextManager], timer: Any = None) -> None:
+        self._model, self._autocast, self._timer = place(self._model), autocast, timer
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        section = self._timer.section("teacher") if self._timer is not None else contextlib.nullcontext()
+        with section, torch.no_grad(), self._autocast():
+            yield
+
+    def hidden(self, tokens: ModelBatch) -> Tensor:
+        with self._running():
+            return lm_forward(self._model, tokens, hidden=True, logits=False).hidden  # [B, T, d]
+
+    def response_hidden(self, tokens: ModelBatch, indices: list[int]) -> Tensor:
+        return self.hidden(tokens)[tokens.loss_mask]  # [N, d]
+
+    def head(self) -> tuple[Tensor, Tensor | None]:
+        return head_of(self._model)
+
+    def topk(self, tokens: ModelBatch, indices: list[int], k: int, vocab_size: int,
+             chunk_size: int | None = None) -> TopKTargets:
+        hidden = self.response_hidden(tokens, indices)
+        head, bias = self.head()
+        with self._running():
+            return topk_rows(hidden, head[:vocab_size], bias[:vocab_size] if bias is not None else None, k,
+                             chunk_size)
+
+    def logits(self, tokens: ModelBatch, decoder_input_ids: Tensor | None = None, encoder_outputs: Any = None
+               ) -> Tensor:
+        with self._running():
+            return lm_forward(self._model, tokens, decoder_input_ids=decoder_input_ids,
+                              encoder_outputs=encoder_outputs).logits  # [B, T, V]
+
+    def encode(self, tokens: ModelBatch) -> Any:
+        with self._running():
+            return self._model.get_encoder()(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)

@@ -1,0 +1,65 @@
+"""`dualkd cache-teacher`: run a config's teacher once over the run's own data and write an offline cache.
+
+    dualkd cache-teacher configs/kd.yaml --out cache/ --top-k 64 [--hidden]
+    dualkd train configs/kd.yaml teacher.cache=cache/
+
+The data are built exactly as training builds them (tokenizers, truncation, skipped records: `build_parts`),
+so the cache covers the examples training will read, in order. The teacher is asked through the `Teacher`
+protocol (its response hidden states and LM head), like every objective asks it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import Progress
+
+from dualkd.config import RunConfig
+from dualkd.data.dataset import pad_id
+from dualkd.errors import ConfigError
+from dualkd.models import load_model, load_tokenizer
+from dualkd.progress import ProgressLines
+from dualkd.teachers import LiveTeacher
+from dualkd.teachers.cache_files import write_cache
+from dualkd.train.build import build_parts
+from dualkd.train.engine import LocalEngine
+
+
+def cache_teacher(cfg: RunConfig, out: str | Path, *, k: int = 64, hidden: bool = False,
+                  logprob_dtype: str = "float16", shard_examples: int = 1024, batch_size: int = 8
+                  ) -> list[dict[str, Any]]:
+    """Write (or resume) the cache of `cfg.teacher` over the train and dev data of `cfg`; returns the manifests."""
+    if cfg.teacher is None or cfg.teacher.cache is not None:
+        raise ConfigError("cache-teacher: the config needs a `teacher` model to run (`teacher.path`, no `cache`)")
+    updates = {"source": cfg.source.model_copy(update={"kind": "off_policy"})} if cfg.source.kind != "off_policy" \
+        else {}
+    cfg = cfg.model_copy(update=updates)
+    parts = build_parts(cfg, Path(cfg.output_dir), LocalEngine())
+    tokenizer = parts.teacher_tokenizer or load_tokenizer(cfg.teacher, field="teacher")
+    model = parts.teacher.model if parts.teacher is not None else load_model(cfg.teacher, tokenizer,
+                                                                             role="teacher", seed=cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = LiveTeacher(model.eval(), tokenizer)
+    teacher.attach(device, lambda m: m.to(device), contextlib.nullcontext)  # the weights' own dtype
+    manifests = []
+    for split, dataset in (("train", parts.train_set), ("dev", parts.dev_set)):
+        if dataset is None:
+            continue
+        examples = dataset.teacher_view
+        lines = ProgressLines(len(examples), f"caching {split}", None)  # a log file gets plain lines
+        with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+            task = bar.add_task(f"caching {split}", total=len(examples))
+
+            def advance(n: int, bar: Progress = bar, task: Any = task, lines: ProgressLines = lines) -> None:
+                bar.advance(task, n)
+                lines.advance(n)
+
+            manifests.append(write_cache(Path(out) / split, teacher, examples, cfg.teacher.path or "random",
+                                         pad_id=pad_id(tokenizer), k=k, hidden=hidden, logprob_dtype=logprob_dtype,
+                                         shard_examples=shard_examples, batch_size=batch_size, device=device,
+                                         progress=advance))
+    return manifests
