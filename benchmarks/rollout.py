@@ -4,7 +4,7 @@
     python benchmarks/rollout.py --prompts 32 --new-tokens 64
 
 Three ways to sample the same prompts at temperature 1, side by side in one run:
-- dualkd: `dualkd.eval.generate.sample_token_ids` (the engine used by `dualkd eval` and on-policy training):
+- dualkd: `dualkd.generate.sample_token_ids` (the engine used by `dualkd eval` and on-policy training):
   prompts of similar length batched (left padding), Hugging Face `generate` with the KV cache;
 - one at a time, KV cache: the same `generate`, one prompt per call;
 - naive loop: one prompt at a time, each new token from a full forward over the whole sequence (no cache).
@@ -50,7 +50,7 @@ def one_at_a_time(model: torch.nn.Module, prompts: list[list[int]], new_tokens: 
 
 def batched(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, pad: int, batch: int) -> int:
     from dualkd.config import GenerationConfig
-    from dualkd.eval.generate import sample_token_ids
+    from dualkd.generate import sample_token_ids
 
     settings = GenerationConfig(max_new_tokens=new_tokens, max_length=max(map(len, prompts)) + new_tokens,
                                 max_prompt_length=max(map(len, prompts)), batch_size=batch, no_repeat_ngram_size=0)

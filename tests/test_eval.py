@@ -104,8 +104,8 @@ def test_file(tmp_path: Path) -> Path:
 
 
 def test_generation_is_seeded_and_batch_independent(teacher_dir: Path, test_file: Path) -> None:
-    from dualkd.eval.generate import generate_responses, load_for_generation
     from dualkd.eval.suites import resolve_test_sets
+    from dualkd.generate import generate_responses, load_for_generation
 
     model, tok = load_for_generation(teacher_dir)
     (s,), _ = resolve_test_sets([test_file])
@@ -214,7 +214,7 @@ def test_sampling_leaves_training_state_untouched(teacher_dir: Path) -> None:
     before, and the same seed gives the same samples."""
     import torch
 
-    from dualkd.eval.generate import load_for_generation, sample_token_ids
+    from dualkd.generate import load_for_generation, sample_token_ids
 
     model, tok = load_for_generation(teacher_dir)
     model.train()
@@ -257,7 +257,7 @@ def test_seqkd_generate_then_train(teacher_dir: Path, train_file: Path, byte_tok
 
 def test_generated_chat_records_keep_the_conversation(tmp_path: Path) -> None:
     from dualkd.data.formats import parse_record
-    from dualkd.eval.generate import write_generated_dataset
+    from dualkd.generate import write_generated_dataset
 
     chat = parse_record({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
                         "x:1")

@@ -11,13 +11,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from dualkd import progress
+from dualkd import generate, progress
 from dualkd.config import GenerationConfig
 from dualkd.data.formats import Example
 from dualkd.data.tokenizers import train_tokenizer
 from dualkd.errors import ModelError
-from dualkd.eval import generate
-from dualkd.eval.generate import generate_responses, load_for_generation
+from dualkd.generate import generate_responses, load_for_generation
 from tests.conftest import make_model_dir
 
 NON_ASCII = "Ü 東京 🙂 café"

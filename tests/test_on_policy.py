@@ -108,7 +108,7 @@ def test_rollout_without_eos_and_json_round_trip(byte_tokenizer_dir: Path) -> No
     back = Rollout.from_json(r.to_json())
     assert back.student == r.student and back.index == 0
     batch = rollouts.collate([r, back])
-    assert batch.ce_scale == 0.0 and batch.teacher is None
+    assert batch.teacher is None
     assert int(batch.student.loss_mask.sum()) == 2 * len(ids)
 
 
@@ -224,10 +224,13 @@ def test_sampled_step_trains_the_gold_ce_and_not_the_samples_ce(tmp_path: Path, 
 
 def test_gold_ce_is_the_objectives_own_ce_term(tmp_path: Path, train_file: Path, byte_tokenizer_dir: Path,
                                               teacher_dir: Path) -> None:
-    """Naive twin: objective(gold) - objective(gold with ce_scale 0) == gold_ce(gold), for the fused CE."""
+    """Naive twin: objective(gold) - objective(gold, ce_weight 0) == the gold CE the loop adds on a sampled
+    step (TrainModule with `gold`), for the fused CE."""
+    from dataclasses import replace
 
     from dualkd.methods.base import StepNorm
     from dualkd.train.build import build_parts
+    from dualkd.train.loop import TrainModule
 
     cfg = validate_config(tiny_run(tmp_path / "kd", train_file, byte_tokenizer_dir, teacher=teacher_dir,
                                    objective={"name": "kd", "kd_rate": 0.4}))
@@ -237,9 +240,10 @@ def test_gold_ce_is_the_objectives_own_ce_term(tmp_path: Path, train_file: Path,
     t_out = parts.objective.teacher_forward(parts.teacher, batch)
     norm = StepNorm({"tokens": float(batch.student.loss_mask.sum())})
     full, _ = parts.objective(parts.student, batch, t_out, norm)
-    batch.ce_scale = 0.0
-    kd_only, _ = parts.objective(parts.student, batch, t_out, norm)
-    ce, metrics = parts.objective.gold_ce(parts.student, batch, norm)
+    sampled_norm = replace(norm, ce_weight=0.0)
+    kd_only, _ = parts.objective(parts.student, batch, t_out, sampled_norm)
+    with_gold, metrics = TrainModule(parts.student, parts.objective)(batch, t_out, sampled_norm, batch, norm)
+    ce = with_gold - kd_only
     assert float((full - kd_only).detach()) == pytest.approx(float(ce.detach()), rel=1e-5)
     assert float(metrics["ce"]) * 0.6 == pytest.approx(float(ce.detach()), rel=1e-5)
 
@@ -342,7 +346,7 @@ def test_sampling_does_not_move_the_training_rng(teacher_dir: Path) -> None:
     from contextlib import contextmanager
 
     from dualkd.config import GenerationConfig
-    from dualkd.eval.generate import load_for_generation
+    from dualkd.generate import load_for_generation
     from dualkd.train.samplers import HFSampler
 
     model, tok = load_for_generation(teacher_dir)

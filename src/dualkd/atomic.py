@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -34,3 +35,28 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def readable_by_umask(path: Path) -> None:
+    """Give every file and folder under `path` the modes a plain `open` would (0644/0755 under umask 022):
+    safetensors writes 0600, which hides exported models and checkpoints from the rest of a group."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [path, *path.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Atomically put the finished folder `tmp` at `final` (replacing an older one)."""
+    readable_by_umask(tmp)
+    fsync_tree(tmp)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)

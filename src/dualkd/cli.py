@@ -116,8 +116,8 @@ def _translation(value: str | None) -> tuple[str, str] | None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from dualkd.eval.generate import generate_responses, load_for_generation, write_generated_dataset
     from dualkd.eval.suites import resolve_test_sets
+    from dualkd.generate import generate_responses, load_for_generation, write_generated_dataset
 
     settings = _generation_settings(args)
     (test,), _ = resolve_test_sets([args.data], translation=_translation(args.translation),
@@ -171,7 +171,7 @@ def _cmd_preference_build(args: argparse.Namespace) -> int:
     from dualkd.config import DataSource
     from dualkd.data.preferences import build_preference_set
     from dualkd.data.readers import load_examples
-    from dualkd.eval.generate import load_for_generation
+    from dualkd.generate import load_for_generation
 
     examples, _ = load_examples(DataSource(path=args.data), "auto", "raise", args.max_examples)
     model, tokenizer = load_for_generation(args.model, args.dtype)

@@ -15,15 +15,121 @@ import inspect
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from dualkd.atomic import replace_dir
+from dualkd.data.tokenizers import train_tokenizer
 from dualkd.errors import ModelError
+from dualkd.schema import HomePath, StrictModel
 
-if TYPE_CHECKING:
-    from dualkd.config import LoraConfig, ModelConfig
+# ----------------------------------------------------------------------------------------------- configs
+
+
+class TokenizerTrainConfig(StrictModel):
+    """Train a BPE tokenizer on the training texts (for models trained from scratch)."""
+
+    vocab_size: int = Field(1024, ge=64)
+    """Target vocabulary size, special tokens included."""
+    style: Literal["byte_level", "metaspace"] = "byte_level"
+    """`byte_level`: GPT-2-style byte BPE (Ġ for spaces); `metaspace`: SentencePiece-style (▁ for spaces)."""
+
+
+class LoraConfig(StrictModel):
+    """Trainable LoRA adapters on the student (peft)."""
+
+    r: int = Field(8, ge=1)
+    """Adapter rank."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapter input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or `all-linear` (every linear layer except the LM head)."""
+
+
+class ModelConfig(StrictModel):
+    """Where a model and its tokenizer come from, and how to load them."""
+
+    path: HomePath | None = None
+    """Local Hugging Face folder or hub id. With `init: random` it is optional and only supplies the config."""
+    tokenizer: HomePath | None = None
+    """Tokenizer folder or hub id; defaults to `path`."""
+    train_tokenizer: TokenizerTrainConfig | None = None
+    """Train a new tokenizer on the training data instead of loading one (`init: random` only)."""
+    gguf_file: str | None = None
+    """A GGUF file inside `path`, loaded (dequantized) through transformers' GGUF loader."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """`pretrained` loads weights from `path`; `random` builds a fresh model from `arch` (and `path`'s config)."""
+    arch: dict[str, Any] = Field(default_factory=dict)
+    """Model config fields for `init: random` (must include `model_type` when there is no `path`)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype at load; `auto` keeps the checkpoint's dtype."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off by default: it executes arbitrary Python."""
+    attn_implementation: str | None = None
+    """transformers attention backend (`eager`, `sdpa`, `flash_attention_2`); None lets transformers choose."""
+    adapter: HomePath | None = None
+    """A trained peft adapter folder, merged into the weights at load (e.g. a LoRA-SFT teacher)."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of all weights (student only)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (student only)."""
+
+    def _loads_a_model(self) -> bool:
+        """False where the outputs come from elsewhere (a teacher cache): then no path or tokenizer is needed."""
+        return True
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> ModelConfig:
+        if not self._loads_a_model():
+            return self
+        if self.init == "pretrained" and self.path is None:
+            raise ValueError("`path` is required unless `init: random`")
+        if self.init == "random" and self.path is None and "model_type" not in self.arch:
+            raise ValueError("`init: random` needs `arch.model_type` (or a `path` to take the config from)")
+        if self.train_tokenizer is not None:
+            if self.init != "random":
+                raise ValueError("`train_tokenizer` only makes sense with `init: random`")
+            if self.tokenizer is not None:
+                raise ValueError("set either `tokenizer` or `train_tokenizer`, not both")
+        elif self.tokenizer is None and self.path is None:
+            raise ValueError("no tokenizer: set `tokenizer`, `path` or `train_tokenizer`")
+        return self
+
+    @property
+    def tokenizer_source(self) -> str | None:
+        return self.tokenizer or self.path
+
+
+
+class TeacherConfig(ModelConfig):
+    """A frozen model the student learns from, and where it runs."""
+
+    placement: Literal["auto", "same", "cpu_offload", "sharded"] = "auto"
+    """`same`: a whole copy on every process's device. `cpu_offload`: the weights stay in CPU memory and each
+    layer is copied to the device as it runs (accelerate's big-model offload; for teachers larger than the
+    device's memory; objectives that read the LM head directly cannot use it). `sharded`: split over the
+    processes with the student's engine (DeepSpeed ZeRO-3, FSDP2). `auto`: `sharded` under ZeRO-3 (every
+    model is partitioned as it loads there), else `same`."""
+    cache: HomePath | None = None
+    """An offline teacher cache (the folder `dualkd cache-teacher` wrote): the teacher's outputs are read from
+    it and no teacher model is loaded (`path`, when given, only names it). It holds the top-k log-probabilities
+    of the training and dev responses (and with `--hidden` the hidden states there and the LM head): `kd`
+    (top-k), `dskd` and `dskdv2` train from it; objectives that read more are refused before training."""
+
+    def _loads_a_model(self) -> bool:
+        return self.cache is None
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -74,8 +180,6 @@ def load_tokenizer(spec: ModelConfig, train_texts: Callable[[], Iterable[str]] |
     """The tokenizer named by `spec`, or a new one trained on `train_texts()` when `spec.train_tokenizer` is set.
     `field` names the config section in messages."""
     if spec.train_tokenizer is not None:
-        from dualkd.data.tokenizers import train_tokenizer
-
         if train_texts is None:
             raise ModelError("train_tokenizer needs training texts")
         return train_tokenizer(train_texts(), spec.train_tokenizer.vocab_size, spec.train_tokenizer.style)
@@ -263,8 +367,6 @@ def export_model(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
         model = model.merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    from dualkd.train.checkpoint import replace_dir
-
     replace_dir(tmp, out)
     return out
 

@@ -4,10 +4,118 @@ Config classes live next to the code they configure (each objective owns its con
 `config.py` assembles them into the run config.
 """
 
-from pydantic import BaseModel, ConfigDict
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 
 class StrictModel(BaseModel):
     """A pydantic model that rejects unknown keys and re-validates on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+def _expand_home(value: str) -> str:
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+HomePath = Annotated[str, AfterValidator(_expand_home)]
+"""A path in a config: a leading `~` is the user's home folder."""
+
+
+def format_validation_error(err: ValidationError, source: str, root: type[BaseModel]) -> str:
+    """One line per problem of a config of class `root`: the dotted key, what was expected, what was given."""
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors(include_url=False):
+        keys, owners = _walk(e["loc"], root)
+        key = ".".join(str(k) for k in keys) or "<top level>"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            owner = owners[-1] if owners else None
+            hint = ""
+            if owner is not None:
+                close = difflib.get_close_matches(str(keys[-1]), list(owner.model_fields), n=1)
+                hint = f" (did you mean `{close[0]}`?)" if close else f"; allowed: {', '.join(owner.model_fields)}"
+            lines.append(f"  {key}: unknown key{hint}")
+        elif kind == "missing":
+            lines.append(f"  {key}: required key is missing")
+        elif kind in ("union_tag_invalid", "union_tag_not_found"):
+            tag = str(e["ctx"]["discriminator"]).strip("'")
+            given = e["input"].get(tag) if isinstance(e["input"], dict) else None
+            problem = "is missing" if given is None else f"unknown {keys[-1] if keys else 'kind'} {given!r}"
+            choices = sorted(t.strip().strip("'") for t in str(e["ctx"].get("expected_tags", "")).split(","))
+            lines.append(f"  {key}.{tag}: {problem}; choose from {choices}")
+        elif kind == "value_error":
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            owner = owners[-1] if owners else None
+            field = owner.model_fields.get(keys[-1]) if owner is not None else None
+            got = e.get("input")
+            got_text = "a mapping" if isinstance(got, dict) else f"{got!r} ({type(got).__name__})"
+            expected = f"expected {_type_name(field.annotation)}, " if field is not None else ""
+            lines.append(f"  {key}: {expected}got {got_text}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _walk(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[list[Any], list[type[BaseModel] | None]]:
+    """Follow a pydantic error location through the config classes.
+
+    Returns the user-facing key path (union tags and validator names removed) and, for each key, the
+    config class that owns it (None where the path leaves the typed classes, e.g. inside `arch`).
+    """
+    keys: list[Any] = []
+    owners: list[type[BaseModel] | None] = []
+    model: Any = root
+    variants: dict[str, type[BaseModel]] = {}
+    for part in loc:
+        if isinstance(part, str) and (part.startswith("function-") or "[" in part):
+            continue
+        if part in variants:
+            model, variants = variants[part], {}  # a discriminated union's tag: follow that variant
+            continue
+        is_model = isinstance(model, type) and issubclass(model, BaseModel)
+        keys.append(part)
+        owners.append(model if is_model else None)
+        field = model.model_fields.get(part) if is_model else None
+        variants = _variants(field.annotation, field.discriminator) if field is not None else {}
+        model = _inner_model(field.annotation) if field is not None else None
+    return keys, owners
+
+
+def _variants(annotation: Any, tag: Any) -> dict[str, type[BaseModel]]:
+    """A discriminated union's classes by their tag (the default of their `tag` field), else {}."""
+    if not isinstance(tag, str):
+        return {}
+    return {cls.model_fields[tag].default: cls for cls in typing.get_args(annotation)
+            if isinstance(cls, type) and issubclass(cls, BaseModel)}
+
+
+def _inner_model(annotation: Any) -> Any:
+    """The config class inside `X | None` or `Annotated[...]`, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(annotation))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))

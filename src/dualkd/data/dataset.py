@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from dualkd.config import DataConfig, DataSource
 from dualkd.data.collate import Batch, TokenizedExample, pad_batch, pad_seq2seq, stack_alignment
+from dualkd.data.config import DataConfig, DataSource
 from dualkd.data.formats import Example, render
 from dualkd.data.readers import LoadReport, Truncation, load_examples
 from dualkd.errors import DataError, ModelError

@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dualkd.config import DataConfig, GenerationConfig
 from dualkd.data.collate import Batch, TokenizedExample, pad_batch
+from dualkd.data.config import DataConfig
 from dualkd.data.dataset import TruncationRules, pad_id, tokenize_examples
 from dualkd.data.formats import Example
 from dualkd.data.readers import LoadReport
 from dualkd.errors import DataError
+from dualkd.generate import GenerationConfig, generate_responses
 
 
 class PreferenceDataset:
@@ -75,8 +76,6 @@ def build_preference_set(examples: list[Example], model: Any, tokenizer: Any, se
     """Write `prompt`/`chosen`/`rejected` lines: the reference response is chosen, the model's sample for the same
     prompt is rejected. Pairs whose sample is empty or equal to the reference are left out.
     Returns (written, left out)."""
-    from dualkd.eval.generate import generate_responses
-
     samples = generate_responses(model, tokenizer, examples, settings, seed=seed, label="rejected responses",
                                  progress=progress)
     out = Path(out)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dualkd.config import DataSource
 from dualkd.data import synthetic
+from dualkd.data.config import DataSource
 from dualkd.data.formats import Example, Format, parse_record
 from dualkd.errors import DataError
 

@@ -22,6 +22,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from dualkd.data.instructions import instructions
+
 _WORDS = (
     "apple river stone cloud green quick silver orange tiger paper "
     "music light ocean forest garden winter summer candle window bridge"
@@ -80,8 +82,6 @@ TASKS = (*_TASKS, "instructions")
 def generate(task: str, n: int, seed: int) -> list[dict[str, Any]]:
     """`n` records of `task`, fully determined by `seed` (`instructions`: Alpaca records, see instructions.py)."""
     if task == "instructions":
-        from dualkd.data.instructions import instructions
-
         return instructions(n, seed)
     if task not in _TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; choose from {sorted(TASKS)}")

@@ -19,6 +19,8 @@ from typing import Literal
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from dualkd.data.config import DataSource
+from dualkd.data.readers import iter_raw_records, load_examples
 from dualkd.errors import DataError
 
 EOS = "<|endoftext|>"
@@ -76,9 +78,6 @@ def corpus_texts(paths: Sequence[str | Path], fields: Sequence[str] | None = Non
                  max_examples: int | None = None) -> list[str]:
     """Texts of jsonl files for tokenizer training: the named string fields of each record (e.g. both sides of
     a parallel corpus), or, without `fields`, each example's prompt and responses in any supported format."""
-    from dualkd.config import DataSource
-    from dualkd.data.readers import iter_raw_records, load_examples
-
     texts: list[str] = []
     for path in paths:
         source = DataSource(path=str(path))

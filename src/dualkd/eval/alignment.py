@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from dualkd.config import DataConfig, DataSource, GenerationConfig
 from dualkd.data.collate import TokenizedExample, pad_batch
+from dualkd.data.config import DataConfig, DataSource
 from dualkd.data.dataset import pad_id
 from dualkd.data.preferences import make_preference_dataset
 from dualkd.data.readers import load_examples
 from dualkd.errors import ModelError
-from dualkd.eval.generate import load_for_generation, prompt_ids, sample_token_ids
 from dualkd.eval.metrics import rouge_l
+from dualkd.generate import GenerationConfig, load_for_generation, prompt_ids, sample_token_ids
 from dualkd.lm import head_of, lm_forward, response_logprobs
 from dualkd.losses.fused import fused_divergence
 

@@ -18,12 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dualkd.config import GenerationConfig
 from dualkd.data.formats import Example
 from dualkd.errors import DataError
-from dualkd.eval.generate import generate_responses, load_for_generation, resolve_model_dir
 from dualkd.eval.metrics import SENTENCE_METRICS, rouge_l, score
 from dualkd.eval.suites import TestSet
+from dualkd.generate import GenerationConfig, generate_responses, load_for_generation, resolve_model_dir
 
 PROTOCOL_SEEDS = (10, 20, 30, 40, 50)
 

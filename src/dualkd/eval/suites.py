@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dualkd.config import DataSource
+from dualkd.data.config import DataSource
 from dualkd.data.formats import Example
 from dualkd.data.readers import load_examples
 from dualkd.errors import DataError

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -30,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dualkd.atomic import fsync_dir, fsync_tree
+from dualkd.atomic import fsync_dir, replace_dir
 from dualkd.errors import DualKDError
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -54,31 +53,6 @@ class TrainerState:
 
 
 # ----------------------------------------------------------------------------------------------- files
-
-
-def readable_by_umask(path: Path) -> None:
-    """Give every file and folder under `path` the modes a plain `open` would (0644/0755 under umask 022):
-    safetensors writes 0600, which hides exported models and checkpoints from the rest of a group."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in [path, *path.rglob("*")]:
-        if not p.is_symlink():
-            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Atomically put the finished folder `tmp` at `final` (replacing an older one)."""
-    readable_by_umask(tmp)
-    fsync_tree(tmp)
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def remove_dir(path: Path) -> None:

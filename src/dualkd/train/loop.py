@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from dualkd.config import RunConfig, save_config
 from dualkd.data.collate import Batch
 from dualkd.errors import ConfigError, DualKDError
+from dualkd.eval.harness import sampled_rouge_l
 from dualkd.lm import head_is_linear, head_of, lm_forward
 from dualkd.losses import token_cross_entropy
 from dualkd.losses.fused import fused_cross_entropy
@@ -343,8 +344,6 @@ def _improves(select_by: str, dev: dict[str, float], state: TrainerState) -> boo
 
 def _dev_rouge_l(engine: Engine, module: nn.Module, parts: Parts, cfg: RunConfig) -> float:
     """Mean ROUGE-L of responses the student samples for the dev prompts; processes share the prompts."""
-    from dualkd.eval.harness import sampled_rouge_l
-
     assert parts.dev_set is not None
     examples = parts.dev_set.examples[: cfg.eval.rouge_examples]
     gen, data = cfg.generation, cfg.data

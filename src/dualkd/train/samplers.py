@@ -3,7 +3,7 @@
     sampler = make_sampler(cfg, model_fn, tokenizer)     # model_fn: a context manager yielding the student
     samples = sampler([[1, 52, 7], [1, 9]], seed=123, step=40)   # [Sample(ids=[...], ended=True), ...]
 
-- `hf` (default): `dualkd.eval.generate.sample_token_ids`, batched Hugging Face `generate` with the KV cache,
+- `hf` (default): `dualkd.generate.sample_token_ids`, batched Hugging Face `generate` with the KV cache,
   in eval mode on a forked RNG (training's dropout masks and RNG streams are untouched), no autograd.
 - `vllm`: a vLLM engine beside the trainer on the same GPU, its weights refreshed from the student every
   `vllm_sync_every` steps. Needs `pip install vllm` and a CUDA GPU; refused with a clear message otherwise.
@@ -25,6 +25,7 @@ from torch import nn
 from dualkd.config import GenerationConfig, RunConfig
 from dualkd.data.dataset import pad_id
 from dualkd.errors import ConfigError
+from dualkd.generate import sample_token_ids
 
 ModelContext = Callable[[], contextlib.AbstractContextManager[nn.Module]]
 
@@ -57,8 +58,6 @@ class HFSampler:
         self.model_fn, self.settings, self.pad, self.eos = model_fn, settings, pad, eos
 
     def __call__(self, prompts: list[list[int]], seed: int, step: int) -> list[Sample]:
-        from dualkd.eval.generate import sample_token_ids
-
         with self.model_fn() as model:
             out = sample_token_ids(model, prompts, self.settings, self.pad, self.eos, seed=seed, keep_eos=True)
         return [_sample(ids, self.eos) for ids in out]

@@ -18,6 +18,8 @@ from dualkd.config import DataSource, GenerationConfig, RunConfig
 from dualkd.data.formats import Example
 from dualkd.data.readers import LoadReport, load_examples
 from dualkd.errors import ConfigError, DataError
+from dualkd.generate import generate_responses, write_generated_dataset
+from dualkd.models import load_model, load_tokenizer
 
 
 def seqkd_path(cfg: RunConfig, run_dir: Path) -> Path:
@@ -41,9 +43,6 @@ def teacher_decoding(cfg: RunConfig) -> GenerationConfig:
 
 
 def write_teacher_outputs(cfg: RunConfig, path: Path, engine: Any) -> None:
-    from dualkd.eval.generate import generate_responses, write_generated_dataset
-    from dualkd.models import load_model, load_tokenizer
-
     assert cfg.teacher is not None
     examples, _ = load_examples(cfg.data.train, cfg.data.format, cfg.data.on_error, cfg.data.max_examples,
                                 cfg.data.translation_pair)

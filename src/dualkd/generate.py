@@ -1,4 +1,5 @@
-"""Batched, KV-cached generation for evaluation: the papers' sampling protocol, greedy, or beam search.
+"""Batched, KV-cached generation, a core service (evaluation, on-policy sampling, SeqKD, preference data):
+the papers' sampling protocol, greedy, or beam search.
 
     model, tokenizer = load_for_generation("runs/kd/final")
     texts = generate_responses(model, tokenizer, examples, GenerationConfig(), seed=10)
@@ -22,15 +23,47 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from dualkd.config import GenerationConfig
 from dualkd.data.dataset import TruncationRules, pad_id, seq2seq_source_ids, tokenize_examples
 from dualkd.data.formats import Example
 from dualkd.errors import DataError, ModelError
+from dualkd.models import DTYPES
 from dualkd.progress import ProgressLines
+from dualkd.schema import StrictModel
+
+
+class GenerationConfig(StrictModel):
+    """Generation settings. Defaults are the DSKD/MiniLLM test protocol: sampling at temperature 1 with no top-k
+    or top-p, prompts <= 256 and sequences <= 512 tokens, 6-gram blocking."""
+
+    max_length: int = Field(512, ge=2)
+    """Prompt + generated tokens."""
+    max_prompt_length: int = Field(256, ge=1)
+    """Longer prompts are truncated to their first tokens, as in training."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Cap on generated tokens (None: `max_length - max_prompt_length` for decoder-only models, as the
+    protocol's prompts were left-padded to 256 of 512; `max_length` for encoder-decoder models)."""
+    do_sample: bool = True
+    """Sample (True) or decode greedily (False)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold (1.0: off)."""
+    top_k: int = Field(0, ge=0)
+    """Top-k sampling (0: off)."""
+    no_repeat_ngram_size: int = Field(6, ge=0)
+    """Block repeated n-grams of this size (0: off). 6 on purpose: the DSKD/MiniLLM test scripts sampled with
+    `no_repeat_ngram_size=6` (never overridden), so the papers' ROUGE-L numbers were measured with it; set 0 for
+    pure sampling."""
+    num_beams: int = Field(1, ge=1)
+    """Beam search width (1: sampling or greedy; translation recipes use beams)."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts per generation batch."""
+
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -47,8 +80,6 @@ def load_for_generation(path: str | Path, dtype: str = "float32", device: str | 
     """(model in eval mode, tokenizer) from a local folder or run directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from dualkd.models import DTYPES
 
     hf_logging.disable_progress_bar()  # per-file loading bars: ours say what is being done
     folder = resolve_model_dir(path)
