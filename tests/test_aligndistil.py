@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from dualkd.config import validate_config
 from dualkd.data.formats import parse_record
+from dualkd.data.preferences import pairs_of
 from dualkd.errors import DataError
 from dualkd.losses.policy import (
     adaptive_alpha,
@@ -258,7 +259,7 @@ def test_dpo_swap_pairs_flips_the_preference(tmp_path: Path, prefs: tuple[Path, 
         parts = build_parts(validate_config(cfg), tmp_path, ENGINE)
         parts.student.eval()
         batch = parts.train_set.collate(list(range(6)))
-        assert batch.num_pairs == 6 and batch.student.input_ids.shape[0] == 12
+        assert pairs_of(batch) == 6 and batch.student.input_ids.shape[0] == 12
         ref = parts.objective.teacher_forward(parts.teacher, batch)
         counts = {k: float(v) for k, v in parts.objective.counts(batch).items()}
         loss, metrics = parts.objective(parts.student, batch, ref, StepNorm(counts))

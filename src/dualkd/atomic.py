@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", fsync: bool = False) -> Iterator[IO[Any]]:
+    """A file to write (`w`: UTF-8 text, `wb`: bytes) that appears at `path` only when the block ends without
+    an error: it is written beside it under a temporary name, then renamed over it. `fsync`: the bytes are on
+    disk before the rename (files a crash must not leave empty: manifests, checkpoint state)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open(mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def write_text_atomic(path: str | Path, text: str, fsync: bool = False) -> None:
-    """Write `text` (UTF-8) to a temporary file beside `path`, then rename it over `path`. `fsync`: the bytes
-    are on disk before the rename (files a crash must not leave empty: manifests, checkpoint state)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    """Write `text` (UTF-8) to `path` atomically (`atomic_open`)."""
+    with atomic_open(path, "w", fsync) as f:
         f.write(text)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def fsync_tree(path: Path) -> None:

@@ -28,9 +28,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from dualkd.atomic import atomic_open
 from dualkd.data.dataset import TruncationRules, pad_id, seq2seq_source_ids, tokenize_examples
 from dualkd.data.formats import Example
 from dualkd.errors import DataError, ModelError
+from dualkd.lm import is_seq2seq
 from dualkd.models import DTYPES
 from dualkd.progress import ProgressLines
 from dualkd.schema import StrictModel
@@ -197,7 +199,7 @@ def sample_token_ids(model: nn.Module, prompts: list[list[int]], settings: Gener
     (`synced_gpus`): every process must then call this with the same number of prompts."""
     if not prompts:
         return []
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    encoder_decoder = is_seq2seq(model)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # similar lengths share a batch
     settings = fit_to_positions(settings, model, max(len(p) for p in prompts), encoder_decoder)
@@ -243,7 +245,7 @@ def generate_responses(model: Any, tokenizer: Any, examples: list[Example], sett
                        seed: int | None = None, label: str = "generating", progress: bool | None = None
                        ) -> list[str]:
     """One response text per example (in order), cut at EOS, special tokens removed."""
-    if getattr(model.config, "is_encoder_decoder", False):
+    if is_seq2seq(model):
         # a source sentence is encoded the way seq2seq models are trained on it: with the tokenizer's own
         # special tokens (Marian/T5 end it with </s>)
         prompts = seq2seq_source_ids(tokenizer, [ex.prompt or "" for ex in examples], settings.max_prompt_length)
@@ -261,8 +263,7 @@ def write_generated_dataset(examples: list[Example], texts: list[str], path: str
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = empty = 0
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(out) as f:
         for ex, text in zip(examples, texts):
             if not text.strip():
                 empty += 1
@@ -273,5 +274,4 @@ def write_generated_dataset(examples: list[Example], texts: list[str], path: str
                 record = {"prompt": ex.prompt, "output": text, "references": list(ex.references)}
             f.write(json.dumps({**record, "source": ex.where}, ensure_ascii=False) + "\n")
             written += 1
-    tmp.replace(out)
     return written, empty

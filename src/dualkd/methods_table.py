@@ -31,7 +31,7 @@ from typing import Any
 
 from rich.console import Console
 
-from dualkd.atomic import write_text_atomic as write_atomic
+from dualkd.atomic import write_text_atomic
 from dualkd.config import GenerationConfig, RunConfig, load_config
 from dualkd.data.synthetic import generate
 from dualkd.eval.harness import PROTOCOL_SEEDS, evaluate
@@ -84,7 +84,7 @@ _FIRST = ("sft", "own-sft", "own-dskdv2-eta", "kd-fkl", "dskd-fkl")
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
@@ -165,7 +165,7 @@ class Bench:
                      progress=False)["sets"]["test"]
         result = {"rougeL": s["mean"]["rougeL"], "exact_match": s["mean"]["exact_match"],
                   "dev_ce": self.best_dev_ce(run)}
-        write_atomic(path, json.dumps(result, indent=2))
+        write_text_atomic(path, json.dumps(result, indent=2))
         return result
 
     def chosen_lr(self, row: Row) -> float:
@@ -196,7 +196,7 @@ def run_methods_table(output_dir: str | Path = "runs/methods-table", quick: bool
                 for lr_ in bench.lrs}
         results[row.name] = {"tokenizer": row.tokenizer, "what": row.what, "lr": lr, "dev_ce_by_lr": grid,
                              "seeds": {str(seed): bench.scores(run) for seed, run in zip(bench.seeds, runs)}}
-        write_atomic(out / "results.json", json.dumps(results, indent=2))
+        write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     console.print(f"methods table: {len(order)} rows in {(time.perf_counter() - started) / 60:.1f} min")
     if doc is not None:
         write_doc(results, Path(doc), command=f"dualkd methods-table --output-dir {out}" + (" --quick" * quick))
@@ -262,4 +262,4 @@ def write_doc(results: dict[str, Any], doc: Path, command: str) -> None:
     text = doc.read_text() if doc.exists() else "# The methods table\n\n<!-- generated -->\n"
     head, _, rest = text.partition("<!-- generated")
     _, _, tail = rest.partition("<!-- end generated -->")
-    write_atomic(doc, head + generated + tail)
+    write_text_atomic(doc, head + generated + tail)

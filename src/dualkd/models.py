@@ -24,6 +24,7 @@ from torch import nn
 from dualkd.atomic import replace_dir
 from dualkd.data.tokenizers import train_tokenizer
 from dualkd.errors import ModelError
+from dualkd.lm import is_seq2seq
 from dualkd.schema import HomePath, StrictModel
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -300,7 +301,7 @@ def freeze(model: nn.Module) -> nn.Module:
 def apply_lora(model: nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False) -> nn.Module:
     import peft
 
-    task = "SEQ_2_SEQ_LM" if getattr(model.config, "is_encoder_decoder", False) else "CAUSAL_LM"
+    task = "SEQ_2_SEQ_LM" if is_seq2seq(model) else "CAUSAL_LM"
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=lora.target_modules, task_type=task)
     if gradient_checkpointing:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dualkd.data.preferences import pairs_of
 from tests.methods.conftest import student_run
 from tests.methods.harness import assert_split_invariant, assert_twin, build64, forward, implementation
 
@@ -24,7 +25,7 @@ def sequence_logprob(model, tokens, row: int) -> torch.Tensor:
 
 
 def dpo_twin(parts, batch) -> torch.Tensor:
-    cfg, tokens, P = parts.objective.config, batch.student, batch.num_pairs
+    cfg, tokens, P = parts.objective.config, batch.student, pairs_of(batch)
     loss = 0.0
     for i in range(P):
         w, l_ = (P + i, i) if cfg.swap_pairs else (i, P + i)  # chosen rows first, their rejected rows after
@@ -42,7 +43,7 @@ def test_dpo_is_its_formula(objective: dict, tmp_path: Path, preference_pairs: P
                             teacher_dir: Path) -> None:
     parts = build64(student_run(tmp_path, preference_pairs, byte_tokenizer_dir, teacher_dir, objective), tmp_path)
     batch = parts.train_set.collate(list(range(8)))
-    assert batch.num_pairs == 8 and batch.student.input_ids.shape[0] == 16
+    assert pairs_of(batch) == 8 and batch.student.input_ids.shape[0] == 16
     loss, grads = implementation(parts, [list(range(8))])
     assert_twin(parts, loss, grads, dpo_twin(parts, batch))
     assert_split_invariant(parts)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from dualkd.align.vocab import bytes_index, teacher_to_student_ids, token_bytes
+from dualkd.atomic import atomic_open
 
 
 def token_texts(tokenizer: Any) -> list[str]:
@@ -183,9 +184,8 @@ def nearest_token_ids(source_tokenizer: Any, target_tokenizer: Any, source_ids: 
         nearest = _nearest_by_edit_distance(token_texts(source_tokenizer), token_texts(target_tokenizer), missing)
         if cache:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, nearest)
-            tmp.replace(path)
+            with atomic_open(path, "wb") as f:
+                np.save(f, nearest, allow_pickle=False)
     out = exact.clone()
     out[torch.from_numpy(missing)] = torch.from_numpy(nearest)
     return out

@@ -85,12 +85,11 @@ class Batch:
     teacher: ModelBatch | None
     """None when the teacher reads the student's tokens (same tokenizer)."""
     indices: list[int]
-    """Dataset indices of the examples (for logging and sources that need them)."""
+    """Dataset indices of the examples (for logging and sources that need them). A preference batch
+    (data/preferences.py) has one index per pair and two rows per index: the chosen responses, then the
+    rejected ones."""
     alignment: Alignment | None = None
     """Student/teacher position pairs, for objectives that align two tokenizations (ETA, MinED)."""
-    num_pairs: int = 0
-    """Preference batches (`dpo`): rows [0, P) hold the chosen responses and rows [P, 2P) the rejected ones of
-    the same prompts; 0 for ordinary batches."""
 
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, student=self.student.to(device),

@@ -1,7 +1,7 @@
 """Preference pairs for DPO: each prompt with a chosen and a rejected response, tokenized like any example.
 
     dataset = make_preference_dataset(examples, report, data_cfg, tokenizer)   # examples with `rejected`
-    batch = dataset.collate([0, 5])   # student rows: chosen 0, chosen 5, rejected 0, rejected 5; num_pairs = 2
+    batch = dataset.collate([0, 5])   # student rows: chosen 0, chosen 5, rejected 0, rejected 5 (2 pairs)
 
 `build_preference_set` makes a preference set from an instruction set offline: the reference response is
 `chosen`, a sample from a given (weaker) model is `rejected` (`dualkd preference build`).
@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dualkd.atomic import atomic_open
 from dualkd.data.collate import Batch, TokenizedExample, pad_batch
 from dualkd.data.config import DataConfig
 from dualkd.data.dataset import TruncationRules, pad_id, tokenize_examples
@@ -40,9 +41,10 @@ class PreferenceDataset:
         return len(self.chosen)
 
     def collate(self, indices: list[int]) -> Batch:
+        """Rows [0, P) hold the chosen responses of the P pairs, rows [P, 2P) their rejected ones (`pairs_of`)."""
         rows = [self.chosen[i] for i in indices] + [self.rejected[i] for i in indices]
         return Batch(student=pad_batch(rows, self.student_pad_id, self.pad_to_multiple_of), teacher=None,
-                     indices=list(indices), num_pairs=len(indices))
+                     indices=list(indices))
 
 
 def make_preference_dataset(examples: list[Example], report: LoadReport, cfg: DataConfig, tokenizer: Any
@@ -80,9 +82,8 @@ def build_preference_set(examples: list[Example], model: Any, tokenizer: Any, se
                                  progress=progress)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
     written = dropped = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(out) as f:
         for ex, sample in zip(examples, samples):
             if not sample.strip() or sample.strip() == ex.response.strip():
                 dropped += 1
@@ -95,5 +96,13 @@ def build_preference_set(examples: list[Example], model: Any, tokenizer: Any, se
                 record = {"prompt": ex.prompt, "chosen": ex.response, "rejected": sample}
             f.write(json.dumps({**record, "source": ex.where}, ensure_ascii=False) + "\n")
             written += 1
-    tmp.replace(out)
     return written, dropped
+
+
+def pairs_of(batch: Batch) -> int:
+    """The number of preference pairs P of a batch made by `PreferenceDataset.collate` (2P rows)."""
+    rows = batch.student.input_ids.shape[0]
+    if rows != 2 * len(batch.indices):
+        raise DataError(f"not a preference batch: {rows} rows for {len(batch.indices)} examples (expected chosen "
+                        "and rejected rows of each pair; the data must be preference pairs)")
+    return len(batch.indices)

@@ -20,7 +20,7 @@ import torch
 from dualkd.data.collate import TokenizedExample, pad_batch
 from dualkd.data.config import DataConfig, DataSource
 from dualkd.data.dataset import pad_id
-from dualkd.data.preferences import make_preference_dataset
+from dualkd.data.preferences import make_preference_dataset, pairs_of
 from dualkd.data.readers import load_examples
 from dualkd.errors import ModelError
 from dualkd.eval.metrics import rouge_l
@@ -37,7 +37,7 @@ def implicit_rewards(model: Any, reference: Any, dataset: Any, beta: float, batc
     correct, margins = 0, []
     for start in range(0, len(dataset), batch_size):
         batch = dataset.collate(list(range(start, min(start + batch_size, len(dataset))))).to(device)
-        P = batch.num_pairs
+        P = pairs_of(batch)
         reward = beta * (response_logprobs(model, batch.student) - response_logprobs(reference, batch.student))
         margin = reward[:P] - reward[P:]
         correct += int((margin > 0).sum())

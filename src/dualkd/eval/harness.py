@@ -12,12 +12,12 @@ Layout of `out_dir`:
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dualkd.atomic import write_text_atomic
 from dualkd.data.formats import Example
 from dualkd.errors import DataError
 from dualkd.eval.metrics import SENTENCE_METRICS, rouge_l, score
@@ -25,12 +25,6 @@ from dualkd.eval.suites import TestSet
 from dualkd.generate import GenerationConfig, generate_responses, load_for_generation, resolve_model_dir
 
 PROTOCOL_SEEDS = (10, 20, 30, 40, 50)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _summarize(per_seed: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -68,11 +62,11 @@ def evaluate(model_path: str | Path, sets: Sequence[TestSet], settings: Generati
                 row = {"where": ex.where, "prompt": ex.prompt, "references": refs[k], "generation": text}
                 row.update({m: values[k] for m, values in per_example.items()})
                 lines.append(json.dumps(row, ensure_ascii=False))
-            _write_atomic(out / "generations" / f"{test.name}.seed{seed}.jsonl", "\n".join(lines) + "\n")
+            write_text_atomic(out / "generations" / f"{test.name}.seed{seed}.jsonl", "\n".join(lines) + "\n")
         result["sets"][test.name] = {"path": test.path, "n": len(test.examples), "metrics": list(test.metrics),
                                      "per_seed": per_seed, **_summarize(per_seed)}
-    _write_atomic(out / "scores.json", json.dumps(result, indent=2))
-    _write_atomic(out / "scores.md", scores_markdown(result))
+    write_text_atomic(out / "scores.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "scores.md", scores_markdown(result))
     result["out_dir"] = str(out)
     return result
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
 from dualkd.errors import ModelError
-from dualkd.lm import lm_forward
+from dualkd.lm import is_seq2seq, lm_forward
 from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
 from dualkd.schema import StrictModel
@@ -98,7 +98,7 @@ class CBMI(Objective):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         student = ctx.student
-        if not getattr(student.config, "is_encoder_decoder", False):
+        if not is_seq2seq(student):
             raise ModelError("objective `cbmi` reweights a translation model's CE: it needs an encoder-decoder student")
         cfg = self.config
         if cfg.lm_path:

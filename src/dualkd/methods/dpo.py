@@ -18,6 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
+from dualkd.data.preferences import pairs_of
 from dualkd.errors import ModelError
 from dualkd.lm import check_head_is_linear, response_logprobs
 from dualkd.losses.policy import dpo_loss
@@ -53,7 +54,7 @@ class DPO(Objective):
         check_head_is_linear(ctx.teacher.model, "reference model")
 
     def counts(self, batch: Batch) -> dict[str, Tensor]:
-        return {"tokens": batch.student.loss_mask.sum(), "pairs": torch.tensor(float(batch.num_pairs))}
+        return {"tokens": batch.student.loss_mask.sum(), "pairs": torch.tensor(float(pairs_of(batch)))}
 
     @torch.no_grad()
     def teacher_forward(self, teacher: Teacher, batch: Batch) -> Tensor:
@@ -61,9 +62,7 @@ class DPO(Objective):
 
     def forward(self, student: nn.Module, batch: Batch, teacher_out: Tensor, norm: StepNorm
                 ) -> tuple[Tensor, dict[str, Tensor]]:
-        P = batch.num_pairs
-        if P == 0:
-            raise ModelError("objective `dpo` got a batch without preference pairs")
+        P = pairs_of(batch)
         policy = response_logprobs(student, batch.student, self.config.chunk_size)  # [2P]
         first, second = slice(0, P), slice(P, 2 * P)
         win, lose = (second, first) if self.config.swap_pairs else (first, second)  # reverse DPO swaps them

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
 from dualkd.errors import ModelError
-from dualkd.lm import lm_forward
+from dualkd.lm import is_seq2seq, lm_forward
 from dualkd.losses import divergence
 from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
 from dualkd.losses.divergences import upcast
@@ -77,7 +77,7 @@ class TIEKD(Objective):
             raise ModelError("objective `tie_kd` needs one tokenizer for student and teacher")
         assert ctx.teacher is not None
         ctx.teacher.require({"logits", "model"}, "objective `tie_kd`")
-        self.seq2seq = bool(getattr(ctx.student.config, "is_encoder_decoder", False))
+        self.seq2seq = is_seq2seq(ctx.student)
         if self.config.iterations > 1 and not self.seq2seq:
             raise ModelError("objective `tie_kd`: iterative KD (iterations > 1) re-runs a decoder on its own "
                              "predictions and needs an encoder-decoder model; use iterations: 1 for a causal LM")

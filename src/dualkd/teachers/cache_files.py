@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dualkd.atomic import fsync_tree, write_text_atomic
+from dualkd.atomic import atomic_open, fsync_tree, write_text_atomic
 from dualkd.data.collate import TokenizedExample, pad_batch
 from dualkd.errors import ConfigError, DataError
 from dualkd.losses.sparse import TopKTargets, topk_rows
@@ -92,13 +92,13 @@ def write_cache(out: str | Path, teacher: Teacher, examples: list[TokenizedExamp
     if not (out / "tokenizer").exists():
         tokenizer.save_pretrained(out / "tokenizer")
     if hidden and not (out / "head.safetensors").exists():
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {"weight": head[:vocab].detach().to(torch.bfloat16).contiguous().cpu()}
         if bias is not None:
             tensors["bias"] = bias[:vocab].detach().to(torch.bfloat16).contiguous().cpu()
-        save_file(tensors, str(out / "head.safetensors.tmp"))
-        (out / "head.safetensors.tmp").replace(out / "head.safetensors")
+        with atomic_open(out / "head.safetensors", "wb", fsync=True) as f:
+            f.write(save(tensors))
     lp_dtype = np.float16 if logprob_dtype == "float16" else np.float32
     ids_dtype = np.uint16 if vocab <= 1 << 16 else np.int32  # 2 bytes per id for vocabularies up to 65,536
     started = time.perf_counter()

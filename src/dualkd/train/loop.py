@@ -12,7 +12,6 @@ checkpoint, or stop on SIGTERM/SIGINT with a checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import signal
 from collections import defaultdict
@@ -33,11 +32,11 @@ from dualkd.lm import head_is_linear, head_of, lm_forward
 from dualkd.losses import token_cross_entropy
 from dualkd.losses.fused import fused_cross_entropy
 from dualkd.methods import Objective, StepNorm, build_objective
-from dualkd.models import export_model, is_lora
 from dualkd.teachers import Teacher
 from dualkd.train.build import Parts, build_parts
-from dualkd.train.checkpoint import CheckpointManager, TrainerState, load_trainable
+from dualkd.train.checkpoint import CheckpointManager, TrainerState
 from dualkd.train.engine import Engine
+from dualkd.train.export import export_run
 from dualkd.train.logger import MetricsLogger
 from dualkd.train.on_policy import make_source
 from dualkd.train.optim import build_optimizer, build_scheduler
@@ -236,7 +235,7 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
                     log.event("stopped", f"received {signal.Signals(signum).name} at step {state.step}; saved {path}",
                               step=state.step)
                     raise TrainingStopped(signum, path)
-        _finish(cfg, engine, module, ckpt, state, parts, run_dir, log)
+        export_run(cfg, engine, module, ckpt, state, parts, run_dir, log)
     finally:
         log.close()
     return run_dir
@@ -390,54 +389,6 @@ def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: T
     by_key = dict(zip(keys, summed))
     n = max(by_key.pop("tokens", 0.0), 1.0)
     return {k: v / n for k, v in by_key.items()}
-
-
-def _finish(cfg: RunConfig, engine: Engine, module: nn.Module, ckpt: CheckpointManager, state: TrainerState,
-            parts: Parts, run_dir: Path, log: MetricsLogger) -> None:
-    """Export the final student (and the best one by dev loss) as folders plain transformers loads."""
-    raw = engine.unwrap(module)
-    with engine.gathered(module):  # ZeRO-3, FSDP2: whole parameters to write
-        if engine.is_main:
-            _export(cfg, raw, ckpt, state, parts, run_dir, log)
-    engine.barrier()
-
-
-def _export(cfg: RunConfig, raw: nn.Module, ckpt: CheckpointManager, state: TrainerState, parts: Parts,
-            run_dir: Path, log: MetricsLogger) -> None:
-    best_dir = None
-    if cfg.checkpoint.keep_best and state.best_step is not None and state.best_step != state.step:
-        best_dir = _export_best(raw, ckpt.path_for(state.best_step), parts.student_tokenizer, run_dir / "best")
-    final_dir = export_model(raw.student, parts.student_tokenizer, run_dir / "final")
-    _save_projectors(raw.objective, final_dir)
-    summary = {"steps": state.step, "tokens_seen": state.tokens_seen, "best_dev_loss": state.best_dev_loss,
-               "best_by": cfg.eval.select_by, "best_value": state.best_value,
-               "best_step": state.best_step, "final": str(final_dir),
-               "best": str(best_dir or final_dir) if state.best_step is not None else None}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.event("finished", f"done: {state.step} steps; student saved to {final_dir}", step=state.step)
-
-
-def _save_projectors(objective: nn.Module, out: Path) -> None:
-    """An objective's own trained modules (projectors) beside the student, to continue from them later."""
-    # cloned: tied weights (a CBMI LM's embedding and head) share storage, which safetensors refuses
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in objective.state_dict().items()}
-    if state:
-        from safetensors.torch import save_file
-
-        save_file(state, str(out / "projectors.safetensors"))
-
-
-def _export_best(raw: nn.Module, checkpoint: Path, tokenizer: Any, out: Path) -> Path:
-    current = {n: p.detach().clone() for n, p in raw.named_parameters() if p.requires_grad}
-    load_trainable(raw, checkpoint / "trainable.safetensors")
-    if is_lora(raw.student):  # a merged export would change the module in place: write the adapter only
-        raw.student.save_pretrained(out / "adapter")
-        tokenizer.save_pretrained(out)
-    else:
-        export_model(raw.student, tokenizer, out)
-    _save_projectors(raw.objective, out)
-    raw.load_state_dict(current, strict=False)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- helpers
