@@ -31,6 +31,12 @@ def _teacher_path(path: str):
     return edit
 
 
+def _source(**source):
+    def edit(cfg: dict, tmp: Path) -> None:
+        cfg["source"] = source
+    return edit
+
+
 def _output_is_a_file(cfg: dict, tmp: Path) -> None:
     (tmp / "out.txt").write_text("not a folder")
     cfg["output_dir"] = str(tmp / "out.txt")
@@ -46,6 +52,10 @@ CASES = {  # name -> (edit of a tiny run config, the message)
     "missing tokenizer folder": (_student(tokenizer="./no-such-tokenizer"),
                                  r"student\.tokenizer: folder not found: \./no-such-tokenizer"),
     "output_dir is a file": (_output_is_a_file, r"output_dir: .*out\.txt is a file, not a folder"),
+    "a key of another source kind": (_source(kind="on_policy", replay_capacity=5),
+                                     r"source\.replay_capacity: unknown key; allowed: temperature, .*, student_gen_ratio"),
+    "an unknown source kind": (_source(kind="offline"), r"source\.kind: unknown source 'offline'; choose from "
+                                                         r"\['off_policy', 'on_policy', 'replay', 'seqkd'\]"),
 }
 
 

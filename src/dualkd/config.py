@@ -25,7 +25,14 @@ from dualkd.methods import ObjectiveConfig
 from dualkd.methods.sft import SFTConfig
 from dualkd.models import LoraConfig, ModelConfig, TeacherConfig, TokenizerTrainConfig
 from dualkd.schema import StrictModel, format_validation_error
-from dualkd.train.sources import SourceConfig
+from dualkd.train.sources import (
+    OffPolicyConfig,
+    OnPolicyConfig,
+    ReplayConfig,
+    SeqKDConfig,
+    SourceConfig,
+    moved_source_keys,
+)
 
 # ----------------------------------------------------------------------------------------------- training
 
@@ -124,7 +131,7 @@ class RunConfig(StrictModel):
     """More frozen models some objectives read, by role (AlignDistil: `reverse`, the reverse-DPO model, or
     `reference` for its Theorem-1 variant)."""
     data: DataConfig
-    source: SourceConfig = Field(default_factory=SourceConfig)
+    source: SourceConfig = Field(default_factory=OffPolicyConfig)
     """Where batches come from: dataset responses, student samples (on-policy, replay) or teacher outputs."""
     objective: ObjectiveConfig = Field(default_factory=lambda: _default_objective())
     """The training objective; `name` selects it and decides which other keys are allowed."""
@@ -133,6 +140,13 @@ class RunConfig(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "source" in data:
+            moved_source_keys(data["source"])
+        return data
 
     @model_validator(mode="after")
     def _check_combination(self) -> RunConfig:
@@ -148,7 +162,7 @@ class RunConfig(StrictModel):
             raise ValueError(f"teacher.cache holds the teacher's outputs on the dataset responses only; source.kind="
                              f"{self.source.kind} asks the teacher about new sequences: use a live teacher "
                              "(`teacher.path`, no `cache`)")
-        if self.source.kind == "seqkd" and self.teacher is None and self.source.seqkd_data is None:
+        if isinstance(self.source, SeqKDConfig) and self.teacher is None and self.source.seqkd_data is None:
             raise ValueError("source.kind=seqkd: set `source.seqkd_data` (teacher outputs from `dualkd generate`) "
                              "or a `teacher` to generate them with")
         if self.source.kind == "replay" and self.data.dev is None:
@@ -218,5 +232,6 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 
 __all__ = ["CheckpointConfig", "DataConfig", "DataSource", "EvalConfig", "GenerationConfig", "LoggingConfig",
-           "LoraConfig", "ModelConfig", "OptimConfig", "RunConfig", "SourceConfig", "TeacherConfig",
+           "LoraConfig", "ModelConfig", "OffPolicyConfig", "OnPolicyConfig", "OptimConfig", "ReplayConfig",
+           "RunConfig", "SeqKDConfig", "SourceConfig", "TeacherConfig",
            "TokenizerTrainConfig", "apply_override", "load_config", "save_config", "validate_config"]

@@ -27,6 +27,7 @@ from dualkd.teachers import LiveTeacher
 from dualkd.teachers.cache_files import write_cache
 from dualkd.train.build import build_parts
 from dualkd.train.engine import LocalEngine
+from dualkd.train.sources import OffPolicyConfig
 
 
 def cache_teacher(cfg: RunConfig, out: str | Path, *, k: int = 64, hidden: bool = False,
@@ -35,9 +36,7 @@ def cache_teacher(cfg: RunConfig, out: str | Path, *, k: int = 64, hidden: bool 
     """Write (or resume) the cache of `cfg.teacher` over the train and dev data of `cfg`; returns the manifests."""
     if cfg.teacher is None or cfg.teacher.cache is not None:
         raise ConfigError("cache-teacher: the config needs a `teacher` model to run (`teacher.path`, no `cache`)")
-    updates = {"source": cfg.source.model_copy(update={"kind": "off_policy"})} if cfg.source.kind != "off_policy" \
-        else {}
-    cfg = cfg.model_copy(update=updates)
+    cfg = cfg.model_copy(update={"source": OffPolicyConfig()})  # the dataset's responses, as training reads them
     parts = build_parts(cfg, Path(cfg.output_dir), LocalEngine())
     tokenizer = parts.teacher_tokenizer or load_tokenizer(cfg.teacher, field="teacher")
     model = parts.teacher.model if parts.teacher is not None else load_model(cfg.teacher, tokenizer,

@@ -18,9 +18,9 @@ import contextlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from dualkd.data.collate import Batch
 from dualkd.data.dataset import TokenizedDataset
@@ -28,22 +28,15 @@ from dualkd.errors import DataError
 from dualkd.schema import HomePath, StrictModel
 
 
-class SourceConfig(StrictModel):
-    """Where the training batches come from (train/sources.py, train/on_policy.py). The loss is the objective's
-    either way; on a student-sampled step the gold CE stays on the dataset responses."""
+class OffPolicyConfig(StrictModel):
+    """`source: {kind: off_policy}` (the default): the dataset's responses."""
 
-    kind: Literal["off_policy", "on_policy", "seqkd", "replay"] = "off_policy"
-    """`off_policy`: dataset responses. `on_policy`: after `on_policy_after`, each step is replaced by student
-    samples for its prompts with probability `student_gen_ratio` (DSKDv2/GKD). `seqkd`: train on teacher
-    responses generated ahead of time (`seqkd_data`, made by `dualkd generate` or here before training).
-    `replay`: DistiLLM's adaptive off-policy replay buffer of student samples. (An offline teacher cache is
-    where the teacher comes from, not a source: `teacher.cache`.)"""
-    student_gen_ratio: float = Field(0.5, ge=0.0, le=1.0)
-    """on_policy: probability that a step trains on student samples (DSKDv2 `--stu-gen-ratio`: 0.5)."""
-    on_policy_after: int = Field(0, ge=0)
-    """on_policy: off-policy warm-up before sampling starts, in `on_policy_after_unit`s (DSKDv2: 3 epochs)."""
-    on_policy_after_unit: Literal["epochs", "steps"] = "epochs"
-    """Unit of `on_policy_after`."""
+    kind: Literal["off_policy"] = "off_policy"
+
+
+class SamplingConfig(StrictModel):
+    """How the student samples, for the sources that train on its samples (on-policy, replay)."""
+
     temperature: float = Field(1.0, gt=0)
     """Student sampling temperature (DSKDv2 samples like its evaluation: 1.0, no top-p, no top-k)."""
     top_p: float = Field(1.0, gt=0, le=1)
@@ -60,32 +53,62 @@ class SourceConfig(StrictModel):
     """vllm: copy the student's weights into the vLLM engine every N optimizer steps."""
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
     """vllm: share of the GPU memory vLLM may take (the rest is the trainer's)."""
+
+
+class OnPolicyConfig(SamplingConfig):
+    """`source: {kind: on_policy}` (DSKDv2, GKD; train/on_policy.py): after `on_policy_after`, each step is
+    replaced by student samples for its prompts with probability `student_gen_ratio`."""
+
+    kind: Literal["on_policy"] = "on_policy"
+    student_gen_ratio: float = Field(0.5, ge=0.0, le=1.0)
+    """Probability that a step trains on student samples (DSKDv2 `--stu-gen-ratio`: 0.5)."""
+    on_policy_after: int = Field(0, ge=0)
+    """Off-policy warm-up before sampling starts, in `on_policy_after_unit`s (DSKDv2: 3 epochs)."""
+    on_policy_after_unit: Literal["epochs", "steps"] = "epochs"
+    """Unit of `on_policy_after`."""
+
+
+class ReplayConfig(SamplingConfig):
+    """`source: {kind: replay}` (DistiLLM; train/on_policy.py): an adaptive off-policy replay buffer of student
+    samples; the probability φ of a sampled step rises when the dev loss gets worse."""
+
+    kind: Literal["replay"] = "replay"
     replay_capacity: int = Field(1000, ge=1)
-    """replay: sampled examples kept per process (DistiLLM: 1000)."""
+    """Sampled examples kept per process (DistiLLM: 1000)."""
     replay_init_threshold: float = Field(0.0, ge=0.0, le=1.0)
-    """replay: the starting probability φ of training on student samples (DistiLLM: 0.0)."""
+    """The starting probability φ of training on student samples (DistiLLM: 0.0)."""
     replay_threshold_step: float = Field(0.1, gt=0.0, le=1.0)
-    """replay: how much φ rises when the dev loss got worse by `replay_loss_eps` (DistiLLM: 0.1)."""
+    """How much φ rises when the dev loss got worse by `replay_loss_eps` (DistiLLM: 0.1)."""
     replay_loss_eps: float = Field(0.1, ge=0.0)
-    """replay: dev-loss increase that raises φ (DistiLLM: 0.1)."""
+    """Dev-loss increase that raises φ (DistiLLM: 0.1)."""
     replay_schedule: Literal["decreasing", "constant", "increasing"] = "decreasing"
-    """replay: share of φ spent on fresh samples over training: φ(1 - t/T) (DistiLLM's default), φ/2, or φ·t/T;
-    the rest of φ reuses the buffer."""
+    """Share of φ spent on fresh samples over training: φ(1 - t/T) (DistiLLM's default), φ/2, or φ·t/T; the
+    rest of φ reuses the buffer."""
+
+
+class SeqKDConfig(StrictModel):
+    """`source: {kind: seqkd}` (Kim & Rush; train/seqkd.py): train on teacher responses generated ahead of time."""
+
+    kind: Literal["seqkd"] = "seqkd"
     seqkd_data: HomePath | None = None
-    """seqkd: the teacher-generated training set (jsonl from `dualkd generate`). When the file does not exist
-    the teacher writes it there before training (default `<output_dir>/seqkd-train.jsonl`)."""
+    """The teacher-generated training set (jsonl from `dualkd generate`). When the file does not exist the
+    teacher writes it there before training (default `<output_dir>/seqkd-train.jsonl`)."""
     seqkd_sampling: bool = False
-    """seqkd: sample the teacher's outputs with the `generation` settings (temperature, top-p). Off (Kim &
-    Rush): the teacher decodes greedily, or with beam search when `generation.num_beams` > 1."""
+    """Sample the teacher's outputs with the `generation` settings (temperature, top-p). Off (Kim & Rush): the
+    teacher decodes greedily, or with beam search when `generation.num_beams` > 1."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _cache_moved_to_teacher(cls, data: Any) -> Any:
-        if isinstance(data, dict) and (data.get("kind") == "cache" or "cache_dir" in data):
-            raise ValueError("an offline teacher cache is now where the teacher comes from: replace `source.kind: "
-                             "cache` and `source.cache_dir: DIR` by `teacher: {cache: DIR}`")
-        return data
 
+SourceConfig = Annotated[OffPolicyConfig | OnPolicyConfig | ReplayConfig | SeqKDConfig, Field(discriminator="kind")]
+"""Where the training batches come from; `kind` chooses, and decides which other keys are allowed. The loss is
+the objective's either way; on a student-sampled step the gold CE stays on the dataset responses."""
+
+
+def moved_source_keys(data: Any) -> Any:
+    """Refuse the keys of an older layout with where they went (a before-validator of the run config)."""
+    if isinstance(data, dict) and (data.get("kind") == "cache" or "cache_dir" in data):
+        raise ValueError("an offline teacher cache is now where the teacher comes from: replace `source.kind: "
+                         "cache` and `source.cache_dir: DIR` by `teacher: {cache: DIR}`")
+    return data
 
 
 @dataclass
