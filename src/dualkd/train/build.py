@@ -1,11 +1,11 @@
-"""Build what a run needs from its config: tokenizers, validated and tokenized data, models, objective.
+"""Build what a run needs from its config: tokenized data, models, the teacher, the objective (after
+train/prepare.py has made what must exist first: the examples and the student's tokenizer).
 
 Everything that can fail because of the user's inputs fails here, before the first training step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,14 +16,14 @@ from dualkd.config import RunConfig
 from dualkd.data.dataset import TokenizedDataset, make_dataset
 from dualkd.data.formats import Example
 from dualkd.data.preferences import make_preference_dataset
-from dualkd.data.readers import LoadReport, load_examples
+from dualkd.data.readers import LoadReport
 from dualkd.errors import ConfigError
 from dualkd.lm import is_seq2seq
 from dualkd.methods import Objective, build_objective
 from dualkd.methods.base import SetupContext
 from dualkd.models import is_encoder_decoder, load_model, load_tokenizer, same_vocabulary
 from dualkd.teachers import CachedTeacher, LiveTeacher, Teacher, cache_tokenizer
-from dualkd.train.seqkd import seqkd_examples
+from dualkd.train.prepare import Prepared, prepare_run
 
 
 @dataclass
@@ -44,21 +44,11 @@ class Parts:
     """Extra frozen models of the objective (`teachers.<role>`), placed on the device with the teacher."""
 
 
-def training_texts(examples: list[Example], separate: bool = False) -> Iterable[str]:
-    """Raw text of the training data, for training a tokenizer from scratch: prompt + response as one text, or
-    as two (`separate`: the two sides of a sentence pair, which no merge should cross)."""
-    for ex in examples:
-        if ex.messages is not None:
-            yield from (m["content"] for m in ex.messages)
-        elif separate:
-            yield from (ex.prompt or "", ex.response)
-        else:
-            yield (ex.prompt or "") + ex.response
-
-
-def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective | None = None) -> Parts:
-    """The run's parts; `objective`: one already built from `cfg.objective` (the loop builds it first, to tell
-    the engine whether DDP must look for unused parameters)."""
+def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective | None = None,
+                prepared: Prepared | None = None) -> Parts:
+    """The run's parts. `objective`: one already built from `cfg.objective` (the loop builds it first, to tell
+    the engine whether DDP must look for unused parameters); `prepared`: the run's examples and student
+    tokenizer (train/prepare.py; prepared here when not given)."""
     objective = objective if objective is not None else build_objective(cfg.objective)
     # the teacher's outputs come from files: no teacher model is loaded
     cache_dir = cfg.teacher.cache if cfg.teacher is not None and objective.needs_teacher else None
@@ -66,17 +56,8 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective
         raise ConfigError(f"objective `{cfg.objective.name}` needs a teacher: set `teacher.path`")
 
     data = cfg.data
-    if cfg.source.kind == "seqkd":  # the teacher's outputs replace the references
-        train_examples, train_report = seqkd_examples(cfg, run_dir, engine)
-    else:
-        train_examples, train_report = load_examples(data.train, data.format, data.on_error, data.max_examples,
-                                                     data.translation_pair)
-    dev_examples, dev_report = (None, None)
-    if data.dev is not None:
-        dev_examples, dev_report = load_examples(data.dev, data.format, data.on_error, data.dev_max_examples,
-                                                 data.translation_pair)
-
-    student_tokenizer = _student_tokenizer(cfg, run_dir, engine, train_examples)
+    prepared = prepared if prepared is not None else prepare_run(cfg, run_dir, engine)
+    student_tokenizer = prepared.student_tokenizer
     if cache_dir is not None:
         teacher_tokenizer = cache_tokenizer(cache_dir)
     else:
@@ -94,8 +75,8 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective
             return make_preference_dataset(examples, report, data, student_tokenizer)
         return make_dataset(examples, report, data, student_tokenizer, own_teacher_tokens, aligner, seq2seq)
 
-    train_set = tokenized(train_examples, train_report)
-    dev_set = tokenized(dev_examples, dev_report) if dev_examples is not None else None
+    train_set = tokenized(prepared.train_examples, prepared.train_report)
+    dev_set = tokenized(prepared.dev_examples, prepared.dev_report) if prepared.dev_examples is not None else None
 
     student = load_model(cfg.student, student_tokenizer, role="student", seed=cfg.seed)
     teacher: Teacher | None = None
@@ -115,7 +96,7 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective
     objective.setup(SetupContext(student=student, teacher=teacher, student_tokenizer=student_tokenizer,
                                  teacher_tokenizer=teacher_tokenizer, same_tokenizer=same,
                                  student_pretrained=cfg.student.init != "random", frozen=frozen))
-    reports = [r for r in (train_report, dev_report) if r is not None]
+    reports = [r for r in (prepared.train_report, prepared.dev_report) if r is not None]
     return Parts(objective, student, teacher, student_tokenizer, teacher_tokenizer, train_set, dev_set, reports,
                  aligner, frozen)
 
@@ -139,19 +120,3 @@ def _frozen_models(cfg: RunConfig, objective: Objective, student_tokenizer: Any)
             raise ConfigError(f"teachers.{role}: its tokenizer differs from the student's; this objective needs one")
         frozen[role] = load_model(spec, tokenizer, role="teacher", seed=cfg.seed, field=f"teachers.{role}")
     return frozen
-
-
-def _student_tokenizer(cfg: RunConfig, run_dir: Path, engine: Any, examples: list[Example]) -> Any:
-    """Load the student's tokenizer; a tokenizer trained from the data is trained once (main process), saved in
-    the run directory and read back by every process, and by a resumed run."""
-    if cfg.student.train_tokenizer is None:
-        return load_tokenizer(cfg.student)
-    from transformers import AutoTokenizer
-
-    saved = run_dir / "tokenizer"
-    if engine.is_main and not (saved / "tokenizer.json").exists():
-        pairs = cfg.data.translation is not None
-        tokenizer = load_tokenizer(cfg.student, train_texts=lambda: training_texts(examples, separate=pairs))
-        tokenizer.save_pretrained(saved)
-    engine.barrier()
-    return AutoTokenizer.from_pretrained(saved)

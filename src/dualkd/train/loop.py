@@ -40,6 +40,7 @@ from dualkd.train.export import export_run
 from dualkd.train.logger import MetricsLogger
 from dualkd.train.on_policy import make_source
 from dualkd.train.optim import build_optimizer, build_scheduler
+from dualkd.train.prepare import prepare_run
 from dualkd.train.resume import check_resume, resume_key
 from dualkd.train.sources import OffPolicySource, eval_batches
 from dualkd.train.telemetry import StepTimer, peak_memory_mib
@@ -137,7 +138,8 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
     engine.barrier()
     _seed_everything(cfg.seed)
 
-    parts = build_parts(cfg, run_dir, engine, objective)
+    prepared = prepare_run(cfg, run_dir, engine)  # SeqKD's teacher outputs, a tokenizer trained from the data
+    parts = build_parts(cfg, run_dir, engine, objective, prepared)
     module = TrainModule(parts.student, parts.objective)
     optimizer = build_optimizer(parts.student, opt, parts.objective.param_groups())
     gold = OffPolicySource(parts.train_set, opt.micro_batch_size, opt.grad_accum, engine.world_size, engine.rank,
