@@ -30,8 +30,9 @@ from dualkd.errors import ModelError
 from dualkd.lm import check_head_is_linear, head_of, lm_forward
 from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_ce_and_divergence, fused_cross_entropy
-from dualkd.methods.base import Objective, SetupContext, StepNorm
-from dualkd.methods.common import DivergenceChoice, ProjectorChoice, TeacherRows, head_rows_of, load_projectors
+from dualkd.methods.base import SetupContext, StepNorm
+from dualkd.methods.common import DivergenceChoice, ProjectorChoice, TeacherRows, head_rows_of
+from dualkd.methods.projectors import DualSpace
 from dualkd.models import shared_vocab_size
 from dualkd.teachers import Teacher
 
@@ -40,7 +41,7 @@ class DSKDConfig(DivergenceChoice, ProjectorChoice):
     name: Literal["dskd"] = "dskd"
 
 
-class DSKD(Objective):
+class DSKD(DualSpace):
     config_class = DSKDConfig
     needs_teacher = True
     config: DSKDConfig
@@ -59,12 +60,7 @@ class DSKD(Objective):
         if "model" in teacher.provides:
             check_head_is_linear(teacher.model, "teacher")
         d_t = teacher.head()[0].shape[1]
-        self.t2s = nn.Linear(d_t, d_s, dtype=dtype)
-        self.s2t = nn.Linear(d_s, d_t, dtype=dtype)
-        load_projectors(self, self.config.projector_path)
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": list(self.parameters()), "lr": self.config.projector_lr, "name": "projectors"}]
+        self.build_projectors(d_s, d_t, dtype, bias=True)
 
     @torch.no_grad()
     def teacher_forward(self, teacher: Teacher, batch: Batch) -> TeacherRows:

@@ -43,8 +43,9 @@ from dualkd.data.collate import Batch, ModelBatch
 from dualkd.lm import check_head_is_linear, head_of, lm_forward
 from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_argmax, fused_cross_entropy
-from dualkd.methods.base import Objective, SetupContext, StepNorm
-from dualkd.methods.common import DivergenceChoice, ProjectorChoice, load_projectors, pinv_map
+from dualkd.methods.base import SetupContext, StepNorm
+from dualkd.methods.common import DivergenceChoice, ProjectorChoice
+from dualkd.methods.projectors import DualSpace
 from dualkd.teachers import Teacher
 
 
@@ -76,7 +77,7 @@ def _scale_free(x: Tensor, mask: Tensor) -> Tensor:
     return x / var.sqrt().clamp(min=1e-6)[:, None, None]
 
 
-class DSKDCMA(Objective):
+class DSKDCMA(DualSpace):
     config_class = DSKDCMAConfig
     needs_teacher = True
     teacher_reads_own_tokens = True
@@ -93,23 +94,15 @@ class DSKDCMA(Objective):
         d_s, d_t = w_s.shape[1], w_t.shape[1]
         dtype = w_s.dtype
         v2 = self.config.version == 2
-        self.query = nn.Linear(2 * d_s, 2 * d_t, dtype=dtype)
-        self.t2s = nn.Linear(d_t, d_s, bias=not v2, dtype=dtype)
-        self.s2t = None if v2 else nn.Linear(d_s, d_t, dtype=dtype)
+        self.query = nn.Linear(2 * d_s, 2 * d_t, dtype=dtype)  # before the projectors: their initialization order
+        pinv_rows = None
         if v2:
             if ctx.same_tokenizer:
                 student_ids = teacher_ids = torch.arange(min(w_s.shape[0], w_t.shape[0], len(ctx.student_tokenizer)))
             else:
                 student_ids, teacher_ids = shared_vocabulary(ctx.student_tokenizer, ctx.teacher_tokenizer)
-            with torch.no_grad():
-                self.t2s.weight.copy_(pinv_map(w_t[teacher_ids], w_s[student_ids]).T)
-            self.register_buffer("shared_student_ids", student_ids, persistent=False)
-            self.register_buffer("teacher_pinv", torch.linalg.pinv(w_t[teacher_ids].detach().double().T)
-                                 .to(dtype), persistent=False)
-        load_projectors(self, self.config.projector_path)
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": list(self.parameters()), "lr": self.config.projector_lr, "name": "projectors"}]
+            pinv_rows = (w_t[teacher_ids], w_s[student_ids], student_ids)
+        self.build_projectors(d_s, d_t, dtype, bias=not v2, pinv_rows=pinv_rows)
 
     def counts(self, batch: Batch) -> dict[str, Tensor]:
         return {"tokens": batch.student.loss_mask.sum(), "teacher_tokens": self._teacher_tokens(batch).loss_mask.sum()}
@@ -156,10 +149,7 @@ class DSKDCMA(Objective):
         t_values = self.t2s(_scale_free(teacher.hidden.to(dtype), t_mask)
                             + _scale_free(teacher.values.to(dtype), t_mask))  # [B, Tt, ds]
         h_t2s = torch.softmax(scores, dim=-1) @ t_values  # [B, Ts, ds]
-        if self.s2t is not None:
-            s_values = self.s2t(hidden)
-        else:
-            s_values = hidden @ (w_fixed[self.shared_student_ids].T @ self.teacher_pinv)
+        s_values = self.project_s2t(hidden, w_s)
         h_s2t = torch.softmax(scores.transpose(1, 2), dim=-1) @ s_values  # [B, Tt, dt]
 
         labels = s_tok.labels[s_mask]

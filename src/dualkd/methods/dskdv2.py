@@ -41,10 +41,9 @@ from dualkd.methods.common import (
     ProjectorChoice,
     TeacherRows,
     head_rows_of,
-    load_projectors,
-    pinv_map,
 )
 from dualkd.methods.dskd_cma import DSKDCMA, DSKDCMAConfig
+from dualkd.methods.projectors import DualSpace
 from dualkd.models import shared_vocab_size
 from dualkd.teachers import Teacher, response_rows
 
@@ -88,7 +87,7 @@ def build(config: DSKDv2Config) -> Objective:
     return DSKDCMA(config.as_cma()) if config.alignment == "cma" else DSKDv2(config)
 
 
-class DSKDv2(Objective):
+class DSKDv2(DualSpace):
     config_class = DSKDv2Config
     needs_teacher = True
     teacher_reads_own_tokens = True
@@ -121,23 +120,9 @@ class DSKDv2(Objective):
             to_student = teacher_to_student_ids(ctx.student_tokenizer, ctx.teacher_tokenizer)
             self.vocab_size = None
         self.register_buffer("to_student", to_student, persistent=False)  # teacher id -> student id or -1
-        self.register_buffer("shared_student_ids", student_ids, persistent=False)
-        d_s, d_t = w_s.shape[1], w_t.shape[1]
-        self.t2s = nn.Linear(d_t, d_s, bias=False, dtype=w_s.dtype)
         self.pinv_init = ctx.student_pretrained if cfg.pinv_init is None else cfg.pinv_init
-        if self.pinv_init:
-            with torch.no_grad():
-                self.t2s.weight.copy_(pinv_map(w_t[teacher_ids], w_s[student_ids]).T)
-            # P_s2t = W_s[V']ᵀ pinv(W_t[V']ᵀ): the teacher half never changes
-            self.register_buffer("teacher_pinv", torch.linalg.pinv(w_t[teacher_ids].detach().double().T)
-                                 .to(w_s.dtype), persistent=False)  # [K, d_t]
-            self.s2t = None
-        else:
-            self.s2t = nn.Linear(d_s, d_t, bias=False, dtype=w_s.dtype)
-        load_projectors(self, cfg.projector_path)
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": list(self.parameters()), "lr": self.config.projector_lr, "name": "projectors"}]
+        pinv_rows = (w_t[teacher_ids], w_s[student_ids], student_ids) if self.pinv_init else None
+        self.build_projectors(w_s.shape[1], w_t.shape[1], w_s.dtype, bias=False, pinv_rows=pinv_rows)
 
     # ------------------------------------------------------------------------------------------- teacher
     @torch.no_grad()
@@ -225,10 +210,7 @@ class DSKDv2(Objective):
 
         # teacher space: the student's states through P_s2t, read by the teacher's head
         h_pairs = h_rows[pair_rows]
-        if self.s2t is None:
-            h_s2t = h_pairs @ (w_fixed[self.shared_student_ids].T @ self.teacher_pinv)  # [P, d_t]
-        else:
-            h_s2t = self.s2t(h_pairs)
+        h_s2t = self.project_s2t(h_pairs, w_s)  # [P, d_t]
         kd_teacher = fused_divergence(cfg.divergence, h_s2t.to(teacher.head.dtype), teacher.head, teacher.hidden,
                                       teacher.head, temperature=cfg.temperature, reduction="sum",
                                       chunk_size=cfg.chunk_size, student_bias=teacher.bias,
