@@ -53,7 +53,10 @@ CASES = {  # name -> (edit of a tiny run config, the message)
                                  r"student\.tokenizer: folder not found: \./no-such-tokenizer"),
     "output_dir is a file": (_output_is_a_file, r"output_dir: .*out\.txt is a file, not a folder"),
     "a key of another source kind": (_source(kind="on_policy", replay_capacity=5),
-                                     r"source\.replay_capacity: unknown key; allowed: temperature, .*, student_gen_ratio"),
+                                     r"source\.replay_capacity: unknown key; allowed: temperature, .*, "
+                                     r"student_gen_ratio"),
+    "an unknown objective": (lambda cfg, tmp: cfg.update(objective={"kd_rate": 0.5}),
+                             r"objective\.name: is missing; choose from \['aligndistil', 'cbmi', 'dpo', 'dskd', "),
     "an unknown source kind": (_source(kind="offline"), r"source\.kind: unknown source 'offline'; choose from "
                                                          r"\['off_policy', 'on_policy', 'replay', 'seqkd'\]"),
 }

@@ -31,7 +31,7 @@ from dualkd.train.sources import (
     ReplayConfig,
     SeqKDConfig,
     SourceConfig,
-    moved_source_keys,
+    source_defaults,
 )
 
 # ----------------------------------------------------------------------------------------------- training
@@ -145,7 +145,7 @@ class RunConfig(StrictModel):
     @classmethod
     def _moved_keys(cls, data: Any) -> Any:
         if isinstance(data, dict) and "source" in data:
-            moved_source_keys(data["source"])
+            data = {**data, "source": source_defaults(data["source"])}
         return data
 
     @model_validator(mode="after")

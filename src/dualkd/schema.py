@@ -49,7 +49,9 @@ def format_validation_error(err: ValidationError, source: str, root: type[BaseMo
             tag = str(e["ctx"]["discriminator"]).strip("'")
             given = e["input"].get(tag) if isinstance(e["input"], dict) else None
             problem = "is missing" if given is None else f"unknown {keys[-1] if keys else 'kind'} {given!r}"
-            choices = sorted(t.strip().strip("'") for t in str(e["ctx"].get("expected_tags", "")).split(","))
+            owner = owners[-1] if owners else None
+            field = owner.model_fields.get(keys[-1]) if owner is not None else None
+            choices = sorted(_variants(field.annotation, field.discriminator)) if field is not None else []
             lines.append(f"  {key}.{tag}: {problem}; choose from {choices}")
         elif kind == "value_error":
             lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")

@@ -103,12 +103,15 @@ SourceConfig = Annotated[OffPolicyConfig | OnPolicyConfig | ReplayConfig | SeqKD
 the objective's either way; on a student-sampled step the gold CE stays on the dataset responses."""
 
 
-def moved_source_keys(data: Any) -> Any:
-    """Refuse the keys of an older layout with where they went (a before-validator of the run config)."""
-    if isinstance(data, dict) and (data.get("kind") == "cache" or "cache_dir" in data):
+def source_defaults(data: Any) -> Any:
+    """A `source` mapping without `kind` is the default kind, off_policy; the keys of an older layout are
+    refused with where they went (a before-validator of the run config)."""
+    if not isinstance(data, dict):
+        return data
+    if data.get("kind") == "cache" or "cache_dir" in data:
         raise ValueError("an offline teacher cache is now where the teacher comes from: replace `source.kind: "
                          "cache` and `source.cache_dir: DIR` by `teacher: {cache: DIR}`")
-    return data
+    return {"kind": "off_policy", **data}
 
 
 @dataclass
