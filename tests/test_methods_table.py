@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from dualkd.cli import main
-from dualkd.methods_table import ROWS, Bench, table_markdown
+from dualkd.methods_table import ROWS, Bench, grid_markdown, table_markdown
 
 
 def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
@@ -32,6 +32,17 @@ def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     again = doc.read_text()
     assert again.startswith("# mine\n\nprose above\n") and again.endswith("\nprose below\n")
 
+    # --report-only trains nothing and tables what is finished: here every row; an unknown row is refused
+    results_before = (out / "results.json").read_text()
+    assert main(["methods-table", "--quick", "--output-dir", str(out), "--doc", str(doc), "--rows", *rows,
+                 "--report-only"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("final/model.safetensors")} == stamps
+    reported = json.loads((out / "results.json").read_text())
+    assert {n: r["seeds"] for n, r in reported.items()} == {n: r["seeds"] for n, r in
+                                                            json.loads(results_before).items()}
+    assert "### Learning-rate search" in doc.read_text()
+    assert main(["methods-table", "--quick", "--output-dir", str(out), "--rows", "no-such-row", "--report-only"]) == 2
+
     # every row's config builds against the trained teacher: one architecture, the tokenizer differs
     bench = Bench(out, quick=True, console=Console(quiet=True))
     teacher = out / "teacher" / "final"
@@ -43,6 +54,20 @@ def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     assert {str(c.student.tokenizer) for n, c in configs.items() if not n.startswith("own-")} == {str(teacher)}
     assert configs["seqkd"].source.kind == "seqkd" and configs["on-policy-kd-fkl"].source.kind == "on_policy"
     assert configs["sft"].teacher is None and configs["seqkd"].teacher is not None
+
+
+def test_partial_rows_say_how_many_seeds() -> None:
+    seeds = lambda *v: {str(k): {"rougeL": x, "exact_match": x, "dev_ce": 1.0} for k, x in enumerate(v)}  # noqa: E731
+    results = {"sft": {"tokenizer": "teacher", "what": "SFT", "lr": 1e-3, "seeds": seeds(50, 52, 54),
+                       "dev_ce_by_lr": {"0.001": 1.0, "0.003": 1.2}},
+               "kd-fkl": {"tokenizer": "teacher", "what": "KD", "lr": 1e-3, "seeds": seeds(51),
+                          "dev_ce_by_lr": {"0.001": 0.9, "0.003": 1.1}},
+               "kd-rkl": {"tokenizer": "teacher", "what": "KD", "lr": None, "seeds": {},
+                          "dev_ce_by_lr": {"0.001": 1.3}}}
+    table = table_markdown(results)
+    assert "| kd-fkl | KD (1 seed) |" in table and "kd-rkl" not in table
+    grid = grid_markdown(results)
+    assert "| kd-rkl | 1.300 | — | — |" in grid and "| sft | 1.000 | 1.200 | 0.001 |" in grid
 
 
 def test_overlap_marks() -> None:

@@ -72,7 +72,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_methods_table(args: argparse.Namespace) -> int:
     from dualkd.methods_table import run_methods_table
 
-    run_methods_table(args.output_dir, quick=args.quick, rows=args.rows, doc=None if args.no_doc else args.doc)
+    run_methods_table(args.output_dir, quick=args.quick, rows=args.rows, doc=None if args.no_doc else args.doc,
+                      report_only=args.report_only)
     return 0
 
 
@@ -399,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     p.add_argument("--doc", default="docs/methods-table.md", help="the document whose generated part is rewritten")
     p.add_argument("--no-doc", action="store_true", help="write results.json only")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: write the table of the runs that are finished")
     p.add_argument("--quick", action="store_true", help="a few steps per run and a small test set (a smoke test)")
     p.set_defaults(func=_cmd_methods_table)
     return parser

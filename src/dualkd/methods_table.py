@@ -34,6 +34,7 @@ from rich.console import Console
 from dualkd.atomic import write_text_atomic
 from dualkd.config import GenerationConfig, RunConfig, load_config
 from dualkd.data.synthetic import generate
+from dualkd.errors import ConfigError
 from dualkd.eval.harness import PROTOCOL_SEEDS, evaluate
 from dualkd.eval.suites import resolve_test_sets
 from dualkd.recipes import recipe
@@ -168,6 +169,24 @@ class Bench:
         write_text_atomic(path, json.dumps(result, indent=2))
         return result
 
+    def path(self, row: Row, lr: float, seed: int) -> Path:
+        return self.out / "runs" / row.name / _lr_name(lr) / f"seed{seed}"
+
+    def finished(self, row: Row) -> dict[str, Any]:
+        """What is done of a row, training nothing: the grid's dev CE, the chosen lr once the grid is complete,
+        and the scores of the chosen lr's seeds that are evaluated."""
+        grid = {f"{lr:g}": self.best_dev_ce(self.path(row, lr, self.seeds[0])) for lr in self.lrs
+                if (self.path(row, lr, self.seeds[0]) / "final").is_dir()}
+        entry: dict[str, Any] = {"tokenizer": row.tokenizer, "what": row.what, "lr": None, "dev_ce_by_lr": grid,
+                                 "seeds": {}}
+        if len(grid) == len(self.lrs):
+            entry["lr"] = min(self.lrs, key=lambda lr: (not math.isfinite(grid[f"{lr:g}"]), grid[f"{lr:g}"]))
+            for seed in self.seeds:
+                scores = self.path(row, entry["lr"], seed) / "scores.json"
+                if scores.exists():
+                    entry["seeds"][str(seed)] = json.loads(scores.read_text())
+        return entry
+
     def chosen_lr(self, row: Row) -> float:
         runs = {lr: self.run(row, lr, self.seeds[0]) for lr in self.lrs}
         ce = {lr: self.best_dev_ce(run) for lr, run in runs.items()}
@@ -175,17 +194,26 @@ class Bench:
 
 
 def run_methods_table(output_dir: str | Path = "runs/methods-table", quick: bool = False,
-                      rows: Sequence[str] | None = None, doc: str | Path | None = "docs/methods-table.md") -> Path:
-    """Train and score every row (resumable); write the table; returns the results file."""
+                      rows: Sequence[str] | None = None, doc: str | Path | None = "docs/methods-table.md",
+                      report_only: bool = False) -> Path:
+    """Train and score every row (resumable); write the table; returns the results file. `report_only`: train
+    and evaluate nothing, write the table of what is finished (rows with fewer seeds say how many)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True, soft_wrap=True)
     bench = Bench(out, quick, console)
     chosen = [r for r in ROWS if rows is None or r.name in rows]
     if rows is not None and len(chosen) != len(rows):
-        raise ValueError(f"unknown rows {sorted(set(rows) - {r.name for r in ROWS})}; "
-                         f"known: {[r.name for r in ROWS]}")
+        raise ConfigError(f"--rows: unknown rows {sorted(set(rows) - {r.name for r in ROWS})}; "
+                          f"known: {[r.name for r in ROWS]}")
     order = sorted(chosen, key=lambda r: (_FIRST.index(r.name) if r.name in _FIRST else len(_FIRST)))
+    command = f"dualkd methods-table --output-dir {out}" + (" --quick" * quick)
+    if report_only:
+        results = {row.name: bench.finished(row) for row in order}
+        write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+        if doc is not None:
+            write_doc(results, Path(doc), command=command + " --report-only")
+        return out / "results.json"
     started = time.perf_counter()
     lrs = {row.name: bench.chosen_lr(row) for row in order}  # the grids first: every row gets a first figure
     results: dict[str, Any] = {}
@@ -199,7 +227,7 @@ def run_methods_table(output_dir: str | Path = "runs/methods-table", quick: bool
         write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     console.print(f"methods table: {len(order)} rows in {(time.perf_counter() - started) / 60:.1f} min")
     if doc is not None:
-        write_doc(results, Path(doc), command=f"dualkd methods-table --output-dir {out}" + (" --quick" * quick))
+        write_doc(results, Path(doc), command=command)
     return out / "results.json"
 
 
@@ -213,10 +241,12 @@ def _overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 
 def table_markdown(results: dict[str, Any]) -> str:
-    """The table: per row mean ± std over training seeds; `~` marks an interval that overlaps SFT's."""
+    """The table: per row mean ± std over training seeds; `~` marks an interval that overlaps SFT's. Rows
+    with fewer scored seeds than the others say how many; rows with none are left out (see the grid)."""
     lines = []
+    most = max((len(r["seeds"]) for r in results.values()), default=0)
     for tokenizer, title in (("teacher", "Same tokenizer as the teacher"), ("own", "Own tokenizer")):
-        names = [n for n, r in results.items() if r["tokenizer"] == tokenizer]
+        names = [n for n, r in results.items() if r["tokenizer"] == tokenizer and r["seeds"]]
         if not names:
             continue
         stats = {n: {m: _summary([s[m] for s in results[n]["seeds"].values()])
@@ -231,9 +261,23 @@ def table_markdown(results: dict[str, Any]) -> str:
                 mark = " ~" if n != base and base in stats and m != "dev_ce" and _overlaps(stats[n][m],
                                                                                          stats[base][m]) else ""
                 cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}{mark}")
-            lines.append(f"| {n} | {results[n]['what']} | {results[n]['lr']:g} | " + " | ".join(cells) + " |")
+            seeds = len(results[n]["seeds"])
+            what = results[n]["what"] + (f" ({seeds} seed{'s' * (seeds > 1)})" if seeds < most else "")
+            lines.append(f"| {n} | {what} | {results[n]['lr']:g} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def grid_markdown(results: dict[str, Any]) -> str:
+    """The learning-rate search: best dev CE of the first seed per lr (— where not trained yet)."""
+    lrs = sorted({lr for r in results.values() for lr in r["dev_ce_by_lr"]}, key=float)
+    lines = ["### Learning-rate search (best dev CE, first seed; per token of the row's own tokenizer)", "",
+             "| row | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |", "|---|" + "---|" * (len(lrs) + 1)]
+    for name, r in results.items():
+        cells = [f"{r['dev_ce_by_lr'][lr]:.3f}" if lr in r["dev_ce_by_lr"] else "—" for lr in lrs]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['lr']:g} |" if r["lr"] is not None
+                     else f"| {name} | " + " | ".join(cells) + " | — |")
+    return "\n".join(lines) + "\n"
 
 
 def write_doc(results: dict[str, Any], doc: Path, command: str) -> None:
@@ -243,22 +287,24 @@ def write_doc(results: dict[str, Any], doc: Path, command: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.5), sharey=True)
-    for ax, metric in zip(axes, ("rougeL", "exact_match")):
-        stats = [_summary([s[metric] for s in results[n]["seeds"].values()]) for n in names]
-        colors = ["tab:blue" if results[n]["tokenizer"] == "teacher" else "tab:orange" for n in names]
-        ax.barh(range(len(names)), [m for m, _ in stats], xerr=[s for _, s in stats], color=colors, capsize=3)
-        ax.set_title(f"{'ROUGE-L' if metric == 'rougeL' else 'exact match'} (mean ± std over training seeds)")
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(range(len(names)), names)
-    axes[0].invert_yaxis()
-    fig.tight_layout()
+    names = [n for n, r in results.items() if r["seeds"]]
     plot = doc.with_suffix(".png")
-    fig.savefig(plot, dpi=110)
-    plt.close(fig)
+    if names:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.5), sharey=True)
+        for ax, metric in zip(axes, ("rougeL", "exact_match")):
+            stats = [_summary([s[metric] for s in results[n]["seeds"].values()]) for n in names]
+            colors = ["tab:blue" if results[n]["tokenizer"] == "teacher" else "tab:orange" for n in names]
+            ax.barh(range(len(names)), [m for m, _ in stats], xerr=[s for _, s in stats], color=colors, capsize=3)
+            ax.set_title(f"{'ROUGE-L' if metric == 'rougeL' else 'exact match'} (mean ± std over training seeds)")
+            ax.grid(axis="x", alpha=0.3)
+        axes[0].set_yticks(range(len(names)), names)
+        axes[0].invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        plt.close(fig)
     generated = (f"<!-- generated by `{command}`: do not edit between the markers -->\n\n"
-                 + table_markdown(results) + f"\n![methods table]({plot.name})\n<!-- end generated -->")
+                 + table_markdown(results) + (f"\n![methods table]({plot.name})\n\n" if names else "\n")
+                 + grid_markdown(results) + "<!-- end generated -->")
     text = doc.read_text() if doc.exists() else "# The methods table\n\n<!-- generated -->\n"
     head, _, rest = text.partition("<!-- generated")
     _, _, tail = rest.partition("<!-- end generated -->")
