@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train every objective on the demo's data (same-tokenizer and own-tokenizer "
                                    "students of one architecture), choose each row's learning rate on dev, train 3 "
                                    "seeds, evaluate with 5 sampling seeds and write the table. Rerun the same "
-                                   "command to continue a stopped table. About 2-3 hours on 2 CPU cores.")
+                                   "command to continue a stopped table. 100 runs: several hours on 2 CPU cores (about "
+                                   "2 minutes per run measured with other work beside it).")
     p.add_argument("--output-dir", default="runs/methods-table", help="runs and results (default: runs/methods-table)")
     p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     p.add_argument("--doc", default="docs/methods-table.md", help="the document whose generated part is rewritten")

@@ -15,7 +15,8 @@ the students' data. They differ only in the tokenizer.
 
 Resumable: every run is a folder under `<out>/runs/<row>/lr<lr>/seed<seed>`; a finished run (final model and
 scores) is skipped and an unfinished one resumes from its last checkpoint, so a stopped table continues where
-it was. About 2-3 hours on 2 CPU cores (`--quick`: a smoke test of every row in a few minutes).
+it was. 100 runs: several hours on 2 CPU cores (about 2 minutes per run measured with other work beside it;
+`--quick`: a smoke test in a few minutes; `--report-only`: the table of what is finished).
 """
 
 from __future__ import annotations
