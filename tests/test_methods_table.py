@@ -20,7 +20,7 @@ def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     for name in rows:
         assert set(results[name]["seeds"]) == {"10", "11"}
         for s in results[name]["seeds"].values():
-            assert 0 <= s["rougeL"] <= 100 and 0 <= s["exact_match"] <= 100
+            assert 0 <= s["rougeL"] <= 100 and 0 <= s["exact_match"] <= 100 and 0 <= s["invented"] <= 100
     text = doc.read_text()
     assert "| own-dskdv2-eta | DSKDv2-ETA |" in text and (tmp_path / "methods-table.png").is_file()
 
@@ -56,8 +56,11 @@ def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     assert configs["sft"].teacher is None and configs["seqkd"].teacher is not None
 
 
+def seeds(*values: float) -> dict[str, dict[str, float]]:
+    return {str(k): {"rougeL": x, "exact_match": x, "dev_ce": 1.0, "invented": 0.0} for k, x in enumerate(values)}
+
+
 def test_partial_rows_say_how_many_seeds() -> None:
-    seeds = lambda *v: {str(k): {"rougeL": x, "exact_match": x, "dev_ce": 1.0} for k, x in enumerate(v)}  # noqa: E731
     results = {"sft": {"tokenizer": "teacher", "what": "SFT", "lr": 1e-3, "seeds": seeds(50, 52, 54),
                        "dev_ce_by_lr": {"0.001": 1.0, "0.003": 1.2}},
                "kd-fkl": {"tokenizer": "teacher", "what": "KD", "lr": 1e-3, "seeds": seeds(51),
@@ -71,7 +74,6 @@ def test_partial_rows_say_how_many_seeds() -> None:
 
 
 def test_overlap_marks() -> None:
-    seeds = lambda *v: {str(k): {"rougeL": x, "exact_match": x, "dev_ce": 1.0} for k, x in enumerate(v)}  # noqa: E731
     results = {"sft": {"tokenizer": "teacher", "what": "SFT", "lr": 1e-3, "seeds": seeds(50, 52)},
                "kd-fkl": {"tokenizer": "teacher", "what": "KD", "lr": 1e-3, "seeds": seeds(51, 53)},
                "kd-rkl": {"tokenizer": "teacher", "what": "KD", "lr": 1e-3, "seeds": seeds(60, 62)}}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -81,6 +82,7 @@ ROWS = (
 )
 # the order runs are made in: the comparison the issue is about first, then the rest
 _FIRST = ("sft", "own-sft", "own-dskdv2-eta", "kd-fkl", "dskd-fkl")
+_WORD = re.compile(r"\w+|[^\w\s]")
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
@@ -113,6 +115,7 @@ class Bench:
         self.sampling_seeds = PROTOCOL_SEEDS[:2] if self.quick else PROTOCOL_SEEDS
         self.lrs = LRS[1:2] if self.quick else LRS
         self.seeds = SEEDS[:2] if self.quick else SEEDS
+        self._words: set[str] | None = None  # every word and symbol of the students' training data
         self.teacher_vocab = 0
 
     def _data_overrides(self, train_set: str) -> list[str]:
@@ -157,10 +160,11 @@ class Bench:
         return min(r["ce"] for r in records if r["kind"] == "dev")
 
     def scores(self, run: Path) -> dict[str, float]:
-        """Test ROUGE-L and exact match of a run (mean over the sampling seeds), computed once and kept."""
+        """Test ROUGE-L and exact match of a run (mean over the sampling seeds), computed once and kept; and
+        the share of its samples with an invented word (from the saved generations)."""
         path = run / "scores.json"
         if path.exists():
-            return json.loads(path.read_text())
+            return {**json.loads(path.read_text()), "invented": self.invented(run)}
         sets = [replace(s, name="test") for s in resolve_test_sets([self.data["test"]])[0]]
         settings = GenerationConfig(max_length=64, max_prompt_length=40, batch_size=50)
         s = evaluate(run, sets, settings, seeds=self.sampling_seeds, out_dir=run / "eval",
@@ -168,7 +172,26 @@ class Bench:
         result = {"rougeL": s["mean"]["rougeL"], "exact_match": s["mean"]["exact_match"],
                   "dev_ce": self.best_dev_ce(run)}
         write_text_atomic(path, json.dumps(result, indent=2))
-        return result
+        return {**result, "invented": self.invented(run)}
+
+    def invented(self, run: Path) -> float:
+        """% of a run's test samples (all sampling seeds) with a word or symbol that occurs nowhere in the
+        students' training data: text a tokenizer can spell but the data never taught (a diagnostic of
+        probability mass on pieces that only recombine into junk)."""
+        if self._words is None:
+            self._words = set()
+            for line in self.data["student-train"].read_text().splitlines():
+                record = json.loads(line)
+                outputs = record["output"] if isinstance(record["output"], list) else [record["output"]]
+                for text in (record["prompt"], *outputs):
+                    self._words.update(_WORD.findall(text))
+        flagged = total = 0
+        for seed in self.sampling_seeds:
+            for line in (run / "eval" / "generations" / f"test.seed{seed}.jsonl").read_text().splitlines():
+                words = _WORD.findall(json.loads(line)["generation"])
+                flagged += any(w not in self._words for w in words)
+                total += 1
+        return 100.0 * flagged / max(total, 1)
 
     def path(self, row: Row, lr: float, seed: int) -> Path:
         return self.out / "runs" / row.name / _lr_name(lr) / f"seed{seed}"
@@ -183,9 +206,9 @@ class Bench:
         if len(grid) == len(self.lrs):
             entry["lr"] = min(self.lrs, key=lambda lr: (not math.isfinite(grid[f"{lr:g}"]), grid[f"{lr:g}"]))
             for seed in self.seeds:
-                scores = self.path(row, entry["lr"], seed) / "scores.json"
-                if scores.exists():
-                    entry["seeds"][str(seed)] = json.loads(scores.read_text())
+                run = self.path(row, entry["lr"], seed)
+                if (run / "scores.json").exists():
+                    entry["seeds"][str(seed)] = self.scores(run)
         return entry
 
     def chosen_lr(self, row: Row) -> float:
@@ -251,15 +274,15 @@ def table_markdown(results: dict[str, Any]) -> str:
         if not names:
             continue
         stats = {n: {m: _summary([s[m] for s in results[n]["seeds"].values()])
-                     for m in ("rougeL", "exact_match", "dev_ce")} for n in names}
+                     for m in ("rougeL", "exact_match", "dev_ce", "invented")} for n in names}
         base = "sft" if tokenizer == "teacher" else "own-sft"
-        lines += [f"### {title}", "", "| row | method | lr | dev CE | ROUGE-L | exact match |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"### {title}", "", "| row | method | lr | dev CE | ROUGE-L | exact match | invented % |",
+                  "|---|---|---|---|---|---|---|"]
         for n in names:
             cells = []
-            for m, digits in (("dev_ce", 3), ("rougeL", 2), ("exact_match", 1)):
+            for m, digits in (("dev_ce", 3), ("rougeL", 2), ("exact_match", 1), ("invented", 1)):
                 mean, std = stats[n][m]
-                mark = " ~" if n != base and base in stats and m != "dev_ce" and _overlaps(stats[n][m],
+                mark = " ~" if n != base and base in stats and m in ("rougeL", "exact_match") and _overlaps(stats[n][m],
                                                                                          stats[base][m]) else ""
                 cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}{mark}")
             seeds = len(results[n]["seeds"])
