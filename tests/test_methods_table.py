@@ -14,7 +14,9 @@ from dualkd.methods_table import ROWS, Bench, grid_markdown, table_markdown
 def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     out, doc = tmp_path / "table", tmp_path / "methods-table.md"
     rows = ["sft", "own-dskdv2-eta"]
-    assert main(["methods-table", "--quick", "--output-dir", str(out), "--doc", str(doc), "--rows", *rows]) == 0
+    record = tmp_path / "record"
+    base = ["methods-table", "--quick", "--output-dir", str(out), "--doc", str(doc), "--record", str(record)]
+    assert main([*base, "--rows", *rows]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results) == rows  # the order runs are made in: the comparison the issue is about first
     for name in rows:
@@ -27,21 +29,28 @@ def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     # a rerun trains nothing (every run is final) and keeps the hand-written part of the document
     doc.write_text("# mine\n\nprose above\n" + text[text.index("<!-- generated"):] + "\nprose below\n")
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("final/model.safetensors")}
-    assert main(["methods-table", "--quick", "--output-dir", str(out), "--doc", str(doc), "--rows", *rows]) == 0
+    assert main([*base, "--rows", *rows]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("final/model.safetensors")} == stamps
     again = doc.read_text()
     assert again.startswith("# mine\n\nprose above\n") and again.endswith("\nprose below\n")
 
     # --report-only trains nothing and tables what is finished: here every row; an unknown row is refused
     results_before = (out / "results.json").read_text()
-    assert main(["methods-table", "--quick", "--output-dir", str(out), "--doc", str(doc), "--rows", *rows,
-                 "--report-only"]) == 0
+    assert main([*base, "--rows", *rows, "--report-only"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("final/model.safetensors")} == stamps
     reported = json.loads((out / "results.json").read_text())
     assert {n: r["seeds"] for n, r in reported.items()} == {n: r["seeds"] for n, r in
                                                             json.loads(results_before).items()}
     assert "### Learning-rate search" in doc.read_text()
-    assert main(["methods-table", "--quick", "--output-dir", str(out), "--rows", "no-such-row", "--report-only"]) == 2
+    assert main([*base, "--rows", "no-such-row", "--report-only"]) == 2
+
+    # on another machine (a fresh output folder, the data and teacher remade) the record stands in for the
+    # runs: nothing is trained again, the same table is written
+    other = tmp_path / "elsewhere"
+    assert main(["methods-table", "--quick", "--output-dir", str(other), "--doc", str(tmp_path / "again.md"),
+                 "--record", str(record), "--rows", *rows]) == 0
+    assert not (other / "runs").exists()
+    assert json.loads((other / "results.json").read_text()) == json.loads((out / "results.json").read_text())
 
     # every row's config builds against the trained teacher: one architecture, the tokenizer differs
     bench = Bench(out, quick=True, console=Console(quiet=True))

@@ -73,7 +73,7 @@ def _cmd_methods_table(args: argparse.Namespace) -> int:
     from dualkd.methods_table import run_methods_table
 
     run_methods_table(args.output_dir, quick=args.quick, rows=args.rows, doc=None if args.no_doc else args.doc,
-                      report_only=args.report_only)
+                      report_only=args.report_only, record=None if args.no_record else args.record)
     return 0
 
 
@@ -401,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     p.add_argument("--doc", default="docs/methods-table.md", help="the document whose generated part is rewritten")
     p.add_argument("--no-doc", action="store_true", help="write results.json only")
+    p.add_argument("--record", default="benchmarks/results/methods-table",
+                   help="keeps each finished run's dev curve, summary and scores (commit it: a table continues on "
+                        "another machine without redoing them)")
+    p.add_argument("--no-record", action="store_true", help="keep results in the output folder only")
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the table of the runs that are finished")
     p.add_argument("--quick", action="store_true", help="a few steps per run and a small test set (a smoke test)")

@@ -101,6 +101,9 @@ class Bench:
     out: Path
     quick: bool
     console: Console
+    record: Path | None = None
+    """A folder (committed beside the docs) that keeps each finished run's dev curve, summary and scores, so a
+    table continues on another machine without the run folders: trained or scored runs are not redone."""
 
     def __post_init__(self) -> None:
         n_test = 24 if self.quick else 200
@@ -132,7 +135,7 @@ class Bench:
 
     def config(self, row: Row, lr: float, seed: int, teacher: Path) -> RunConfig:
         """The run's config: the demo student's recipe with the row's objective, source and tokenizer."""
-        run = self.out / "runs" / row.name / _lr_name(lr) / f"seed{seed}"
+        run = self.path(row, lr, seed)
         vocab = len(json.loads((teacher / "tokenizer.json").read_text())["model"]["vocab"])  # 1,024
         # one architecture for every student: the own-tokenizer rows differ only in their tokenizer
         student = ([f"student.tokenizer={teacher}"] if row.tokenizer == "teacher"
@@ -146,33 +149,72 @@ class Bench:
             overrides += [f"source={row.source}", f"generation={_GENERATION}"]
         return load_config(recipe("demo-student"), overrides)
 
-    def run(self, row: Row, lr: float, seed: int) -> Path:
-        """Train one run (or resume / skip it); returns its folder."""
-        run = self.out / "runs" / row.name / _lr_name(lr) / f"seed{seed}"
-        if not (run / "final").is_dir():
-            cfg = self.config(row, lr, seed, self.teacher())
-            self.console.rule(f"[bold]{row.name} ({row.what}), lr {lr:g}, seed {seed}")
-            train(cfg)
+    def _recorded(self, run: Path) -> Path | None:
+        return self.record / run.relative_to(self.out / "runs") if self.record is not None else None
+
+    def trained(self, run: Path) -> bool:
+        recorded = self._recorded(run)
+        return (run / "final").is_dir() or (recorded is not None and (recorded / "summary.json").exists())
+
+    def scored(self, run: Path) -> bool:
+        recorded = self._recorded(run)
+        return (run / "scores.json").exists() or (recorded is not None and (recorded / "scores.json").exists())
+
+    def run(self, row: Row, lr: float, seed: int, need_model: bool = False) -> Path:
+        """Train one run (or resume / skip it); returns its folder. `need_model`: the weights are needed (to
+        evaluate), so a run known only from the record is trained again (the same run: seeded)."""
+        run = self.path(row, lr, seed)
+        if self.trained(run) and (not need_model or (run / "final").is_dir()):
+            return run
+        cfg = self.config(row, lr, seed, self.teacher())
+        self.console.rule(f"[bold]{row.name} ({row.what}), lr {lr:g}, seed {seed}")
+        train(cfg)
+        self._keep(run)
         return run
 
+    def _keep(self, run: Path) -> None:
+        """Copy what the table reads of a finished run (dev curve, summary, scores) into the record."""
+        recorded = self._recorded(run)
+        if recorded is None or not (run / "final").is_dir():
+            return
+        recorded.mkdir(parents=True, exist_ok=True)
+        dev = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["kind"] == "dev"]
+        write_text_atomic(recorded / "dev.jsonl", "\n".join(dev) + "\n")
+        write_text_atomic(recorded / "summary.json", (run / "summary.json").read_text())
+        if (run / "scores.json").exists():
+            write_text_atomic(recorded / "scores.json", (run / "scores.json").read_text())
+
     def best_dev_ce(self, run: Path) -> float:
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return min(r["ce"] for r in records if r["kind"] == "dev")
+        if (run / "final").is_dir():
+            lines = (run / "metrics.jsonl").read_text().splitlines()
+        else:
+            recorded = self._recorded(run)
+            assert recorded is not None, f"{run} is not trained"
+            lines = (recorded / "dev.jsonl").read_text().splitlines()
+        return min(r["ce"] for r in map(json.loads, lines) if r["kind"] == "dev")
 
     def scores(self, run: Path) -> dict[str, float]:
-        """Test ROUGE-L and exact match of a run (mean over the sampling seeds), computed once and kept; and
-        the share of its samples with an invented word (from the saved generations)."""
-        path = run / "scores.json"
-        if path.exists():
-            return {**json.loads(path.read_text()), "invented": self.invented(run)}
+        """Test ROUGE-L, exact match (means over the sampling seeds) and the share of samples with an invented
+        word of a run: computed once, kept in the run folder and the record."""
+        recorded = self._recorded(run)
+        for folder in (run, recorded):
+            if folder is not None and (folder / "scores.json").exists():
+                result = json.loads((folder / "scores.json").read_text())
+                if "invented" not in result:  # scored before the column existed: from the saved samples
+                    result["invented"] = self.invented(run)
+                    write_text_atomic(folder / "scores.json", json.dumps(result, indent=2))
+                if folder == run:
+                    self._keep(run)
+                return result
         sets = [replace(s, name="test") for s in resolve_test_sets([self.data["test"]])[0]]
         settings = GenerationConfig(max_length=64, max_prompt_length=40, batch_size=50)
         s = evaluate(run, sets, settings, seeds=self.sampling_seeds, out_dir=run / "eval",
                      progress=False)["sets"]["test"]
         result = {"rougeL": s["mean"]["rougeL"], "exact_match": s["mean"]["exact_match"],
-                  "dev_ce": self.best_dev_ce(run)}
-        write_text_atomic(path, json.dumps(result, indent=2))
-        return {**result, "invented": self.invented(run)}
+                  "dev_ce": self.best_dev_ce(run), "invented": self.invented(run)}
+        write_text_atomic(run / "scores.json", json.dumps(result, indent=2))
+        self._keep(run)
+        return result
 
     def invented(self, run: Path) -> float:
         """% of a run's test samples (all sampling seeds) with a word or symbol that occurs nowhere in the
@@ -199,15 +241,18 @@ class Bench:
     def finished(self, row: Row) -> dict[str, Any]:
         """What is done of a row, training nothing: the grid's dev CE, the chosen lr once the grid is complete,
         and the scores of the chosen lr's seeds that are evaluated."""
+        for lr in self.lrs:
+            self._keep(self.path(row, lr, self.seeds[0]))  # runs trained before there was a record
         grid = {f"{lr:g}": self.best_dev_ce(self.path(row, lr, self.seeds[0])) for lr in self.lrs
-                if (self.path(row, lr, self.seeds[0]) / "final").is_dir()}
+                if self.trained(self.path(row, lr, self.seeds[0]))}
         entry: dict[str, Any] = {"tokenizer": row.tokenizer, "what": row.what, "lr": None, "dev_ce_by_lr": grid,
                                  "seeds": {}}
         if len(grid) == len(self.lrs):
             entry["lr"] = min(self.lrs, key=lambda lr: (not math.isfinite(grid[f"{lr:g}"]), grid[f"{lr:g}"]))
             for seed in self.seeds:
                 run = self.path(row, entry["lr"], seed)
-                if (run / "scores.json").exists():
+                self._keep(run)
+                if self.scored(run):
                     entry["seeds"][str(seed)] = self.scores(run)
         return entry
 
@@ -219,13 +264,14 @@ class Bench:
 
 def run_methods_table(output_dir: str | Path = "runs/methods-table", quick: bool = False,
                       rows: Sequence[str] | None = None, doc: str | Path | None = "docs/methods-table.md",
-                      report_only: bool = False) -> Path:
+                      report_only: bool = False, record: str | Path | None = None) -> Path:
     """Train and score every row (resumable); write the table; returns the results file. `report_only`: train
-    and evaluate nothing, write the table of what is finished (rows with fewer seeds say how many)."""
+    and evaluate nothing, write the table of what is finished (rows with fewer seeds say how many). `record`:
+    the folder that keeps finished runs' results across machines (Bench.record)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True, soft_wrap=True)
-    bench = Bench(out, quick, console)
+    bench = Bench(out, quick, console, Path(record) if record is not None else None)
     chosen = [r for r in ROWS if rows is None or r.name in rows]
     if rows is not None and len(chosen) != len(rows):
         raise ConfigError(f"--rows: unknown rows {sorted(set(rows) - {r.name for r in ROWS})}; "
@@ -243,9 +289,9 @@ def run_methods_table(output_dir: str | Path = "runs/methods-table", quick: bool
     results: dict[str, Any] = {}
     for row in order:
         lr = lrs[row.name]
-        runs = [bench.run(row, lr, seed) for seed in bench.seeds]
-        grid = {f"{lr_:g}": bench.best_dev_ce(bench.out / "runs" / row.name / _lr_name(lr_) / f"seed{bench.seeds[0]}")
-                for lr_ in bench.lrs}
+        runs = [bench.path(row, lr, seed) if bench.scored(bench.path(row, lr, seed))
+                else bench.run(row, lr, seed, need_model=True) for seed in bench.seeds]
+        grid = {f"{lr_:g}": bench.best_dev_ce(bench.path(row, lr_, bench.seeds[0])) for lr_ in bench.lrs}
         results[row.name] = {"tokenizer": row.tokenizer, "what": row.what, "lr": lr, "dev_ce_by_lr": grid,
                              "seeds": {str(seed): bench.scores(run) for seed, run in zip(bench.seeds, runs)}}
         write_text_atomic(out / "results.json", json.dumps(results, indent=2))
