@@ -17,6 +17,7 @@ from dualkd.errors import ConfigError, DualKDError
 from dualkd.train import checkpoint as ckpt_module
 from dualkd.train.checkpoint import list_checkpoints, remove_dir, verify_manifest, write_manifest
 from dualkd.train.loop import train
+from dualkd.train.resume import KEY_VERSION, changes
 from tests.conftest import make_model_dir, read_metrics, tiny_run
 
 
@@ -151,3 +152,12 @@ def test_a_deepspeed_checkpoint_must_be_the_one_this_run_wrote(tmp_path: Path) -
     (folder / "dualkd-manifest.json").unlink()
     with pytest.raises(DualKDError, match="not written by dualkd"):
         verify_manifest(folder)
+
+
+def test_an_older_key_version_is_compared_on_shared_names_only() -> None:
+    """A checkpoint written before the key's layout changed resumes when the settings both keys name agree;
+    the version number itself is no setting."""
+    old = {"key_version": KEY_VERSION - 1, "optimization.lr": 1e-3, "source.temperature": 1.0}
+    now = {"key_version": KEY_VERSION, "optimization.lr": 1e-3, "source.kind": "off_policy"}
+    assert changes(old, now) == []
+    assert changes(old, {**now, "optimization.lr": 2e-3}) == [("optimization.lr", 1e-3, 2e-3)]

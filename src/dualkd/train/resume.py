@@ -97,8 +97,8 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(name, old, new) of every setting that differs. A checkpoint of an older key version is compared on the
     names both keys have."""
-    if saved.get("key_version") != KEY_VERSION:
-        names = [k for k in now if k in saved]
+    if saved.get("key_version") != KEY_VERSION:  # the version itself is no setting
+        names = [k for k in now if k in saved and k != "key_version"]
     else:
         names = sorted(set(saved) | set(now), key=lambda k: (k not in now, k))
     return [(k, saved.get(k), now.get(k)) for k in names if saved.get(k) != now.get(k)]
