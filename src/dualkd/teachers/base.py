@@ -63,9 +63,9 @@ class Teacher(ABC):
         return None
 
     @property
+    @abstractmethod
     def vocab_rows(self) -> int:
         """Rows of the teacher's LM head (its vocabulary size, padding included)."""
-        raise NotImplementedError
 
     @property
     def model(self) -> nn.Module:
