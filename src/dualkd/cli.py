@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -240,6 +241,17 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from dualkd.prune import prune_folder
+
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    out = prune_folder(args.model, args.out, keep=args.keep, layers=layers)
+    info = json.loads((out / "pruned.json").read_text())
+    print(f"{out}: {len(info['kept_layers'])} of {info['source_layers']} blocks kept {info['kept_layers']}, "
+          f"{info['parameters'] / 1e6:.1f}M parameters")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from dualkd.report import report
 
@@ -373,6 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-examples", type=int, default=1024, help="examples per shard (default 1024)")
     p.add_argument("--batch-size", type=int, default=8, help="teacher batch size (default 8)")
     p.set_defaults(func=_cmd_cache_teacher)
+
+    p = sub.add_parser("prune", help="keep some of a model's blocks and write it as a Hugging Face folder",
+                       description="Depth pruning, the start of a prune-and-distill run: keep K evenly spaced "
+                                   "blocks (first and last included) or the named ones, and write the smaller "
+                                   "model with the source's tokenizer.")
+    p.add_argument("model", help="a causal LM folder (safetensors)")
+    p.add_argument("--out", required=True, help="the pruned model's folder")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--keep", type=int, help="number of blocks to keep, evenly spaced")
+    group.add_argument("--layers", help="comma-separated block indices to keep (from 0)")
+    p.set_defaults(func=_cmd_prune)
 
     p = sub.add_parser("report", help="Markdown report with plots for one or more runs",
                        description="Loss curves, dev metric over steps and per-set test scores of runs side by side.")
