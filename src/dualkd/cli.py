@@ -241,6 +241,23 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_likelihood(args: argparse.Namespace) -> int:
+    from dualkd.eval.likelihood import response_likelihood
+    from dualkd.eval.suites import resolve_test_sets
+    from dualkd.generate import load_for_generation
+
+    (test,), _ = resolve_test_sets([args.data], max_examples=args.max_examples)
+    model, tokenizer = load_for_generation(args.model, args.dtype)
+    result = {"model": str(args.model), "data": test.path,
+              **response_likelihood(model, tokenizer, test.examples, batch_size=args.batch_size)}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     from dualkd.prune import prune_folder
 
@@ -385,6 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-examples", type=int, default=1024, help="examples per shard (default 1024)")
     p.add_argument("--batch-size", type=int, default=8, help="teacher batch size (default 8)")
     p.set_defaults(func=_cmd_cache_teacher)
+
+    p = sub.add_parser("likelihood", help="CE per response token and bits per byte of a model on a dataset",
+                       description="Cross-entropy of a model on the reference responses of a jsonl file: per "
+                                   "token (nats, depends on the tokenizer) and in bits per byte (comparable "
+                                   "across tokenizers). Whole responses, never truncated.")
+    p.add_argument("model", help="a model folder or run directory")
+    p.add_argument("--data", required=True, help="jsonl file with reference responses")
+    p.add_argument("--max-examples", type=int, help="the first N examples only")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--out", help="also write the result to this json file")
+    p.set_defaults(func=_cmd_likelihood)
 
     p = sub.add_parser("prune", help="keep some of a model's blocks and write it as a Hugging Face folder",
                        description="Depth pruning, the start of a prune-and-distill run: keep K evenly spaced "
