@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from dualkd.cli import main
-from dualkd.methods_table import ROWS, Bench, grid_markdown, table_markdown
+from dualkd.methods_table import ABLATIONS, ROWS, Bench, grid_markdown, table_markdown
 
 
 def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
@@ -64,6 +64,19 @@ def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     assert configs["seqkd"].source.kind == "seqkd" and configs["on-policy-kd-fkl"].source.kind == "on_policy"
     assert configs["sft"].teacher is None and configs["seqkd"].teacher is not None
 
+    # every ablation builds: DSKDv2-ETA with one setting changed; the teacher-vocabulary one reads a teacher
+    # trained with its own tokenizer size while the student's tokenizer keeps the main teacher's
+    ablations = {row.name: bench.config(row, 3e-3, 10, teacher) for row in ABLATIONS}
+    base = configs["own-dskdv2-eta"].objective
+    assert ablations["eta-kd_rate-0.9"].objective == base.model_copy(update={"kd_rate": 0.9})
+    assert ablations["eta-tau-2"].objective == base.model_copy(update={"temperature": 2.0})
+    assert ablations["eta-projector_lr-5e-3"].objective == base.model_copy(update={"projector_lr": 5e-3})
+    small = ablations["eta-teacher_vocab-300"]
+    assert small.objective == base and str(small.teacher.path) == str(out / "teacher-vocab300" / "final")
+    assert small.student.train_tokenizer.vocab_size == teacher_vocab
+    assert len(json.loads((out / "teacher-vocab300" / "final" / "tokenizer.json").read_text())["model"]["vocab"]) \
+        == 300
+
 
 def seeds(*values: float) -> dict[str, dict[str, float]]:
     return {str(k): {"rougeL": x, "exact_match": x, "dev_ce": 1.0, "invented": 0.0} for k, x in enumerate(values)}
@@ -89,3 +102,19 @@ def test_overlap_marks() -> None:
     table = table_markdown(results)
     assert "| kd-fkl | KD | 0.001 | 1.000 ± 0.000 | 52.00 ± 1.41 ~ |" in table
     assert "| kd-rkl | KD | 0.001 | 1.000 ± 0.000 | 61.00 ± 1.41 |" in table
+
+
+def test_ablations_are_tabled_beside_their_base() -> None:
+    results = {"own-sft": {"tokenizer": "own", "what": "SFT", "lr": 1e-3, "seeds": seeds(50, 52, 54),
+                           "dev_ce_by_lr": {"0.001": 1.0}},
+               "own-dskdv2-eta": {"tokenizer": "own", "what": "DSKDv2-ETA", "lr": 1e-3, "seeds": seeds(48, 49, 50),
+                                  "dev_ce_by_lr": {"0.001": 0.9}},
+               "eta-tau-2": {"tokenizer": "own", "what": "DSKDv2-ETA, τ 2", "lr": 1e-3, "seeds": seeds(60, 61, 62),
+                             "dev_ce_by_lr": {"0.001": 0.9}, "base": "own-dskdv2-eta"}}
+    table = table_markdown(results)
+    main_part, _, ablations = table.partition("### Ablations")
+    assert "eta-tau-2" not in main_part and "| own-dskdv2-eta | DSKDv2-ETA |" in main_part
+    lines = [line for line in ablations.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split(" | ")[0] for line in lines] == ["| own-sft", "| own-dskdv2-eta", "| eta-tau-2"]
+    assert "| +12.00 |" in lines[2]  # 61 - 49, intervals apart
+    assert "eta-tau-2" not in grid_markdown(results)

@@ -446,9 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods-table", help="every objective on the demo benchmark with 3 training seeds (resumable)",
                        description="Train every objective on the demo's data (same-tokenizer and own-tokenizer "
                                    "students of one architecture), choose each row's learning rate on dev, train 3 "
-                                   "seeds, evaluate with 5 sampling seeds and write the table. Rerun the same "
-                                   "command to continue a stopped table. 100 runs: several hours on 2 CPU cores (about "
-                                   "2 minutes per run measured with other work beside it).")
+                                   "seeds, evaluate with 5 sampling seeds, run the DSKDv2-ETA ablations and write "
+                                   "the table. Rerun the same command to continue a stopped table. 118 runs: "
+                                   "several hours on 2 CPU cores (3-4 minutes per run and its evaluation with one "
+                                   "thread).")
     p.add_argument("--output-dir", default="runs/methods-table", help="runs and results (default: runs/methods-table)")
     p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     p.add_argument("--doc", default="docs/methods-table.md", help="the document whose generated part is rewritten")

@@ -7,7 +7,9 @@ The shape of the papers' main tables, at demo size (data/instructions.py; the de
    trained with the other seeds;
 3. every chosen run sampled on the test set with the protocol's 5 sampling seeds (ROUGE-L, exact match);
 4. `docs/methods-table.md` (+ a plot): mean ± std over training seeds, each run's score being its mean over
-   the sampling seeds; rows whose interval (mean ± std) overlaps their SFT baseline's are marked.
+   the sampling seeds; rows whose interval (mean ± std) overlaps their SFT baseline's are marked;
+5. the ablations (`ABLATIONS`): DSKDv2-ETA with one setting changed (kd_rate, τ, projector lr, the teacher's
+   vocabulary size), trained at DSKDv2-ETA's chosen lr with the three seeds, tabled beside it.
 
 Every student is the same GPT-2 (2 layers, d = 64) with a vocabulary of the teacher's size: the same-tokenizer
 rows use the teacher's byte-level BPE, the own-tokenizer rows a SentencePiece-style (metaspace) BPE trained on
@@ -15,7 +17,7 @@ the students' data. They differ only in the tokenizer.
 
 Resumable: every run is a folder under `<out>/runs/<row>/lr<lr>/seed<seed>`; a finished run (final model and
 scores) is skipped and an unfinished one resumes from its last checkpoint, so a stopped table continues where
-it was. 100 runs: several hours on 2 CPU cores (about 2 minutes per run measured with other work beside it;
+it was. 118 runs: several hours on 2 CPU cores (3-4 minutes per run and its evaluation with one thread;
 `--quick`: a smoke test in a few minutes; `--report-only`: the table of what is finished).
 """
 
@@ -55,6 +57,11 @@ class Row:
     objective: str
     what: str
     source: str | None = None
+    base: str | None = None
+    """An ablation: the row it varies, whose chosen lr it trains with (no grid of its own)."""
+    teacher_vocab: int | None = None
+    """An ablation of the teacher's tokenizer: a teacher trained with this vocabulary size (the students' own
+    tokenizer stays that of the main teacher's size)."""
 
 
 ROWS = (
@@ -80,7 +87,24 @@ ROWS = (
     Row("own-on-policy-dskdv2-eta", "own", "{name: dskdv2, alignment: eta, divergence: fkl}",
         "on-policy DSKDv2-ETA", _ON_POLICY),
 )
-# the order runs are made in: the comparison the issue is about first, then the rest
+_ETA = "name: dskdv2, alignment: eta, divergence: fkl"
+# what moves the cross-tokenizer result: DSKDv2-ETA with one setting changed, at its chosen lr, 3 seeds
+# (on-policy sampling is a row of the table: own-on-policy-dskdv2-eta)
+ABLATIONS = (
+    Row("eta-kd_rate-0.1", "own", f"{{{_ETA}, kd_rate: 0.1}}", "DSKDv2-ETA, kd_rate 0.1", base="own-dskdv2-eta"),
+    Row("eta-kd_rate-0.9", "own", f"{{{_ETA}, kd_rate: 0.9}}", "DSKDv2-ETA, kd_rate 0.9", base="own-dskdv2-eta"),
+    Row("eta-tau-2", "own", f"{{{_ETA}, temperature: 2.0}}", "DSKDv2-ETA, τ 2 (the papers')",
+        base="own-dskdv2-eta"),
+    Row("eta-projector_lr-5e-5", "own", f"{{{_ETA}, projector_lr: 5.0e-5}}", "DSKDv2-ETA, projector lr 5e-5",
+        base="own-dskdv2-eta"),
+    Row("eta-projector_lr-5e-3", "own", f"{{{_ETA}, projector_lr: 5.0e-3}}", "DSKDv2-ETA, projector lr 5e-3",
+        base="own-dskdv2-eta"),
+    Row("eta-teacher_vocab-300", "own", f"{{{_ETA}}}", "DSKDv2-ETA, teacher tokenizer of 300 tokens",
+        base="own-dskdv2-eta", teacher_vocab=300),
+)
+ALL_ROWS = ROWS + ABLATIONS
+_BY_NAME = {row.name: row for row in ALL_ROWS}
+# the order runs are made in: the comparison the issue is about first, then the rest, the ablations last
 _FIRST = ("sft", "own-sft", "own-dskdv2-eta", "kd-fkl", "dskd-fkl")
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -125,18 +149,24 @@ class Bench:
         return [f"data.train.path={self.data[train_set]}", "data.train.synthetic=null",
                 f"data.dev.path={self.data['dev']}", "data.dev.synthetic=null"]
 
-    def teacher(self) -> Path:
-        run = self.out / "teacher"
+    def teacher(self, vocab: int | None = None) -> Path:
+        """The demo's teacher (`vocab`: with a tokenizer of that many tokens instead of the recipe's)."""
+        run = self.out / ("teacher" if vocab is None else f"teacher-vocab{vocab}")
         if not (run / "final").is_dir():
-            self.console.rule("[bold]teacher: SFT from scratch on the demo's 6,000 examples")
+            self.console.rule("[bold]teacher: SFT from scratch on the demo's 6,000 examples"
+                              + (f", a {vocab}-token tokenizer" if vocab is not None else ""))
+            tokenizer = [] if vocab is None else [f"student.train_tokenizer.vocab_size={vocab}"]
             train(load_config(recipe("demo-teacher"), [f"output_dir={run}", *self._data_overrides("teacher-train"),
-                                                       "checkpoint.resume=auto", *self.short]))
+                                                       "checkpoint.resume=auto", *tokenizer, *self.short]))
         return run / "final"
 
     def config(self, row: Row, lr: float, seed: int, teacher: Path) -> RunConfig:
-        """The run's config: the demo student's recipe with the row's objective, source and tokenizer."""
+        """The run's config: the demo student's recipe with the row's objective, source and tokenizer
+        (`teacher`: the main teacher, whose vocabulary size the own-tokenizer students take)."""
         run = self.path(row, lr, seed)
-        vocab = len(json.loads((teacher / "tokenizer.json").read_text())["model"]["vocab"])  # 1,024
+        vocab = len(json.loads((teacher / "tokenizer.json").read_text())["model"]["vocab"])  # 733
+        if row.teacher_vocab is not None:
+            teacher = self.teacher(row.teacher_vocab)
         # one architecture for every student: the own-tokenizer rows differ only in their tokenizer
         student = ([f"student.tokenizer={teacher}"] if row.tokenizer == "teacher"
                    else ["student.tokenizer=null",
@@ -240,13 +270,14 @@ class Bench:
 
     def finished(self, row: Row) -> dict[str, Any]:
         """What is done of a row, training nothing: the grid's dev CE, the chosen lr once the grid is complete,
-        and the scores of the chosen lr's seeds that are evaluated."""
+        and the scores of the chosen lr's seeds that are evaluated (an ablation: its base row's grid and lr)."""
+        grid_row = _BY_NAME[row.base] if row.base is not None else row
         for lr in self.lrs:
-            self._keep(self.path(row, lr, self.seeds[0]))  # runs trained before there was a record
-        grid = {f"{lr:g}": self.best_dev_ce(self.path(row, lr, self.seeds[0])) for lr in self.lrs
-                if self.trained(self.path(row, lr, self.seeds[0]))}
+            self._keep(self.path(grid_row, lr, self.seeds[0]))  # runs trained before there was a record
+        grid = {f"{lr:g}": self.best_dev_ce(self.path(grid_row, lr, self.seeds[0])) for lr in self.lrs
+                if self.trained(self.path(grid_row, lr, self.seeds[0]))}
         entry: dict[str, Any] = {"tokenizer": row.tokenizer, "what": row.what, "lr": None, "dev_ce_by_lr": grid,
-                                 "seeds": {}}
+                                 "seeds": {}, "base": row.base}
         if len(grid) == len(self.lrs):
             entry["lr"] = min(self.lrs, key=lambda lr: (not math.isfinite(grid[f"{lr:g}"]), grid[f"{lr:g}"]))
             for seed in self.seeds:
@@ -257,6 +288,8 @@ class Bench:
         return entry
 
     def chosen_lr(self, row: Row) -> float:
+        if row.base is not None:
+            return self.chosen_lr(_BY_NAME[row.base])
         runs = {lr: self.run(row, lr, self.seeds[0]) for lr in self.lrs}
         ce = {lr: self.best_dev_ce(run) for lr, run in runs.items()}
         return min(ce, key=lambda lr: (not math.isfinite(ce[lr]), ce[lr]))
@@ -272,11 +305,11 @@ def run_methods_table(output_dir: str | Path = "runs/methods-table", quick: bool
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True, soft_wrap=True)
     bench = Bench(out, quick, console, Path(record) if record is not None else None)
-    chosen = [r for r in ROWS if rows is None or r.name in rows]
+    chosen = [r for r in ALL_ROWS if rows is None or r.name in rows]
     if rows is not None and len(chosen) != len(rows):
-        raise ConfigError(f"--rows: unknown rows {sorted(set(rows) - {r.name for r in ROWS})}; "
-                          f"known: {[r.name for r in ROWS]}")
-    order = sorted(chosen, key=lambda r: (_FIRST.index(r.name) if r.name in _FIRST else len(_FIRST)))
+        raise ConfigError(f"--rows: unknown rows {sorted(set(rows) - set(_BY_NAME))}; known: {list(_BY_NAME)}")
+    order = sorted(chosen, key=lambda r: (r.base is not None,
+                                          _FIRST.index(r.name) if r.name in _FIRST else len(_FIRST)))
     command = f"dualkd methods-table --output-dir {out}" + (" --quick" * quick)
     if report_only:
         results = {row.name: bench.finished(row) for row in order}
@@ -291,9 +324,11 @@ def run_methods_table(output_dir: str | Path = "runs/methods-table", quick: bool
         lr = lrs[row.name]
         runs = [bench.path(row, lr, seed) if bench.scored(bench.path(row, lr, seed))
                 else bench.run(row, lr, seed, need_model=True) for seed in bench.seeds]
-        grid = {f"{lr_:g}": bench.best_dev_ce(bench.path(row, lr_, bench.seeds[0])) for lr_ in bench.lrs}
+        grid_row = _BY_NAME[row.base] if row.base is not None else row
+        grid = {f"{lr_:g}": bench.best_dev_ce(bench.path(grid_row, lr_, bench.seeds[0])) for lr_ in bench.lrs}
         results[row.name] = {"tokenizer": row.tokenizer, "what": row.what, "lr": lr, "dev_ce_by_lr": grid,
-                             "seeds": {str(seed): bench.scores(run) for seed, run in zip(bench.seeds, runs)}}
+                             "seeds": {str(seed): bench.scores(run) for seed, run in zip(bench.seeds, runs)},
+                             "base": row.base}
         write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     console.print(f"methods table: {len(order)} rows in {(time.perf_counter() - started) / 60:.1f} min")
     if doc is not None:
@@ -316,7 +351,7 @@ def table_markdown(results: dict[str, Any], expected: int | None = None) -> str:
     lines = []
     most = expected or max((len(r["seeds"]) for r in results.values()), default=0)  # seeds a full row has
     for tokenizer, title in (("teacher", "Same tokenizer as the teacher"), ("own", "Own tokenizer")):
-        names = [n for n, r in results.items() if r["tokenizer"] == tokenizer and r["seeds"]]
+        names = [n for n, r in results.items() if r["tokenizer"] == tokenizer and r["seeds"] and not r.get("base")]
         if not names:
             continue
         stats = {n: {m: _summary([s[m] for s in results[n]["seeds"].values()])
@@ -335,7 +370,39 @@ def table_markdown(results: dict[str, Any], expected: int | None = None) -> str:
             what = results[n]["what"] + (f" ({seeds} seed{'s' * (seeds > 1)})" if seeds < most else "")
             lines.append(f"| {n} | {what} | {results[n]['lr']:g} | " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + ablation_markdown(results, most))
+
+
+def ablation_markdown(results: dict[str, Any], most: int) -> list[str]:
+    """The ablations beside the row they vary and that row's SFT baseline: mean ± std, and the difference
+    of means from the base row (`~`: the intervals overlap)."""
+    names = [n for n, r in results.items() if r.get("base") and r["seeds"]]
+    if not names:
+        return []
+    lines = ["### Ablations", "", "| row | what changes | dev CE | ROUGE-L | Δ ROUGE-L | exact match | invented % |",
+             "|---|---|---|---|---|---|---|"]
+    shown: list[str] = []
+    for n in names:
+        base = results[n]["base"]
+        for ref in ("own-sft" if results[n]["tokenizer"] == "own" else "sft", base):
+            if ref in results and results[ref]["seeds"] and ref not in shown:
+                shown.append(ref)
+        shown.append(n)
+    for n in shown:
+        stats = {m: _summary([s[m] for s in results[n]["seeds"].values()])
+                 for m in ("rougeL", "exact_match", "dev_ce", "invented")}
+        base = results[n].get("base")
+        delta = "—"
+        if base and base in results and results[base]["seeds"]:
+            ref = _summary([s["rougeL"] for s in results[base]["seeds"].values()])
+            delta = f"{stats['rougeL'][0] - ref[0]:+.2f}" + (" ~" if _overlaps(stats["rougeL"], ref) else "")
+        seeds = len(results[n]["seeds"])
+        what = results[n]["what"] + (f" ({seeds} seed{'s' * (seeds > 1)})" if seeds < most else "")
+        cells = [f"{stats[m][0]:.{d}f} ± {stats[m][1]:.{d}f}" for m, d in (("dev_ce", 3), ("rougeL", 2))]
+        cells += [delta] + [f"{stats[m][0]:.{d}f} ± {stats[m][1]:.{d}f}" for m, d in (("exact_match", 1),
+                                                                                      ("invented", 1))]
+        lines.append(f"| {n} | {what} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def grid_markdown(results: dict[str, Any]) -> str:
@@ -344,6 +411,8 @@ def grid_markdown(results: dict[str, Any]) -> str:
     lines = ["### Learning-rate search (best dev CE, first seed; per token of the row's own tokenizer)", "",
              "| row | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |", "|---|" + "---|" * (len(lrs) + 1)]
     for name, r in results.items():
+        if r.get("base"):
+            continue  # an ablation trains at its base row's lr
         cells = [f"{r['dev_ce_by_lr'][lr]:.3f}" if lr in r["dev_ce_by_lr"] else "—" for lr in lrs]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['lr']:g} |" if r["lr"] is not None
                      else f"| {name} | " + " | ".join(cells) + " | — |")
@@ -357,7 +426,7 @@ def write_doc(results: dict[str, Any], doc: Path, command: str, expected: int | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n, r in results.items() if r["seeds"]]
+    names = [n for n, r in results.items() if r["seeds"] and not r.get("base")]
     plot = doc.with_suffix(".png")
     if names:
         fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.5), sharey=True)
