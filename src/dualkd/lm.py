@@ -66,9 +66,7 @@ def head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The LM head's weight [V, d] and bias [V] (or None), for losses that multiply hidden states by it."""
     head = model.get_output_embeddings()
     weight = head.weight
-    # ZeRO-3 partitions weights (empty tensors here), FSDP2 shards them (DTensor), CPU offload leaves meta
-    # tensors: only the model's own forward gathers them
-    if weight.numel() == 0 or weight.is_meta or isinstance(weight, DTensor):
+    if not head_is_whole(model):
         raise ModelError("this objective reads the LM head weights outside the model's forward (fused loss, "
                          "projectors), but they are partitioned or offloaded (DeepSpeed ZeRO-3, FSDP2, "
                          "teacher.placement: sharded/cpu_offload). Keep this model whole (teacher.placement: "
@@ -80,6 +78,14 @@ def head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     if isinstance(extra, Tensor):
         bias = extra[0, : weight.shape[0]] if bias is None else bias + extra[0, : weight.shape[0]]
     return weight, bias
+
+
+def head_is_whole(model: nn.Module) -> bool:
+    """The LM head's weight is a whole local tensor that a loss can multiply by. ZeRO-3 partitions weights
+    (empty tensors here), FSDP2 shards them (DTensor), CPU offload leaves meta tensors: only the model's own
+    forward gathers them."""
+    weight = model.get_output_embeddings().weight
+    return not (weight.numel() == 0 or weight.is_meta or isinstance(weight, DTensor))
 
 
 def head_is_linear(model: nn.Module) -> bool:

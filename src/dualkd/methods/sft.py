@@ -1,35 +1,75 @@
 """Supervised fine-tuning: next-token cross-entropy on the response tokens (the SFT baseline of every paper).
 
+    L = Σ_t −log softmax(z_s,t)[y_t] / #tokens      over response tokens (+ EOS)
+
+Large vocabularies go through the fused chunked CE (`losses/fused.py`): the model returns its last hidden
+states and the loss multiplies them by the LM head chunk by chunk, so the [B, T, V] logits never exist
+(Gemma-3's 262,144-token head: 2 GB of logits per 8 x 256 micro-batch, several times that with their
+log-softmax and gradient). `fused: auto` does this from `fused_min_vocab` rows on; both paths give the same
+numbers (tested).
+
 `label_smoothing: ε` trains on fairseq's label-smoothed CE instead (the Transformer NMT baseline, ε = 0.1);
-the logged `ce` stays the plain CE, so dev numbers compare across ε."""
+the logged `ce` stays the plain CE, so dev numbers compare across ε. It reads the dense logits."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
-from dualkd.lm import lm_forward
+from dualkd.lm import check_head_is_linear, head_is_whole, head_of, lm_forward
 from dualkd.losses import token_cross_entropy
 from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
-from dualkd.methods.base import Objective, StepNorm, token_accuracy
+from dualkd.losses.fused import fused_cross_entropy
+from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
+from dualkd.models import head_rows
 from dualkd.schema import StrictModel
 
 
 class SFTConfig(StrictModel):
     name: Literal["sft"] = "sft"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    """ε of the label-smoothed CE the model trains on (0: plain CE)."""
+    """ε of the label-smoothed CE the model trains on (0: plain CE; ε > 0 needs the dense logits)."""
+    fused: Literal["auto", "on", "off"] = "auto"
+    """The fused chunked CE (no [B, T, V] logits): `auto` from `fused_min_vocab` head rows on, without label
+    smoothing, where the head is whole (not under ZeRO-3 / FSDP2); `on` / `off` force it."""
+    fused_min_vocab: int = Field(32000, ge=1)
+    """Vocabulary size from which `fused: auto` uses the fused CE."""
+    chunk_size: int | None = Field(None, ge=1)
+    """Rows per chunk of the fused CE (None: sized to the vocabulary)."""
+
+    @model_validator(mode="after")
+    def _smoothing_is_dense(self) -> SFTConfig:
+        if self.fused == "on" and self.label_smoothing > 0:
+            raise ValueError("label_smoothing reads the dense logits: set fused: off (or auto)")
+        return self
 
 
 class SFT(Objective):
     config_class = SFTConfig
+    config: SFTConfig
+
+    def setup(self, ctx: SetupContext) -> None:
+        mode = self.config.fused
+        self.fused = self.config.label_smoothing == 0 and (
+            mode == "on" or (mode == "auto" and head_rows(ctx.student) >= self.config.fused_min_vocab))
+        if self.fused and head_is_whole(ctx.student):
+            check_head_is_linear(ctx.student, "student")
 
     def forward(self, student: nn.Module, batch: Batch, teacher_out: Any, norm: StepNorm
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         tokens = batch.student
+        # `auto` keeps the dense path where the engine partitions the head (ZeRO-3, FSDP2): only the model's
+        # forward can read it there; `on` asks for the head and is refused with the reason
+        if self.fused and (self.config.fused == "on" or head_is_whole(student)):
+            hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden  # [B, T, d]
+            head, bias = head_of(student)
+            ce, hits = fused_cross_entropy(hidden[tokens.loss_mask], head, tokens.labels[tokens.loss_mask],
+                                           bias=bias, chunk_size=self.config.chunk_size)
+            ce = ce / norm["tokens"]
+            return ce * norm.ce_weight, {"ce": ce.detach(), "acc": hits / norm["tokens"]}
         logits = lm_forward(student, tokens).logits  # [B, T, V]
         ce = token_cross_entropy(logits, tokens.labels, tokens.loss_mask) / norm["tokens"]
         acc = token_accuracy(logits.detach(), tokens.labels, tokens.loss_mask) / norm["tokens"]
