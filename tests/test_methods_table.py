@@ -71,6 +71,7 @@ def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     assert ablations["eta-kd_rate-0.9"].objective == base.model_copy(update={"kd_rate": 0.9})
     assert ablations["eta-tau-2"].objective == base.model_copy(update={"temperature": 2.0})
     assert ablations["eta-projector_lr-5e-3"].objective == base.model_copy(update={"projector_lr": 5e-3})
+    assert ablations["eta-spaces-teacher"].objective == base.model_copy(update={"spaces": "teacher"})
     small = ablations["eta-teacher_vocab-300"]
     assert small.objective == base and str(small.teacher.path) == str(out / "teacher-vocab300" / "final")
     assert small.student.train_tokenizer.vocab_size == teacher_vocab

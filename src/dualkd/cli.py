@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train every objective on the demo's data (same-tokenizer and own-tokenizer "
                                    "students of one architecture), choose each row's learning rate on dev, train 3 "
                                    "seeds, evaluate with 5 sampling seeds, run the DSKDv2-ETA ablations and write "
-                                   "the table. Rerun the same command to continue a stopped table. 118 runs: "
+                                   "the table. Rerun the same command to continue a stopped table. 124 runs: "
                                    "several hours on 2 CPU cores (3-4 minutes per run and its evaluation with one "
                                    "thread).")
     p.add_argument("--output-dir", default="runs/methods-table", help="runs and results (default: runs/methods-table)")

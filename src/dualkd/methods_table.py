@@ -8,8 +8,8 @@ The shape of the papers' main tables, at demo size (data/instructions.py; the de
 3. every chosen run sampled on the test set with the protocol's 5 sampling seeds (ROUGE-L, exact match);
 4. `docs/methods-table.md` (+ a plot): mean ± std over training seeds, each run's score being its mean over
    the sampling seeds; rows whose interval (mean ± std) overlaps their SFT baseline's are marked;
-5. the ablations (`ABLATIONS`): DSKDv2-ETA with one setting changed (kd_rate, τ, projector lr, the teacher's
-   vocabulary size), trained at DSKDv2-ETA's chosen lr with the three seeds, tabled beside it.
+5. the ablations (`ABLATIONS`): DSKDv2-ETA with one setting changed (kd_rate, τ, projector lr, the KD's
+   space, the teacher's vocabulary size), trained at DSKDv2-ETA's chosen lr with the three seeds, tabled beside it.
 
 Every student is the same GPT-2 (2 layers, d = 64) with a vocabulary of the teacher's size: the same-tokenizer
 rows use the teacher's byte-level BPE, the own-tokenizer rows a SentencePiece-style (metaspace) BPE trained on
@@ -17,7 +17,7 @@ the students' data. They differ only in the tokenizer.
 
 Resumable: every run is a folder under `<out>/runs/<row>/lr<lr>/seed<seed>`; a finished run (final model and
 scores) is skipped and an unfinished one resumes from its last checkpoint, so a stopped table continues where
-it was. 118 runs: several hours on 2 CPU cores (3-4 minutes per run and its evaluation with one thread;
+it was. 124 runs: several hours on 2 CPU cores (3-4 minutes per run and its evaluation with one thread;
 `--quick`: a smoke test in a few minutes; `--report-only`: the table of what is finished).
 """
 
@@ -99,6 +99,10 @@ ABLATIONS = (
         base="own-dskdv2-eta"),
     Row("eta-projector_lr-5e-3", "own", f"{{{_ETA}, projector_lr: 5.0e-3}}", "DSKDv2-ETA, projector lr 5e-3",
         base="own-dskdv2-eta"),
+    Row("eta-spaces-teacher", "own", f"{{{_ETA}, spaces: teacher}}",
+        "DSKDv2-ETA, KD in the teacher's space only (no projected target)", base="own-dskdv2-eta"),
+    Row("eta-spaces-student", "own", f"{{{_ETA}, spaces: student}}",
+        "DSKDv2-ETA, KD in the student's space only", base="own-dskdv2-eta"),
     Row("eta-teacher_vocab-300", "own", f"{{{_ETA}}}", "DSKDv2-ETA, teacher tokenizer of 300 tokens",
         base="own-dskdv2-eta", teacher_vocab=300),
 )
