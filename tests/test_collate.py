@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from dualkd.config import DataConfig, DataSource
 from dualkd.data.dataset import TruncationRules, build_dataset, tokenize_examples
 from dualkd.data.formats import Example, parse_record
-from dualkd.train.sources import OffPolicySource
+from dualkd.train.sources import OffPolicySource, token_budget_split
 from tests.conftest import needs_real_models, needs_shared_data, synthetic_records, write_jsonl
 
 
@@ -166,6 +166,36 @@ def test_global_batches_do_not_depend_on_the_split(tmp_path: Path, byte_tokenize
         b = [i for mb in accum.next_step().gold for i in mb.indices]
         c = [i for src in ranks for mb in src.next_step().gold for i in mb.indices]
         assert a == b == c
+
+
+def test_token_budget_split_keeps_each_step_and_equal_pass_counts() -> None:
+    lengths = [3, 3, 4, 5, 9, 10, 30, 40] + [2] * 8
+    shares = [[0, 1, 2, 3, 4, 5, 6, 7], list(range(8, 16))]  # each sorted by length
+    split = token_budget_split(shares, lengths, budget=20)
+    # rank 0: 3+3+4+5 fit as 4 x 5 = 20; 9 and 10 as 2 x 10; 30 and 40 alone (over the budget)
+    # rank 1: eight 2s fit in one pass (16 tokens), split in halves until it has rank 0's 4 passes
+    assert split[0] == [[0, 1, 2, 3], [4, 5], [6], [7]]
+    assert [len(m) for m in split[1]] == [2, 2, 2, 2] and [j for m in split[1] for j in m] == shares[1]
+    for share, micro in zip(shares, split):
+        assert [j for m in micro for j in m] == share
+        for m in micro:
+            assert len(m) == 1 or len(m) * max(lengths[j] for j in m) <= 20
+
+
+def test_token_budget_source_serves_the_same_steps(tmp_path: Path, byte_tokenizer_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(byte_tokenizer_dir)
+    ds = _dataset(tmp_path, tok, n=40)
+    fixed = OffPolicySource(ds, 4, 2, 1, 0, seed=1)
+    budget = OffPolicySource(ds, 4, 2, 1, 0, seed=1, micro_batch_tokens=64)
+    counts = set()
+    for _ in range(fixed.steps_per_epoch):
+        a = [i for mb in fixed.next_step().gold for i in mb.indices]
+        step = budget.next_step().gold
+        assert [i for mb in step for i in mb.indices] == a
+        for mb in step:
+            assert mb.student.input_ids.numel() <= 64 or len(mb.indices) == 1
+        counts.add(len(step))
+    assert counts != {2}  # the budget, not the example count, decided the passes
 
 
 # ------------------------------------------------------------------------------------------- real tokenizers

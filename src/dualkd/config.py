@@ -65,6 +65,12 @@ class OptimConfig(StrictModel):
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step. The loss is normalized by the response tokens of the whole
     global batch, so 8x1 and 2x4 give the same update."""
+    micro_batch_tokens: int | None = Field(None, ge=1)
+    """Token budget per forward pass (None: `micro_batch_size` examples per pass). Each process's examples of a
+    step (`micro_batch_size` x `grad_accum`, length-sorted) are cut into passes of at most this many padded
+    tokens (examples x longest): short examples go in fewer, fuller passes, long ones in smaller. The examples
+    of a step, hence the update, do not change; every process runs as many passes as the busiest one (sharded
+    engines gather parameters in each)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping by global norm (None: off)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

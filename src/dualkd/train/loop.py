@@ -143,7 +143,7 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
     module = TrainModule(parts.student, parts.objective)
     optimizer = build_optimizer(parts.student, opt, parts.objective.param_groups())
     gold = OffPolicySource(parts.train_set, opt.micro_batch_size, opt.grad_accum, engine.world_size, engine.rank,
-                           cfg.seed, cfg.data.bucket_by_length)
+                           cfg.seed, cfg.data.bucket_by_length, opt.micro_batch_tokens)
     total_steps = opt.max_steps or opt.epochs * gold.steps_per_epoch
     scheduler = build_scheduler(optimizer, opt, total_steps)
     module, optimizer = engine.prepare(module, optimizer, opt.micro_batch_size, opt.grad_accum, opt.max_grad_norm)
@@ -452,8 +452,10 @@ def _announce(log: MetricsLogger, cfg: RunConfig, parts: Parts, source: Any, tot
               f"({n_train / 1e6:.2f}M trained){teacher}")
     log.print(f"[dualkd] {engine.world_size} process(es) on {engine.device} ({engine.name}); "
               f"global batch {source.global_batch} "
-              f"({cfg.optimization.micro_batch_size} x {cfg.optimization.grad_accum} x {engine.world_size}); "
-              f"{source.steps_per_epoch} steps/epoch; {total_steps} steps")
+              f"({cfg.optimization.micro_batch_size} x {cfg.optimization.grad_accum} x {engine.world_size}"
+              + (f"; passes of at most {cfg.optimization.micro_batch_tokens} padded tokens"
+                 if cfg.optimization.micro_batch_tokens else "")
+              + f"); {source.steps_per_epoch} steps/epoch; {total_steps} steps")
     src = cfg.source
     if src.kind == "on_policy":
         first = getattr(source, "start_step", 0)

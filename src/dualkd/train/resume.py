@@ -25,6 +25,7 @@ from dualkd.errors import ConfigError
 
 KEY_VERSION = 3  # 3: `source` keys per kind, `teacher.cache` (an older key is compared on the names both have)
 _HOW_NOT_WHAT = {"placement", "gradient_checkpointing", "attn_implementation", "micro_batch_size", "grad_accum",
+                 "micro_batch_tokens",
                  "rollout_batch_size", "backend", "vllm_sync_every", "vllm_gpu_memory_utilization"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 _BLOCK = 64 * 1024

@@ -147,9 +147,11 @@ class OffPolicySource:
         rank: int,
         seed: int,
         bucket_by_length: bool = True,
+        micro_batch_tokens: int | None = None,
     ):
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.grad_accum = grad_accum
         self.world_size = world_size
         self.rank = rank
@@ -196,8 +198,12 @@ class OffPolicySource:
             self._order = self.epoch_order(self.epoch)
         global_batch = self._order[self.step_in_epoch]
         per_rank = self.micro_batch_size * self.grad_accum
-        mine = global_batch[self.rank * per_rank:(self.rank + 1) * per_rank]
-        micro = [mine[i:i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+        shares = [global_batch[r * per_rank:(r + 1) * per_rank] for r in range(self.world_size)]
+        if self.micro_batch_tokens is None:
+            mine = shares[self.rank]
+            micro = [mine[i:i + self.micro_batch_size] for i in range(0, per_rank, self.micro_batch_size)]
+        else:
+            micro = token_budget_split(shares, self.dataset.lengths, self.micro_batch_tokens)[self.rank]
         self.step_in_epoch += 1
         if self.step_in_epoch == self.steps_per_epoch:
             self.epoch, self.step_in_epoch, self._order = self.epoch + 1, 0, None
@@ -222,6 +228,30 @@ class OffPolicySource:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.step_in_epoch, self._order = state["epoch"], state["step_in_epoch"], None
+
+
+def token_budget_split(shares: list[list[int]], lengths: Any, budget: int) -> list[list[list[int]]]:
+    """Each process's share of a global batch (dataset indices sorted by length) cut into micro-batches of at
+    most `budget` padded tokens (examples x the longest; an example longer than the budget goes alone), then
+    the shares with fewer micro-batches split further (the biggest in halves) until every process has as
+    many: a pure function of the batch, so every process computes the same counts without talking."""
+    splits = []
+    for share in shares:
+        micro: list[list[int]] = []
+        for j in share:  # ascending lengths: the example added is the longest of its micro-batch
+            if micro and (len(micro[-1]) + 1) * lengths[j] <= budget:
+                micro[-1].append(j)
+            else:
+                micro.append([j])
+        splits.append(micro)
+    most = max(len(m) for m in splits)
+    for micro in splits:
+        while len(micro) < most:
+            k = max(range(len(micro)), key=lambda i: (len(micro[i]) * max(lengths[j] for j in micro[i]), -i))
+            assert len(micro[k]) > 1, "shares are equal in size, so one can always be split to as many passes"
+            half = len(micro[k]) // 2
+            micro[k:k + 1] = [micro[k][:half], micro[k][half:]]
+    return splits
 
 
 def eval_batches(dataset: TokenizedDataset, batch_size: int, world_size: int, rank: int, same_count: bool = False
