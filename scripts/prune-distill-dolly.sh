@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prune, then distill (Minitron-style), on Dolly, on CPU, offline: docs/real-run-prune-distill-dolly.md.
 #   prune    SmolLM2-135M-Instruct cut to 6 of its 30 blocks: the student (dualkd prune)
-#   teacher  teacher B: Gemma-3-270M after a LoRA SFT on the students' Dolly examples
+#   teacher  teacher B: Gemma-3-270M after a short LoRA SFT (60 steps x 8) on the first 480 of the students' examples
 #   caches   each teacher run once over the students' data (top-64 + hidden states: kd, dskd, dskdv2 read them)
 #   grid     SFT at each lr of $LRS, the best dev CE chooses the lr every row trains with
 #   rows     SFT, KD (fkl), DSKD, DSKDv2 from teacher A; DSKDv2-ETA (cache), ULD, MinED (live) from teacher B
@@ -21,8 +21,8 @@ STAGES=${STAGES:-"prune teacher caches grid rows eval table"}
 if [ "${SMOKE:-0}" = 1 ]; then
   STEPS=4 TEACHER_STEPS=2 N_TEST=4 N_DEV=4 SEEDS=10 LRS=${LRS:-"1e-3"} OUT=${OUT}-smoke
 fi
-STEPS=${STEPS:-400}
-TEACHER_STEPS=${TEACHER_STEPS:-200}
+STEPS=${STEPS:-150}
+TEACHER_STEPS=${TEACHER_STEPS:-60}
 N_TRAIN=$((STEPS * 8))                # one epoch of micro-batches of 8
 LRS=${LRS:-"3e-4 1e-3 3e-3"}
 N_TEST=${N_TEST:-100}
@@ -69,7 +69,7 @@ fi
 if has teacher && [ ! -d $TEACHER_B ]; then
   timed teacher $DUALKD train configs/prune-distill-dolly-teacher-gemma3.yaml output_dir=$OUT/gemma3-270m-dolly \
       student.path=$MODELS/gemma-3-270m data.train=$DATA/train.jsonl data.dev=$DATA/dev.jsonl \
-      data.max_examples=$N_TRAIN optimization.max_steps=$TEACHER_STEPS checkpoint.resume=auto \
+      data.max_examples=$((TEACHER_STEPS * 8)) optimization.max_steps=$TEACHER_STEPS checkpoint.resume=auto \
       $( [ "${SMOKE:-0}" = 1 ] && echo "eval.every_steps=2 checkpoint.every_steps=2" )
 fi
 
