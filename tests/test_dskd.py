@@ -17,6 +17,7 @@ from dualkd.methods.common import pinv_map
 from dualkd.train.build import build_parts
 from dualkd.train.engine import LocalEngine
 from dualkd.train.loop import TrainModule, train
+from dualkd.train.optim import build_optimizer
 from tests.conftest import make_model_dir, read_metrics, tiny_run
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -139,10 +140,18 @@ def test_dskdv2_pinv_init_auto_follows_the_student_init(tmp_path: Path, train_fi
                                          teacher_dir, cross_teacher))
     obj = build_parts(random_cfg, tmp_path / "r", engine).objective
     assert not obj.pinv_init and obj.s2t is not None
+    # the projector lr follows: the student's lr for projectors learned from random weights (the group has no
+    # lr of its own, so the optimizer's default and the schedule apply), the DSKDv2 scripts' 5e-4 from pinv
+    assert random_cfg.objective.projector_lr is None and "lr" not in obj.param_groups()[0]
+    optimizer = build_optimizer(torch.nn.Linear(1, 1), random_cfg.optimization, obj.param_groups())
+    assert optimizer.param_groups[-1]["lr"] == random_cfg.optimization.lr
     raw = _config(tmp_path, "dskdv2_eta_trained_s2t", train_file, byte_tokenizer_dir, teacher_dir, cross_teacher)
     raw["student"] = {"path": str(teacher_dir)}  # a saved (pretrained) model with the byte tokenizer
     obj = build_parts(validate_config(raw), tmp_path / "p", engine).objective
     assert obj.pinv_init and obj.s2t is None
+    assert obj.param_groups()[0]["lr"] == 5e-4
+    raw["objective"]["projector_lr"] = 2e-3
+    assert build_parts(validate_config(raw), tmp_path / "q", engine).objective.param_groups()[0]["lr"] == 2e-3
 
 
 def test_dskdv2_projected_teacher_matches_on_shared_vocab(tmp_path: Path, train_file: Path,

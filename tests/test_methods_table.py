@@ -68,12 +68,14 @@ def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     # trained with its own tokenizer size while the student's tokenizer keeps the main teacher's
     ablations = {row.name: bench.config(row, 3e-3, 10, teacher) for row in ABLATIONS}
     base = configs["own-dskdv2-eta"].objective
-    assert ablations["eta-kd_rate-0.9"].objective == base.model_copy(update={"kd_rate": 0.9})
-    assert ablations["eta-tau-2"].objective == base.model_copy(update={"temperature": 2.0})
-    assert ablations["eta-projector_lr-5e-3"].objective == base.model_copy(update={"projector_lr": 5e-3})
-    assert ablations["eta-spaces-teacher"].objective == base.model_copy(update={"spaces": "teacher"})
+    old = ablations["eta-projector_lr-5e-4"].objective
+    assert base.projector_lr is None and old == base.model_copy(update={"projector_lr": 5e-4})
+    assert ablations["eta-kd_rate-0.9"].objective == old.model_copy(update={"kd_rate": 0.9})
+    assert ablations["eta-tau-2"].objective == old.model_copy(update={"temperature": 2.0})
+    assert ablations["eta-projector_lr-5e-3"].objective == old.model_copy(update={"projector_lr": 5e-3})
+    assert ablations["eta-spaces-teacher"].objective == old.model_copy(update={"spaces": "teacher"})
     small = ablations["eta-teacher_vocab-300"]
-    assert small.objective == base and str(small.teacher.path) == str(out / "teacher-vocab300" / "final")
+    assert small.objective == old and str(small.teacher.path) == str(out / "teacher-vocab300" / "final")
     assert small.student.train_tokenizer.vocab_size == teacher_vocab
     assert len(json.loads((out / "teacher-vocab300" / "final" / "tokenizer.json").read_text())["model"]["vocab"]) \
         == 300

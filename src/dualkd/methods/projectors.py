@@ -52,4 +52,9 @@ class DualSpace(Objective):
         return student_hidden @ (student_head.detach()[self.shared_student_ids].T @ self.teacher_pinv)
 
     def param_groups(self) -> list[dict]:
-        return [{"params": list(self.parameters()), "lr": self.config.projector_lr, "name": "projectors"}]
+        lr = self.projector_lr()
+        return [{"params": list(self.parameters()), "name": "projectors", **({"lr": lr} if lr is not None else {})}]
+
+    def projector_lr(self) -> float | None:
+        """The projectors' learning rate (None: the student's)."""
+        return self.config.projector_lr
