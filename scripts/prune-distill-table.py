@@ -31,7 +31,7 @@ def main(out: Path) -> None:
         folder = out / "eval" / name
         if not (folder / "scores.json").exists():
             continue
-        s = json.loads((folder / "scores.json").read_text())["sets"]["test"]
+        s = next(iter(json.loads((folder / "scores.json").read_text())["sets"].values()))  # the one test set
         cells = [f"{s['mean'][m]:.2f} ± {s['std'][m]:.2f}" for m in ("rougeL", "exact_match")]
         if (folder / "likelihood.json").exists():
             ll = json.loads((folder / "likelihood.json").read_text())
