@@ -9,7 +9,8 @@
 #            x the seeds of $SEEDS (up to 128 new tokens), CE per token and bits per byte on $N_DEV dev responses
 #   table    $OUT/results.md (scripts/prune-distill-table.py)
 # Every stage skips what is done and a stopped training run resumes from its last checkpoint, so the script
-# continues across sittings: rerun it (or STAGES="rows eval" to run some). Wall time per stage is appended to
+# continues across sittings: rerun it (or STAGES="rows eval" to run some, ROWS="kd dskd" to train some rows).
+# The cache of teacher B is built once teacher B exists; eval skips models not trained yet. Wall time per stage is appended to
 # $OUT/stage-seconds.txt. SMOKE=1: a few steps and prompts per stage (checks the plumbing in minutes).
 set -euo pipefail
 DUALKD=${DUALKD:-.venv/bin/dualkd}
@@ -52,7 +53,7 @@ declare -A ROW=(
   [uld]="objective={name: uld}|$B_LIVE"
   [mined]="objective={name: mined, temperature: 2.0}|$B_LIVE"
 )
-ROW_ORDER="kd dskd dskdv2 dskdv2-eta uld mined"
+ROW_ORDER=${ROWS:-"kd dskd dskdv2 dskdv2-eta uld mined"}  # ROWS="kd dskd" trains some
 
 train_row() {  # name, objective override, teacher overrides
   local name=$1 objective=$2 teacher=$3
@@ -78,7 +79,7 @@ if has caches; then
   [ -f $OUT/cache-a/done ] || { timed cache-a $DUALKD cache-teacher $CFG $SIZE "${ROW[dskdv2]%%|*}" \
       teacher.path=$TEACHER_A --out $OUT/cache-a --hidden && touch $OUT/cache-a/done; }
   # shellcheck disable=SC2086
-  [ -f $OUT/cache-b/done ] || { timed cache-b $DUALKD cache-teacher $CFG $SIZE "${ROW[dskdv2-eta]%%|*}" \
+  [ -f $OUT/cache-b/done ] || [ ! -d $TEACHER_B ] || { timed cache-b $DUALKD cache-teacher $CFG $SIZE "${ROW[dskdv2-eta]%%|*}" \
       teacher.path=$TEACHER_B --out $OUT/cache-b --hidden && touch $OUT/cache-b/done; }
 fi
 
@@ -109,8 +110,9 @@ if has rows; then
   done
 fi
 
-evaluate() {  # name, model folder
+evaluate() {  # name, model folder (skipped until it exists)
   local name=$1 model=$2 dir=$OUT/eval/$1
+  [ -d $model ] || return 0
   [ -f $dir/scores.json ] || timed "eval:$name" $DUALKD eval $model $DATA/test.jsonl --max-examples $N_TEST \
       --seeds $SEEDS --max-new-tokens 128 --max-length 384 --max-prompt-length 256 --out $dir
   [ -f $dir/likelihood.json ] || timed "likelihood:$name" $DUALKD likelihood $model --data $DATA/dev.jsonl \
@@ -122,7 +124,7 @@ if has eval; then
   evaluate teacher-a $TEACHER_A
   evaluate teacher-b $TEACHER_B
   for name in sft $ROW_ORDER; do
-    [ -d $OUT/rows/$name/final ] && evaluate $name $OUT/rows/$name/final
+    evaluate $name $OUT/rows/$name/final
   done
 fi
 
