@@ -2,6 +2,7 @@
 
     python benchmarks/kd_step.py                # SmolLM2-135M student; batch 4 x 256 tokens of Dolly
     python benchmarks/kd_step.py --reps 5 --objectives kd,dskdv2
+    python benchmarks/kd_step.py --device cuda  # on a GPU (scripts/gpu-check.sh): peak memory is CUDA's
 
 Cases (each in a fresh subprocess, so that its peak memory is its own):
 - `kd` / fkl, same vocabulary: SmolLM2-135M teacher -> SmolLM2-135M-shaped student (vocab 49,152);
@@ -38,7 +39,10 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(case: str, part: str, reps: int, batch_size: int, seq_len: int, teacher_dtype: str) -> dict:
+def worker(case: str, part: str, reps: int, batch_size: int, seq_len: int, teacher_dtype: str, device: str = "cpu"
+           ) -> dict:
+    import contextlib
+
     import torch
 
     from dualkd.config import validate_config
@@ -60,8 +64,11 @@ def worker(case: str, part: str, reps: int, batch_size: int, seq_len: int, teach
     parts = build_parts(cfg, Path("/tmp/dualkd-bench-kd-step"), LocalEngine())
     ds = parts.train_set
     longest = sorted(range(len(ds)), key=lambda i: -len(ds.student[i].ids))[:batch_size]
-    batch = ds.collate(longest)
-    student, teacher, objective = parts.student, parts.teacher, parts.objective
+    batch = ds.collate(longest).to(device)
+    student, teacher, objective = parts.student.to(device), parts.teacher, parts.objective
+    objective.to(device)  # its projectors, if any
+    teacher.attach(torch.device(device), lambda m: m.to(device), contextlib.nullcontext)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     module = TrainModule(student, objective)
     student.train()
 
@@ -84,11 +91,14 @@ def worker(case: str, part: str, reps: int, batch_size: int, seq_len: int, teach
     times = []
     for i in range(reps + 1):
         module.zero_grad(set_to_none=True)
+        sync()
         start = time.perf_counter()
         run()
+        sync()
         if i:  # the first run is a warm-up
             times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_mib": _peak_mib(),
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _peak_mib()
+    return {"seconds": statistics.median(times), "peak_mib": peak,
             "tokens": int(batch.student.attention_mask.sum()), "shape": list(batch.student.input_ids.shape)}
 
 
@@ -99,17 +109,20 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="bfloat16 runs the teacher's GEMMs ~2.7x faster on CPUs with AVX512-BF16")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.reps, args.batch_size, args.seq_len, args.teacher_dtype)))
+        print(json.dumps(worker(*args.worker, args.reps, args.batch_size, args.seq_len, args.teacher_dtype,
+                                args.device)))
         return
     if not (MODELS / ".done").exists() or not DATA.exists():
         sys.exit(f"needs real models in {MODELS} (../shared/tools/real-models) and Dolly at {DATA}")
     import torch
 
-    print(f"# torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; batch {args.batch_size} x "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"# torch {torch.__version__}, {where}, {torch.get_num_threads()} threads; batch {args.batch_size} x "
           f"{args.seq_len} tokens; teacher in {args.teacher_dtype}; median of {args.reps}")
     print(f"{'objective':10} {'teacher':24} | {'teacher fwd + SFT s':>19} {'KD step s':>10} {'ratio':>6} | "
           f"{'baseline MiB':>12} {'KD MiB':>8}")
@@ -119,7 +132,7 @@ def main() -> None:
         for part in ("baseline", "kd"):
             done = subprocess.run([sys.executable, __file__, "--worker", case, part, "--reps", str(args.reps),
                                    "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                                   "--teacher-dtype", args.teacher_dtype],
+                                   "--teacher-dtype", args.teacher_dtype, "--device", args.device],
                                   capture_output=True, text=True, env=env)
             if done.returncode:
                 sys.exit(done.stderr[-3000:])

@@ -385,3 +385,14 @@ def test_tiny_sampling_recipes_run(name: str, tmp_path: Path, teacher_dir: Path)
     assert len(records) == 6 and all(math.isfinite(r["loss"]) for r in records)
     if name != "tiny-seqkd":
         assert any(r["sampled"] for r in records)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM samples on a CUDA GPU (scripts/gpu-check.sh)")
+def test_vllm_sampler_on_gpu(tmp_path: Path, train_file: Path, byte_tokenizer_dir: Path, teacher_dir: Path) -> None:
+    """The vLLM backend end to end: a tiny on-policy KD run whose samples come from vLLM beside the trainer."""
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    cfg = tiny_run(tmp_path / "vllm", train_file, byte_tokenizer_dir, teacher=teacher_dir,
+                   source={**ON_POLICY, "backend": "vllm"}, optimization={"max_steps": 4})
+    records = read_metrics(train(validate_config(cfg)))
+    assert any(r["sampled"] for r in records)
+    assert all(math.isfinite(r["loss"]) for r in records)

@@ -14,12 +14,13 @@ An objective never holds the teacher model; in `teacher_forward` it asks a `Teac
 (what a cache reads by). Every call runs without gradients; a live teacher also runs under the engine's
 autocast and is timed as "teacher", wherever an objective calls it (TIE-KD calls it inside its loss).
 
-Implementations: `LiveTeacher` (a model on this machine: teachers/live.py) and `CachedTeacher` (an offline
-cache written by `dualkd cache-teacher`: teachers/cached.py). A third, e.g. a teacher behind an inference
-server that returns top-k log-probabilities of given tokens, is a subclass that implements `topk` (and
-whatever else the server returns), declares those in `provides`, and is chosen in `train/build.py` from the
-teacher's config section. No objective changes: each says in `setup` what it reads (`require`), and a teacher
-that cannot serve it is refused there, before training, with the objective's name in the message.
+Implementations: `LiveTeacher` (a model on this machine: teachers/live.py), `CachedTeacher` (an offline
+cache written by `dualkd cache-teacher`: teachers/cached.py) and `ServedTeacher` (an inference server that
+returns top-k log-probabilities of given tokens: teachers/served.py), chosen in `train/build.py` from the
+teacher's config section. Before each step the loop hands the teacher the micro-batches it will ask about
+(`prefetch`), so a teacher with latency can work ahead. Each objective says in `setup` what it reads
+(`require`), and a teacher that cannot serve it is refused there, before training, with the objective's name
+in the message.
 """
 
 from __future__ import annotations
@@ -81,6 +82,15 @@ class Teacher(ABC):
     def for_split(self, split: str) -> Teacher:
         """The teacher of one data split ("train", "dev"): a cache reads each split's own files."""
         return self
+
+    def prefetch(self, batches: list[ModelBatch]) -> None:
+        """The teacher views of micro-batches about to be asked for (this step's and the next step's): a teacher
+        that works ahead (a served one) starts on them; the others need nothing."""
+        return None
+
+    def close(self) -> None:
+        """After training: release what the teacher holds beyond the model (threads, connections)."""
+        return None
 
     def require(self, needs: set[str], who: str) -> None:
         """Refuse, before training, an objective that reads what this teacher cannot return."""

@@ -22,7 +22,7 @@ from dualkd.lm import is_seq2seq
 from dualkd.methods import Objective, build_objective
 from dualkd.methods.base import SetupContext
 from dualkd.models import is_encoder_decoder, load_model, load_tokenizer, same_vocabulary
-from dualkd.teachers import CachedTeacher, LiveTeacher, Teacher, cache_tokenizer
+from dualkd.teachers import CachedTeacher, LiveTeacher, ServedTeacher, Teacher, cache_tokenizer
 from dualkd.train.prepare import Prepared, prepare_run
 
 
@@ -31,7 +31,7 @@ class Parts:
     objective: Objective
     student: nn.Module
     teacher: Teacher | None
-    """Where the teacher's outputs come from: a live model (placed by the loop) or an offline cache."""
+    """Where the teacher's outputs come from: a live model (placed by the loop), an offline cache or a server."""
     student_tokenizer: Any
     teacher_tokenizer: Any | None
     train_set: TokenizedDataset
@@ -86,6 +86,11 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective
             if dataset is not None:  # refuse a cache of other data, naming what differs
                 cached.for_split(split).check(dataset.teacher_view)
         teacher = cached
+    elif objective.needs_teacher and cfg.teacher is not None and cfg.teacher.server is not None:
+        if seq2seq:
+            raise ConfigError("teacher.server serves decoder-only teachers; an encoder-decoder student needs a live "
+                              "teacher (`teacher.path`) or a cache")
+        teacher = ServedTeacher.from_config(cfg.teacher.server, teacher_tokenizer, run_dir)
     elif objective.needs_teacher:
         assert cfg.teacher is not None
         model = load_model(cfg.teacher, teacher_tokenizer, role="teacher", seed=cfg.seed)

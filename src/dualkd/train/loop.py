@@ -33,6 +33,7 @@ from dualkd.losses import token_cross_entropy
 from dualkd.losses.fused import fused_cross_entropy
 from dualkd.methods import Objective, StepNorm, build_objective
 from dualkd.teachers import Teacher
+from dualkd.teachers.server_client import ServerUnavailable
 from dualkd.train.build import Parts, build_parts
 from dualkd.train.checkpoint import CheckpointManager, TrainerState
 from dualkd.train.engine import Engine
@@ -196,8 +197,17 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
             task = progress.add_task("train", total=total_steps, completed=state.step, info="")
             while state.step < total_steps:
                 epoch_before = source.epoch
-                record = _train_step(engine, module, objective, teacher, optimizer, scheduler, source, timer, opt,
-                                     state.step)
+                try:
+                    record = _train_step(engine, module, objective, teacher, optimizer, scheduler, source, timer,
+                                         opt, state.step)
+                except ServerUnavailable as e:  # the model is as the last finished step left it: save that
+                    saved = "no step finished, nothing to save"
+                    if state.step > 0:
+                        path = (ckpt.path_for(state.step) if last_ckpt_step == state.step else
+                                ckpt.save(module, optimizer, scheduler, state, source.rank_state_dict()))
+                        saved = f"checkpoint of step {state.step}: {path}; resume with checkpoint.resume=auto"
+                    log.event("teacher_unavailable", f"{e} ({saved})", step=state.step)
+                    raise ServerUnavailable(f"{e}\nThe run stopped before step {state.step + 1} ({saved}).") from None
                 state.step += 1
                 state.tokens_seen += int(record["tokens"])
                 state.source = source.state_dict()
@@ -239,6 +249,8 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
                     raise TrainingStopped(signum, path)
         export_run(cfg, engine, module, ckpt, state, parts, run_dir, log)
     finally:
+        if teacher is not None:
+            teacher.close()
         log.close()
     return run_dir
 
@@ -253,6 +265,8 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
         sampled = [b.to(engine.device) for b in step.sampled] if step.sampled is not None else None
     # what the objective trains on: the gold micro-batches, or on a sampled step their sampled twins
     batches = sampled if sampled is not None else gold
+    if teacher is not None:  # a teacher with latency (a server) starts on this step's and the next step's batches
+        teacher.prefetch([b.teacher_view for b in batches + source.upcoming()])
     teacher_outs: list[Any] | None = None
     if objective.counts_need_teacher:  # denominators depend on the teacher: run it on every micro-batch first
         with timer.section("teacher"), torch.no_grad(), engine.autocast():
@@ -370,8 +384,11 @@ def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: T
     raw = engine.unwrap(module)  # no DDP wrapper: processes may run different numbers of batches (not when sharded)
     raw.eval()
     totals: dict[str, float] = defaultdict(float)
-    for batch, counted in eval_batches(dataset, batch_size, engine.world_size, engine.rank,
-                                       same_count=engine.shards_parameters):
+    batches = list(eval_batches(dataset, batch_size, engine.world_size, engine.rank,
+                                same_count=engine.shards_parameters))
+    if teacher is not None:
+        teacher.prefetch([b.teacher_view for b, _ in batches])
+    for batch, counted in batches:
         batch = batch.to(engine.device)
         with engine.autocast():
             teacher_out = objective.teacher_forward(teacher, batch)
@@ -446,6 +463,8 @@ def _announce(log: MetricsLogger, cfg: RunConfig, parts: Parts, source: Any, tot
     if parts.teacher is not None:
         assert cfg.teacher is not None
         teacher = (f"; teacher read from the cache {cfg.teacher.cache}" if cfg.teacher.cache is not None else
+                   f"; teacher served at {cfg.teacher.server.url} (top-{cfg.teacher.server.top_k})"
+                   if cfg.teacher.server is not None else
                    f"; teacher {engine.count_parameters(parts.teacher.model) / 1e6:.2f}M params "
                    f"(placement {cfg.teacher.placement})")
     log.print(f"[dualkd] objective {cfg.objective.name}; student {n_params / 1e6:.2f}M params "

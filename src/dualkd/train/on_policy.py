@@ -26,6 +26,7 @@ from collections import deque
 from typing import Any
 
 from dualkd.config import RunConfig
+from dualkd.data.collate import Batch
 from dualkd.errors import ConfigError
 from dualkd.train.build import Parts
 from dualkd.train.rollouts import Rollout, Rollouts
@@ -85,6 +86,10 @@ class _Wrapped:
 
     def observe_dev_loss(self, loss: float) -> None:
         pass
+
+    def upcoming(self) -> list[Batch]:
+        """Nothing: the next step's teacher inputs are samples not drawn yet."""
+        return []
 
     def rank_state_dict(self) -> dict[str, Any] | None:
         return None

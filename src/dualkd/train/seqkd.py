@@ -5,7 +5,8 @@ here, once, before training when `source.seqkd_data` does not exist yet: every p
 the training prompts with the teacher (greedy, or beam search with `generation.num_beams` > 1, as Kim & Rush;
 `source.seqkd_sampling: true` samples with the `generation` settings instead), the main
 process writes the set (`dualkd generate`'s format: prompt/output with the original references kept), and
-the run then reads it like any training file. A resumed run finds the file and reuses it.
+the run then reads it like any training file. A resumed run finds the file and reuses it. A served teacher
+(`teacher.server`) writes the set itself, one request per prompt (teachers/served.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dualkd.data.readers import LoadReport, load_examples
 from dualkd.errors import ConfigError, DataError
 from dualkd.generate import generate_responses, write_generated_dataset
 from dualkd.models import load_model, load_tokenizer
+from dualkd.teachers.served import ServedTeacher, served_responses
 
 
 def seqkd_path(cfg: RunConfig, run_dir: Path) -> Path:
@@ -47,12 +49,18 @@ def write_teacher_outputs(cfg: RunConfig, path: Path, engine: Any) -> None:
     examples, _ = load_examples(cfg.data.train, cfg.data.format, cfg.data.on_error, cfg.data.max_examples,
                                 cfg.data.translation_pair)
     tokenizer = load_tokenizer(cfg.teacher, field="teacher")
-    teacher = load_model(cfg.teacher, tokenizer, role="teacher", seed=cfg.seed).to(engine.device)
     mine = list(range(engine.rank, len(examples), engine.world_size))
     settings = teacher_decoding(cfg)
-    texts = generate_responses(teacher, tokenizer, [examples[i] for i in mine], settings, seed=cfg.seed,
-                               label="seqkd: teacher outputs", progress=None if engine.is_main else False)
-    del teacher
+    if cfg.teacher.server is not None:  # the server writes them (its own decoding: teachers/server_client.py)
+        served = ServedTeacher.from_config(cfg.teacher.server, tokenizer, path.parent)
+        texts = served_responses(served.client, [examples[i] for i in mine], settings, cfg.seed,
+                                 cfg.teacher.server.concurrency, label="seqkd: teacher outputs")
+        served.close()
+    else:
+        teacher = load_model(cfg.teacher, tokenizer, role="teacher", seed=cfg.seed).to(engine.device)
+        texts = generate_responses(teacher, tokenizer, [examples[i] for i in mine], settings, seed=cfg.seed,
+                                   label="seqkd: teacher outputs", progress=None if engine.is_main else False)
+        del teacher
     part = path.with_name(f"{path.name}.part{engine.rank}")
     path.parent.mkdir(parents=True, exist_ok=True)
     part.write_text(json.dumps(dict(zip(mine, texts))), encoding="utf-8")

@@ -213,6 +213,14 @@ class OffPolicySource:
         with timed(timer, "data"):
             return Step(gold=[self.dataset.collate(m) for m in self.next_indices()])
 
+    def upcoming(self) -> list[Batch]:
+        """This process's micro-batches of the next step, without taking them (for a teacher that works ahead)."""
+        saved = (self.epoch, self.step_in_epoch, self._order)
+        try:
+            return [self.dataset.collate(m) for m in self.next_indices()]
+        finally:
+            self.epoch, self.step_in_epoch, self._order = saved
+
     def observe_dev_loss(self, loss: float) -> None:
         """Off-policy data does not adapt."""
 

@@ -1,0 +1,135 @@
+"""A teacher behind an inference server that scores given tokens (teachers/server_client.py has the protocol).
+
+    teacher: {path: HuggingFaceTB/SmolLM2-135M-Instruct,        # its tokenizer only: no model is loaded
+              server: {url: "http://127.0.0.1:8080", top_k: 64}}
+
+It returns the teacher's top-k log-probabilities at the response positions (`topk`) and nothing else, so it
+serves `kd` with the sparse top-k loss (the cache's), on-policy KD (the server scores the student's samples)
+and SeqKD (the server writes the responses: train/seqkd.py). DSKD, DSKDv2 and every objective that reads hidden
+states, the head or full logits are refused before training, as with a cache.
+
+Requests work ahead of the loop: before each step the loop hands over the step's micro-batches and the next
+step's (`prefetch`), and a pool of `concurrency` threads sends them while the student computes; `topk` waits for
+its own sequences only (each bounded by the client's timeout and retries). Sequences are keyed by their token
+ids, so a resumed run, a second epoch or a dev pass asks the server nothing twice (memory, then the disk cache).
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from dualkd.data.collate import ModelBatch
+from dualkd.data.formats import Example
+from dualkd.errors import ConfigError, ModelError
+from dualkd.generate import GenerationConfig, prompt_ids
+from dualkd.losses.sparse import TopKTargets, log_tail_mass
+from dualkd.progress import ProgressLines
+from dualkd.teachers.base import Teacher
+from dualkd.teachers.server_client import Scored, ServerClient
+
+
+def _sequences(tokens: ModelBatch) -> list[tuple[int, ...]]:
+    """Each row's tokens without padding (batches are right-padded)."""
+    lengths = tokens.attention_mask.sum(-1).tolist()
+    return [tuple(row[:n]) for row, n in zip(tokens.input_ids.tolist(), lengths)]
+
+
+class ServedTeacher(Teacher):
+    provides: ClassVar[frozenset[str]] = frozenset({"topk"})
+    what: ClassVar[str] = "a teacher behind an inference server"
+
+    def __init__(self, client: ServerClient, tokenizer: Any, top_k: int, concurrency: int = 4):
+        super().__init__(tokenizer)
+        self.client, self.top_k = client, top_k
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher-server")
+        self._pending: dict[tuple[int, ...], Future[Scored]] = {}
+        self.displaced = self.positions = 0
+        """Response positions scored so far, and those whose top-k held a token the server names ambiguously
+        (its mass stays in the tail bucket: server_client.py)."""
+
+    @classmethod
+    def from_config(cls, server: Any, tokenizer: Any, run_dir: Path) -> ServedTeacher:
+        """The teacher of `teacher.server` (models.TeacherServer); refuses a server of another tokenizer."""
+        cache = Path(server.cache_dir) if server.cache_dir else run_dir / "teacher-server-cache"
+        client = ServerClient(server.url, tokenizer, timeout_s=server.timeout_s, retries=server.retries,
+                              backoff_s=server.backoff_s, margin=server.margin, cache_dir=cache)
+        client.check_tokenizer()
+        return cls(client, tokenizer, server.top_k, server.concurrency)
+
+    @property
+    def k(self) -> int:
+        return self.top_k
+
+    @property
+    def vocab_rows(self) -> int:
+        return len(self.tokenizer)
+
+    def attach(self, device: torch.device, place: Any = None, autocast: Any = None, timer: Any = None) -> None:
+        """Nothing runs here: the server holds the model."""
+
+    def prefetch(self, batches: list[ModelBatch]) -> None:
+        for sequence in (s for tokens in batches for s in _sequences(tokens)):
+            if sequence not in self._pending:
+                self._pending[sequence] = self._pool.submit(self.client.score, list(sequence), self.top_k)
+
+    def topk(self, tokens: ModelBatch, indices: list[int], k: int, vocab_size: int,
+             chunk_size: int | None = None) -> TopKTargets:
+        if k != self.top_k:
+            raise ModelError(f"top-{k} targets asked of a served teacher set to its top {self.top_k} "
+                             "(teacher.server.top_k)")
+        self.prefetch([tokens])
+        sequences = _sequences(tokens)
+        waiting = [self._pending[s] for s in sequences]
+        ids, logprobs = [], []
+        for b, future in enumerate(waiting):
+            scored = future.result()  # re-raises the request's error, if it failed
+            positions = tokens.loss_mask[b].nonzero().flatten().cpu().numpy()
+            self.displaced += int(scored.displaced[positions].sum())
+            self.positions += len(positions)
+            if not scored.valid[positions].all():
+                raise ModelError(f"the teacher server gives no distribution at position {positions[0]} of a "
+                                 "sequence (the first token): a response position must follow some prompt")
+            ids.append(scored.ids[positions])
+            logprobs.append(scored.logprobs[positions])
+        for sequence in sequences:
+            self._pending.pop(sequence, None)
+        top_ids = torch.from_numpy(np.concatenate(ids)).to(tokens.input_ids.device)  # [N, k]
+        if top_ids.numel() and int(top_ids.max()) >= vocab_size:
+            raise ModelError(f"the teacher server returned token id {int(top_ids.max())}, outside the student's "
+                             f"{vocab_size} rows")
+        values = torch.from_numpy(np.concatenate(logprobs)).to(tokens.input_ids.device)  # [N, k] fp32
+        return TopKTargets(ids=top_ids, logprobs=values, tail=log_tail_mass(values))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.positions:
+            print(f"[dualkd] served teacher: {self.displaced} of {self.positions} response positions "
+                  f"({self.displaced / self.positions:.1%}) had a top-{self.top_k} token the server names only by "
+                  "a string other tokens share; its mass stayed in the tail bucket", file=sys.stderr)
+
+
+def served_responses(client: ServerClient, examples: list[Example], settings: GenerationConfig, seed: int,
+                     concurrency: int, label: str = "generating") -> list[str]:
+    """One response per example, written by the server (SeqKD), prompts tokenized as in training; greedy unless
+    `settings.do_sample`. Each example's sampling seed is `seed + its index`, so the set does not depend on the
+    request order."""
+    if settings.num_beams > 1:
+        raise ConfigError("a served teacher cannot search beams: set generation.num_beams: 1 or use a live teacher")
+    prompts = prompt_ids(examples, client.tokenizer, settings)
+    new = settings.max_new_tokens or settings.max_length - settings.max_prompt_length
+    sampling = ({"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+                if settings.do_sample else {"temperature": 0.0})
+    lines = ProgressLines(len(prompts), label, None)
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher-server") as pool:
+        futures = [pool.submit(client.complete, ids, new, seed=seed + i, **sampling) for i, ids in enumerate(prompts)]
+        texts = []
+        for future in futures:
+            texts.append(future.result().strip())
+            lines.advance(1)
+    return texts
