@@ -54,6 +54,8 @@ class Teacher(ABC):
     """What this kind of teacher can return (keys of CAPABILITIES)."""
     what: ClassVar[str]
     """How the teacher is named in messages (`a live teacher`, `an offline teacher cache`)."""
+    works_ahead: ClassVar[bool] = False
+    """Whether `prefetch` does anything (the loop collates the next step's batches for it only then)."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer

@@ -43,6 +43,7 @@ def _sequences(tokens: ModelBatch) -> list[tuple[int, ...]]:
 class ServedTeacher(Teacher):
     provides: ClassVar[frozenset[str]] = frozenset({"topk"})
     what: ClassVar[str] = "a teacher behind an inference server"
+    works_ahead: ClassVar[bool] = True
 
     def __init__(self, client: ServerClient, tokenizer: Any, top_k: int, concurrency: int = 4):
         super().__init__(tokenizer)

@@ -265,7 +265,7 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
         sampled = [b.to(engine.device) for b in step.sampled] if step.sampled is not None else None
     # what the objective trains on: the gold micro-batches, or on a sampled step their sampled twins
     batches = sampled if sampled is not None else gold
-    if teacher is not None:  # a teacher with latency (a server) starts on this step's and the next step's batches
+    if teacher is not None and teacher.works_ahead:  # a server starts on this step's and the next step's batches
         teacher.prefetch([b.teacher_view for b in batches + source.upcoming()])
     teacher_outs: list[Any] | None = None
     if objective.counts_need_teacher:  # denominators depend on the teacher: run it on every micro-batch first
@@ -384,9 +384,10 @@ def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: T
     raw = engine.unwrap(module)  # no DDP wrapper: processes may run different numbers of batches (not when sharded)
     raw.eval()
     totals: dict[str, float] = defaultdict(float)
-    batches = list(eval_batches(dataset, batch_size, engine.world_size, engine.rank,
-                                same_count=engine.shards_parameters))
-    if teacher is not None:
+    batches: Any = eval_batches(dataset, batch_size, engine.world_size, engine.rank,
+                                same_count=engine.shards_parameters)
+    if teacher is not None and teacher.works_ahead:  # a server scores the whole dev set while the student waits
+        batches = list(batches)
         teacher.prefetch([b.teacher_view for b, _ in batches])
     for batch, counted in batches:
         batch = batch.to(engine.device)
