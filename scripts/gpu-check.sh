@@ -4,11 +4,11 @@
 #   scripts/gpu-check.sh [OUT]          (OUT defaults to runs/gpu-check/results.md; needs `make install` first)
 #
 #   1. the machine: GPUs, driver, torch, bf16 support
-#   2. the test suite's GPU tests: the CUDA-marked ones and FSDP2 on the GPUs present (2 or more)
+#   2. the test suite's GPU tests: FSDP2 vs one process (2+ GPUs), vLLM as the on-policy sampler (skipped unless
+#      `import vllm` works: the device machine has no network); then FSDP2 training on the GPUs present
 #   3. bf16 autocast: a short KD run (mixed_precision bf16) beside the same run in fp32, final losses compared
 #   4. the fused KD loss vs materialized logits at V = 262,144, N = 8,192 (time and peak memory, bf16)
 #   5. the KD step benchmark on SmolLM2 <- Gemma-3 (needs ../shared/tools/real-models and Dolly)
-#   6. vLLM as the on-policy sampler, if `import vllm` works (the device machine has no network: not installed)
 # A step that fails is recorded as failed and the script goes on; the exit status is the number of failures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,8 +40,14 @@ import torch
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpus\", torch.cuda.device_count())
 print(\"bf16 supported:\", torch.cuda.is_available() and torch.cuda.is_bf16_supported())'"
 
-run "GPU tests (CUDA, FSDP2 on the GPUs present)" 240 \
-  $PY -m pytest -q -x -p no:cacheprovider tests/test_distributed.py -k "fsdp2 or cuda" -rs
+run "GPU tests (the CUDA-marked ones; FSDP2 vs one process needs 2 GPUs)" 240 \
+  $PY -m pytest -q -p no:cacheprovider tests/test_distributed.py tests/test_on_policy.py -k "fsdp2 or cuda or gpu" -rs
+
+NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+run "FSDP2 training on the $NGPU GPU(s) present (demo teacher recipe, 20 steps, one process per GPU)" 180 \
+  $PY -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml --num_processes "$NGPU" \
+      --main_process_port 0 -m dualkd.cli train src/dualkd/recipes/demo-teacher.yaml output_dir=$WORK/fsdp2 \
+      optimization.max_steps=20 "logging.progress_bar='off'"
 
 bf16_vs_fp32() {  # each precision in its own process: accelerate fixes it once per process
   for precision in no bf16; do
@@ -68,11 +74,6 @@ run "fused KD loss vs materialized logits, V = 262,144, N = 8,192, bf16" 240 \
 
 run "KD step, SmolLM2 <- Gemma-3" 240 $PY benchmarks/kd_step.py --objectives kd,dskdv2 --device cuda --reps 3
 
-if $PY -c "import vllm" 2>/dev/null; then
-  run "vLLM sampler (on-policy KD, 4 steps)" 180 $PY -m pytest -q -p no:cacheprovider tests/test_on_policy.py -k vllm
-else
-  section "vLLM sampler"; echo "vllm is not installed here: skipped" >> "$OUT"; endsection
-fi
 
 echo "gpu-check: $FAILED step(s) failed; results in $OUT" >&2
 exit $FAILED
