@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # gpu-check: what only a CUDA machine can check, in one run of under ten minutes; every figure goes to one file.
 #
-#   scripts/gpu-check.sh [OUT]          (OUT defaults to runs/gpu-check/results.md; needs `make install` first)
+#   scripts/gpu-check.sh [OUT]     (OUT: runs/gpu-check/results.md; PY=python3 where the machine has torch but no .venv)
 #
 #   1. the machine: GPUs, driver, torch, bf16 support
 #   2. the test suite's GPU tests: FSDP2 vs one process (2+ GPUs), vLLM as the on-policy sampler (skipped unless
 #      `import vllm` works: the device machine has no network); then FSDP2 training on the GPUs present
-#   3. bf16 autocast: a short KD run (mixed_precision bf16) beside the same run in fp32, final losses compared
+#   3. bf16 autocast: a short run of the demo teacher recipe in bf16 beside the same run in fp32, losses compared
 #   4. the fused KD loss vs materialized logits at V = 262,144, N = 8,192 (time and peak memory, bf16)
 #   5. the KD step benchmark on SmolLM2 <- Gemma-3 (needs ../shared/tools/real-models and Dolly)
 # A step that fails is recorded as failed and the script goes on; the exit status is the number of failures.
@@ -17,7 +17,7 @@ OUT=${1:-runs/gpu-check/results.md}
 mkdir -p "$(dirname "$OUT")"
 WORK=$(dirname "$OUT")/work
 mkdir -p "$WORK"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH="$PWD/src:$PWD:${PYTHONPATH:-}"
 FAILED=0
 section() { printf '\n## %s\n\n```\n' "$1" >> "$OUT"; }
 endsection() { printf '```\n' >> "$OUT"; }
@@ -51,7 +51,7 @@ run "FSDP2 training on the $NGPU GPU(s) present (demo teacher recipe, 20 steps, 
 
 bf16_vs_fp32() {  # each precision in its own process: accelerate fixes it once per process
   for precision in no bf16; do
-    .venv/bin/dualkd train src/dualkd/recipes/demo-teacher.yaml output_dir=$WORK/demo-$precision \
+    $PY -m dualkd.cli train src/dualkd/recipes/demo-teacher.yaml output_dir=$WORK/demo-$precision \
         optimization.max_steps=30 "optimization.mixed_precision='$precision'" "logging.progress_bar='off'" > $WORK/demo-$precision.log 2>&1 || return 1
   done
   $PY - "$WORK" <<'PYEOF'
