@@ -99,7 +99,7 @@ def main() -> None:
         splits = {"8 examples per pass": [[b[i:i + 8] for i in range(0, GLOBAL, 8)] for b in steps]}
         for budget in map(int, args.budgets.split(",")):
             splits[f"<= {budget} tokens per pass"] = [token_budget_split([b], lengths, budget)[0] for b in steps]
-        real = sum(len(ds.student[i].ids) for b in steps for i in b)
+        real = sum(lengths[i] for b in steps for i in b)  # input tokens (a sequence less its last token)
 
         timing = interleaved({name: (lambda s=s, p=parts, m=module: run(p, m, s)) for name, s in splits.items()},
                              reps=args.reps, threads=threads)
