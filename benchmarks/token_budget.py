@@ -16,21 +16,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.harness
 
 from benchmarks.harness import interleaved, may_write, start_load  # noqa: E402
+from benchmarks.kd_step import CASES, DATA, MODELS  # noqa: E402  (the same models and data)
 
-REPO = Path(__file__).resolve().parents[1]
-MODELS = Path(os.environ.get("DUALKD_REAL_MODELS", Path.home() / ".cache" / "dualkd-real"))
-DATA = REPO.parent / "shared" / "data" / "dolly" / "train.jsonl"
-CASES = {
-    "kd": {"teacher": "smollm2-135m-instruct", "objective": {"name": "kd", "divergence": "fkl", "temperature": 2.0}},
-    "dskdv2": {"teacher": "gemma-3-270m", "objective": {"name": "dskdv2", "temperature": 2.0}},
-}
 GLOBAL = 16
 
 
