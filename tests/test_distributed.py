@@ -173,3 +173,28 @@ def test_fsdp2_state_helpers_on_cpu(tmp_path: Path) -> None:
     assert result["state_keys"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
     assert result["moved"] > 1e-4  # the second step changed the parameters ...
     assert result["max_diff"] == 0.0  # ... and repeats exactly after the reload
+
+
+@pytest.mark.distributed
+@needs_deepspeed
+def test_zero3_keeps_kd_dense_where_fused_would_read_partitioned_heads(tmp_path: Path, train_file: Path,
+                                                                      teacher_dir: Path, student_dir: Path) -> None:
+    """Under ZeRO-3 the LM heads are partitioned: `fused: auto` falls back to the dense loss (and trains), while
+    `fused: on` and DSKD's projectors are refused before training with the reason, not a shape error from
+    inside a forward on partitioned weights."""
+    def write(name: str, objective: dict) -> Path:
+        cfg = tiny_run(tmp_path / name, train_file, student_dir, teacher=teacher_dir,
+                       optimization={"max_steps": 2, "micro_batch_size": 2, "grad_accum": 1})
+        cfg["student"] = {"path": str(student_dir)}
+        cfg["objective"] = objective
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    _launch("zero3", "train", str(write("auto", {"name": "kd", "fused": "auto", "fused_min_vocab": 1})))
+    assert len(read_metrics(tmp_path / "auto")) == 2
+    for name, objective in (("on", {"name": "kd", "fused": "on"}), ("dskd", {"name": "dskd"})):
+        done = subprocess.run([*ENGINES["zero3"], "-m", "dualkd.cli", "train", str(write(name, objective))],
+                              env=_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode != 0
+        assert "reads the LM head weights outside the model's forward" in done.stderr, done.stderr[-3000:]

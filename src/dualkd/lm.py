@@ -100,7 +100,10 @@ def head_is_linear(model: nn.Module) -> bool:
 @torch.no_grad()
 def check_head_is_linear(model: nn.Module, role: str) -> None:
     """The fused losses compute logits as last_hidden @ head.T (+ bias). Models that post-process logits
-    (soft-capping, scaling) would silently get a different loss: refuse them with a clear message."""
+    (soft-capping, scaling) would silently get a different loss: refuse them with a clear message. A head the
+    engine partitions (ZeRO-3, FSDP2, offload) is refused first, by `head_of`'s message: the forward below
+    would fail there on partitioned weights with an error that names none of this."""
+    head_of(model)
     device = next(model.parameters()).device
     ids = torch.arange(4, device=device)[None] % max(model.get_input_embeddings().num_embeddings, 1)
     was_training = model.training

@@ -11,7 +11,9 @@ cache) sets `top_k` to that k.
 
 Large vocabularies go through the fused chunked loss (`losses/fused.py`): the models return their last hidden
 states and the loss multiplies them by the LM heads chunk by chunk, so no [N, V] logits exist. `fused: auto`
-does this from `fused_min_vocab` rows on; both paths give the same numbers (tested).
+does this from `fused_min_vocab` rows on, where both heads are whole tensors (not under ZeRO-3 / FSDP2, whose
+partitioned heads only the models' forward can read: there it keeps the dense loss); both paths give the
+same numbers (tested).
 
 When the two models pad their vocabularies differently (e.g. 151,936 vs 152,064 rows for one Qwen
 tokenizer), D uses the first `min(V_student, V_teacher, len(tokenizer))` rows: the padding rows are never
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch, ModelBatch
 from dualkd.errors import ModelError
-from dualkd.lm import check_head_is_linear, head_of, lm_forward
+from dualkd.lm import check_head_is_linear, head_is_whole, head_of, lm_forward
 from dualkd.losses import divergence, token_cross_entropy
 from dualkd.losses.fused import fused_ce_and_divergence, fused_cross_entropy
 from dualkd.losses.ranking import hierarchical_ranking_loss
@@ -84,7 +86,10 @@ class KD(Objective):
             return
         self.vocab_size = shared_vocab_size(head_rows(ctx.student), teacher.vocab_rows, ctx.student_tokenizer)
         mode = self.config.fused
-        self.fused = mode == "on" or (mode == "auto" and self.vocab_size >= self.config.fused_min_vocab)
+        # `auto` keeps the dense path where the engine partitions a head (ZeRO-3, FSDP2, a sharded or offloaded
+        # teacher): only the models' own forward can read it there; `on` is refused below with the reason
+        whole = head_is_whole(ctx.student) and ("model" not in teacher.provides or head_is_whole(teacher.model))
+        self.fused = mode == "on" or (mode == "auto" and self.vocab_size >= self.config.fused_min_vocab and whole)
         if self.config.ranking_top_k is not None:
             if mode == "on" or self.config.top_k is not None:
                 raise ModelError("objective.ranking_top_k needs the dense logits: set objective.fused: off and no "
