@@ -8,10 +8,14 @@
 #   eval     every row, both teachers and the cut student: ROUGE-L / exact match on $N_TEST Dolly test prompts
 #            x the seeds of $SEEDS (up to 128 new tokens), CE per token and bits per byte on $N_DEV dev responses
 #   table    $OUT/results.md (scripts/prune-distill-table.py)
+# What survives a fresh machine is the record ($RECORD, committed: the grid's choice, each row's metrics, each
+# evaluation's scores, stage wall times): a row evaluated there is not trained or evaluated again, and the lr
+# grid is not rerun once chosen, so a sitting only runs what no earlier sitting recorded.
 # Every stage skips what is done and a stopped training run resumes from its last checkpoint, so the script
 # continues across sittings: rerun it (or STAGES="rows eval" to run some, ROWS="kd dskd" to train some rows).
-# The cache of teacher B is built once teacher B exists; eval skips models not trained yet. Wall time per stage is appended to
-# $OUT/stage-seconds.txt. SMOKE=1: a few steps and prompts per stage (checks the plumbing in minutes).
+# A teacher's cache is built only while one of its rows is unrecorded (teacher B's once teacher B exists); eval
+# skips models not trained yet. Wall time per stage goes to stage-seconds.txt. SMOKE=1: a few steps and prompts
+# per stage (checks the plumbing in minutes; its record stays in $OUT).
 set -euo pipefail
 DUALKD=${DUALKD:-.venv/bin/dualkd}
 PY=${PY:-.venv/bin/python}
@@ -19,8 +23,10 @@ MODELS=${MODELS:-$HOME/.cache/dualkd-real}
 DATA=${DATA:-../shared/data/dolly}
 OUT=${OUT:-runs/pdd}
 STAGES=${STAGES:-"prune teacher caches grid rows eval table"}
+RECORD=${RECORD:-benchmarks/results/prune-distill-dolly}
 if [ "${SMOKE:-0}" = 1 ]; then
   STEPS=4 TEACHER_STEPS=2 N_TEST=4 N_DEV=4 SEEDS=10 LRS=${LRS:-"1e-3"} OUT=${OUT}-smoke
+  RECORD=$OUT/record  # a smoke run records nothing in the repository
 fi
 STEPS=${STEPS:-150}
 TEACHER_STEPS=${TEACHER_STEPS:-60}
@@ -39,10 +45,19 @@ SIZE="student.path=$STUDENT data.train=$DATA/train.jsonl data.dev=$DATA/dev.json
 A="teacher.path=$TEACHER_A teacher.cache=$OUT/cache-a"
 B_CACHE="teacher.path=$TEACHER_B teacher.cache=$OUT/cache-b"
 B_LIVE="teacher.path=$TEACHER_B"
-mkdir -p $OUT
-timed() { local stage=$1; shift; local t0; t0=$(date +%s); "$@"; echo "$stage $(( $(date +%s) - t0 ))" >> $OUT/stage-seconds.txt; }
+mkdir -p $OUT $RECORD
+timed() {  # stage name, command: run it, append its wall time to the run's and the record's stage-seconds.txt
+  local stage=$1; shift; local t0; t0=$(date +%s); "$@"
+  echo "$stage $(( $(date +%s) - t0 ))" | tee -a $OUT/stage-seconds.txt >> $RECORD/stage-seconds.txt
+}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 lr() { cat $OUT/lr.txt; }
+keep() { mkdir -p "$(dirname "$RECORD/$1")"; cp "$OUT/$1" "$RECORD/$1"; }  # OUT/path -> RECORD/path
+recorded() { [ -f $RECORD/eval/$1/scores.json ] && [ -f $RECORD/eval/$1/likelihood.json ]; }
+pending() { local n; for n in "$@"; do recorded $n || return 0; done; return 1; }  # any of these unrecorded
+if [ -f $RECORD/grid.json ] && [ ! -f $OUT/lr.txt ]; then  # an earlier sitting chose the lr
+  $PY -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen'])" $RECORD/grid.json > $OUT/lr.txt
+fi
 
 # the rows: name -> objective and teacher (the lr comes from the grid)
 declare -A ROW=(
@@ -57,17 +72,18 @@ ROW_ORDER=${ROWS:-"kd dskd dskdv2 dskdv2-eta uld mined"}  # ROWS="kd dskd" train
 
 train_row() {  # name, objective override, teacher overrides
   local name=$1 objective=$2 teacher=$3
-  [ -d $OUT/rows/$name/final ] && return 0
+  { recorded $name || [ -d $OUT/rows/$name/final ]; } && return 0
   # shellcheck disable=SC2086
   timed "row:$name" $DUALKD train $CFG $SIZE output_dir=$OUT/rows/$name optimization.lr=$(lr) "$objective" \
       $teacher checkpoint.resume=auto
+  keep rows/$name/metrics.jsonl; keep rows/$name/summary.json
 }
 
 if has prune && [ ! -d $STUDENT ]; then
   timed prune $DUALKD prune $TEACHER_A --keep 6 --out $STUDENT
 fi
 
-if has teacher && [ ! -d $TEACHER_B ]; then
+if has teacher && [ ! -d $TEACHER_B ] && pending teacher-b dskdv2-eta uld mined; then
   timed teacher $DUALKD train configs/prune-distill-dolly-teacher-gemma3.yaml output_dir=$OUT/gemma3-270m-dolly \
       student.path=$MODELS/gemma-3-270m data.train=$DATA/train.jsonl data.dev=$DATA/dev.jsonl \
       data.max_examples=$((TEACHER_STEPS * 8)) optimization.max_steps=$TEACHER_STEPS checkpoint.resume=auto \
@@ -76,10 +92,10 @@ fi
 
 if has caches; then
   # shellcheck disable=SC2086
-  [ -f $OUT/cache-a/done ] || { timed cache-a $DUALKD cache-teacher $CFG $SIZE "${ROW[dskdv2]%%|*}" \
+  [ -f $OUT/cache-a/done ] || ! pending kd dskd dskdv2 || { timed cache-a $DUALKD cache-teacher $CFG $SIZE "${ROW[dskdv2]%%|*}" \
       teacher.path=$TEACHER_A --out $OUT/cache-a --hidden && touch $OUT/cache-a/done; }
   # shellcheck disable=SC2086
-  [ -f $OUT/cache-b/done ] || [ ! -d $TEACHER_B ] || { timed cache-b $DUALKD cache-teacher $CFG $SIZE "${ROW[dskdv2-eta]%%|*}" \
+  [ -f $OUT/cache-b/done ] || [ ! -d $TEACHER_B ] || ! pending dskdv2-eta || { timed cache-b $DUALKD cache-teacher $CFG $SIZE "${ROW[dskdv2-eta]%%|*}" \
       teacher.path=$TEACHER_B --out $OUT/cache-b --hidden && touch $OUT/cache-b/done; }
 fi
 
@@ -101,9 +117,12 @@ best = min(ce, key=ce.get)
 print("lr grid (best dev CE):", ce, "-> lr", best)
 PYEOF
   ln -sfn sft-lr$(lr) $OUT/rows/sft
+  keep grid.json
 fi
 
 if has rows; then
+  # SFT at the chosen lr: the grid's run, or (on a machine without it) trained again
+  [ -e $OUT/rows/sft ] || train_row sft "objective={name: sft}" ""
   for name in $ROW_ORDER; do
     spec=${ROW[$name]}
     train_row $name "${spec%%|*}" "${spec#*|}"
@@ -112,22 +131,24 @@ fi
 
 evaluate() {  # name, model folder (skipped until it exists)
   local name=$1 model=$2 dir=$OUT/eval/$1
-  [ -d $model ] || return 0
+  { recorded $name || [ ! -d $model ]; } && return 0
   [ -f $dir/scores.json ] || timed "eval:$name" $DUALKD eval $model $DATA/test.jsonl --max-examples $N_TEST \
       --seeds $SEEDS --max-new-tokens 128 --max-length 384 --max-prompt-length 256 --out $dir
+  keep eval/$name/scores.json
   [ -f $dir/likelihood.json ] || timed "likelihood:$name" $DUALKD likelihood $model --data $DATA/dev.jsonl \
       --max-examples $N_DEV --out $dir/likelihood.json > /dev/null
+  keep eval/$name/likelihood.json
 }
 
 if has eval; then
+  for name in sft $ROW_ORDER; do  # the students first: a sitting that ends early has recorded the rows
+    evaluate $name $OUT/rows/$name/final
+  done
   evaluate cut-student $STUDENT
   evaluate teacher-a $TEACHER_A
   evaluate teacher-b $TEACHER_B
-  for name in sft $ROW_ORDER; do
-    evaluate $name $OUT/rows/$name/final
-  done
 fi
 
 if has table; then
-  $PY scripts/prune-distill-table.py $OUT
+  $PY scripts/prune-distill-table.py $RECORD
 fi
