@@ -40,6 +40,15 @@ def _sequences(tokens: ModelBatch) -> list[tuple[int, ...]]:
     return [tuple(row[:n]) for row, n in zip(tokens.input_ids.tolist(), lengths)]
 
 
+def server_client(server: Any, tokenizer: Any, run_dir: Path) -> ServerClient:
+    """The client of `teacher.server` (models.TeacherServer), its tokenizer checked against the server's."""
+    cache = Path(server.cache_dir) if server.cache_dir else run_dir / "teacher-server-cache"
+    client = ServerClient(server.url, tokenizer, timeout_s=server.timeout_s, retries=server.retries,
+                          backoff_s=server.backoff_s, margin=server.margin, cache_dir=cache)
+    client.check_tokenizer()
+    return client
+
+
 class ServedTeacher(Teacher):
     provides: ClassVar[frozenset[str]] = frozenset({"topk"})
     what: ClassVar[str] = "a teacher behind an inference server"
@@ -57,11 +66,7 @@ class ServedTeacher(Teacher):
     @classmethod
     def from_config(cls, server: Any, tokenizer: Any, run_dir: Path) -> ServedTeacher:
         """The teacher of `teacher.server` (models.TeacherServer); refuses a server of another tokenizer."""
-        cache = Path(server.cache_dir) if server.cache_dir else run_dir / "teacher-server-cache"
-        client = ServerClient(server.url, tokenizer, timeout_s=server.timeout_s, retries=server.retries,
-                              backoff_s=server.backoff_s, margin=server.margin, cache_dir=cache)
-        client.check_tokenizer()
-        return cls(client, tokenizer, server.top_k, server.concurrency)
+        return cls(server_client(server, tokenizer, run_dir), tokenizer, server.top_k, server.concurrency)
 
     @property
     def k(self) -> int:
@@ -75,7 +80,10 @@ class ServedTeacher(Teacher):
         """Nothing runs here: the server holds the model."""
 
     def prefetch(self, batches: list[ModelBatch]) -> None:
-        for sequence in (s for tokens in batches for s in _sequences(tokens)):
+        self._submit([s for tokens in batches for s in _sequences(tokens)])
+
+    def _submit(self, sequences: list[tuple[int, ...]]) -> None:
+        for sequence in sequences:
             if sequence not in self._pending:
                 self._pending[sequence] = self._pool.submit(self.client.score, list(sequence), self.top_k)
 
@@ -84,8 +92,8 @@ class ServedTeacher(Teacher):
         if k != self.top_k:
             raise ModelError(f"top-{k} targets asked of a served teacher set to its top {self.top_k} "
                              "(teacher.server.top_k)")
-        self.prefetch([tokens])
         sequences = _sequences(tokens)
+        self._submit(sequences)  # those not asked for ahead
         waiting = [self._pending[s] for s in sequences]
         ids, logprobs = [], []
         for b, future in enumerate(waiting):

@@ -152,11 +152,12 @@ class ServerClient:
         for bos in (0, 1):
             if theirs[bos:] == ids:
                 return bos
-        first = next((i for i, (a, b) in enumerate(zip(theirs[-len(ids):], ids)) if a != b), min(len(theirs), len(ids)))
+        text_ids = theirs[1:] if len(theirs) == len(ids) + 1 else theirs  # without a BOS the server may add
+        first = next((i for i, (a, b) in enumerate(zip(text_ids, ids)) if a != b), min(len(text_ids), len(ids)))
         raise ServerMismatch(
             f"the teacher server {self.url} ({self.model}) tokenizes the sequence differently from the teacher "
             f"tokenizer ({len(theirs)} vs {len(ids)} tokens; first difference near token {first}: server "
-            f"{theirs[max(0, first - 2):first + 3]}, ours {ids[max(0, first - 2):first + 3]}): it serves another "
+            f"{text_ids[max(0, first - 2):first + 3]}, ours {ids[max(0, first - 2):first + 3]}): it serves another "
             f"model or tokenizer, or the text does not round-trip through this tokenizer")
 
     # ------------------------------------------------------------------ generation

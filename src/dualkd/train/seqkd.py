@@ -21,7 +21,7 @@ from dualkd.data.readers import LoadReport, load_examples
 from dualkd.errors import ConfigError, DataError
 from dualkd.generate import generate_responses, write_generated_dataset
 from dualkd.models import load_model, load_tokenizer
-from dualkd.teachers.served import ServedTeacher, served_responses
+from dualkd.teachers.served import served_responses, server_client
 
 
 def seqkd_path(cfg: RunConfig, run_dir: Path) -> Path:
@@ -52,10 +52,9 @@ def write_teacher_outputs(cfg: RunConfig, path: Path, engine: Any) -> None:
     mine = list(range(engine.rank, len(examples), engine.world_size))
     settings = teacher_decoding(cfg)
     if cfg.teacher.server is not None:  # the server writes them (its own decoding: teachers/server_client.py)
-        served = ServedTeacher.from_config(cfg.teacher.server, tokenizer, path.parent)
-        texts = served_responses(served.client, [examples[i] for i in mine], settings, cfg.seed,
+        client = server_client(cfg.teacher.server, tokenizer, path.parent)
+        texts = served_responses(client, [examples[i] for i in mine], settings, cfg.seed,
                                  cfg.teacher.server.concurrency, label="seqkd: teacher outputs")
-        served.close()
     else:
         teacher = load_model(cfg.teacher, tokenizer, role="teacher", seed=cfg.seed).to(engine.device)
         texts = generate_responses(teacher, tokenizer, [examples[i] for i in mine], settings, seed=cfg.seed,
