@@ -33,9 +33,13 @@ def load_average() -> float:
 _START_LOAD = [float("inf")]
 
 
-def start_load() -> float:
-    """Read (once) and remember the load average as the benchmark starts, before it does any work."""
-    if _START_LOAD[0] == float("inf"):
+def start_load(inherited: float | None = None) -> float:
+    """Read (once) and remember the load average as the benchmark starts, before it does any work. A worker
+    process that the benchmark started passes the benchmark's own start load as `inherited` (its own start
+    would see the load of the workers before it)."""
+    if inherited is not None:
+        _START_LOAD[0] = inherited
+    elif _START_LOAD[0] == float("inf"):
         _START_LOAD[0] = load_average()
     return _START_LOAD[0]
 

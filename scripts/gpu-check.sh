@@ -72,7 +72,7 @@ run "fused KD loss vs materialized logits, V = 262,144, N = 8,192, bf16" 240 \
   $PY benchmarks/losses.py --device cuda --dtype bfloat16 --names fkl --vocab 262144 --rows 8192 --dim 1024 \
       --reps 3 --out "$WORK/losses-gpu.csv" --max-gib 60
 
-run "KD step, SmolLM2 <- Gemma-3" 240 $PY benchmarks/kd_step.py --objectives kd,dskdv2 --device cuda --reps 3
+run "KD step, SmolLM2 <- Gemma-3" 240 $PY benchmarks/kd_step.py --objectives kd,dskdv2 --device cuda --reps 3 --no-memory
 
 
 echo "gpu-check: $FAILED step(s) failed; results in $OUT" >&2
