@@ -48,8 +48,8 @@ def _zero_invalid(x: Tensor, valid: Tensor | None) -> Tensor:
     return x if valid is None else torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _probs(log_x: Tensor, valid: Tensor | None) -> Tensor:
-    return _zero_invalid(log_x.exp(), valid)
+def _probs(log_x: Tensor, valid: Tensor | None, out: Tensor | None = None) -> Tensor:
+    return _zero_invalid(torch.exp(log_x, out=out) if out is not None else log_x.exp(), valid)
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
@@ -65,27 +65,30 @@ class Dists:
     """Both distributions of a batch of rows at temperature: log q, log p, and p, q computed once on demand.
 
     `valid` [..., V] bool (or a [V] column mask) marks entries where both logits are finite; None means all.
-    Invalid entries read as log-probability 0 and probability 0, so no 0 * inf ever appears.
+    Invalid entries read as log-probability 0 and probability 0, so no 0 * inf ever appears. `p_out`/`q_out`
+    (the logs' shape) receive p and q instead of new tensors (the fused loss reuses its buffers; no autograd).
     """
 
-    def __init__(self, log_q: Tensor, log_p: Tensor, valid: Tensor | None):
+    def __init__(self, log_q: Tensor, log_p: Tensor, valid: Tensor | None, p_out: Tensor | None = None,
+                 q_out: Tensor | None = None):
         self.valid = valid
         self.log_q = _zero_invalid(log_q, valid)
         self.log_p = _zero_invalid(log_p, valid)
         self._p: Tensor | None = None
         self._q: Tensor | None = None
+        self._out = (p_out, q_out)
         self.cache: dict[str, tuple[Tensor, Tensor]] = {}  # e.g. AKL's weights, shared by value and gradient
 
     @property
     def p(self) -> Tensor:
         if self._p is None:
-            self._p = _probs(self.log_p, self.valid)
+            self._p = _probs(self.log_p, self.valid, self._out[0])
         return self._p
 
     @property
     def q(self) -> Tensor:
         if self._q is None:
-            self._q = _probs(self.log_q, self.valid)
+            self._q = _probs(self.log_q, self.valid, self._out[1])
         return self._q
 
 

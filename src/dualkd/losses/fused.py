@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dualkd.losses.divergences import SPECS, Dists, resolve_params, upcast
@@ -48,19 +47,50 @@ class _Plan:
     chunk_size: int = 256
 
 
-def _logits(h: Tensor, head: Tensor, bias: Tensor | None) -> Tensor:
-    """h @ head.T (+ bias) as a [c, V] view of a [V, c] buffer: on CPU the GEMM with the vocabulary as its
-    long side runs ~1.5x faster for small c, and the head-gradient GEMM then reads the buffer contiguously."""
-    out = head @ h.t() if bias is None else torch.addmm(bias[:, None], head, h.t())
-    return out.t()
+class _Scratch:
+    """[c, V] buffers that every chunk of one call reuses, by name. Why: a fresh 64 MiB buffer per chunk is
+    page-faulted in anew each time (glibc maps allocations that large afresh and unmaps them on free), which
+    was about a third of the fused loss's time on CPU (docs/benchmark-losses.md). The last chunk, shorter,
+    takes the front of each buffer (contiguous)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        need = shape[0] * shape[1]
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < need or buf.dtype != dtype or buf.device != device:
+            buf = self._bufs[name] = torch.empty(need, dtype=dtype, device=device)
+        return buf[:need].view(shape)
+
+    def rows(self, name: str, c: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """[c, cols] in the layout of the GEMM outputs (`_logits`: a [cols, c] buffer, transposed), so that
+        elementwise work between them runs over one contiguous range."""
+        return self.take(name, (cols, c), dtype, device).t()
 
 
-def _log_softmax_(z: Tensor, temperature: float) -> Tensor:
-    """log_softmax(z / τ) over the last dim, in place in `z` (fp32/fp64), or in an fp32 copy of a half `z`."""
+def _logits(h: Tensor, head: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """h @ head.T (+ bias) as a [c, V] view of a [V, c] buffer (`out`, or a new one): on CPU the GEMM with the
+    vocabulary as its long side runs ~1.5x faster for small c, and the head-gradient GEMM then reads the buffer
+    contiguously."""
+    if bias is None:
+        z = torch.mm(head, h.t(), out=out) if out is not None else head @ h.t()
+    else:
+        z = torch.addmm(bias[:, None], head, h.t(), out=out) if out is not None else torch.addmm(bias[:, None],
+                                                                                                   head, h.t())
+    return z.t()
+
+
+def _log_softmax_(z: Tensor, temperature: float, tmp: Tensor | None = None) -> Tensor:
+    """log_softmax(z / τ) over the last dim, in place in `z` (fp32/fp64), or in an fp32 copy of a half `z`.
+    `tmp` (z's shape and dtype) holds exp(z - max) instead of a fresh buffer (torch.logsumexp makes one)."""
     z = upcast(z)
     if temperature != 1.0:
         z.div_(temperature)
-    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+    top = z.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=top.dtype, device=top.device))
+    shifted = torch.sub(z, top, out=tmp) if tmp is not None else z - top
+    return z.sub_(shifted.exp_().sum(-1, keepdim=True).log_().add_(top))
 
 
 def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
@@ -82,6 +112,7 @@ def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tens
     grad_w = torch.empty(ws.shape, dtype=acc, device=ws.device) if want_w else None
     grad_b = torch.zeros(ws.shape[0], dtype=acc, device=ws.device) if want_b else None
     spec = SPECS[plan.divergence] if plan.divergence else None
+    scratch = _Scratch()
     teacher_head = wt[:V]
     teacher_bias = bt[:V] if bt is not None else None
     # logits can only be -inf through a bias (a masked vocabulary entry): find those columns once
@@ -95,13 +126,16 @@ def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tens
     for start in range(0, n, plan.chunk_size):
         rows = slice(start, min(start + plan.chunk_size, n))
         h = hs[rows]
-        z_s = _logits(h, ws, bs)  # [c, V_s]
+        c = h.shape[0]
+
+        z_s = _logits(h, ws, bs, out=scratch.take("z_s", (ws.shape[0], c), hs.dtype, hs.device))  # [c, V_s]
         dz: Tensor | None = None  # dL/dz_s, fp32 [c, V_s]
         if plan.ce_weight:
             assert labels is not None
             y = labels[rows]
             hits[rows] = (z_s.argmax(-1) == y).to(hits.dtype)
-            log_sm = F.log_softmax(upcast(z_s), dim=-1)
+            log_sm = _log_softmax_(scratch.rows("ce", c, ws.shape[0], acc, hs.device).copy_(z_s), 1.0,
+                                   scratch.rows("tmp", c, ws.shape[0], acc, hs.device))
             ce = -log_sm.gather(-1, y[:, None])[:, 0]
             ce_rows[rows] = ce
             loss[rows] += plan.ce_weight * ce
@@ -112,10 +146,12 @@ def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tens
             del log_sm
         if spec is not None and plan.div_weight:
             with torch.no_grad():
-                z_t = _logits(ht[rows], teacher_head, teacher_bias)  # [c, V]
+                z_t = _logits(ht[rows], teacher_head, teacher_bias,
+                              out=scratch.take("z_t", (V, c), ht.dtype, ht.device))  # [c, V]
             # log-softmax in place in the chunk's own buffers (z_s is not needed any more after CE)
-            dists = Dists(_log_softmax_(z_s[:, :V], plan.temperature), _log_softmax_(z_t, plan.temperature),
-                          col_valid)
+            tmp, p, q = (scratch.rows(name, c, V, acc, hs.device) for name in ("tmp", "p", "q"))
+            dists = Dists(_log_softmax_(z_s[:, :V], plan.temperature, tmp), _log_softmax_(z_t, plan.temperature, tmp),
+                          col_valid, p_out=p, q_out=q)
             d = spec.value(dists, **plan.params)
             if div_mask is not None:
                 d = d * div_mask[rows]
@@ -127,7 +163,7 @@ def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tens
                     r.mul_(div_mask[rows, None])
                 q = dists.q
                 # dL/dz = (r - q Σr) / τ, computed in place in r
-                r.sub_(q * r.sum(-1, keepdim=True)).mul_(plan.div_weight / plan.temperature)
+                r.addcmul_(q, r.sum(-1, keepdim=True), value=-1.0).mul_(plan.div_weight / plan.temperature)
                 if dz is None and ws.shape[0] == V:
                     dz = r
                 else:
@@ -319,8 +355,11 @@ def fused_argmax(hidden: Tensor, head: Tensor, bias: Tensor | None = None, chunk
     flat = hidden.reshape(-1, hidden.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.long, device=hidden.device)
     step = chunk_size or default_chunk_size(flat.shape[0], head.shape[0])
+    scratch = _Scratch()
     for start in range(0, flat.shape[0], step):
-        out[start:start + step] = _logits(flat[start:start + step], head, bias).argmax(-1)
+        h = flat[start:start + step]
+        z = _logits(h, head, bias, out=scratch.take("z", (head.shape[0], h.shape[0]), h.dtype, h.device))
+        out[start:start + step] = z.argmax(-1)
     return out.reshape(hidden.shape[:-1])
 
 
