@@ -3,9 +3,11 @@
     python benchmarks/engines.py                          # SmolLM2-135M-Instruct <- itself, Dolly, 2 processes
     python benchmarks/engines.py --steps 12 --engines single,ddp,zero2,zero3
     python benchmarks/engines.py --teacher PATH --student PATH --engines ddp,zero3,fsdp2   # on a GPU machine
+    python benchmarks/engines.py --qwen2-vocab --engines zero3 --fused off,on   # fused vs logits, V = 151,936
 
-Every engine runs the same config (`kd`, fused off so ZeRO-3 can run it; micro-batch 2 x accumulation 2 per
-process; `single` is one process with accumulation 4, the same global batch) through the launch line users
+Every engine runs the same config (`kd`; `--fused off` by default: materialized logits; micro-batch 2 x
+accumulation 2 per process; `single` is one process with accumulation 4, the same global batch) through the
+launch line users
 type (`torchrun` for DDP on CPU, `accelerate launch --config_file configs/accelerate/<engine>.yaml` otherwise).
 Figures are medians over the steps after the first two (warm-up), read from each run's metrics.jsonl: step
 seconds, input tokens per second (global batch), the data/teacher/student/optimizer split, and the peak memory
@@ -39,19 +41,39 @@ LAUNCH = {
 }
 
 
-def run(engine: str, args: argparse.Namespace, root: Path) -> dict[str, float]:
-    out = root / engine
+def tiny_pair(root: Path, tokenizer: Path) -> tuple[str, str]:
+    """A random-init 2-layer Qwen2 student (d 64) and teacher (d 96) on a real tokenizer's full vocabulary:
+    models whose memory is dominated by [tokens, V] logits, saved as folders (the teacher is loaded from one)."""
+    from transformers import AutoTokenizer
+
+    from dualkd.config import ModelConfig
+    from dualkd.models import load_model
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    paths = []
+    for name, d, seed in (("student", 64, 0), ("teacher", 96, 1)):
+        arch = {"model_type": "qwen2", "num_hidden_layers": 2, "hidden_size": d, "intermediate_size": 2 * d,
+                "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 1024}
+        model = load_model(ModelConfig(init="random", arch=arch, tokenizer=str(tokenizer)), tok, role=name, seed=seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths.append(str(root / name))
+    return paths[0], paths[1]
+
+
+def run(engine: str, fused: str, args: argparse.Namespace, root: Path) -> dict[str, float]:
+    out = root / f"{engine}-fused-{fused}"
     processes = 1 if engine == "single" else 2
     cfg = {"output_dir": str(out), "seed": 1, "student": {"path": args.student},
            "teacher": {"path": args.teacher, "placement": "sharded" if engine == "zero3" else "same"},
            "data": {"train": str(DATA), "max_examples": 256, "max_length": args.max_length,
                     "max_prompt_length": args.max_length // 2},
-           "objective": {"name": "kd", "fused": "off"},
+           "objective": {"name": "kd", "fused": fused},
            "optimization": {"max_steps": args.steps, "micro_batch_size": 2, "grad_accum": 4 // processes,
                             "lr": 1e-5, "warmup_steps": 0},
            "checkpoint": {"every_steps": 10_000}, "eval": {"every_steps": 10_000},
            "logging": {"every_steps": 1, "tensorboard": False, "progress_bar": "off"}}
-    path = root / f"{engine}.yaml"
+    path = root / f"{engine}-fused-{fused}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes)),
            "PYTHONPATH": str(REPO / "src")}
@@ -75,20 +97,34 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--student", default=str(MODELS / "smollm2-135m-instruct"))
     ap.add_argument("--teacher", default=str(MODELS / "smollm2-135m-instruct"))
+    ap.add_argument("--fused", default="off", help="kd's `fused` settings to run under each engine: off, on or "
+                    "off,on (the fused loss vs materialized logits)")
+    ap.add_argument("--qwen2-vocab", action="store_true", help="instead of --student/--teacher: tiny random Qwen2 "
+                    "models on the Qwen2 tokenizer (V = 151,936), where the logits dominate memory")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dualkd-bench-engines-"))
-    print(f"student {args.student}\nteacher {args.teacher}\nkd (fused off), global batch 8 (2 processes x 2 x 2; "
-          f"single: 1 x 2 x 4), max length {args.max_length}, {args.steps} steps, medians after 2 warm-up steps\n")
-    print("| engine | step s | tokens/s | data | teacher | student | optimizer | peak MiB (rank 0) | last loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if args.qwen2_vocab:
+        args.student, args.teacher = tiny_pair(root, MODELS / "tokenizers" / "qwen2")
+    print(f"student {args.student}\nteacher {args.teacher}\nkd (fused {args.fused}), global batch 8 (2 processes "
+          f"x 2 x 2; single: 1 x 2 x 4), max length {args.max_length}, {args.steps} steps, medians after 2 "
+          "warm-up steps\n")
+    print("| engine | fused | step s | tokens/s | data | teacher | student | optimizer | peak MiB (rank 0) "
+          "| last loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    peaks: dict[str, dict[str, float]] = {}
     for engine in args.engines.split(","):
-        m = run(engine, args, root)
-        if "error" in m:
-            print(f"| {engine} | failed: {m['error']} |")
-            continue
-        split = [f"{m[f'time/{k}'] / m['step_time']:.0%}" for k in ("data", "teacher", "student", "optimizer")]
-        print(f"| {engine} | {m['step_time']:.2f} | {m['tokens_per_s']:.0f} | " + " | ".join(split)
-              + f" | {m['peak_mem_mib']:.0f} | {m['loss_last']:.4f} |", flush=True)
+        for fused in args.fused.split(","):
+            m = run(engine, fused, args, root)
+            if "error" in m:
+                print(f"| {engine} | {fused} | failed: {m['error']} |")
+                continue
+            peaks.setdefault(engine, {})[fused] = m["peak_mem_mib"]
+            split = [f"{m[f'time/{k}'] / m['step_time']:.0%}" for k in ("data", "teacher", "student", "optimizer")]
+            print(f"| {engine} | {fused} | {m['step_time']:.2f} | {m['tokens_per_s']:.0f} | " + " | ".join(split)
+                  + f" | {m['peak_mem_mib']:.0f} | {m['loss_last']:.4f} |", flush=True)
+    for engine, peak in peaks.items():
+        if "on" in peak and "off" in peak:
+            print(f"{engine}: peak memory, fused ÷ materialized logits: {peak['on'] / peak['off']:.2f}")
 
 
 if __name__ == "__main__":

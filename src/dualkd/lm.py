@@ -7,6 +7,7 @@ sees outputs the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +57,37 @@ def response_logprobs(model: nn.Module, tokens: ModelBatch, chunk_size: int | No
     """Σ_t log p(label_t) over each row's response tokens (+ EOS): [B]. Fused over the vocabulary (no [B, T, V]
     logits); gradients flow when the caller has them on (DPO's policy), not for frozen models."""
     hidden = lm_forward(model, tokens, hidden=True, logits=False).hidden  # [B, T, d]
-    head, bias = head_of(model)
-    ce, _ = fused_cross_entropy(hidden, head, tokens.labels, bias=bias, mask=tokens.loss_mask, reduction="none",
-                                chunk_size=chunk_size)  # [B, T], 0 off the mask
+    ce, _ = through_head(model, lambda head, bias, h: fused_cross_entropy(
+        h, head, tokens.labels, bias=bias, mask=tokens.loss_mask, reduction="none", chunk_size=chunk_size),
+        hidden)  # [B, T], 0 off the mask
     return -ce.sum(-1)
+
+
+def through_head(model: nn.Module, fn: Callable[..., Any], *inputs: Any) -> Any:
+    """`fn(weight, bias, *inputs)` run as the forward of the model's LM head module, with `head_of`'s weight
+    [V, d] and bias [V] | None: what a loss that multiplies hidden states by the head calls it through.
+
+    Engines that shard parameters gather them around a module's forward, never around other code: DeepSpeed
+    ZeRO-3's hooks gather the head before this call (and again before its backward, where the gradient of
+    the head lands on a whole parameter as for the model's own logits); FSDP2 holds the head whole while the
+    unit that owns it (the wrapped module's root) runs its forward, which is where objectives run. Elsewhere
+    this is a plain call. `inputs`: the tensors the result depends on with gradients (hidden states), so
+    that an engine's backward hooks see them."""
+    head = model.get_output_embeddings()
+    before = head.__dict__.get("forward")  # an instance forward already there (accelerate's hooks) is kept
+
+    def forward(*args: Any) -> Any:
+        weight, bias = head_of(model)
+        return fn(weight, bias, *args)
+
+    head.forward = forward  # nn.Module.__call__ runs it between the module's hooks
+    try:
+        return head(*inputs)
+    finally:
+        if before is None:
+            del head.forward
+        else:
+            head.forward = before
 
 
 def head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -67,11 +95,11 @@ def head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     head = model.get_output_embeddings()
     weight = head.weight
     if not head_is_whole(model):
-        raise ModelError("this objective reads the LM head weights outside the model's forward (fused loss, "
-                         "projectors), but they are partitioned or offloaded (DeepSpeed ZeRO-3, FSDP2, "
-                         "teacher.placement: sharded/cpu_offload). Keep this model whole (teacher.placement: "
-                         "same; DDP or ZeRO-2 for the student), or set `objective.fused: off` where the "
-                         "objective has it")
+        raise ModelError("this objective reads the LM head weights where the engine has not gathered them "
+                         "(they are partitioned or offloaded: DeepSpeed ZeRO-3, FSDP2, teacher.placement: "
+                         "sharded/cpu_offload, read outside `through_head` or the engine's gathering). Keep "
+                         "this model whole (teacher.placement: same; DDP or ZeRO-2 for the student), or set "
+                         "`objective.fused: off` where the objective has it")
     bias = getattr(head, "bias", None)
     # Marian/BART add a `final_logits_bias` [1, V] buffer after the head: part of the logits, so part of the bias
     extra = getattr(model, "final_logits_bias", None)

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from dualkd.atomic import replace_dir
 from dualkd.data.tokenizers import train_tokenizer
@@ -402,10 +403,29 @@ def export_model(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
     if is_lora(model):
         model.save_pretrained(tmp / "adapter")
         model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=_attribute_state_dict(model))
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, out)
     return out
+
+
+def _attribute_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
+    """For a model inside an FSDP2-sharded module (gathered by the caller): `attribute_state_dict`, because
+    its `state_dict()` hooks hand out the shards (transformers would then gather them on the writing process
+    alone, and wait forever). None (the model's own `state_dict()`) for every other model."""
+    return attribute_state_dict(model) if any(isinstance(m, FSDPModule) for m in model.modules()) else None
+
+
+def attribute_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """`module.state_dict()` read from the module attributes themselves, without state-dict hooks: under FSDP2
+    the attributes hold the gathered tensors while the caller holds them gathered, the hooks the shards."""
+    state: dict[str, Tensor] = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        lead = f"{prefix}." if prefix else ""
+        state.update({lead + n: p for n, p in sub._parameters.items() if p is not None})
+        state.update({lead + n: b for n, b in sub._buffers.items()
+                      if b is not None and n not in sub._non_persistent_buffers_set})
+    return state
 
 
 def _first_line(e: BaseException) -> str:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
 from dualkd.errors import ModelError
-from dualkd.lm import check_head_is_linear, head_of, lm_forward
+from dualkd.lm import check_head_is_linear, head_of, lm_forward, through_head
 from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_ce_and_divergence, fused_cross_entropy
 from dualkd.methods.base import SetupContext, StepNorm
@@ -75,18 +75,23 @@ class DSKD(DualSpace):
         mask = tokens.loss_mask
         labels = tokens.labels[mask]  # [N]
         h_s = lm_forward(student, tokens, hidden=True, logits=False).hidden[mask]  # [N, d_s]
-        w_s, b_s = head_of(student)
-        w_s_fixed = w_s[:V].detach()
-        b_s_fixed = b_s[:V].detach() if b_s is not None else None
         h_t2s = self.t2s(teacher.hidden.to(self.t2s.weight.dtype))  # [N, d_s]
 
-        # (1 - r)·CE + r·D(projected teacher || student), in one pass over the student's logits
-        main, ce, kd_student, hits = fused_ce_and_divergence(
-            h_s, w_s, h_t2s.detach(), w_s_fixed, labels, divergence=cfg.divergence,
-            ce_weight=(1 - cfg.kd_rate) * norm.ce_weight, div_weight=cfg.kd_rate,
-            temperature=cfg.temperature, vocab_size=V, chunk_size=cfg.chunk_size, student_bias=b_s,
-            teacher_bias=b_s_fixed, params=cfg.divergence_params)
-        ce_t2s, t2s_hits = fused_cross_entropy(h_t2s, w_s_fixed, labels, bias=b_s_fixed, chunk_size=cfg.chunk_size)
+        def student_space(w_s: Tensor, b_s: Tensor | None, h_s: Tensor, h_t2s: Tensor) -> tuple[Tensor, ...]:
+            """The terms that read the student's head (run inside its forward: `through_head`)."""
+            w_s_fixed = w_s[:V].detach()
+            b_s_fixed = b_s[:V].detach() if b_s is not None else None
+            # (1 - r)·CE + r·D(projected teacher || student), in one pass over the student's logits
+            main, ce, kd_student, hits = fused_ce_and_divergence(
+                h_s, w_s, h_t2s.detach(), w_s_fixed, labels, divergence=cfg.divergence,
+                ce_weight=(1 - cfg.kd_rate) * norm.ce_weight, div_weight=cfg.kd_rate,
+                temperature=cfg.temperature, vocab_size=V, chunk_size=cfg.chunk_size, student_bias=b_s,
+                teacher_bias=b_s_fixed, params=cfg.divergence_params)
+            ce_t2s, t2s_hits = fused_cross_entropy(h_t2s, w_s_fixed, labels, bias=b_s_fixed,
+                                                   chunk_size=cfg.chunk_size)
+            return main, ce, kd_student, hits, ce_t2s, t2s_hits
+
+        main, ce, kd_student, hits, ce_t2s, t2s_hits = through_head(student, student_space, h_s, h_t2s)
         kd_teacher = fused_divergence(self.teacher_space_divergence, self.s2t(h_s), teacher.head, teacher.hidden,
                                       teacher.head, temperature=cfg.temperature, reduction="sum",
                                       chunk_size=cfg.chunk_size, student_bias=teacher.bias,

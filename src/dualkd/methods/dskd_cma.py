@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 
 from dualkd.align.vocab import shared_vocabulary
 from dualkd.data.collate import Batch, ModelBatch
-from dualkd.lm import check_head_is_linear, head_of, lm_forward
+from dualkd.lm import check_head_is_linear, head_of, lm_forward, through_head
 from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_argmax, fused_cross_entropy
 from dualkd.methods.base import SetupContext, StepNorm
@@ -129,11 +130,16 @@ class DSKDCMA(DualSpace):
 
     def forward(self, student: nn.Module, batch: Batch, teacher: TeacherStates, norm: StepNorm
                 ) -> tuple[Tensor, dict[str, Tensor]]:
+        hidden = lm_forward(student, batch.student, hidden=True, logits=False).hidden  # [B, Ts, ds]
+        return through_head(student, partial(self._loss, student=student, batch=batch, teacher=teacher, norm=norm),
+                            hidden)
+
+    def _loss(self, w_s: Tensor, b_s: Tensor | None, hidden: Tensor, student: nn.Module, batch: Batch,
+              teacher: TeacherStates, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        """What reads the student's head (run inside its forward: `lm.through_head`)."""
         cfg = self.config
         s_tok, t_tok = batch.student, self._teacher_tokens(batch)
         s_mask, t_mask = s_tok.loss_mask, t_tok.loss_mask
-        hidden = lm_forward(student, s_tok, hidden=True, logits=False).hidden  # [B, Ts, ds]
-        w_s, b_s = head_of(student)
         w_fixed, b_fixed = w_s.detach(), b_s.detach() if b_s is not None else None
         dtype = self.query.weight.dtype
 

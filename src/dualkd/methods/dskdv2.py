@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from dualkd.align.pairs import ExactAligner
 from dualkd.align.vocab import shared_vocabulary, teacher_to_student_ids
 from dualkd.data.collate import Batch
-from dualkd.lm import check_head_is_linear, head_of, lm_forward
+from dualkd.lm import check_head_is_linear, head_of, lm_forward, through_head
 from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_argmax, fused_ce_and_divergence, fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm
@@ -165,10 +165,10 @@ class DSKDv2(DualSpace):
         """The agreement mask (argmax of the projected teacher state under the current student head equals the
         label) is a denominator of the step: computed here, once, and handed to the loss with the rows."""
         assert isinstance(teacher_out, TeacherRows) and teacher_out.labels is not None
-        w_s, b_s = head_of(student)
         labels = teacher_out.labels
-        t2s_argmax = fused_argmax(self.t2s(teacher_out.hidden.to(self.t2s.weight.dtype)), w_s, b_s,
-                                  self.config.chunk_size)
+        h_t2s = self.t2s(teacher_out.hidden.to(self.t2s.weight.dtype))  # [P, d_s]
+        t2s_argmax = through_head(student, lambda w_s, b_s, h: fused_argmax(h, w_s, b_s, self.config.chunk_size),
+                                  h_t2s)
         agree = (t2s_argmax == labels) & (labels >= 0)
         counts = {"tokens": batch.student.loss_mask.sum(), "pairs": torch.tensor(float(labels.numel())),
                   "t2s_labels": (labels >= 0).sum(), "agree": agree.sum()}
@@ -181,8 +181,6 @@ class DSKDv2(DualSpace):
         tokens = batch.student
         mask = tokens.loss_mask
         hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden  # [B, T, d_s]
-        w_s, b_s = head_of(student)
-        w_fixed, b_fixed = w_s.detach(), b_s.detach() if b_s is not None else None
         h_rows = hidden[mask]  # [N, d_s] every response position
         labels = teacher.labels
         assert labels is not None and teacher.mask is not None
@@ -207,22 +205,28 @@ class DSKDv2(DualSpace):
         kd_rows = torch.zeros(h_rows.shape[0], dtype=torch.bool, device=h_rows.device)
         kd_rows[pair_rows] = kd_pairs
 
-        # gold CE and student-space KD share one pass over the student's logits
         student_space = cfg.spaces != "teacher"
-        main, ce, kd_student, hits = fused_ce_and_divergence(
-            h_rows, w_s, target_rows, w_fixed, tokens.labels[mask], divergence=cfg.divergence,
-            ce_weight=(1 - cfg.kd_rate) * norm.ce_weight / norm["tokens"],
-            div_weight=cfg.kd_rate / kd_denominator if student_space else 0.0, div_mask=kd_rows,
-            temperature=cfg.temperature, chunk_size=cfg.chunk_size, student_bias=b_s, teacher_bias=b_fixed,
-            params=cfg.divergence_params)
-        # the projector's CE on the teacher's own prediction (trains P_t2s only: the head is detached)
-        ce_t2s, _ = fused_cross_entropy(h_t2s, w_fixed, labels.clamp(min=0), bias=b_fixed, mask=valid,
-                                        chunk_size=cfg.chunk_size)
-        ce_t2s = ce_t2s / norm["t2s_labels"]
 
-        # teacher space: the student's states through P_s2t, read by the teacher's head
-        h_pairs = h_rows[pair_rows]
-        h_s2t = self.project_s2t(h_pairs, w_s)  # [P, d_t]
+        def head_terms(w_s: Tensor, b_s: Tensor | None, h_rows: Tensor, h_t2s: Tensor) -> tuple[Tensor, ...]:
+            """What reads the student's head (run inside its forward: `through_head`)."""
+            w_fixed, b_fixed = w_s.detach(), b_s.detach() if b_s is not None else None
+            # gold CE and student-space KD share one pass over the student's logits
+            main, ce, kd_student, hits = fused_ce_and_divergence(
+                h_rows, w_s, target_rows, w_fixed, tokens.labels[mask], divergence=cfg.divergence,
+                ce_weight=(1 - cfg.kd_rate) * norm.ce_weight / norm["tokens"],
+                div_weight=cfg.kd_rate / kd_denominator if student_space else 0.0, div_mask=kd_rows,
+                temperature=cfg.temperature, chunk_size=cfg.chunk_size, student_bias=b_s, teacher_bias=b_fixed,
+                params=cfg.divergence_params)
+            # the projector's CE on the teacher's own prediction (trains P_t2s only: the head is detached)
+            ce_t2s, _ = fused_cross_entropy(h_t2s, w_fixed, labels.clamp(min=0), bias=b_fixed, mask=valid,
+                                            chunk_size=cfg.chunk_size)
+            # teacher space: the student's states through P_s2t (made of the detached student head)
+            h_s2t = self.project_s2t(h_rows[pair_rows], w_s)  # [P, d_t]
+            return main, ce, kd_student, hits, ce_t2s, h_s2t
+
+        main, ce, kd_student, hits, ce_t2s, h_s2t = through_head(student, head_terms, h_rows, h_t2s)
+        ce_t2s = ce_t2s / norm["t2s_labels"]
+        # ... read by the teacher's head
         kd_teacher = fused_divergence(cfg.divergence, h_s2t.to(teacher.head.dtype), teacher.head, teacher.hidden,
                                       teacher.head, temperature=cfg.temperature, reduction="sum",
                                       chunk_size=cfg.chunk_size, student_bias=teacher.bias,

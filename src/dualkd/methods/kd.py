@@ -11,9 +11,9 @@ cache) sets `top_k` to that k.
 
 Large vocabularies go through the fused chunked loss (`losses/fused.py`): the models return their last hidden
 states and the loss multiplies them by the LM heads chunk by chunk, so no [N, V] logits exist. `fused: auto`
-does this from `fused_min_vocab` rows on, where both heads are whole tensors (not under ZeRO-3 / FSDP2, whose
-partitioned heads only the models' forward can read: there it keeps the dense loss); both paths give the
-same numbers (tested).
+does this from `fused_min_vocab` rows on, under every engine: the student's head is read inside its own
+module's forward (`lm.through_head`), where ZeRO-3 and FSDP2 gather it, and a sharded teacher's head is
+gathered by the teacher once per micro-batch; both paths give the same numbers (tested).
 
 When the two models pad their vocabularies differently (e.g. 151,936 vs 152,064 rows for one Qwen
 tokenizer), D uses the first `min(V_student, V_teacher, len(tokenizer))` rows: the padding rows are never
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch, ModelBatch
 from dualkd.errors import ModelError
-from dualkd.lm import check_head_is_linear, head_is_whole, head_of, lm_forward
+from dualkd.lm import check_head_is_linear, lm_forward, through_head
 from dualkd.losses import divergence, token_cross_entropy
 from dualkd.losses.fused import fused_ce_and_divergence, fused_cross_entropy
 from dualkd.losses.ranking import hierarchical_ranking_loss
@@ -86,10 +86,7 @@ class KD(Objective):
             return
         self.vocab_size = shared_vocab_size(head_rows(ctx.student), teacher.vocab_rows, ctx.student_tokenizer)
         mode = self.config.fused
-        # `auto` keeps the dense path where the engine partitions a head (ZeRO-3, FSDP2, a sharded or offloaded
-        # teacher): only the models' own forward can read it there; `on` is refused below with the reason
-        whole = head_is_whole(ctx.student) and ("model" not in teacher.provides or head_is_whole(teacher.model))
-        self.fused = mode == "on" or (mode == "auto" and self.vocab_size >= self.config.fused_min_vocab and whole)
+        self.fused = mode == "on" or (mode == "auto" and self.vocab_size >= self.config.fused_min_vocab)
         if self.config.ranking_top_k is not None:
             if mode == "on" or self.config.top_k is not None:
                 raise ModelError("objective.ranking_top_k needs the dense logits: set objective.fused: off and no "
@@ -137,14 +134,13 @@ class KD(Objective):
     def _fused_loss(self, student: nn.Module, tokens: ModelBatch, teacher: TeacherRows, norm: StepNorm
                     ) -> tuple[Tensor, dict[str, Tensor]]:
         hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden  # [B, T, d_s]
-        head, bias = head_of(student)
         rate = self.config.kd_rate
-        loss, ce, kd, hits = fused_ce_and_divergence(
-            hidden[tokens.loss_mask], head, teacher.hidden, teacher.head, tokens.labels[tokens.loss_mask],
+        loss, ce, kd, hits = through_head(student, lambda head, bias, h: fused_ce_and_divergence(
+            h, head, teacher.hidden, teacher.head, tokens.labels[tokens.loss_mask],
             divergence=self.config.divergence, ce_weight=(1 - rate) * norm.ce_weight, div_weight=rate,
             temperature=self.config.temperature,
             vocab_size=self.vocab_size, chunk_size=self.config.chunk_size, student_bias=bias,
-            teacher_bias=teacher.bias, params=self.config.divergence_params)
+            teacher_bias=teacher.bias, params=self.config.divergence_params), hidden[tokens.loss_mask])
         n = norm["tokens"]
         return loss / n, {"ce": ce / n, "kd": kd / n, "acc": hits / n}
 
@@ -154,13 +150,17 @@ class KD(Objective):
         if hidden.shape[0] != len(teacher):
             raise ModelError(f"the teacher targets cover {len(teacher)} positions but the batch has "
                              f"{hidden.shape[0]} response tokens (a cache of other data or truncation?)")
-        head, bias = head_of(student)
         rate, n = self.config.kd_rate, norm["tokens"]
-        ce, hits = fused_cross_entropy(hidden, head, tokens.labels[tokens.loss_mask], bias=bias,
-                                       chunk_size=self.config.chunk_size)
-        kd = sparse_kl(hidden, head[: self.vocab_size], teacher, temperature=self.config.temperature,
-                       student_bias=bias[: self.vocab_size] if bias is not None else None,
-                       chunk_size=self.config.chunk_size)
+
+        def head_terms(head: Tensor, bias: Tensor | None, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            ce, hits = fused_cross_entropy(h, head, tokens.labels[tokens.loss_mask], bias=bias,
+                                           chunk_size=self.config.chunk_size)
+            kd = sparse_kl(h, head[: self.vocab_size], teacher, temperature=self.config.temperature,
+                           student_bias=bias[: self.vocab_size] if bias is not None else None,
+                           chunk_size=self.config.chunk_size)
+            return ce, hits, kd
+
+        ce, hits, kd = through_head(student, head_terms, hidden)
         loss = ((1 - rate) * norm.ce_weight * ce + rate * kd) / n
         return loss, {"ce": ce.detach() / n, "kd": kd.detach() / n, "acc": hits / n}
 

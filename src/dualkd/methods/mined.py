@@ -25,6 +25,7 @@ whose FKL is the same CE up to e^-1e5.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -33,8 +34,8 @@ from torch import Tensor, nn
 
 from dualkd.align.mined import mined_vocab_map
 from dualkd.align.pairs import MinEDAligner
-from dualkd.data.collate import Batch
-from dualkd.lm import check_head_is_linear, head_of, lm_forward
+from dualkd.data.collate import Batch, ModelBatch
+from dualkd.lm import check_head_is_linear, lm_forward, through_head
 from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm
@@ -102,10 +103,14 @@ class MinED(Objective):
 
     def forward(self, student: nn.Module, batch: Batch, teacher: AlignedTeacher, norm: StepNorm
                 ) -> tuple[Tensor, dict[str, Tensor]]:
-        cfg = self.config
         tokens = batch.student
         hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden
-        w_s, b_s = head_of(student)
+        return through_head(student, partial(self._loss, tokens=tokens, teacher=teacher, norm=norm), hidden)
+
+    def _loss(self, w_s: Tensor, b_s: Tensor | None, hidden: Tensor, tokens: ModelBatch, teacher: AlignedTeacher,
+              norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        """What reads the student's head (run inside its forward: `lm.through_head`)."""
+        cfg = self.config
         ce, hits = fused_cross_entropy(hidden, w_s, tokens.labels, bias=b_s, mask=tokens.loss_mask,
                                        chunk_size=cfg.chunk_size)
         aligned = torch.zeros_like(tokens.loss_mask)

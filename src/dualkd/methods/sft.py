@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
-from dualkd.lm import check_head_is_linear, head_is_whole, head_of, lm_forward
+from dualkd.lm import check_head_is_linear, lm_forward, through_head
 from dualkd.losses import token_cross_entropy
 from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
 from dualkd.losses.fused import fused_cross_entropy
@@ -34,7 +34,7 @@ class SFTConfig(StrictModel):
     """ε of the label-smoothed CE the model trains on (0: plain CE; ε > 0 needs the dense logits)."""
     fused: Literal["auto", "on", "off"] = "auto"
     """The fused chunked CE (no [B, T, V] logits): `auto` from `fused_min_vocab` head rows on, without label
-    smoothing, where the head is whole (not under ZeRO-3 / FSDP2); `on` / `off` force it."""
+    smoothing, under every engine (the head is read inside its module's forward); `on` / `off` force it."""
     fused_min_vocab: int = Field(32000, ge=1)
     """Vocabulary size from which `fused: auto` uses the fused CE."""
     chunk_size: int | None = Field(None, ge=1)
@@ -55,19 +55,17 @@ class SFT(Objective):
         mode = self.config.fused
         self.fused = self.config.label_smoothing == 0 and (
             mode == "on" or (mode == "auto" and head_rows(ctx.student) >= self.config.fused_min_vocab))
-        if self.fused and head_is_whole(ctx.student):
+        if self.fused:
             check_head_is_linear(ctx.student, "student")
 
     def forward(self, student: nn.Module, batch: Batch, teacher_out: Any, norm: StepNorm
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         tokens = batch.student
-        # `auto` keeps the dense path where the engine partitions the head (ZeRO-3, FSDP2): only the model's
-        # forward can read it there; `on` asks for the head and is refused with the reason
-        if self.fused and (self.config.fused == "on" or head_is_whole(student)):
+        if self.fused:  # the head read inside its module's forward: gathered there under ZeRO-3 / FSDP2
             hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden  # [B, T, d]
-            head, bias = head_of(student)
-            ce, hits = fused_cross_entropy(hidden[tokens.loss_mask], head, tokens.labels[tokens.loss_mask],
-                                           bias=bias, chunk_size=self.config.chunk_size)
+            ce, hits = through_head(student, lambda head, bias, h: fused_cross_entropy(
+                h, head, tokens.labels[tokens.loss_mask], bias=bias, chunk_size=self.config.chunk_size),
+                hidden[tokens.loss_mask])
             ce = ce / norm["tokens"]
             return ce * norm.ce_weight, {"ce": ce.detach(), "acc": hits / norm["tokens"]}
         logits = lm_forward(student, tokens).logits  # [B, T, V]

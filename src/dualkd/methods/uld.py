@@ -13,6 +13,7 @@ positions under activation checkpointing: a chunk's [c, V] tensors exist only wh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -21,8 +22,8 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dualkd.data.collate import Batch
-from dualkd.lm import check_head_is_linear, head_of, lm_forward
+from dualkd.data.collate import Batch, ModelBatch
+from dualkd.lm import check_head_is_linear, lm_forward, through_head
 from dualkd.losses.divergences import upcast
 from dualkd.losses.fused import default_chunk_size, fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm
@@ -93,7 +94,11 @@ class ULD(Objective):
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         tokens = batch.student
         hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden
-        w_s, b_s = head_of(student)
+        return through_head(student, partial(self._loss, tokens=tokens, teacher=teacher, norm=norm), hidden)
+
+    def _loss(self, w_s: Tensor, b_s: Tensor | None, hidden: Tensor, tokens: ModelBatch, teacher: PairedRows,
+              norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
+        """What reads the student's head (run inside its forward: `lm.through_head`)."""
         ce, hits = fused_cross_entropy(hidden, w_s, tokens.labels, bias=b_s, mask=tokens.loss_mask,
                                        chunk_size=self.config.chunk_size)
         h_s = hidden[teacher.batch_index, teacher.student_pos]  # [P, d_s]

@@ -77,9 +77,11 @@ class Teacher(ABC):
 
     @abstractmethod
     def attach(self, device: torch.device, place: Callable[[nn.Module], nn.Module],
-               autocast: Callable[[], contextlib.AbstractContextManager], timer: Any = None) -> None:
+               autocast: Callable[[], contextlib.AbstractContextManager], timer: Any = None,
+               gather_head: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> None:
         """Before training: where the teacher runs. `place` puts a model where `teacher.placement` says (the
-        engine's job); `autocast` and `timer` (StepTimer) wrap every call of a live teacher."""
+        engine's job); `autocast` and `timer` (StepTimer) wrap every call of a live teacher; `gather_head`
+        makes the LM head of a placed model whole for a while (the engine's, where it shards the teacher)."""
 
     def for_split(self, split: str) -> Teacher:
         """The teacher of one data split ("train", "dev"): a cache reads each split's own files."""

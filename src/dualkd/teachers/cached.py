@@ -91,7 +91,8 @@ class CachedTeacher(Teacher):
                              bias.to(device=device, dtype=self.dtype) if bias is not None else None)
         return heads[device]
 
-    def attach(self, device: torch.device, place: Any = None, autocast: Any = None, timer: Any = None) -> None:
+    def attach(self, device: torch.device, place: Any = None, autocast: Any = None, timer: Any = None,
+               gather_head: Any = None) -> None:
         self._shared["device"] = torch.device(device)  # reads need no placement, autocast or timing
 
     def response_hidden(self, tokens: ModelBatch, indices: list[int]) -> Tensor:

@@ -7,6 +7,7 @@ attaches its autocast and the step timer (`run_under`); objectives only call the
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dualkd.data.collate import ModelBatch
-from dualkd.lm import head_of, lm_forward
+from dualkd.lm import head_is_whole, head_of, lm_forward
 from dualkd.losses.sparse import TopKTargets, topk_rows
 from dualkd.models import head_rows
 from dualkd.teachers.base import CAPABILITIES, Teacher
@@ -29,6 +30,8 @@ class LiveTeacher(Teacher):
         self._model = model
         self._autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self._timer: Any = None
+        self._gather_head: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None
+        self._head_copy: tuple[weakref.ref, weakref.ref | None] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -39,8 +42,10 @@ class LiveTeacher(Teacher):
         return head_rows(self._model)
 
     def attach(self, device: torch.device, place: Callable[[nn.Module], nn.Module],
-               autocast: Callable[[], contextlib.AbstractContextManager], timer: Any = None) -> None:
+               autocast: Callable[[], contextlib.AbstractContextManager], timer: Any = None,
+               gather_head: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> None:
         self._model, self._autocast, self._timer = place(self._model), autocast, timer
+        self._gather_head = gather_head
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
@@ -56,7 +61,21 @@ class LiveTeacher(Teacher):
         return self.hidden(tokens)[tokens.loss_mask]  # [N, d]
 
     def head(self) -> tuple[Tensor, Tensor | None]:
-        return head_of(self._model)
+        """The LM head. Where the engine shards the teacher (ZeRO-3, FSDP2) it is gathered into a whole copy
+        (the objectives read it outside any forward of the teacher); the copy lives as long as someone holds
+        it, so the micro-batches of a step share one gathering and no copy outlives them. Every process
+        gathers at the same calls (they run the same micro-batches)."""
+        if head_is_whole(self._model) or self._gather_head is None:
+            return head_of(self._model)  # refused with the reason where the head is not whole
+        if self._head_copy is not None:
+            weight, bias = (ref() if ref is not None else None for ref in self._head_copy)
+            if weight is not None and (bias is not None or self._head_copy[1] is None):
+                return weight, bias
+        with self._gather_head(self._model):
+            weight, bias = head_of(self._model)
+            weight, bias = weight.detach().clone(), bias.detach().clone() if bias is not None else None
+        self._head_copy = (weakref.ref(weight), weakref.ref(bias) if bias is not None else None)
+        return weight, bias
 
     def topk(self, tokens: ModelBatch, indices: list[int], k: int, vocab_size: int,
              chunk_size: int | None = None) -> TopKTargets:

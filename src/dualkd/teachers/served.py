@@ -76,7 +76,8 @@ class ServedTeacher(Teacher):
     def vocab_rows(self) -> int:
         return len(self.tokenizer)
 
-    def attach(self, device: torch.device, place: Any = None, autocast: Any = None, timer: Any = None) -> None:
+    def attach(self, device: torch.device, place: Any = None, autocast: Any = None, timer: Any = None,
+               gather_head: Any = None) -> None:
         """Nothing runs here: the server holds the model."""
 
     def prefetch(self, batches: list[ModelBatch]) -> None:

@@ -6,6 +6,7 @@ Everything that can fail because of the user's inputs fails here, before the fir
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,15 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective
             raise ConfigError("the student and the teacher must both be encoder-decoder models or both decoder-only")
         teacher = LiveTeacher(model, teacher_tokenizer)
     frozen = _frozen_models(cfg, objective, student_tokenizer)
-    objective.setup(SetupContext(student=student, teacher=teacher, student_tokenizer=student_tokenizer,
-                                 teacher_tokenizer=teacher_tokenizer, same_tokenizer=same,
-                                 student_pretrained=cfg.student.init != "random", frozen=frozen))
+    # setup reads the heads (checks, pseudo-inverse projectors) and runs the models once: under ZeRO-3 they
+    # were partitioned as they loaded, so they are gathered whole for it (transiently, on every process)
+    with contextlib.ExitStack() as whole:
+        for model in [student, *([teacher.model] if teacher is not None and "model" in teacher.provides else []),
+                      *(frozen or {}).values()]:
+            whole.enter_context(engine.gathered(model))
+        objective.setup(SetupContext(student=student, teacher=teacher, student_tokenizer=student_tokenizer,
+                                     teacher_tokenizer=teacher_tokenizer, same_tokenizer=same,
+                                     student_pretrained=cfg.student.init != "random", frozen=frozen))
     reports = [r for r in (prepared.train_report, prepared.dev_report) if r is not None]
     return Parts(objective, student, teacher, student_tokenizer, teacher_tokenizer, train_set, dev_set, reports,
                  aligner, frozen)

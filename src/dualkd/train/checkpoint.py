@@ -248,9 +248,3 @@ def read_trainable(module: nn.Module, file: Path) -> dict[str, torch.Tensor]:
         raise DualKDError(f"checkpoint {file.parent} does not fit this model: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")
     return saved
-
-
-def load_trainable(module: nn.Module, file: Path) -> None:
-    """Load the saved trainable parameters into a whole (unsplit) `module`."""
-    result = module.load_state_dict(read_trainable(module, file), strict=False)
-    assert not result.unexpected_keys

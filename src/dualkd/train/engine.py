@@ -54,6 +54,11 @@ class LocalEngine:
     def barrier(self) -> None:
         """Nothing to wait for: one process."""
 
+    @contextlib.contextmanager
+    def gathered(self, module: nn.Module) -> Iterator[None]:
+        """Whole parameters already: nothing to gather."""
+        yield
+
 
 class Engine:
     def __init__(self, mixed_precision: str = "no", find_unused_parameters: bool = False):
@@ -105,7 +110,7 @@ class Engine:
     def name(self) -> str:
         if self.is_deepspeed:
             return f"DeepSpeed ZeRO-{self.zero_stage}"
-        if self.accelerator.is_fsdp2:
+        if self._fsdp2:
             return "FSDP2"
         return "DDP" if self.world_size > 1 else "single process"
 
@@ -117,7 +122,7 @@ class Engine:
     @property
     def shards_parameters(self) -> bool:
         """Parameters live split over processes (ZeRO-3, FSDP2): every forward is a collective call."""
-        return self.zero_stage == 3 or bool(self.accelerator.is_fsdp2)
+        return self.zero_stage == 3 or self._fsdp2
 
     @property
     def zero_stage(self) -> int | None:
@@ -161,6 +166,42 @@ class Engine:
                 yield
         elif self._fsdp2:
             with fsdp2_unsharded(module):
+                yield
+        else:
+            yield
+
+    @contextlib.contextmanager
+    def outside_forward(self, module: nn.Module) -> Iterator[None]:
+        """For work on the wrapped module outside its forward that reads what lies outside its transformer
+        blocks (an objective's `prepare`: the LM head, the projectors). FSDP2 keeps those in the root unit,
+        whole only while the root runs its forward: unsharded here for the duration (only that unit, not the
+        blocks). Under ZeRO-3 each submodule's own hooks gather it when called (the head through
+        `lm.through_head`); other engines hold whole parameters."""
+        from torch.distributed.fsdp import FSDPModule
+
+        root = self.unwrap(module) if self._fsdp2 else None
+        if isinstance(root, FSDPModule):
+            root.unshard()
+            try:
+                yield
+            finally:
+                root.reshard()
+        else:
+            yield
+
+    @contextlib.contextmanager
+    def head_gathered(self, model: nn.Module) -> Iterator[None]:
+        """The LM head of a frozen model this engine placed (a sharded teacher) whole for the duration: ZeRO-3
+        gathers the head's parameters only, FSDP2 unshards the unit that holds it (the model's root unit, the
+        head's own if it has one). All processes must enter."""
+        head = model.get_output_embeddings()
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None):
+                yield
+        elif self._fsdp2:
+            with fsdp2_unsharded(model, recurse=False), fsdp2_unsharded(head, recurse=False):
                 yield
         else:
             yield
@@ -219,7 +260,7 @@ class Engine:
                                   "partitions every model as it loads there; use `sharded` (or `auto`)")
             return self._zero3_inference(teacher)
         if placement == "sharded":
-            if self.accelerator.is_fsdp2:
+            if self._fsdp2:
                 return self._fsdp2_inference(teacher)
             raise ConfigError("teacher.placement: sharded needs DeepSpeed ZeRO-3 or FSDP2 "
                               "(configs/accelerate/zero3.yaml, fsdp2.yaml); this engine keeps whole models")
@@ -331,12 +372,13 @@ class Engine:
 
 
 @contextlib.contextmanager
-def fsdp2_unsharded(module: nn.Module) -> Iterator[None]:
-    """Every FSDP2 unit inside `module` all-gathered: its parameters are whole plain tensors until the end
-    (then freed again; writes into them do not reach the shards)."""
+def fsdp2_unsharded(module: nn.Module, recurse: bool = True) -> Iterator[None]:
+    """Every FSDP2 unit inside `module` all-gathered (`recurse=False`: only `module`'s own unit, if it is one):
+    its parameters are whole plain tensors until the end (then freed again; writes into them do not reach the
+    shards)."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    units = [m for m in (module.modules() if recurse else [module]) if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
     try:

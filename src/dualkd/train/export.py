@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from dualkd.config import RunConfig
-from dualkd.models import export_model, is_lora
+from dualkd.models import attribute_state_dict, export_model, is_lora
 from dualkd.train.build import Parts
-from dualkd.train.checkpoint import CheckpointManager, TrainerState, load_trainable
+from dualkd.train.checkpoint import CheckpointManager, TrainerState, read_trainable
 from dualkd.train.engine import Engine
 from dualkd.train.logger import MetricsLogger
 
@@ -46,19 +47,30 @@ def _export(cfg: RunConfig, raw: nn.Module, ckpt: CheckpointManager, state: Trai
 def _save_projectors(objective: nn.Module, out: Path) -> None:
     """An objective's own trained modules (projectors) beside the student, to continue from them later."""
     # cloned: tied weights (a CBMI LM's embedding and head) share storage, which safetensors refuses
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in objective.state_dict().items()}
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in attribute_state_dict(objective).items()}
     if state:
         save_file(state, str(out / "projectors.safetensors"))
 
 
 def _export_best(raw: nn.Module, checkpoint: Path, tokenizer: Any, out: Path) -> Path:
-    current = {n: p.detach().clone() for n, p in raw.named_parameters() if p.requires_grad}
-    load_trainable(raw, checkpoint / "trainable.safetensors")
+    """The best checkpoint's weights written into the gathered parameters, exported, and the final ones put
+    back. In place (`copy_`), not `load_state_dict`: FSDP2's state-dict hooks would reshard the parameters first
+    and refuse whole tensors; the parameters here are the gathered whole ones under every engine."""
+    params = dict(raw.named_parameters())
+    best = read_trainable(raw, checkpoint / "trainable.safetensors")
+    current = {n: params[n].detach().clone() for n in best}
+    _copy_into(params, best)
     if is_lora(raw.student):  # a merged export would change the module in place: write the adapter only
         raw.student.save_pretrained(out / "adapter")
         tokenizer.save_pretrained(out)
     else:
         export_model(raw.student, tokenizer, out)
     _save_projectors(raw.objective, out)
-    raw.load_state_dict(current, strict=False)
+    _copy_into(params, current)
     return out
+
+
+@torch.no_grad()
+def _copy_into(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    for name, value in values.items():
+        params[name].copy_(value)

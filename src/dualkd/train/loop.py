@@ -28,7 +28,7 @@ from dualkd.config import RunConfig, save_config
 from dualkd.data.collate import Batch
 from dualkd.errors import ConfigError, DualKDError
 from dualkd.eval.harness import sampled_rouge_l
-from dualkd.lm import head_is_linear, head_of, lm_forward
+from dualkd.lm import head_is_linear, lm_forward, through_head
 from dualkd.losses import token_cross_entropy
 from dualkd.losses.fused import fused_cross_entropy
 from dualkd.methods import Objective, StepNorm, build_objective
@@ -88,8 +88,8 @@ class TrainModule(nn.Module):
         mask = tokens.loss_mask
         if self._fused_gold:
             hidden = lm_forward(self.student, tokens, hidden=True, logits=False).hidden  # [B, T, d]
-            head, bias = head_of(self.student)
-            ce, hits = fused_cross_entropy(hidden[mask], head, tokens.labels[mask], bias=bias)
+            ce, hits = through_head(self.student, lambda head, bias, h: fused_cross_entropy(
+                h, head, tokens.labels[mask], bias=bias), hidden[mask])
         else:
             logits = lm_forward(self.student, tokens).logits  # [B, T, V]
             ce = token_cross_entropy(logits, tokens.labels, mask)
@@ -153,7 +153,8 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
     if teacher is not None:
         assert cfg.teacher is not None
         placement = cfg.teacher.placement
-        teacher.attach(engine.device, lambda model: engine.place_teacher(model, placement), engine.autocast, timer)
+        teacher.attach(engine.device, lambda model: engine.place_teacher(model, placement), engine.autocast, timer,
+                       gather_head=engine.head_gathered)
     for role, model in (parts.frozen or {}).items():  # the objective holds them; placement changes them in place
         engine.place_teacher(model, cfg.teachers[role].placement)
     objective = parts.objective
@@ -274,13 +275,14 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
     with timer.section("data"):
         student = engine.unwrap(module).student
         local: dict[str, float] = defaultdict(float)
-        for i, b in enumerate(batches):
-            prepared, counts = objective.prepare(b, teacher_outs[i] if teacher_outs else None, student)
-            if teacher_outs is not None:
-                teacher_outs[i] = prepared
-            for k, v in counts.items():
-                local[k] += float(v)
-            local["input_tokens"] += b.student.num_input_tokens
+        with engine.outside_forward(module):  # FSDP2: the root unit (head, projectors) whole for `prepare`
+            for i, b in enumerate(batches):
+                prepared, counts = objective.prepare(b, teacher_outs[i] if teacher_outs else None, student)
+                if teacher_outs is not None:
+                    teacher_outs[i] = prepared
+                for k, v in counts.items():
+                    local[k] += float(v)
+                local["input_tokens"] += b.student.num_input_tokens
         if sampled is not None:  # the gold CE keeps its own denominator: the gold response tokens
             for b in gold:
                 local["gold_tokens"] += b.student.num_loss_tokens
@@ -393,7 +395,8 @@ def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: T
         batch = batch.to(engine.device)
         with engine.autocast():
             teacher_out = objective.teacher_forward(teacher, batch)
-            teacher_out, counts = objective.prepare(batch, teacher_out, raw.student)
+            with engine.outside_forward(module):
+                teacher_out, counts = objective.prepare(batch, teacher_out, raw.student)
             counts = {k: float(v) for k, v in counts.items()}
             loss, metrics = raw(batch, teacher_out, StepNorm(counts, step=step))
         if not counted:
