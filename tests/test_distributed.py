@@ -186,8 +186,12 @@ HEAD_READERS = {
     "kd_fused": {"name": "kd", "kd_rate": 0.5, "temperature": 2.0, "fused": "on"},
     "dskd": {"name": "dskd", "temperature": 2.0},
     "dskdv2": {"name": "dskdv2", "temperature": 2.0},
-    "dskdv2_eta": {"name": "dskdv2", "temperature": 2.0, "pinv_init": True},  # different tokenizers
+    "dskdv2_eta": {"name": "dskdv2", "temperature": 2.0, "pinv_init": True},  # different tokenizers from here
+    "dskd_cma": {"name": "dskd_cma", "temperature": 2.0},
+    "uld": {"name": "uld"},
+    "mined": {"name": "mined", "temperature": 2.0},
 }
+CROSS = {"dskdv2_eta", "dskd_cma", "uld", "mined"}
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +207,10 @@ def cross_teacher(tmp_path_factory: pytest.TempPathFactory, meta_tokenizer_dir: 
 def test_head_readers_under_sharding_engines(engine: str, case: str, tmp_path: Path, train_file: Path,
                                              dev_file: Path, teacher_dir: Path, cross_teacher: Path,
                                              student_dir: Path) -> None:
-    """Fused KD, DSKD and DSKDv2 (ETA too) with the student and the teacher sharded (ZeRO-3 with a ZeRO-3
-    teacher; FSDP2 on CPU with an FSDP2 teacher): the one-process loss curve, resume and export."""
-    teacher = cross_teacher if case == "dskdv2_eta" else teacher_dir
+    """Fused KD, DSKD, DSKDv2 (ETA too), DSKD-CMA, ULD and MinED with the student and the teacher sharded
+    (ZeRO-3 with a ZeRO-3 teacher; FSDP2 on CPU with an FSDP2 teacher): the one-process loss curve, resume
+    and export."""
+    teacher = cross_teacher if case in CROSS else teacher_dir
     objective = HEAD_READERS[case]
     single = _write(tmp_path, "single", train_file, student_dir, teacher, micro=2, accum=4, dev_file=dev_file,
                     objective=objective)
