@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from dualkd.errors import ConfigError
 
@@ -177,16 +178,7 @@ class Engine:
         whole only while the root runs its forward: unsharded here for the duration (only that unit, not the
         blocks). Under ZeRO-3 each submodule's own hooks gather it when called (the head through
         `lm.through_head`); other engines hold whole parameters."""
-        from torch.distributed.fsdp import FSDPModule
-
-        root = self.unwrap(module) if self._fsdp2 else None
-        if isinstance(root, FSDPModule):
-            root.unshard()
-            try:
-                yield
-            finally:
-                root.reshard()
-        else:
+        with fsdp2_unsharded(self.unwrap(module), recurse=False) if self._fsdp2 else contextlib.nullcontext():
             yield
 
     @contextlib.contextmanager
@@ -376,8 +368,6 @@ def fsdp2_unsharded(module: nn.Module, recurse: bool = True) -> Iterator[None]:
     """Every FSDP2 unit inside `module` all-gathered (`recurse=False`: only `module`'s own unit, if it is one):
     its parameters are whole plain tensors until the end (then freed again; writes into them do not reach the
     shards)."""
-    from torch.distributed.fsdp import FSDPModule
-
     units = [m for m in (module.modules() if recurse else [module]) if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
