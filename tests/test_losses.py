@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualkd.losses import DIVERGENCES, divergence, fused_divergence, masked_reduce, token_cross_entropy
-from dualkd.losses.fused import default_chunk_size, fused_ce_and_divergence
+from dualkd.losses import DIVERGENCES, divergence, fused, fused_divergence, masked_reduce, token_cross_entropy
+from dualkd.losses.fused import default_chunk_size, fused_argmax, fused_ce_and_divergence
 
 NAMES = ["fkl", "rkl", "js", "tvd", "skl", "srkl", "akl"]
 
@@ -344,3 +344,41 @@ def test_fused_ce_and_divergence_with_row_mask() -> None:
     torch.testing.assert_close(div, div_ref.detach())
     for a, b in zip(torch.autograd.grad(loss, (hs, ws)), torch.autograd.grad(ref, (hs, ws))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_column_blocks_match_plain(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The divergence's elementwise work runs on column blocks (2 columns each here; ~1 MiB at real sizes),
+    AKL on whole rows: the same value and gradients as the plain formula, with masks and a -inf bias."""
+    monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", 8)
+    hs, ws, bs, ht, wt, bt, mask = _fused_inputs(24, 6, 6, 21, bias=True)
+    bs2, bt2 = bs.detach().clone(), bt.clone()
+    bs2[:2] = float("-inf")
+    bt2[:2] = float("-inf")
+    bs2.requires_grad_(True)
+    f = fused_divergence(name, hs, ws, ht, wt, mask=mask, student_bias=bs2, teacher_bias=bt2, chunk_size=4,
+                         temperature=2.0)
+    p = divergence(name, hs @ ws.T + bs2, ht @ wt.T + bt2, mask=mask, temperature=2.0)
+    torch.testing.assert_close(f, p)
+    for a, b in zip(torch.autograd.grad(f, (hs, ws, bs2)), torch.autograd.grad(p, (hs, ws, bs2))):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_argmax_is_torchs_with_ties_nan_and_minus_inf() -> None:
+    """The CPU argmax (max, equality mask, first index) returns what torch.argmax does: the first maximum,
+    the NaN of a row that holds one, index 0 of an all -inf row."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(40, 8, generator=g)
+    head[30] = head[7]  # every row's logits tie at 7 and 30
+    hidden = torch.randn(13, 8, generator=g)
+    bias = torch.zeros(40)
+    bias[7] = bias[30] = 50.0  # ... and there is the maximum
+    assert (fused_argmax(hidden, head, bias, chunk_size=5) == 7).all()
+    bias[12] = float("nan")
+    assert torch.equal(fused_argmax(hidden, head, bias, chunk_size=5), torch.full((13,), 12))
+    z = torch.randn(40, 6, generator=g).t()  # [c, V] view of a [V, c] buffer, as the fused passes make
+    z[2] = float("-inf")
+    z[3, 9] = z[3].max() + 1.0
+    z[3, 4] = z[3, 9]
+    z[4, 5] = float("nan")
+    assert torch.equal(fused._argmax(z, fused._Scratch()), z.argmax(-1))

@@ -48,8 +48,8 @@ def _zero_invalid(x: Tensor, valid: Tensor | None) -> Tensor:
     return x if valid is None else torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _probs(log_x: Tensor, valid: Tensor | None, out: Tensor | None = None) -> Tensor:
-    return _zero_invalid(torch.exp(log_x, out=out) if out is not None else log_x.exp(), valid)
+def _probs(log_x: Tensor, valid: Tensor | None) -> Tensor:
+    return _zero_invalid(log_x.exp(), valid)
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
@@ -65,30 +65,30 @@ class Dists:
     """Both distributions of a batch of rows at temperature: log q, log p, and p, q computed once on demand.
 
     `valid` [..., V] bool (or a [V] column mask) marks entries where both logits are finite; None means all.
-    Invalid entries read as log-probability 0 and probability 0, so no 0 * inf ever appears. `p_out`/`q_out`
-    (the logs' shape) receive p and q instead of new tensors (the fused loss reuses its buffers; no autograd).
+    Invalid entries read as log-probability 0 and probability 0, so no 0 * inf ever appears. `p`/`q`: the
+    probabilities when the caller has them already (the fused loss gets them from its log-softmax's exp terms;
+    0 where invalid), else exp(log p), exp(log q) on first use.
     """
 
-    def __init__(self, log_q: Tensor, log_p: Tensor, valid: Tensor | None, p_out: Tensor | None = None,
-                 q_out: Tensor | None = None):
+    def __init__(self, log_q: Tensor, log_p: Tensor, valid: Tensor | None, p: Tensor | None = None,
+                 q: Tensor | None = None):
         self.valid = valid
         self.log_q = _zero_invalid(log_q, valid)
         self.log_p = _zero_invalid(log_p, valid)
-        self._p: Tensor | None = None
-        self._q: Tensor | None = None
-        self._out = (p_out, q_out)
+        self._p = p
+        self._q = q
         self.cache: dict[str, tuple[Tensor, Tensor]] = {}  # e.g. AKL's weights, shared by value and gradient
 
     @property
     def p(self) -> Tensor:
         if self._p is None:
-            self._p = _probs(self.log_p, self.valid, self._out[0])
+            self._p = _probs(self.log_p, self.valid)
         return self._p
 
     @property
     def q(self) -> Tensor:
         if self._q is None:
-            self._q = _probs(self.log_q, self.valid, self._out[1])
+            self._q = _probs(self.log_q, self.valid)
         return self._q
 
 
@@ -194,6 +194,9 @@ class DivergenceSpec:
     q_grad: Callable[..., Tensor]
     params: dict[str, float]  # parameter names and defaults
     check: Callable[[dict[str, float]], None] = lambda params: None
+    columnwise: bool = True
+    """The value is Σ_v of a term of entry v alone, and so is r: the fused loss may evaluate it on column blocks.
+    False where a quantity of the whole row enters (AKL's tail, from the sorted row)."""
 
 
 def _check_beta(params: dict[str, float]) -> None:
@@ -218,7 +221,7 @@ SPECS: dict[str, DivergenceSpec] = {
     "tvd": DivergenceSpec(_tvd, _tvd_r, {}),
     "skl": DivergenceSpec(_skl, _skl_r, {"skew_lambda": 0.1}, _check_lambda),
     "srkl": DivergenceSpec(_srkl, _srkl_r, {"skew_lambda": 0.1}, _check_lambda),
-    "akl": DivergenceSpec(_akl, _akl_r, {"akl_alpha": 0.5}, _check_alpha),
+    "akl": DivergenceSpec(_akl, _akl_r, {"akl_alpha": 0.5}, _check_alpha, columnwise=False),
 }
 
 

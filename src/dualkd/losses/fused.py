@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dualkd.losses.divergences import SPECS, Dists, resolve_params, upcast
+from dualkd.losses.divergences import SPECS, Dists, DivergenceSpec, resolve_params, upcast
 from dualkd.losses.reduce import Reduction
 
 _TARGET_ELEMENTS = 1 << 24  # per [c, V] buffer: 64 MiB in fp32 (see benchmarks/losses.py for the trade-off)
+_BLOCK_ELEMENTS = 1 << 18  # per column block of a divergence's elementwise work: 1 MiB in fp32
 
 
 def default_chunk_size(n_rows: int, vocab: int) -> int:
@@ -77,16 +78,61 @@ def _logits(h: Tensor, head: Tensor, bias: Tensor | None, out: Tensor | None = N
     return z.t()
 
 
-def _log_softmax_(z: Tensor, temperature: float, tmp: Tensor | None = None) -> Tensor:
-    """log_softmax(z / τ) over the last dim, in place in `z` (fp32/fp64), or in an fp32 copy of a half `z`.
-    `tmp` (z's shape and dtype) holds exp(z - max) instead of a fresh buffer (torch.logsumexp makes one)."""
+def _softmax_(z: Tensor, temperature: float, probs: Tensor, log: bool) -> tuple[Tensor, Tensor]:
+    """softmax(z / τ) over the last dim into `probs` (fp32/fp64, z's shape); with `log`, log_softmax(z / τ) in
+    place in z (fp32/fp64; an fp32 copy of a half z), else z is left as it was. Returns (z, log Σ_v exp(z_v / τ)
+    [c, 1]). One exp pass serves both: the probabilities are the normalizer's own exp terms, rescaled."""
     z = upcast(z)
-    if temperature != 1.0:
+    if log and temperature != 1.0:
         z.div_(temperature)
-    top = z.amax(-1, keepdim=True)
+    top = z.amax(-1, keepdim=True)  # of z / τ when `log`, else of z
     top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=top.dtype, device=top.device))
-    shifted = torch.sub(z, top, out=tmp) if tmp is not None else z - top
-    return z.sub_(shifted.exp_().sum(-1, keepdim=True).log_().add_(top))
+    shifted = torch.sub(z, top, out=probs)
+    if not log and temperature != 1.0:
+        shifted.div_(temperature)
+        top = top / temperature
+    total = shifted.exp_().sum(-1, keepdim=True)
+    log_total = total.log().add_(top)
+    if log:
+        z.sub_(log_total)
+    probs.div_(total)
+    return z, log_total
+
+
+def _argmax(z: Tensor, scratch: _Scratch) -> Tensor:
+    """z.argmax(-1) of a [c, V] view of a [V, c] buffer (`_logits`): the first index of each row's maximum, as
+    torch's. On CPU torch's argmax over that strided dim ran ~35x slower than amax (97 vs 2.8 ms at c = 64,
+    V = 262,144); the max, an equality mask and its nonzero entries take ~1/3 of its time. Elsewhere: torch's."""
+    if z.device.type != "cpu" or z.shape[0] == 0 or z.stride(0) != 1:
+        return z.argmax(-1)
+    c, V = z.shape
+    top = z.amax(-1, keepdim=True)
+    at_top = torch.eq(z, top, out=scratch.rows("at_top", c, V, torch.bool, z.device))
+    vocab_id, row = at_top.t().nonzero().unbind(1)  # in the buffer's order: one pass
+    first = torch.full((c,), V, dtype=torch.long).scatter_reduce_(0, row, vocab_id, "amin")
+    nan = first == V  # a row with a NaN: nothing equals its max (NaN); torch's argmax points at the NaN
+    if nan.any():
+        first[nan] = z[nan].argmax(-1)
+    return first
+
+
+def _divergence_rows(spec: DivergenceSpec, params: dict[str, float], log_q: Tensor, log_p: Tensor,
+                     valid: Tensor | None, p: Tensor, q: Tensor, r_out: Tensor | None) -> Tensor:
+    """The divergence's value per row [c] and, into `r_out`, r = q ⊙ ∂L/∂q [c, V], from the log-probabilities
+    and probabilities of both models ([c, V] each; p, q are 0 where not `valid`). A columnwise table row is
+    evaluated on column blocks of ~1 MiB: its temporaries (log p - log q, p ⊙ (...), -p) then come from the heap
+    and stay in cache, where over a whole [64, 262,144] chunk each was a fresh 64 MiB mapping, page-faulted in
+    (37 vs 6.5 ms for one subtraction on this CPU)."""
+    c, V = log_q.shape
+    width = max(1, _BLOCK_ELEMENTS // max(c, 1)) if spec.columnwise else V
+    value = torch.zeros(c, dtype=log_q.dtype, device=log_q.device)
+    for v0 in range(0, V, width):
+        cols = slice(v0, min(v0 + width, V))
+        d = Dists(log_q[:, cols], log_p[:, cols], valid[cols] if valid is not None else None, p[:, cols], q[:, cols])
+        value += spec.value(d, **params)
+        if r_out is not None:
+            r_out[:, cols] = spec.q_grad(d, **params)
+    return value
 
 
 def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
@@ -129,35 +175,35 @@ def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tens
         if plan.ce_weight:
             assert labels is not None
             y = labels[rows]
-            hits[rows] = (z_s.argmax(-1) == y).to(hits.dtype)
-            log_sm = _log_softmax_(scratch.rows("ce", c, ws.shape[0], acc, hs.device).copy_(z_s), 1.0,
-                                   scratch.rows("tmp", c, ws.shape[0], acc, hs.device))
-            ce = -log_sm.gather(-1, y[:, None])[:, 0]
+            hits[rows] = (_argmax(z_s, scratch) == y).to(hits.dtype)
+            # the softmax into the "ce" buffer, where it becomes dL/dz; z_s stays the logits (the divergence's)
+            softmax = scratch.rows("ce", c, ws.shape[0], acc, hs.device)
+            log_total = _softmax_(z_s, 1.0, softmax, log=False)[1][:, 0]
+            ce = log_total - upcast(z_s.gather(-1, y[:, None])[:, 0])
             ce_rows[rows] = ce
             loss[rows] += plan.ce_weight * ce
             if any_grad:
-                dz = log_sm.exp_()  # softmax, in place
-                dz[torch.arange(dz.shape[0], device=dz.device), y] -= 1.0
+                dz = softmax
+                dz[torch.arange(c, device=dz.device), y] -= 1.0
                 dz.mul_(plan.ce_weight)
-            del log_sm
+            del softmax
         if spec is not None and plan.div_weight:
             with torch.no_grad():
                 z_t = _logits(ht[rows], teacher_head, teacher_bias,
                               out=scratch.take("z_t", (V, c), ht.dtype, ht.device))  # [c, V]
-            # log-softmax in place in the chunk's own buffers (z_s is not needed any more after CE)
+            # log-softmax in place in the logits' buffers (z_s is not needed any more after CE), probabilities in p, q
             tmp, p, q = (scratch.rows(name, c, V, acc, hs.device) for name in ("tmp", "p", "q"))
-            dists = Dists(_log_softmax_(z_s[:, :V], plan.temperature, tmp), _log_softmax_(z_t, plan.temperature, tmp),
-                          col_valid, p_out=p, q_out=q)
-            d = spec.value(dists, **plan.params)
+            log_q = _softmax_(z_s[:, :V], plan.temperature, q, log=True)[0]
+            log_p = _softmax_(z_t, plan.temperature, p, log=True)[0]
+            r = tmp if any_grad else None
+            d = _divergence_rows(spec, plan.params, log_q, log_p, col_valid, p, q, r)
             if div_mask is not None:
                 d = d * div_mask[rows]
             div_rows[rows] = d
             loss[rows] += plan.div_weight * d
-            if any_grad:
-                r = spec.q_grad(dists, **plan.params)  # [c, V]
+            if r is not None:
                 if div_mask is not None:
                     r.mul_(div_mask[rows, None])
-                q = dists.q
                 # dL/dz = (r - q Σr) / τ, computed in place in r
                 r.addcmul_(q, r.sum(-1, keepdim=True), value=-1.0).mul_(plan.div_weight / plan.temperature)
                 if dz is None and ws.shape[0] == V:
@@ -166,8 +212,8 @@ def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tens
                     if dz is None:
                         dz = torch.zeros(z_s.shape, dtype=acc, device=z_s.device)
                     dz[:, :V] += r
-                del r, q
-            del dists, z_t
+                del r
+            del log_q, log_p, z_t
         del z_s
         if dz is None:  # nothing to differentiate in this chunk (no CE, zero divergence weight)
             dz = torch.zeros((h.shape[0], ws.shape[0]), dtype=acc, device=h.device) if any_grad else None
@@ -355,7 +401,7 @@ def fused_argmax(hidden: Tensor, head: Tensor, bias: Tensor | None = None, chunk
     for start in range(0, flat.shape[0], step):
         h = flat[start:start + step]
         z = _logits(h, head, bias, out=scratch.take("z", (head.shape[0], h.shape[0]), h.dtype, h.device))
-        out[start:start + step] = z.argmax(-1)
+        out[start:start + step] = _argmax(z, scratch)
     return out.reshape(hidden.shape[:-1])
 
 
