@@ -364,9 +364,11 @@ def test_fused_column_blocks_match_plain(name: str, monkeypatch: pytest.MonkeyPa
         torch.testing.assert_close(a, b)
 
 
-def test_fused_argmax_is_torchs_with_ties_nan_and_minus_inf() -> None:
-    """The CPU argmax (max, equality mask, first index) returns what torch.argmax does: the first maximum,
-    the NaN of a row that holds one, index 0 of an all -inf row."""
+def test_fused_argmax_is_torchs_with_ties_nan_and_minus_inf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU argmax (max, equality mask, first index; here at any size) returns what torch.argmax does: the
+    first maximum, the NaN of a row that holds one, index 0 of an all -inf row."""
+    monkeypatch.setattr(fused, "_ARGMAX_MIN_ROWS", 1)
+    monkeypatch.setattr(fused, "_ARGMAX_MIN_SIZE", 1)
     g = torch.Generator().manual_seed(0)
     head = torch.randn(40, 8, generator=g)
     head[30] = head[7]  # every row's logits tie at 7 and 30

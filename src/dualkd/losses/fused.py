@@ -27,6 +27,7 @@ from dualkd.losses.reduce import Reduction
 
 _TARGET_ELEMENTS = 1 << 24  # per [c, V] buffer: 64 MiB in fp32 (see benchmarks/losses.py for the trade-off)
 _BLOCK_ELEMENTS = 1 << 18  # per column block of a divergence's elementwise work: 1 MiB in fp32
+_ARGMAX_MIN_ROWS, _ARGMAX_MIN_SIZE = 32, 1 << 20  # where `_argmax` beats torch's on CPU
 
 
 def default_chunk_size(n_rows: int, vocab: int) -> int:
@@ -101,9 +102,10 @@ def _softmax_(z: Tensor, temperature: float, probs: Tensor, log: bool) -> tuple[
 
 def _argmax(z: Tensor, scratch: _Scratch) -> Tensor:
     """z.argmax(-1) of a [c, V] view of a [V, c] buffer (`_logits`): the first index of each row's maximum, as
-    torch's. On CPU torch's argmax over that strided dim ran ~35x slower than amax (97 vs 2.8 ms at c = 64,
-    V = 262,144); the max, an equality mask and its nonzero entries take ~1/3 of its time. Elsewhere: torch's."""
-    if z.device.type != "cpu" or z.shape[0] == 0 or z.stride(0) != 1:
+    torch's. On CPU torch's argmax over that strided dim is slow once c ≥ 32 (81 ms vs 2.8 ms for amax at
+    c = 64, V = 262,144); the max, an equality mask and its nonzero entries take 0.30-0.57x its time there
+    (c = 32-341, V = 49,152-262,144), but up to 4x more for c = 16 or small buffers: those keep torch's."""
+    if z.device.type != "cpu" or z.stride(0) != 1 or z.shape[0] < _ARGMAX_MIN_ROWS or z.numel() < _ARGMAX_MIN_SIZE:
         return z.argmax(-1)
     c, V = z.shape
     top = z.amax(-1, keepdim=True)
@@ -119,7 +121,8 @@ def _argmax(z: Tensor, scratch: _Scratch) -> Tensor:
 def _divergence_rows(spec: DivergenceSpec, params: dict[str, float], log_q: Tensor, log_p: Tensor,
                      valid: Tensor | None, p: Tensor, q: Tensor, r_out: Tensor | None) -> Tensor:
     """The divergence's value per row [c] and, into `r_out`, r = q ⊙ ∂L/∂q [c, V], from the log-probabilities
-    and probabilities of both models ([c, V] each; p, q are 0 where not `valid`). A columnwise table row is
+    and probabilities of both models ([c, V] each; p, q are 0 where not `valid`). `r_out` may be `p`: a block of
+    r is written once its block's value and r are computed, and nothing reads p after that. A columnwise row is
     evaluated on column blocks of ~1 MiB: its temporaries (log p - log q, p ⊙ (...), -p) then come from the heap
     and stay in cache, where over a whole [64, 262,144] chunk each was a fresh 64 MiB mapping, page-faulted in
     (37 vs 6.5 ms for one subtraction on this CPU)."""
@@ -192,10 +195,10 @@ def _run_chunks(plan: _Plan, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tens
                 z_t = _logits(ht[rows], teacher_head, teacher_bias,
                               out=scratch.take("z_t", (V, c), ht.dtype, ht.device))  # [c, V]
             # log-softmax in place in the logits' buffers (z_s is not needed any more after CE), probabilities in p, q
-            tmp, p, q = (scratch.rows(name, c, V, acc, hs.device) for name in ("tmp", "p", "q"))
+            p, q = (scratch.rows(name, c, V, acc, hs.device) for name in ("p", "q"))
             log_q = _softmax_(z_s[:, :V], plan.temperature, q, log=True)[0]
             log_p = _softmax_(z_t, plan.temperature, p, log=True)[0]
-            r = tmp if any_grad else None
+            r = p if any_grad else None  # each column block of r overwrites p's once the block is done with it
             d = _divergence_rows(spec, plan.params, log_q, log_p, col_valid, p, q, r)
             if div_mask is not None:
                 d = d * div_mask[rows]
