@@ -3,13 +3,16 @@
     python benchmarks/cache.py                     # SmolLM2-135M teacher and student, Dolly, k = 16/64/128
     python benchmarks/cache.py --examples 128 --reps 5
 
+Every timing: the variants in one process, interleaved in rotating order after a warm-up, --reps repetitions,
+min / median / max (benchmarks/harness.py); a warning when the load average says the machine was shared.
+
 - bytes per cached response token at k = 16, 64, 128: top-k ids (uint16 for vocabularies up to 65,536, else
   int32) + log-probabilities (fp16, and fp32 at k = 64) + the tail mass (fp32), and the hidden states (bf16) on
   top when `--hidden` is asked for. The anchor: DistillKit's ~300 bytes per token (compressed) at top-k 128.
 - write throughput: response tokens per second of `write_cache` (teacher forward + top-k + files);
 - read throughput: response tokens per second of `TeacherCache.targets` for random batches of 8 examples;
 - KD step (`kd`, top_k = 64, batch 4 × 256): the teacher's targets from a live forward vs from the cache, then
-  the same student loss and backward; medians over --reps after a warm-up, side by side in one process.
+  the same student loss and backward; the ratio cache ÷ live per repetition.
 Needs ../shared/tools/real-models and ../shared/data/dolly.
 """
 
@@ -20,13 +23,28 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.harness
+
+from benchmarks.harness import Timing, interleaved, start_load  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("DUALKD_REAL_MODELS", Path.home() / ".cache" / "dualkd-real"))
 DATA = REPO.parent / "shared" / "data" / "dolly" / "train.jsonl"
+SETTINGS = ((16, "float16", False), (64, "float16", False), (64, "float32", False), (128, "float16", False),
+            (128, "float16", True))  # k, log-prob dtype, hidden states
+
+
+def _stats(values: list[float], fmt: str = "{:,.0f}") -> str:
+    v = sorted(values)
+    return " / ".join(fmt.format(x) for x in (v[0], statistics.median(v), v[-1]))
+
+
+def _shared(timing: Timing) -> str:
+    return "" if timing.quiet else " - SHARED MACHINE: these figures are not figures"
 
 
 def main() -> None:
@@ -35,6 +53,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="KD steps timed per side (default 3)")
     ap.add_argument("--batch-size", type=int, default=4)
     args = ap.parse_args()
+    start_load()
 
     import torch
 
@@ -60,24 +79,37 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="dualkd-bench-cache-"))
     print(f"SmolLM2-135M-Instruct teacher, {len(examples)} Dolly examples, {tokens} response tokens, "
           f"{torch.get_num_threads()} threads")
-    print("| k | log-probs | hidden | bytes/token | write tokens/s | read tokens/s |")
+    print("| k | log-probs | hidden | bytes/token | write tokens/s (min / median / max) | read tokens/s |")
     print("|---|---|---|---|---|---|")
     try:
-        for k, dtype, hidden in ((16, "float16", False), (64, "float16", False), (64, "float32", False),
-                                 (128, "float16", False), (128, "float16", True)):
+        def writer(k: int, dtype: str, hidden: bool):  # noqa: ANN202
             out = root / f"k{k}-{dtype}-{int(hidden)}"
-            t0 = time.perf_counter()
-            write_cache(out, teacher, examples, model, pad_id=pad_id(tokenizer), k=k, hidden=hidden,
-                        logprob_dtype=dtype, shard_examples=32, batch_size=8)
-            write_s = time.perf_counter() - t0
-            cache = TeacherCache(out)
-            rng = random.Random(0)
-            t0, read = time.perf_counter(), 0
-            for _ in range(50):
-                read += len(cache.targets(rng.sample(range(len(examples)), 8)))
-            read_s = time.perf_counter() - t0
-            print(f"| {k} | {dtype} | {'bf16' if hidden else '–'} | {cache.bytes_per_token():.0f} | "
-                  f"{tokens / write_s:,.0f} | {read / read_s:,.0f} |")
+
+            def write() -> Path:
+                shutil.rmtree(out, ignore_errors=True)
+                write_cache(out, teacher, examples, model, pad_id=pad_id(tokenizer), k=k, hidden=hidden,
+                            logprob_dtype=dtype, shard_examples=32, batch_size=8)
+                return out
+            return write
+
+        def reader(folder: Path):  # noqa: ANN202
+            def read() -> int:
+                cache, rng = TeacherCache(folder), random.Random(0)
+                return sum(len(cache.targets(rng.sample(range(len(examples)), 8))) for _ in range(50))
+            return read
+
+        writes = interleaved({c: writer(*c) for c in SETTINGS}, reps=args.reps, threads=torch.get_num_threads())
+        reads = interleaved({c: reader(writes.last[c]) for c in SETTINGS}, reps=args.reps,
+                            threads=torch.get_num_threads())
+        for c in SETTINGS:
+            k, dtype, hidden = c
+            write_rates = [tokens / sec for sec in writes.seconds[c]]
+            read_rates = [reads.last[c] / sec for sec in reads.seconds[c]]
+            size = TeacherCache(writes.last[c]).bytes_per_token()
+            print(f"| {k} | {dtype} | {'bf16' if hidden else '–'} | {size:.0f} | {_stats(write_rates)} | "
+                  f"{_stats(read_rates)} |")
+        print(f"(writes: load average {writes.load_before:.2f} before, {writes.load_after:.2f} after{_shared(writes)};"
+              f" reads: {reads.load_before:.2f}, {reads.load_after:.2f}{_shared(reads)})")
 
         # KD step from the live teacher vs from the cache, same batch, same loss
         live_obj = parts.objective
@@ -89,26 +121,22 @@ def main() -> None:
         cached = CachedTeacher(step_dir, tokenizer, dtype=torch.float32)
         cached.attach(torch.device("cpu"))
 
-        def step(from_cache: bool) -> None:
+        def step(source) -> None:  # noqa: ANN001
             b = ds.collate(longest)
             with torch.no_grad():  # the cache read counts in the cached step's time
-                out = live_obj.teacher_forward(cached if from_cache else teacher, b)
+                out = live_obj.teacher_forward(source, b)
             n = float(b.student.loss_mask.sum())
             loss, _ = module(b, out, StepNorm({"tokens": n}))
             loss.backward()
             parts.student.zero_grad(set_to_none=True)
 
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for side in (False, True):
-            step(side)  # warm-up
-        for _ in range(args.reps):
-            for side in (False, True):
-                t0 = time.perf_counter()
-                step(side)
-                times[side].append(time.perf_counter() - t0)
-        live, cached = statistics.median(times[False]), statistics.median(times[True])
-        print(f"\nKD step (top-64, batch {args.batch_size} x 256): live teacher {live:.2f} s, from cache "
-              f"{cached:.2f} s, ratio {cached / live:.2f}")
+        steps = interleaved({"live": lambda: step(teacher), "cache": lambda: step(cached)}, reps=args.reps,
+                            threads=torch.get_num_threads())
+        live, from_cache = steps.seconds["live"], steps.seconds["cache"]
+        print(f"\nKD step (top-64, batch {args.batch_size} x 256), s min / median / max: live teacher "
+              f"{_stats(live, '{:.2f}')}, from cache {_stats(from_cache, '{:.2f}')}, ratio cache / live "
+              f"{_stats([c / v for c, v in zip(from_cache, live)], '{:.2f}')} (load average {steps.load_before:.2f}"
+              f" before, {steps.load_after:.2f} after{_shared(steps)})")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

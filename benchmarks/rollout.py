@@ -1,14 +1,18 @@
 """Rollout speed: generated tokens/s of dualkd's batched, KV-cached sampling vs one sample at a time.
 
     python benchmarks/rollout.py                 # tiny random GPT-2, and SmolLM2-135M if the real models exist
-    python benchmarks/rollout.py --prompts 32 --new-tokens 64
+    python benchmarks/rollout.py --prompts 32 --new-tokens 64 --reps 5
 
-Three ways to sample the same prompts at temperature 1, side by side in one run:
+Three ways to sample the same prompts at temperature 1, in one process, interleaved in rotating order after a
+warm-up, --reps repetitions (benchmarks/harness.py); rates in generated tokens/s, min / median / max, and the
+speed-up per repetition:
 - dualkd: `dualkd.generate.sample_token_ids` (the engine used by `dualkd eval` and on-policy training):
   prompts of similar length batched (left padding), Hugging Face `generate` with the KV cache;
 - one at a time, KV cache: the same `generate`, one prompt per call;
 - naive loop: one prompt at a time, each new token from a full forward over the whole sequence (no cache).
-Every sample is forced to exactly --new-tokens tokens (no EOS stop) so all three do the same work.
+Every sample is forced to exactly --new-tokens tokens (no EOS stop) so all three do the same work per token;
+the one-at-a-time ways run on the first --sequential-prompts prompts (the naive loop on --naive-prompts: it is
+~30x slower on a real model). Prints a warning when the load average says the machine was shared.
 Needs ../shared/tools/real-models for the SmolLM2 case (skipped otherwise).
 """
 
@@ -16,10 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+import statistics
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.harness
+
+from benchmarks.harness import interleaved, start_load  # noqa: E402
 
 MODELS = Path(os.environ.get("DUALKD_REAL_MODELS", Path.home() / ".cache" / "dualkd-real"))
 
@@ -58,29 +67,31 @@ def batched(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, p
     return sum(map(len, out))
 
 
-def timed(fn) -> tuple[float, int]:
-    start = time.perf_counter()
-    n = fn()
-    return time.perf_counter() - start, n
+def _stats(values: list[float], fmt: str = "{:,.1f}") -> str:
+    v = sorted(values)
+    return " / ".join(fmt.format(x) for x in (v[0], statistics.median(v), v[-1]))
 
 
 def run_case(name: str, model: torch.nn.Module, prompts: list[list[int]], args: argparse.Namespace, pad: int) -> None:
     model.eval()
-    batched(model, prompts[:2], 2, pad, args.batch_size)  # warm-up
-    rows = []
-    sec, n = timed(lambda: batched(model, prompts, args.new_tokens, pad, args.batch_size))
-    rows.append((f"dualkd batched (batch {args.batch_size}), KV cache", n / sec))
-    k = min(len(prompts), args.sequential_prompts)
-    sec, n = timed(lambda: one_at_a_time(model, prompts[:k], args.new_tokens, pad))
-    rows.append((f"one at a time, KV cache ({k} prompts)", n / sec))
-    sec, n = timed(lambda: naive_loop(model, prompts[:k], args.new_tokens))
-    rows.append((f"naive loop, no cache ({k} prompts)", n / sec))
+    k, n = min(len(prompts), args.sequential_prompts), min(len(prompts), args.naive_prompts)
+    variants = {
+        f"dualkd batched (batch {args.batch_size}), KV cache": lambda: batched(model, prompts, args.new_tokens, pad,
+                                                                              args.batch_size),
+        f"one at a time, KV cache ({k} prompts)": lambda: one_at_a_time(model, prompts[:k], args.new_tokens, pad),
+        f"naive loop, no cache ({n} prompts)": lambda: naive_loop(model, prompts[:n], args.new_tokens),
+    }
+    timing = interleaved(variants, reps=args.reps, threads=torch.get_num_threads())
+    rates = {label: [timing.last[label] / s for s in timing.seconds[label]] for label in variants}
     print(f"\n{name}: {len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
-          f"{args.new_tokens} new tokens each")
-    for label, rate in rows:
-        print(f"  {label:44} {rate:9.1f} tok/s")
-    print(f"  speed-up over one at a time (cached): {rows[0][1] / rows[1][1]:.1f}x; "
-          f"over the naive loop: {rows[0][1] / rows[2][1]:.1f}x")
+          f"{args.new_tokens} new tokens each; tokens/s min / median / max over {args.reps} interleaved reps")
+    for label, r in rates.items():
+        print(f"  {label:44} {_stats(r)}")
+    ours, cached, naive = rates.values()
+    print(f"  speed-up over one at a time (cached): {_stats([a / b for a, b in zip(ours, cached)], '{:.1f}')}x; "
+          f"over the naive loop: {_stats([a / b for a, b in zip(ours, naive)], '{:.1f}')}x")
+    print(f"  load average {timing.load_before:.2f} before, {timing.load_after:.2f} after"
+          + ("" if timing.quiet else " - SHARED MACHINE: these figures are not figures"), flush=True)
 
 
 def main() -> None:
@@ -88,8 +99,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--sequential-prompts", type=int, default=8, help="prompts timed one at a time")
+    parser.add_argument("--sequential-prompts", type=int, default=8, help="prompts sampled one at a time, cached")
+    parser.add_argument("--naive-prompts", type=int, default=2, help="prompts of the naive loop")
+    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
+    start_load()
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32")
