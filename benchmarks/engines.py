@@ -11,8 +11,11 @@ launch line users
 type (`torchrun` for DDP on CPU, `accelerate launch --config_file configs/accelerate/<engine>.yaml` otherwise).
 Figures are medians over the steps after the first two (warm-up), read from each run's metrics.jsonl: step
 seconds, input tokens per second (global batch), the data/teacher/student/optimizer split, and the peak memory
-of the main process (max RSS on CPU, max allocated on GPU). Needs ../shared/tools/real-models and
-../shared/data/dolly.
+of the main process (max RSS on CPU, max allocated on GPU). Each engine is its own launch (several processes),
+so engines cannot be interleaved in one process as the other benchmarks' variants are: the steps of one run
+are its repetitions (step time min / median / max), and the load average is read at the start (it must be
+below 0.5: nothing else running) and after each run (a run's own processes make up to their count).
+Needs ../shared/tools/real-models and ../shared/data/dolly.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.harness
+
+from benchmarks.harness import QUIET_LOAD, load_average, start_load  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("DUALKD_REAL_MODELS", Path.home() / ".cache" / "dualkd-real"))
@@ -87,6 +94,7 @@ def run(engine: str, fused: str, args: argparse.Namespace, root: Path) -> dict[s
                                                                  "time/data", "time/teacher", "time/student",
                                                                  "time/optimizer")}
     med["loss_last"] = rows[-1]["loss"]
+    med["step_min"], med["step_max"] = min(r["step_time"] for r in rows), max(r["step_time"] for r in rows)
     return med
 
 
@@ -102,15 +110,17 @@ def main() -> None:
     ap.add_argument("--qwen2-vocab", action="store_true", help="instead of --student/--teacher: tiny random Qwen2 "
                     "models on the Qwen2 tokenizer (V = 151,936), where the logits dominate memory")
     args = ap.parse_args()
+    start = start_load()
     root = Path(tempfile.mkdtemp(prefix="dualkd-bench-engines-"))
     if args.qwen2_vocab:
         args.student, args.teacher = tiny_pair(root, MODELS / "tokenizers" / "qwen2")
     print(f"student {args.student}\nteacher {args.teacher}\nkd (fused {args.fused}), global batch 8 (2 processes "
           f"x 2 x 2; single: 1 x 2 x 4), max length {args.max_length}, {args.steps} steps, medians after 2 "
-          "warm-up steps\n")
-    print("| engine | fused | step s | tokens/s | data | teacher | student | optimizer | peak MiB (rank 0) "
-          "| last loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"warm-up steps; load average {start:.2f} at the start"
+          + ("" if start <= QUIET_LOAD else " - SHARED MACHINE: these figures are not figures") + "\n")
+    print("| engine | fused | step s (min / median / max) | tokens/s | data | teacher | student | optimizer "
+          "| peak MiB (rank 0) | last loss | load after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     peaks: dict[str, dict[str, float]] = {}
     for engine in args.engines.split(","):
         for fused in args.fused.split(","):
@@ -120,8 +130,9 @@ def main() -> None:
                 continue
             peaks.setdefault(engine, {})[fused] = m["peak_mem_mib"]
             split = [f"{m[f'time/{k}'] / m['step_time']:.0%}" for k in ("data", "teacher", "student", "optimizer")]
-            print(f"| {engine} | {fused} | {m['step_time']:.2f} | {m['tokens_per_s']:.0f} | " + " | ".join(split)
-                  + f" | {m['peak_mem_mib']:.0f} | {m['loss_last']:.4f} |", flush=True)
+            print(f"| {engine} | {fused} | {m['step_min']:.2f} / {m['step_time']:.2f} / {m['step_max']:.2f} | "
+                  f"{m['tokens_per_s']:.0f} | " + " | ".join(split)
+                  + f" | {m['peak_mem_mib']:.0f} | {m['loss_last']:.4f} | {load_average():.2f} |", flush=True)
     for engine, peak in peaks.items():
         if "on" in peak and "off" in peak:
             print(f"{engine}: peak memory, fused ÷ materialized logits: {peak['on'] / peak['off']:.2f}")
