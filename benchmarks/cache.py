@@ -22,25 +22,19 @@ import argparse
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.harness
 
-from benchmarks.harness import Timing, interleaved, start_load  # noqa: E402
+from benchmarks.harness import Timing, interleaved, spread, start_load  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("DUALKD_REAL_MODELS", Path.home() / ".cache" / "dualkd-real"))
 DATA = REPO.parent / "shared" / "data" / "dolly" / "train.jsonl"
 SETTINGS = ((16, "float16", False), (64, "float16", False), (64, "float32", False), (128, "float16", False),
             (128, "float16", True))  # k, log-prob dtype, hidden states
-
-
-def _stats(values: list[float], fmt: str = "{:,.0f}") -> str:
-    v = sorted(values)
-    return " / ".join(fmt.format(x) for x in (v[0], statistics.median(v), v[-1]))
 
 
 def _shared(timing: Timing) -> str:
@@ -106,8 +100,8 @@ def main() -> None:
             write_rates = [tokens / sec for sec in writes.seconds[c]]
             read_rates = [reads.last[c] / sec for sec in reads.seconds[c]]
             size = TeacherCache(writes.last[c]).bytes_per_token()
-            print(f"| {k} | {dtype} | {'bf16' if hidden else '–'} | {size:.0f} | {_stats(write_rates)} | "
-                  f"{_stats(read_rates)} |")
+            print(f"| {k} | {dtype} | {'bf16' if hidden else '–'} | {size:.0f} | {spread(write_rates, '{:,.0f}')} | "
+                  f"{spread(read_rates, '{:,.0f}')} |")
         print(f"(writes: load average {writes.load_before:.2f} before, {writes.load_after:.2f} after{_shared(writes)};"
               f" reads: {reads.load_before:.2f}, {reads.load_after:.2f}{_shared(reads)})")
 
@@ -134,8 +128,8 @@ def main() -> None:
                             threads=torch.get_num_threads())
         live, from_cache = steps.seconds["live"], steps.seconds["cache"]
         print(f"\nKD step (top-64, batch {args.batch_size} x 256), s min / median / max: live teacher "
-              f"{_stats(live, '{:.2f}')}, from cache {_stats(from_cache, '{:.2f}')}, ratio cache / live "
-              f"{_stats([c / v for c, v in zip(from_cache, live)], '{:.2f}')} (load average {steps.load_before:.2f}"
+              f"{spread(live, '{:.2f}')}, from cache {spread(from_cache, '{:.2f}')}, ratio cache / live "
+              f"{spread([c / v for c, v in zip(from_cache, live)], '{:.2f}')} (load average {steps.load_before:.2f}"
               f" before, {steps.load_after:.2f} after{_shared(steps)})")
     finally:
         shutil.rmtree(root, ignore_errors=True)

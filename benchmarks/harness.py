@@ -30,6 +30,12 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """'min / median / max' of repeated measurements (rates or seconds), each formatted with `fmt`."""
+    v = sorted(values)
+    return " / ".join(fmt.format(x) for x in (v[0], statistics.median(v), v[-1]))
+
 _START_LOAD = [float("inf")]
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.harness
 
-from benchmarks.harness import interleaved, start_load  # noqa: E402
+from benchmarks.harness import interleaved, spread, start_load  # noqa: E402
 
 MODELS = Path(os.environ.get("DUALKD_REAL_MODELS", Path.home() / ".cache" / "dualkd-real"))
 
@@ -67,11 +66,6 @@ def batched(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, p
     return sum(map(len, out))
 
 
-def _stats(values: list[float], fmt: str = "{:,.1f}") -> str:
-    v = sorted(values)
-    return " / ".join(fmt.format(x) for x in (v[0], statistics.median(v), v[-1]))
-
-
 def run_case(name: str, model: torch.nn.Module, prompts: list[list[int]], args: argparse.Namespace, pad: int) -> None:
     model.eval()
     k, n = min(len(prompts), args.sequential_prompts), min(len(prompts), args.naive_prompts)
@@ -86,10 +80,10 @@ def run_case(name: str, model: torch.nn.Module, prompts: list[list[int]], args: 
     print(f"\n{name}: {len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
           f"{args.new_tokens} new tokens each; tokens/s min / median / max over {args.reps} interleaved reps")
     for label, r in rates.items():
-        print(f"  {label:44} {_stats(r)}")
+        print(f"  {label:44} {spread(r, '{:,.1f}')}")
     ours, cached, naive = rates.values()
-    print(f"  speed-up over one at a time (cached): {_stats([a / b for a, b in zip(ours, cached)], '{:.1f}')}x; "
-          f"over the naive loop: {_stats([a / b for a, b in zip(ours, naive)], '{:.1f}')}x")
+    print(f"  speed-up over one at a time (cached): {spread([a / b for a, b in zip(ours, cached)], '{:.1f}')}x; "
+          f"over the naive loop: {spread([a / b for a, b in zip(ours, naive)], '{:.1f}')}x")
     print(f"  load average {timing.load_before:.2f} before, {timing.load_after:.2f} after"
           + ("" if timing.quiet else " - SHARED MACHINE: these figures are not figures"), flush=True)
 
