@@ -5,9 +5,10 @@ Distillation Loss for LLMs", arXiv 2402.12030), as re-implemented in DSKD (metho
     ULD = Σ_v | sort↓(softmax(z_s))_v - sort↓(softmax(z_t))_v |      (the smaller vocabulary zero-padded)
     L = (1 - r)·CE(z_s, y) + r·ULD,   both summed over positions and divided by the response tokens
 
-No temperature (as in the paper). The sorted distributions need whole rows, so the loss runs in chunks of
-positions under activation checkpointing: a chunk's [c, V] tensors exist only while that chunk is computed
-(and recomputed in backward). Unlike the official code, label tensors are not modified in place.
+No temperature (as in the paper). The distance runs fused (`losses/sorted_l1.py`): chunks of positions, the
+teacher's side as its top-V_s probabilities (a partial sort) and the mass below them, the gradient computed
+analytically in the same pass, so no [P, V] tensor outlives its chunk and no sort runs twice. Unlike the
+official code, label tensors are not modified in place.
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ from functools import partial
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from dualkd.data.collate import Batch, ModelBatch
 from dualkd.lm import check_head_is_linear, lm_forward, through_head
-from dualkd.losses.divergences import upcast
-from dualkd.losses.fused import default_chunk_size, fused_cross_entropy
+from dualkd.losses.fused import fused_cross_entropy
+from dualkd.losses.sorted_l1 import fused_sorted_l1
 from dualkd.methods.base import Objective, SetupContext, StepNorm
 from dualkd.methods.common import DistillationConfig
 from dualkd.teachers import Teacher
@@ -34,7 +33,7 @@ from dualkd.teachers import Teacher
 class ULDConfig(DistillationConfig):
     name: Literal["uld"] = "uld"
     chunk_size: int | None = Field(None, ge=1)
-    """Positions per checkpointed chunk (None: about 16M logits per chunk)."""
+    """Positions per chunk of the distance (None: about 16M logits per chunk)."""
 
 
 @dataclass
@@ -58,16 +57,6 @@ def positional_pairs(student_mask: Tensor, teacher_mask: Tensor) -> tuple[Tensor
         t_pos.append(t[:n])
     return torch.cat(b_idx), torch.cat(s_pos), torch.cat(t_pos)
 
-
-def _sorted_l1(h_s: Tensor, w_s: Tensor, b_s: Tensor | None, h_t: Tensor, w_t: Tensor, b_t: Tensor | None
-               ) -> Tensor:
-    q = torch.softmax(upcast(F.linear(h_s, w_s, b_s)), dim=-1).sort(dim=-1, descending=True).values
-    with torch.no_grad():
-        p = torch.softmax(upcast(F.linear(h_t, w_t, b_t)), dim=-1).sort(dim=-1, descending=True).values
-    width = max(q.shape[-1], p.shape[-1])
-    q = F.pad(q, (0, width - q.shape[-1]))
-    p = F.pad(p, (0, width - p.shape[-1]))
-    return (q - p).abs().sum()
 
 
 class ULD(Objective):
@@ -102,12 +91,8 @@ class ULD(Objective):
         ce, hits = fused_cross_entropy(hidden, w_s, tokens.labels, bias=b_s, mask=tokens.loss_mask,
                                        chunk_size=self.config.chunk_size)
         h_s = hidden[teacher.batch_index, teacher.student_pos]  # [P, d_s]
-        step = self.config.chunk_size or default_chunk_size(max(h_s.shape[0], 1), teacher.head.shape[0])
-        uld = h_s.new_zeros((), dtype=torch.promote_types(h_s.dtype, torch.float32))
-        for start in range(0, h_s.shape[0], step):
-            rows = slice(start, start + step)
-            uld = uld + checkpoint(_sorted_l1, h_s[rows], w_s, b_s, teacher.hidden[rows], teacher.head,
-                                   teacher.bias, use_reentrant=False)
+        uld = fused_sorted_l1(h_s, w_s, teacher.hidden, teacher.head, student_bias=b_s, teacher_bias=teacher.bias,
+                              chunk_size=self.config.chunk_size)
         n = norm["tokens"]
         ce, uld = ce / n, uld / n
         loss = (1 - self.config.kd_rate) * norm.ce_weight * ce + self.config.kd_rate * uld
