@@ -71,7 +71,7 @@ def main() -> None:
             loss = loss_fn(h)
             loss.backward()
             ws.grad = None
-            return float(loss)
+            return float(loss.detach())
         return go
 
     timing = interleaved({
