@@ -62,7 +62,7 @@ def _run_chunks(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tenso
             del diff, rank_to_id, t
             dz = g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)  # ∂D/∂z = q ⊙ (g − Σ q⊙g), in g's buffer
             if want_h:
-                grad_h[rows] = (dz.to(ws.dtype) @ ws)
+                grad_h[rows] = dz.to(ws.dtype) @ ws
             if want_w:
                 grad_w.addmm_(dz.t(), upcast(h).to(acc))
             if want_b:
