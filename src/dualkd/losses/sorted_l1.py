@@ -40,7 +40,8 @@ def _teacher_side(h_t: Tensor, w_t: Tensor, b_t: Tensor | None, width: int, acc:
 
 def _run_chunks(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
                 chunk_size: int, want: tuple[bool, bool, bool]) -> tuple[Tensor, list[Tensor | None]]:
-    """The summed distance over the rows and the gradients asked for by `want` (hidden, head, bias)."""
+    """The summed distance over the rows and the gradients asked for by `want` (hidden, head, bias). Runs
+    inside `_SortedL1.forward`, where autograd records nothing."""
     want_h, want_w, want_b = want
     acc = torch.promote_types(hs.dtype, torch.float32)
     total = torch.zeros((), dtype=acc, device=hs.device)
@@ -50,23 +51,22 @@ def _run_chunks(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tenso
     for start in range(0, hs.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         h = hs[rows]
-        with torch.no_grad():
-            t, rest = _teacher_side(ht[rows], wt, bt, ws.shape[0], acc)  # [c, V_s], [c]
-            q = torch.softmax(upcast(F.linear(h, ws, bs)).to(acc), dim=-1)  # [c, V_s]
-            q_sorted, rank_to_id = q.sort(dim=-1, descending=True)
-            diff = q_sorted.sub_(t)
-            total += diff.abs().sum() + rest.sum()
-            if not any(want):
-                continue
-            g = torch.empty_like(q).scatter_(-1, rank_to_id, diff.sign_())  # ∂D/∂q, [c, V_s]
-            del diff, rank_to_id, t
-            dz = g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)  # ∂D/∂z = q ⊙ (g − Σ q⊙g), in g's buffer
-            if want_h:
-                grad_h[rows] = dz.to(ws.dtype) @ ws
-            if want_w:
-                grad_w.addmm_(dz.t(), upcast(h).to(acc))
-            if want_b:
-                grad_b += dz.sum(0)
+        t, rest = _teacher_side(ht[rows], wt, bt, ws.shape[0], acc)  # [c, V_s], [c]
+        q = torch.softmax(upcast(F.linear(h, ws, bs)).to(acc), dim=-1)  # [c, V_s]
+        q_sorted, rank_to_id = q.sort(dim=-1, descending=True)
+        diff = q_sorted.sub_(t)
+        total += diff.abs().sum() + rest.sum()
+        if not any(want):
+            continue
+        g = torch.empty_like(q).scatter_(-1, rank_to_id, diff.sign_())  # ∂D/∂q, [c, V_s]
+        del diff, rank_to_id, t
+        dz = g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)  # ∂D/∂z = q ⊙ (g − Σ q⊙g), in g's buffer
+        if want_h:
+            grad_h[rows] = dz.to(ws.dtype) @ ws
+        if want_w:
+            grad_w.addmm_(dz.t(), upcast(h).to(acc))
+        if want_b:
+            grad_b += dz.sum(0)
     grads = [grad_h, grad_w.to(ws.dtype) if grad_w is not None else None,
              grad_b.to(bs.dtype) if grad_b is not None and bs is not None else None]
     return total, grads
