@@ -218,3 +218,37 @@ def test_head_readers_under_sharding_engines(engine: str, case: str, tmp_path: P
                    capture_output=True)
     _check_engine(engine, "sharded", tmp_path, tmp_path / "single", train_file, dev_file, teacher, student_dir,
                   objective)
+
+
+class _Payload:
+    """A pickle that runs a command when unpickled (what an attacker would plant)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.distributed
+@needs_deepspeed
+def test_a_planted_pickle_in_a_deepspeed_checkpoint_never_runs(tmp_path: Path, train_file: Path, dev_file: Path,
+                                                               teacher_dir: Path, student_dir: Path) -> None:
+    """The manifest beside DeepSpeed's files is rewritten too (whoever can plant a file can): the resume must
+    still refuse, naming the file, and nothing in it may run."""
+    from dualkd.train.checkpoint import write_manifest
+
+    cfg = _write(tmp_path, "zero2", train_file, student_dir, teacher_dir, micro=2, accum=2, dev_file=dev_file)
+    _launch("zero2", "train", str(cfg), "optimization.max_steps=3")
+    folder = tmp_path / "zero2" / "checkpoints" / "step-00000003" / "deepspeed"
+    target = next((folder / "state").glob("zero_pp_rank_0_*optim_states.pt"))
+    state = torch.load(target, weights_only=False)  # our own file, written by this test's run
+    marker = tmp_path / "PWNED"
+    state["planted"] = _Payload(marker)
+    torch.save(state, target)
+    write_manifest(folder)
+    done = subprocess.run([*ENGINES["zero2"], "-m", "dualkd.cli", "train", str(cfg), "optimization.max_steps=6",
+                           "--resume-with-changes"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "unsupported GLOBAL posix.system" in done.stderr and target.name in done.stderr
+    assert not marker.exists()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dualkd import __version__
-from dualkd.errors import DualKDError
+from dualkd.errors import ConfigError, DualKDError
 
 if TYPE_CHECKING:
     from dualkd.config import GenerationConfig
@@ -35,6 +35,8 @@ class _ResumeAction(argparse.Action):
         if value is True or value == "auto":
             setattr(namespace, self.dest, value)
             return
+        if "=" not in value:
+            parser.error(f"--resume takes no value, or `auto`; got {value!r}")
         setattr(namespace, self.dest, True)
         namespace.overrides_after_resume = [*getattr(namespace, "overrides_after_resume", []), value]
 
@@ -70,11 +72,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number ≥ 1 (counts, sizes, k)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed here: give a number ≥ 1")
+    return value
+
+
 def _cmd_methods_table(args: argparse.Namespace) -> int:
     from dualkd.methods_table import run_methods_table
 
-    run_methods_table(args.output_dir, quick=args.quick, rows=args.rows, doc=None if args.no_doc else args.doc,
-                      report_only=args.report_only, record=None if args.no_record else args.record)
+    run_methods_table(args.output_dir, quick=args.quick, rows=args.rows, doc=args.doc, report_only=args.report_only,
+                      record=args.record)
     return 0
 
 
@@ -97,11 +110,12 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, help="top-k sampling (default 0: off)")
     g.add_argument("--no-repeat-ngram-size", type=int,
                    help="block repeated n-grams (default 6, what the papers' test scripts used; 0 with --translation)")
-    g.add_argument("--num-beams", type=int, help="beam search width (>1 decodes with beams, no sampling)")
-    g.add_argument("--max-length", type=int, help="prompt + response tokens (default 512)")
-    g.add_argument("--max-prompt-length", type=int, help="prompt tokens kept (default 256)")
-    g.add_argument("--max-new-tokens", type=int, help="cap on new tokens (default: max-length - max-prompt-length)")
-    g.add_argument("--batch-size", type=int, help="prompts per batch (default 16)")
+    g.add_argument("--num-beams", type=_positive_int, help="beam search width (>1 decodes with beams, no sampling)")
+    g.add_argument("--max-length", type=_positive_int, help="prompt + response tokens (default 512)")
+    g.add_argument("--max-prompt-length", type=_positive_int, help="prompt tokens kept (default 256)")
+    g.add_argument("--max-new-tokens", type=_positive_int,
+                   help="cap on new tokens (default: max-length - max-prompt-length)")
+    g.add_argument("--batch-size", type=_positive_int, help="prompts per batch (default 16)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--translation", metavar="SRC:TGT",
                    help="test files are language pairs such as {\"de\": ..., \"en\": ...}: translate SRC to TGT, "
@@ -233,7 +247,8 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()  # per-file loading bars
     cfg = load_config(args.config, args.overrides)
     manifests = cache_teacher(cfg, args.out, k=args.top_k, hidden=args.hidden, logprob_dtype=args.logprob_dtype,
-                              shard_examples=args.shard_examples, batch_size=args.batch_size)
+                              shard_examples=args.shard_examples, batch_size=args.batch_size,
+                              overwrite=args.overwrite)
     for split, manifest in zip(("train", "dev"), manifests):
         print(f"{Path(args.out) / split}: {manifest['examples']} examples, top-{args.top_k}"
               + (", hidden states" if args.hidden else "") + f", {len(manifest['complete'])} shards")
@@ -261,8 +276,11 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from dualkd.prune import prune_folder
 
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    out = prune_folder(args.model, args.out, keep=args.keep, layers=layers)
+    try:
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    except ValueError:
+        raise ConfigError(f"--layers {args.layers}: block indices separated by commas, e.g. 0,3,5,11") from None
+    out = prune_folder(args.model, args.out, keep=args.keep, layers=layers, overwrite=args.overwrite)
     info = json.loads((out / "pruned.json").read_text())
     print(f"{out}: {len(info['kept_layers'])} of {info['source_layers']} blocks kept {info['kept_layers']}, "
           f"{info['parameters'] / 1e6:.1f}M parameters")
@@ -306,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="jsonl in any supported format (prompt/output, alpaca, messages)")
     p.add_argument("--out", required=True, help="output jsonl")
     p.add_argument("--seed", type=int, default=10, help="sampling seed (default 10)")
-    p.add_argument("--max-examples", type=int, help="only the first N examples")
+    p.add_argument("--max-examples", type=_positive_int, help="only the first N examples")
     _add_generation_options(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -319,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dolly, self_inst, vicuna, sinst and uinst (first 10,000) test sets under --data-dir")
     p.add_argument("--data-dir", help="folder with <set>/test.jsonl for --suite")
     p.add_argument("--seeds", default="10,20,30,40,50", help="comma-separated sampling seeds")
-    p.add_argument("--max-examples", type=int, help="only the first N examples of each set")
+    p.add_argument("--max-examples", type=_positive_int, help="only the first N examples of each set")
     p.add_argument("--out", help="output folder (default: <run>/eval)")
     p.add_argument("--rescore", metavar="EVAL_DIR", help="recompute the scores of an evaluation from its generations")
     _add_generation_options(p)
@@ -334,11 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "corpus. The folder loads with AutoTokenizer and has EOS/BOS/PAD tokens.")
     t.add_argument("files", nargs="+", help="jsonl files")
     t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size (default 8000)")
+    t.add_argument("--vocab-size", type=_positive_int, default=8000, help="vocabulary size (default 8000)")
     t.add_argument("--style", choices=["metaspace", "byte_level"], default="metaspace",
                    help="metaspace: SentencePiece-like with byte fallback (default); byte_level: GPT-2-like")
     t.add_argument("--fields", help="comma-separated string fields to read (default: prompts and responses)")
-    t.add_argument("--max-examples", type=int, help="only the first N records of each file")
+    t.add_argument("--max-examples", type=_positive_int, help="only the first N records of each file")
     t.set_defaults(func=_cmd_tokenizer_train)
 
     p = sub.add_parser("preference", help="preference data tools: `dualkd preference build`",
@@ -351,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", required=True, help="jsonl instruction set (prompt/output, alpaca or messages)")
     b.add_argument("--out", required=True, help="output jsonl of preference pairs")
     b.add_argument("--seed", type=int, default=10, help="sampling seed (default 10)")
-    b.add_argument("--max-examples", type=int, help="only the first N examples")
+    b.add_argument("--max-examples", type=_positive_int, help="only the first N examples")
     _add_generation_options(b)
     b.set_defaults(func=_cmd_preference_build)
 
@@ -364,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="the reference model of the implicit reward (DPO's start)")
     p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward (default 0.1)")
     p.add_argument("--seed", type=int, default=10, help="sampling seed (default 10)")
-    p.add_argument("--max-examples", type=int, help="only the first N pairs")
+    p.add_argument("--max-examples", type=_positive_int, help="only the first N pairs")
     p.add_argument("--out", help="output folder (default: <model>/align-eval)")
     _add_generation_options(p)
     p.set_defaults(func=_cmd_align_eval)
@@ -379,11 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the judge model's name at the endpoint")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--cache", default="judge-cache.jsonl", help="answer cache (jsonl; default ./judge-cache.jsonl)")
-    p.add_argument("--max-requests", type=int, help="stop after sending this many requests (retries count)")
+    p.add_argument("--max-requests", type=_positive_int, help="stop after sending this many requests (retries count)")
     p.add_argument("--retries", type=int, default=4, help="retries per request on timeouts, 429 and 5xx")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--one-order", action="store_true", help="judge each pair once (candidate first)")
-    p.add_argument("--max-examples", type=int, help="only the first N candidate prompts")
+    p.add_argument("--max-examples", type=_positive_int, help="only the first N candidate prompts")
     p.add_argument("--out", help="write the full result (per-prompt votes) as JSON here")
     p.set_defaults(func=_cmd_judge)
 
@@ -394,13 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Resumable: rerun to continue after a crash.")
     p.add_argument("config", help="the run config whose teacher and data to cache")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.add_argument("--out", required=True, help="cache folder")
-    p.add_argument("--top-k", type=int, default=64, help="tokens kept per position (default 64)")
+    p.add_argument("--out", required=True, help="cache folder (new, empty, or a cache to resume)")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it holds something else")
+    p.add_argument("--top-k", type=_positive_int, default=64, help="tokens kept per position (default 64)")
     p.add_argument("--hidden", action="store_true", help="also keep the teacher's last hidden states (bf16)")
     p.add_argument("--logprob-dtype", choices=["float16", "float32"], default="float16",
                    help="storage of the top-k log-probabilities (default float16)")
-    p.add_argument("--shard-examples", type=int, default=1024, help="examples per shard (default 1024)")
-    p.add_argument("--batch-size", type=int, default=8, help="teacher batch size (default 8)")
+    p.add_argument("--shard-examples", type=_positive_int, default=1024, help="examples per shard (default 1024)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="teacher batch size (default 8)")
     p.set_defaults(func=_cmd_cache_teacher)
 
     p = sub.add_parser("likelihood", help="CE per response token and bits per byte of a model on a dataset",
@@ -409,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "across tokenizers). Whole responses, never truncated.")
     p.add_argument("model", help="a model folder or run directory")
     p.add_argument("--data", required=True, help="jsonl file with reference responses")
-    p.add_argument("--max-examples", type=int, help="the first N examples only")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-examples", type=_positive_int, help="the first N examples only")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--out", help="also write the result to this json file")
     p.set_defaults(func=_cmd_likelihood)
@@ -420,9 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "blocks (first and last included) or the named ones, and write the smaller "
                                    "model with the source's tokenizer.")
     p.add_argument("model", help="a causal LM folder (safetensors)")
-    p.add_argument("--out", required=True, help="the pruned model's folder")
+    p.add_argument("--out", required=True, help="the pruned model's folder (new, empty, or an earlier pruned model)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it holds something else")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--keep", type=int, help="number of blocks to keep, evenly spaced")
+    group.add_argument("--keep", type=_positive_int, help="number of blocks to keep, evenly spaced")
     group.add_argument("--layers", help="comma-separated block indices to keep (from 0)")
     p.set_defaults(func=_cmd_prune)
 
@@ -452,12 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "thread).")
     p.add_argument("--output-dir", default="runs/methods-table", help="runs and results (default: runs/methods-table)")
     p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
-    p.add_argument("--doc", default="docs/methods-table.md", help="the document whose generated part is rewritten")
-    p.add_argument("--no-doc", action="store_true", help="write results.json only")
-    p.add_argument("--record", default="benchmarks/results/methods-table",
-                   help="keeps each finished run's dev curve, summary and scores (commit it: a table continues on "
-                        "another machine without redoing them)")
-    p.add_argument("--no-record", action="store_true", help="keep results in the output folder only")
+    p.add_argument("--doc", help="also rewrite the generated part of this document (in a checkout: "
+                                 "docs/methods-table.md); default: only <output-dir>/methods-table.md")
+    p.add_argument("--record", help="a folder that keeps each finished run's dev curve, summary and scores (in a "
+                                    "checkout: benchmarks/results/methods-table, committed so a table continues on "
+                                    "another machine without redoing them); default: none")
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the table of the runs that are finished")
     p.add_argument("--quick", action="store_true", help="a few steps per run and a small test set (a smoke test)")

@@ -24,7 +24,7 @@ from dualkd.generate import GenerationConfig
 from dualkd.methods import ObjectiveConfig
 from dualkd.methods.sft import SFTConfig
 from dualkd.models import LoraConfig, ModelConfig, TeacherConfig, TokenizerTrainConfig
-from dualkd.schema import StrictModel, format_validation_error
+from dualkd.schema import AutoOnOff, StrictModel, format_validation_error
 from dualkd.train.sources import (
     OffPolicyConfig,
     OnPolicyConfig,
@@ -101,7 +101,7 @@ class LoggingConfig(StrictModel):
     """Console/TensorBoard log interval (metrics.jsonl gets every step)."""
     tensorboard: bool = True
     """Write TensorBoard event files under `<output_dir>/tensorboard`."""
-    progress_bar: Literal["auto", "on", "off"] = "auto"
+    progress_bar: AutoOnOff = "auto"
     """Rich progress bar with ETA (`auto`: only on a terminal)."""
 
 

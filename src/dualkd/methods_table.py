@@ -303,11 +303,13 @@ class Bench:
 
 
 def run_methods_table(output_dir: str | Path = "runs/methods-table", quick: bool = False,
-                      rows: Sequence[str] | None = None, doc: str | Path | None = "docs/methods-table.md",
+                      rows: Sequence[str] | None = None, doc: str | Path | None = None,
                       report_only: bool = False, record: str | Path | None = None) -> Path:
-    """Train and score every row (resumable); write the table; returns the results file. `report_only`: train
-    and evaluate nothing, write the table of what is finished (rows with fewer seeds say how many). `record`:
-    the folder that keeps finished runs' results across machines (Bench.record)."""
+    """Train and score every row (resumable); write the table to `<output_dir>/methods-table.md` (and to `doc`,
+    a document whose generated part is rewritten, only when given); returns the results file. `report_only`:
+    train and evaluate nothing, write the table of what is finished (rows with fewer seeds say how many).
+    `record`: the folder that keeps finished runs' results across machines (Bench.record). Nothing outside
+    `output_dir` is written unless named: a smoke run never rewrites a committed document."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True, soft_wrap=True)
@@ -317,12 +319,13 @@ def run_methods_table(output_dir: str | Path = "runs/methods-table", quick: bool
         raise ConfigError(f"--rows: unknown rows {sorted(set(rows) - set(_BY_NAME))}; known: {list(_BY_NAME)}")
     order = sorted(chosen, key=lambda r: (r.base is not None,
                                           _FIRST.index(r.name) if r.name in _FIRST else len(_FIRST)))
-    command = f"dualkd methods-table --output-dir {out}" + (" --quick" * quick)
+    command = (f"dualkd methods-table --output-dir {out}" + (" --quick" * quick)
+               + (f" --record {record}" if record is not None else "") + (f" --doc {doc}" if doc is not None else ""))
     if report_only:
         results = {row.name: bench.finished(row) for row in order}
         write_text_atomic(out / "results.json", json.dumps(results, indent=2))
-        if doc is not None:
-            write_doc(results, Path(doc), command=command + " --report-only", expected=len(bench.seeds))
+        for target in [out / "methods-table.md", *([Path(doc)] if doc is not None else [])]:
+            write_doc(results, target, command=command + " --report-only", expected=len(bench.seeds))
         return out / "results.json"
     started = time.perf_counter()
     lrs = {row.name: bench.chosen_lr(row) for row in order}  # the grids first: every row gets a first figure
@@ -338,8 +341,8 @@ def run_methods_table(output_dir: str | Path = "runs/methods-table", quick: bool
                              "base": row.base}
         write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     console.print(f"methods table: {len(order)} rows in {(time.perf_counter() - started) / 60:.1f} min")
-    if doc is not None:
-        write_doc(results, Path(doc), command=command, expected=len(bench.seeds))
+    for target in [out / "methods-table.md", *([Path(doc)] if doc is not None else [])]:
+        write_doc(results, target, command=command, expected=len(bench.seeds))
     return out / "results.json"
 
 

@@ -26,7 +26,8 @@ from dualkd.atomic import replace_dir
 from dualkd.data.tokenizers import train_tokenizer
 from dualkd.errors import ModelError
 from dualkd.lm import is_seq2seq
-from dualkd.schema import HomePath, StrictModel
+from dualkd.outputs import claim, mark
+from dualkd.schema import HomePath, ServerURL, StrictModel
 
 # ----------------------------------------------------------------------------------------------- configs
 
@@ -114,7 +115,7 @@ class TeacherServer(StrictModel):
     """An inference server that scores given tokens (teachers/served.py): llama.cpp's Python server, e.g.
     `python -m llama_cpp.server --model teacher.gguf --port 8080`."""
 
-    url: str
+    url: ServerURL
     """The server's address, e.g. http://127.0.0.1:8080 (OpenAI-compatible: /v1/completions, /extras/tokenize)."""
     top_k: int = Field(64, ge=1)
     """Top-k log-probabilities per position: `kd` trains with the sparse top-k loss at this k."""
@@ -122,12 +123,15 @@ class TeacherServer(StrictModel):
     """Extra entries asked for, so that entries the server names ambiguously (by a string several tokens print
     as) can be passed over while k placeable ones remain."""
     timeout_s: float = Field(120.0, gt=0)
-    """Seconds one request may take before it is retried."""
+    """Seconds one request may take in all (however slowly its answer arrives) before it is retried."""
     retries: int = Field(3, ge=0)
     """Retries of a failed request (backoff_s, 2 backoff_s, ... apart), then the run stops with a checkpoint."""
     backoff_s: float = Field(1.0, ge=0)
     concurrency: int = Field(4, ge=1)
     """Requests in flight at once, working ahead of the training loop."""
+    max_answer_mib: float = Field(64.0, gt=0)
+    """The largest answer read (a top-k answer takes ~30 bytes per entry: 2,048 positions at k 64 ~ 4 MiB); a
+    larger one stops the run instead of filling the memory."""
     cache_dir: HomePath | None = None
     """Where scored sequences are kept on disk (by server model, sequence and k); default
     `<output_dir>/teacher-server-cache`."""
@@ -389,13 +393,14 @@ def same_vocabulary(tokenizer_a: Any, tokenizer_b: Any) -> bool:
     return len(tokenizer_a) == len(tokenizer_b) and tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
 
 
-def export_model(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+def export_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write a folder that plain transformers loads: save_pretrained (safetensors) + tokenizer, atomically.
+    An existing folder is replaced only if it is an earlier export, empty, or `overwrite` (outputs.py).
 
     A LoRA student is written merged (a plain model), with its adapter alone in `adapter/`. Merging
     changes the module in place, so call this on a LoRA model only when training is over.
     """
-    out = Path(out_dir)
+    out = claim(out_dir, "model", overwrite=overwrite)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -405,6 +410,7 @@ def export_model(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
         model = model.merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True, state_dict=_attribute_state_dict(model))
     tokenizer.save_pretrained(tmp)
+    mark(tmp, "model")
     replace_dir(tmp, out)
     return out
 

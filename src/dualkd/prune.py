@@ -27,6 +27,7 @@ from torch import nn
 from dualkd.atomic import write_text_atomic
 from dualkd.errors import ConfigError, ModelError
 from dualkd.models import export_model
+from dualkd.outputs import claim
 
 # per-layer lists of a config (one entry per block) that are cut with the blocks
 PER_LAYER_FIELDS = ("layer_types",)
@@ -94,9 +95,10 @@ def prune_layers(model: nn.Module, layers: list[int]) -> nn.Module:
 
 
 def prune_folder(source: str | Path, out: str | Path, keep: int | None = None,
-                 layers: list[int] | None = None) -> Path:
+                 layers: list[int] | None = None, overwrite: bool = False) -> Path:
     """Load a causal LM folder (safetensors), keep `layers` (or `keep` evenly spaced blocks) and write the pruned
-    model with the source's tokenizer to `out`; returns `out`."""
+    model with the source's tokenizer to `out`; returns `out`. `out` must be new, empty or an earlier pruned
+    model, unless `overwrite`; never the source or a folder holding it (outputs.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (keep is None) == (layers is None):
@@ -104,12 +106,13 @@ def prune_folder(source: str | Path, out: str | Path, keep: int | None = None,
     source = Path(source).expanduser()
     if not (source / "config.json").is_file():
         raise ModelError(f"prune: {source} is not a model folder (no config.json)")
+    claim(out, "model", overwrite=overwrite, source=source)  # before minutes of loading
     model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(source)
     n = model.config.num_hidden_layers
     chosen = evenly_spaced(n, keep) if keep is not None else list(layers or [])
     pruned = prune_layers(model, chosen)
-    out = export_model(pruned, tokenizer, out)
+    out = export_model(pruned, tokenizer, out, overwrite=True)  # claimed above
     params = sum(p.numel() for p in pruned.parameters())
     write_text_atomic(out / "pruned.json", json.dumps(
         {"source": str(source), "source_layers": n, "kept_layers": chosen, "parameters": params}, indent=2))

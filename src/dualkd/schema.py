@@ -10,9 +10,10 @@ import difflib
 import os
 import types
 import typing
+import urllib.parse
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 
 class StrictModel(BaseModel):
@@ -27,6 +28,37 @@ def _expand_home(value: str) -> str:
 
 HomePath = Annotated[str, AfterValidator(_expand_home)]
 """A path in a config: a leading `~` is the user's home folder."""
+
+
+def server_root(url: str) -> str:
+    """`url` as a server's root address (no trailing slash), or ValueError saying what is wrong with it: no
+    http(s) scheme, an OpenAI client's `.../v1` base, a query, a malformed port."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{url!r} is not an http(s) address; write it as http://HOST:PORT (e.g. "
+                         "http://127.0.0.1:8080)")
+    if parsed.path.rstrip("/").endswith("/v1"):
+        raise ValueError(f"{url!r} ends in /v1, an OpenAI client's base URL; give the server's root "
+                         f"({url.rstrip('/')[:-3]}): dualkd calls both /v1/completions and /extras/tokenize")
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"{url!r} has a query or fragment; write it as http://HOST:PORT")
+    try:
+        parsed.port  # noqa: B018 (raises on a malformed port)
+    except ValueError as e:
+        raise ValueError(f"{url!r}: {e}") from None
+    return url.rstrip("/")
+
+
+ServerURL = Annotated[str, AfterValidator(server_root)]
+
+
+def _on_off(value: Any) -> Any:
+    return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
+
+
+AutoOnOff = Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)]
+"""`auto`, `on` or `off`; YAML reads an unquoted on/off as true/false, which mean the same here."""
+"""The root address of an inference server (see `server_root`)."""
 
 
 def format_validation_error(err: ValidationError, source: str, root: type[BaseModel]) -> str:

@@ -33,6 +33,9 @@ def response_likelihood(model: Any, tokenizer: Any, examples: Sequence[Example],
     tokenized = tokenize_examples(list(examples), tokenizer, TruncationRules(positions + 1, None))
     for ex, item in zip(examples, tokenized):
         if isinstance(item, DataError):
+            if "leaves no room for a response" in str(item):  # the data's message names training's setting
+                raise DataError(f"{ex.where}: the prompt alone is longer than the model's {positions} positions; "
+                                "likelihoods are computed on whole examples (this command truncates nothing)")
             raise item
         if len(item.ids) > positions:
             raise DataError(f"{ex.where}: {len(item.ids)} tokens, more than the model's {positions} positions; "

@@ -38,12 +38,13 @@ from dualkd.losses.sparse import TopKTargets, sparse_kl
 from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
 from dualkd.methods.common import DivergenceChoice, TeacherRows, head_rows_of
 from dualkd.models import head_rows, shared_vocab_size
+from dualkd.schema import AutoOnOff
 from dualkd.teachers import Teacher
 
 
 class KDConfig(DivergenceChoice):
     name: Literal["kd"] = "kd"
-    fused: Literal["auto", "on", "off"] = "auto"
+    fused: AutoOnOff = "auto"
     """Chunked loss from hidden states (never materializes [N, V] logits). `auto`: when the vocabulary has at
     least `fused_min_vocab` rows."""
     fused_min_vocab: int = Field(32000, ge=1)
@@ -79,6 +80,14 @@ class KD(Objective):
         if teacher.k is not None:  # a teacher that only knows its top k (a cache): those are the targets
             if self.top_k is not None and self.top_k != teacher.k:
                 raise ModelError(f"objective.top_k={self.top_k} but the teacher holds its top {teacher.k} only")
+            # the sparse loss is forward KL over top-k + tail buckets; nothing else can be computed from them
+            if self.config.divergence != "fkl":
+                raise ModelError(f"objective.divergence={self.config.divergence}: {teacher.what} gives its top-"
+                                 f"{teacher.k} only, and KD from a top-k with a tail bucket is defined for "
+                                 "divergence fkl; set objective.divergence: fkl or use a live teacher")
+            if self.config.ranking_top_k is not None:
+                raise ModelError(f"objective.ranking_top_k: TIE-KD's ranking loss reads the teacher's full "
+                                 f"logits, which {teacher.what} cannot give; drop it or use a live teacher")
             self.top_k = teacher.k
             teacher.require({"topk"}, "objective `kd`")
             self.vocab_size = min(head_rows(ctx.student), len(ctx.student_tokenizer))

@@ -25,14 +25,14 @@ from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
 from dualkd.losses.fused import fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
 from dualkd.models import head_rows
-from dualkd.schema import StrictModel
+from dualkd.schema import AutoOnOff, StrictModel
 
 
 class SFTConfig(StrictModel):
     name: Literal["sft"] = "sft"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """ε of the label-smoothed CE the model trains on (0: plain CE; ε > 0 needs the dense logits)."""
-    fused: Literal["auto", "on", "off"] = "auto"
+    fused: AutoOnOff = "auto"
     """The fused chunked CE (no [B, T, V] logits): `auto` from `fused_min_vocab` head rows on, without label
     smoothing, under every engine (the head is read inside its module's forward); `on` / `off` force it."""
     fused_min_vocab: int = Field(32000, ge=1)

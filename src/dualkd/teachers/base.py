@@ -61,6 +61,12 @@ class Teacher(ABC):
         self.tokenizer = tokenizer
 
     @property
+    def identity(self) -> str | None:
+        """What the teacher is, by content, where its config cannot say (a served model: the server's answers
+        on a probe); part of the resume key. None: the config's weights identity covers it."""
+        return None
+
+    @property
     def k(self) -> int | None:
         """The number of top-k entries this teacher is limited to (a cache holds exactly k); None: any k."""
         return None
@@ -90,6 +96,11 @@ class Teacher(ABC):
     def prefetch(self, batches: list[ModelBatch]) -> None:
         """The teacher views of micro-batches about to be asked for (this step's and the next step's): a teacher
         that works ahead (a served one) starts on them; the others need nothing."""
+        return None
+
+    def interrupt(self) -> None:
+        """SIGTERM/SIGINT arrived: a teacher that waits on others (a server) stops waiting, so that the loop can
+        checkpoint and stop now; a local one has nothing to cut short."""
         return None
 
     def close(self) -> None:

@@ -40,8 +40,11 @@ from dualkd.data.collate import TokenizedExample, pad_batch
 from dualkd.errors import ConfigError, DataError
 from dualkd.losses.sparse import TopKTargets, topk_rows
 from dualkd.teachers.base import Teacher
+from dualkd.teachers.checks import TeacherOutputError, check_finite, check_topk
 
 FORMAT = 1
+_MANIFEST_KEYS = ("format", "teacher", "tokenizer", "data", "examples", "k", "vocab", "logprob_dtype", "hidden",
+                  "hidden_size", "shard_examples", "complete")
 
 
 class CacheMismatch(ConfigError):
@@ -178,7 +181,9 @@ def _write_shard(root: Path, name: str, part: list[TokenizedExample],
 
 
 class TeacherCache:
-    """Lazy, memory-mapped reader of a complete cache."""
+    """Lazy, memory-mapped reader of a complete cache. Every array is checked against the manifest as its shard
+    opens (files present and readable, shapes, dtypes, k), and every example's top-k as it is read
+    (teachers/checks.py): a damaged cache stops with the file and example named, never trains on garbage."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -186,7 +191,18 @@ class TeacherCache:
         if not path.exists():
             raise DataError(f"{self.folder}: no teacher cache here (no manifest.json); write one with "
                             "`dualkd cache-teacher`")
-        self.manifest = json.loads(path.read_text())
+        try:
+            self.manifest = json.loads(path.read_text())
+            missing = [k for k in _MANIFEST_KEYS if k not in self.manifest]
+        except (ValueError, UnicodeDecodeError, TypeError) as e:
+            raise DataError(f"{path}: not a readable cache manifest ({e}); rewrite the cache with "
+                            "`dualkd cache-teacher`") from None
+        if missing:
+            raise DataError(f"{path}: the manifest lacks {', '.join(missing)} (truncated, or not a dualkd cache); "
+                            "rewrite the cache with `dualkd cache-teacher`")
+        if self.manifest["format"] != FORMAT:
+            raise DataError(f"{path}: cache format {self.manifest['format']!r}; this dualkd reads format {FORMAT} "
+                            "(rewrite the cache with this version's `dualkd cache-teacher`)")
         n, per = self.manifest["examples"], self.manifest["shard_examples"]
         expected = (n + per - 1) // per
         if len(self.manifest["complete"]) < expected:
@@ -209,21 +225,62 @@ class TeacherCache:
 
     def _shard(self, s: int) -> dict[str, np.ndarray]:
         if s not in self._shards:
-            folder = self.folder / "shards" / f"{s:05d}"
-            self._shards[s] = {p.stem: np.load(p, mmap_mode="r", allow_pickle=False) for p in folder.glob("*.npy")}
+            self._shards[s] = self._open_shard(s)
         return self._shards[s]
 
+    def _open_shard(self, s: int) -> dict[str, np.ndarray]:
+        """Shard s's arrays, memory-mapped, after checking them against the manifest."""
+        folder = self.folder / "shards" / f"{s:05d}"
+        m = self.manifest
+        if not folder.is_dir():
+            raise DataError(f"{folder}: shard missing from the teacher cache (the manifest lists it as complete); "
+                            "rerun `dualkd cache-teacher` into a new folder")
+        names = ["rows", "topk_ids", "topk_logprobs", "tail", "seq_rows", "seq_ids", "seq_offsets", "prompt"]
+        arrays = {}
+        for name in names + (["hidden"] if m["hidden"] else []):
+            file = folder / f"{name}.npy"
+            try:
+                arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
+            except FileNotFoundError:
+                raise DataError(f"{file}: missing from the teacher cache") from None
+            except (ValueError, OSError, EOFError) as e:
+                raise DataError(f"{file}: unreadable ({e}); the cache is damaged, rewrite it") from None
+        examples = min(m["shard_examples"], m["examples"] - s * m["shard_examples"])
+        rows = arrays["rows"]
+        n = int(rows[-1]) if rows.ndim == 1 and len(rows) else -1
+        ids_dtype = np.dtype(np.uint16 if m["vocab"] <= 1 << 16 else np.int32)
+        lp_dtype = np.dtype(np.float16 if m["logprob_dtype"] == "float16" else np.float32)
+        expect = {"rows": ((examples + 1,), np.dtype(np.int64)), "topk_ids": ((n, m["k"]), ids_dtype),
+                  "topk_logprobs": ((n, m["k"]), lp_dtype), "tail": ((n,), np.dtype(np.float32)),
+                  "prompt": ((examples, 2), np.dtype(np.int64)), "seq_rows": ((examples + 1,), np.dtype(np.int64))}
+        if m["hidden"]:
+            expect["hidden"] = ((n, m["hidden_size"]), np.dtype(np.uint16))
+        for name, (shape, dtype) in expect.items():
+            a = arrays[name]
+            if a.shape != shape or a.dtype != dtype:
+                raise DataError(f"{folder / name}.npy: {a.dtype} {list(a.shape)} where the manifest says {dtype} "
+                                f"{list(shape)} (k {m['k']}, {examples} examples); the cache is damaged or was "
+                                "written by something else")
+        if rows[0] != 0 or (np.diff(rows) < 0).any():
+            raise DataError(f"{folder / 'rows'}.npy: row starts are not increasing from 0; the cache is damaged")
+        return arrays
+
     def targets(self, indices: list[int]) -> TopKTargets:
-        """The cached rows of these examples, concatenated in order (= the batch's `loss_mask` order)."""
+        """The cached rows of these examples, concatenated in order (= the batch's `loss_mask` order), each
+        example checked (finite log-probabilities ≤ 0, masses summing to 1, ids inside the vocabulary)."""
         per = self.manifest["shard_examples"]
         ids, lps, tails = [], [], []
         for i in indices:
+            if not 0 <= i < self.manifest["examples"]:
+                raise DataError(f"{self.folder}: example {i} asked of a cache of {self.manifest['examples']}")
             shard = self._shard(i // per)
             j = i % per
             a, b = int(shard["rows"][j]), int(shard["rows"][j + 1])
             ids.append(np.asarray(shard["topk_ids"][a:b]).astype(np.int64))
             lps.append(np.asarray(shard["topk_logprobs"][a:b], dtype=np.float32))
             tails.append(np.asarray(shard["tail"][a:b]))
+            check_topk(ids[-1], lps[-1], tails[-1], k=self.k, vocab_size=int(self.manifest["vocab"]),
+                       where=f"teacher cache {self.folder / 'shards' / f'{i // per:05d}'}, example {i}")
         return TopKTargets(torch.from_numpy(np.concatenate(ids)).long(), torch.from_numpy(np.concatenate(lps)),
                            torch.from_numpy(np.concatenate(tails)))
 
@@ -236,15 +293,31 @@ class TeacherCache:
         for i in indices:
             shard = self._shard(i // per)
             a, b = int(shard["rows"][i % per]), int(shard["rows"][i % per + 1])
-            parts.append(np.asarray(shard["hidden"][a:b]))
+            bits = np.asarray(shard["hidden"][a:b])
+            check_finite((bits.astype(np.uint32) << 16).view(np.float32), what="hidden states",  # bf16 -> fp32
+                         where=f"teacher cache {self.folder}, example {i}")
+            parts.append(bits)
         return torch.from_numpy(np.concatenate(parts)).view(torch.bfloat16)
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The teacher's LM head saved with --hidden: weight [V, d] and bias [V] or None (bf16)."""
         from safetensors.torch import load_file
 
-        tensors = load_file(str(self.folder / "head.safetensors"))
-        return tensors["weight"], tensors.get("bias")
+        file = self.folder / "head.safetensors"
+        try:
+            tensors = load_file(str(file))
+        except FileNotFoundError:
+            raise DataError(f"{file}: missing (a cache written with --hidden keeps the teacher's head there)") from None
+        except Exception as e:  # safetensors raises its own SafetensorError for a damaged file
+            raise DataError(f"{file}: unreadable ({e}); the cache is damaged, rewrite it") from None
+        weight, bias = tensors.get("weight"), tensors.get("bias")
+        if weight is None or weight.shape != (self.manifest["vocab"], self.manifest["hidden_size"]):
+            raise DataError(f"{file}: no head of shape [{self.manifest['vocab']}, {self.manifest['hidden_size']}] "
+                            "as the manifest says")
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise TeacherOutputError(f"{file}: the head's {name} holds non-finite values")
+        return weight, bias
 
     def sequence(self, i: int) -> TokenizedExample:
         """The teacher's tokenization of example i (ids, offsets, prompt) as stored."""

@@ -20,7 +20,15 @@ from dualkd.data.collate import ModelBatch, TokenizedExample
 from dualkd.errors import DataError, ModelError
 from dualkd.losses.sparse import TopKTargets
 from dualkd.teachers.base import Teacher
-from dualkd.teachers.cache_files import CacheMismatch, TeacherCache
+from dualkd.teachers.cache_files import CacheMismatch, TeacherCache, tokenizer_fingerprint
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Whether two `teacher.path` values name the same model: equal as written, or the same local folder."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def cache_tokenizer(cache_dir: str | Path) -> Any:
@@ -70,6 +78,19 @@ class CachedTeacher(Teacher):
         if self.cache.k != train.k:
             raise CacheMismatch(f"{self.folder}: train and {self.split} caches have different k "
                                 f"({train.k} vs {self.cache.k})")
+
+    def check_teacher(self, path: str | None, tokenizer: Any | None) -> None:
+        """Refuse a cache written by another teacher than the run's `teacher.path`, naming both; `tokenizer`:
+        the run's teacher tokenizer where it is at hand (a local folder), compared by content."""
+        written_by = str(self.cache.manifest["teacher"])
+        if path is not None and not _same_source(path, written_by):
+            raise CacheMismatch(f"teacher.cache {self.folder} was written by the teacher {written_by!r}, but "
+                                f"teacher.path is {path!r}; point teacher.path at the cache's teacher (or drop it: "
+                                "the cache holds its tokenizer), or write a cache of this teacher")
+        if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.cache.manifest["tokenizer"]:
+            raise CacheMismatch(f"teacher.cache {self.folder} was written with another tokenizer than the run's "
+                                f"teacher {path!r} has (sha256 {self.cache.manifest['tokenizer'][:12]}... vs "
+                                f"{tokenizer_fingerprint(tokenizer)[:12]}...)")
 
     @property
     def k(self) -> int:

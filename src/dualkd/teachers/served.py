@@ -43,8 +43,11 @@ def _sequences(tokens: ModelBatch) -> list[tuple[int, ...]]:
 def server_client(server: Any, tokenizer: Any, run_dir: Path) -> ServerClient:
     """The client of `teacher.server` (models.TeacherServer), its tokenizer checked against the server's."""
     cache = Path(server.cache_dir) if server.cache_dir else run_dir / "teacher-server-cache"
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(f"teacher.server.cache_dir: {cache} is a file, not a folder")
     client = ServerClient(server.url, tokenizer, timeout_s=server.timeout_s, retries=server.retries,
-                          backoff_s=server.backoff_s, margin=server.margin, cache_dir=cache)
+                          backoff_s=server.backoff_s, margin=server.margin, cache_dir=cache,
+                          max_answer_mib=server.max_answer_mib)
     client.check_tokenizer()
     return client
 
@@ -69,6 +72,10 @@ class ServedTeacher(Teacher):
         return cls(server_client(server, tokenizer, run_dir), tokenizer, server.top_k, server.concurrency)
 
     @property
+    def identity(self) -> str:
+        return f"served:{self.client.fingerprint}"
+
+    @property
     def k(self) -> int:
         return self.top_k
 
@@ -79,6 +86,10 @@ class ServedTeacher(Teacher):
     def attach(self, device: torch.device, place: Any = None, autocast: Any = None, timer: Any = None,
                gather_head: Any = None) -> None:
         """Nothing runs here: the server holds the model."""
+
+    def interrupt(self) -> None:
+        """A signal arrived: every request in flight and every wait for one ends now (`ServerInterrupted`)."""
+        self.client.stop.set()
 
     def prefetch(self, batches: list[ModelBatch]) -> None:
         self._submit([s for tokens in batches for s in _sequences(tokens)])
@@ -136,10 +147,16 @@ def served_responses(client: ServerClient, examples: list[Example], settings: Ge
     sampling = ({"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
                 if settings.do_sample else {"temperature": 0.0})
     lines = ProgressLines(len(prompts), label, None)
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher-server") as pool:
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher-server")
+    try:
         futures = [pool.submit(client.complete, ids, new, seed=seed + i, **sampling) for i, ids in enumerate(prompts)]
         texts = []
         for future in futures:
             texts.append(future.result().strip())
             lines.advance(1)
+    except BaseException:  # Ctrl-C or an error: end the requests in flight now, not after their deadlines
+        client.stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return texts

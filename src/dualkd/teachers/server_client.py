@@ -25,17 +25,23 @@ Three quirks of that server shape the client:
 the given temperature / top-p / top-k and seed; the server's own defaults that HF `generate` lacks (repeat
 penalty, min-p) are switched off. It cannot block repeated n-grams (`no_repeat_ngram_size`) or search beams.
 
-Every request is retried with exponential backoff and bounded by a timeout; `ServerUnavailable` says which
-server, what failed and how often. Results are cached on disk by (server model, sequence hash, k).
+Every request is bounded: a total deadline (`timeout_s`, however slowly the answer trickles in), a size bound
+on the answer, no redirects; a failed one is retried with exponential backoff, and `ServerUnavailable` says
+which server, what failed and how often. An answer that says the sequence exceeds the server's context is not
+retried. Every answer is checked before a loss reads it (teachers/checks.py). Results are cached on disk by
+(the served model's fingerprint, sequence, k): the fingerprint hashes the model id and the model's own
+top-k on a fixed probe text, so a GGUF replaced under the same name never mixes old and new answers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
+import math
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +49,9 @@ from typing import Any
 import numpy as np
 
 from dualkd.atomic import atomic_open
-from dualkd.errors import ModelError
+from dualkd.errors import ConfigError, ModelError
+from dualkd.schema import server_root
+from dualkd.teachers.checks import TeacherOutputError, check_topk
 
 
 class ServerUnavailable(ModelError):
@@ -52,6 +60,18 @@ class ServerUnavailable(ModelError):
 
 class ServerMismatch(ModelError):
     """The server's answer does not fit the teacher's tokenizer or the request (another model, too few entries)."""
+
+
+class ServerInterrupted(ModelError):
+    """A wait for the server was cut short by SIGTERM/SIGINT (the run then stops with a checkpoint)."""
+
+
+_CONTEXT_WORDS = ("context window", "context length", "n_ctx", "exceed")
+
+
+def _parse_error(what: str, url: str, e: Exception) -> ServerMismatch:
+    return ServerMismatch(f"the teacher server {url} answered {what} in a form dualkd does not understand "
+                          f"({type(e).__name__}: {e}); is it llama.cpp's Python server (llama_cpp.server)?")
 
 
 @dataclass
@@ -99,16 +119,24 @@ class StringIds:
 
 
 class ServerClient:
-    """Requests to one server, with retries, a timeout and a disk cache (see the module docstring)."""
+    """Requests to one server, each bounded (deadline, size, no redirects), retried, cached on disk (see the
+    module docstring). `stop`: an Event that, once set (SIGTERM/SIGINT), ends every wait at once."""
 
     def __init__(self, url: str, tokenizer: Any, *, timeout_s: float, retries: int, backoff_s: float,
-                 margin: int, cache_dir: Path | None):
-        self.url = url.rstrip("/")
+                 margin: int, cache_dir: Path | None, max_answer_mib: float = 64.0,
+                 stop: threading.Event | None = None):
+        try:
+            self.url = server_root(url)
+        except ValueError as e:
+            raise ConfigError(f"teacher.server.url: {e}") from None
         self.tokenizer = tokenizer
         self.timeout_s, self.retries, self.backoff_s, self.margin = timeout_s, retries, backoff_s, margin
+        self.max_answer_bytes = int(max_answer_mib * 2**20)
         self.cache_dir = cache_dir
+        self.stop = stop or threading.Event()
         self._strings: StringIds | None = None
         self._model: str | None = None
+        self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ transport
     def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -116,30 +144,108 @@ class ServerClient:
         data = json.dumps(body).encode() if body is not None else None
         last = ""
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url + path, data=data,
-                                             headers={"Content-Type": "application/json"})
+            if attempt and self.stop.wait(self.backoff_s * 2 ** (attempt - 1)):
+                raise ServerInterrupted(f"stopped while waiting to retry {self.url}{path}")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode(errors="replace")[:300]
-                if e.code < 500:  # the server understood and said no: retrying will not help
-                    raise ServerMismatch(f"teacher server {self.url}{path} answered {e.code}: {detail}") from None
-                last = f"HTTP {e.code}: {detail}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                status, answer = self._exchange(path, data)
+            except _Transient as e:
+                last = str(e)
+                continue
+            text = answer.decode(errors="replace")
+            if status >= 400 and any(w in text.lower() for w in _CONTEXT_WORDS):
+                raise ServerMismatch(f"teacher server {self.url}{path}: the sequence is longer than the server's "
+                                     f"context ({text[:200]}); start the server with a larger context (llama.cpp: "
+                                     "--n_ctx) or lower data.max_length")
+            if 300 <= status < 400:
+                raise ServerMismatch(f"teacher server {self.url}{path} answered {status} (a redirect); dualkd "
+                                     "follows none: set teacher.server.url to the address that answers")
+            if status == 404 and path.startswith("/extras"):
+                raise ServerMismatch(f"teacher server {self.url} has no {path} (404): dualkd needs llama.cpp's "
+                                     "Python server (`python -m llama_cpp.server`), which tokenizes there; other "
+                                     "OpenAI-compatible servers (vLLM, llama.cpp's C++ llama-server) do not")
+            if 400 <= status < 500:  # the server understood and said no: retrying will not help
+                raise ServerMismatch(f"teacher server {self.url}{path} answered {status}: {text[:300]}")
+            if status >= 500:
+                last = f"HTTP {status}: {text[:300]}"
+                continue
+            try:
+                return json.loads(answer)
+            except ValueError as e:
+                raise _parse_error(path, self.url, e) from None
         raise ServerUnavailable(f"teacher server {self.url} did not answer {path} after {self.retries + 1} tries "
-                                f"(timeout {self.timeout_s:g} s each; last: {last})")
+                                f"(deadline {self.timeout_s:g} s each; last: {last})")
+
+    def _exchange(self, path: str, data: bytes | None) -> tuple[int, bytes]:
+        """(status, body) of one HTTP exchange, within `timeout_s` in all and `max_answer_bytes`; _Transient
+        for what a retry may cure (refused, reset, past the deadline)."""
+        parsed = urllib.parse.urlsplit(self.url)
+        deadline = time.monotonic() + self.timeout_s
+        cls = http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
+        conn = cls(parsed.hostname, parsed.port, timeout=min(self.timeout_s, 1.0))
+        try:
+            conn.request("POST" if data is not None else "GET", parsed.path + path, body=data,
+                         headers={"Content-Type": "application/json"})
+            response = self._until(deadline, conn.getresponse, path)
+            declared = int(response.getheader("Content-Length") or 0)
+            if declared > self.max_answer_bytes:
+                raise self._too_large(path, declared)
+            chunks, size = [], 0
+            while True:
+                chunk = self._until(deadline, lambda: response.read1(1 << 16), path)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > self.max_answer_bytes:
+                    raise self._too_large(path, size)
+                chunks.append(chunk)
+            return response.status, b"".join(chunks)
+        except (http.client.HTTPException, ConnectionError, OSError) as e:
+            raise _Transient(f"{type(e).__name__}: {e}") from None
+        finally:
+            conn.close()
+
+    def _until(self, deadline: float, read: Any, path: str) -> Any:
+        """`read()` (a bounded read: at most 1 s on the socket) until it returns, the deadline or a stop."""
+        while True:
+            if self.stop.is_set():
+                raise ServerInterrupted(f"stopped while waiting for {self.url}{path}")
+            if time.monotonic() > deadline:  # checked between chunks too: a trickle does not extend it
+                raise _Transient(f"no complete answer within {self.timeout_s:g} s")
+            try:
+                return read()
+            except TimeoutError:
+                continue
+
+    def _too_large(self, path: str, size: int) -> ServerMismatch:
+        return ServerMismatch(f"teacher server {self.url}{path}: the answer exceeds {self.max_answer_bytes / 2**20:g} "
+                              f"MiB ({size / 2**20:.1f} MiB so far); raise teacher.server.max_answer_mib if the "
+                              "sequences are that long")
 
     @property
     def model(self) -> str:
-        """The served model's id (`/v1/models`), part of every cache key."""
+        """The served model's id (`/v1/models`)."""
         if self._model is None:
-            listed = self._request("/v1/models").get("data") or [{}]
-            self._model = str(listed[0].get("id", "unknown"))
+            answer = self._request("/v1/models")
+            try:
+                listed = answer.get("data") or [{}]
+                self._model = str(listed[0].get("id", "unknown"))
+            except (AttributeError, IndexError, TypeError) as e:
+                raise _parse_error("/v1/models", self.url, e) from None
         return self._model
+
+    @property
+    def fingerprint(self) -> str:
+        """The served model's identity by content: its id and its top-8 on a fixed probe, hashed (16 hex digits).
+        Log-probabilities are rounded to 2 decimals, so that thread counts do not change it and another model
+        does."""
+        if self._fingerprint is None:
+            probe = self.tokenizer("The teacher's knowledge, in a few words:", add_special_tokens=False)["input_ids"]
+            scored = self._score(probe, 4)
+            digest = hashlib.sha256(self.model.encode())
+            digest.update(scored.ids[scored.valid].astype(np.int64).tobytes())
+            digest.update(np.round(scored.logprobs[scored.valid].astype(np.float64), 2).tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     def check_tokenizer(self, probe: str = "Distillation, in 3 words: the teacher's knowledge -> a student.") -> None:
         """Refuse a server whose tokenizer differs from ours, before training."""
@@ -148,7 +254,11 @@ class ServerClient:
 
     def _bos(self, ids: list[int], text: str) -> int:
         """1 when the server puts a BOS before the text, 0 when not; refuses a tokenization other than `ids`."""
-        theirs = self._request("/extras/tokenize", {"input": text})["tokens"]
+        answer = self._request("/extras/tokenize", {"input": text})
+        try:
+            theirs = [int(t) for t in answer["tokens"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise _parse_error("/extras/tokenize", self.url, e) from None
         for bos in (0, 1):
             if theirs[bos:] == ids:
                 return bos
@@ -170,16 +280,26 @@ class ServerClient:
                                 "top_p": top_p, "top_k": top_k, "min_p": 0.0, "repeat_penalty": 1.0}
         if seed is not None:
             body["seed"] = seed
-        return str(self._request("/v1/completions", body)["choices"][0]["text"])
+        answer = self._request("/v1/completions", body)
+        try:
+            return str(answer["choices"][0]["text"])
+        except (KeyError, IndexError, TypeError) as e:
+            raise _parse_error("/v1/completions", self.url, e) from None
 
     # ------------------------------------------------------------------ scoring
     def score(self, ids: list[int], k: int) -> Scored:
         """The top-k at every position of `ids` (cached on disk by server model, sequence and k)."""
         path = self._cache_path(ids, k)
         if path is not None and path.exists():
-            with np.load(path) as f:
-                return Scored(f["ids"], f["logprobs"], f["valid"], f["displaced"])
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    scored = Scored(f["ids"], f["logprobs"], f["valid"], f["displaced"])
+                self._check(scored, k, f"{path} (the request cache of {self.url})")
+                return scored
+            except (ValueError, OSError, KeyError, EOFError, TeacherOutputError):
+                pass  # a damaged cache entry is asked again (and rewritten)
         scored = self._score(ids, k)
+        self._check(scored, k, f"teacher server {self.url}, sequence of {len(ids)} tokens starting {ids[:8]}")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_open(path, "wb") as f:
@@ -189,8 +309,17 @@ class ServerClient:
     def _cache_path(self, ids: list[int], k: int) -> Path | None:
         if self.cache_dir is None:
             return None
-        key = hashlib.sha256(json.dumps([self.model, k, ids]).encode()).hexdigest()
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise ConfigError(f"teacher.server.cache_dir: {self.cache_dir} is a file, not a folder")
+        key = hashlib.sha256(json.dumps([self.fingerprint, k, ids]).encode()).hexdigest()
         return self.cache_dir / key[:2] / f"{key}.npz"
+
+    def _check(self, scored: Scored, k: int, where: str) -> None:
+        """The answer at the valid positions is a top-k of the teacher's vocabulary (teachers/checks.py)."""
+        if scored.ids.ndim != 2 or scored.valid.shape != scored.ids.shape[:1]:
+            raise TeacherOutputError(f"{where}: arrays of shapes {list(scored.ids.shape)}, {list(scored.valid.shape)}")
+        check_topk(scored.ids[scored.valid], scored.logprobs[scored.valid], None, k=k,
+                   vocab_size=len(self.tokenizer), where=where)
 
     def _score(self, ids: list[int], k: int) -> Scored:
         if self._strings is None:
@@ -199,7 +328,12 @@ class ServerClient:
         bos = self._bos(ids, text)
         answer = self._request("/v1/completions", {"prompt": text, "echo": True, "logprobs": k + self.margin,
                                                    "max_tokens": 1, "temperature": 0.0})
-        entries = answer["choices"][0]["logprobs"]["top_logprobs"]
+        try:
+            entries = answer["choices"][0]["logprobs"]["top_logprobs"]
+            if not isinstance(entries, list) or not all(e is None or isinstance(e, dict) for e in entries):
+                raise TypeError("top_logprobs is not a list of {token: logprob} objects")
+        except (KeyError, IndexError, TypeError) as e:
+            raise _parse_error("/v1/completions", self.url, e) from None
         if len(entries) < len(ids) + bos - 1:
             raise ServerMismatch(f"the teacher server {self.url} returned {len(entries)} prompt positions for a "
                                  f"sequence of {len(ids)} tokens (it skips its BOS token inside a prompt?)")
@@ -212,7 +346,14 @@ class ServerClient:
             entry = entries[t + bos] if t + bos < len(entries) else None
             if not entry:
                 continue
-            ranked = sorted(entry.items(), key=lambda kv: -kv[1])[: k + self.margin]
+            try:
+                ranked = sorted(((str(s), float(v)) for s, v in entry.items()), key=lambda kv: -kv[1])
+            except (TypeError, ValueError, AttributeError) as e:
+                raise _parse_error(f"/v1/completions (position {t})", self.url, e) from None
+            ranked = ranked[: k + self.margin]
+            if any(math.isnan(v) for _, v in ranked):
+                raise TeacherOutputError(f"teacher server {self.url}: NaN log-probability at position {t} of a "
+                                         f"sequence of {T} tokens starting {ids[:8]}")
             placed = [(i, lp) for i, lp in ((self._strings.get(s), lp) for s, lp in ranked) if i is not None]
             if len(placed) < k:
                 raise ServerMismatch(
@@ -224,3 +365,7 @@ class ServerClient:
             out_lp[t] = [lp for _, lp in placed[:k]]
             valid[t] = True
         return Scored(out_ids, out_lp, valid, displaced)
+
+
+class _Transient(Exception):
+    """A failure a retry may cure (connection refused or reset, no complete answer before the deadline)."""

@@ -83,6 +83,10 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective
     teacher: Teacher | None = None
     if cache_dir is not None:
         cached = CachedTeacher(cache_dir, teacher_tokenizer, dtype=next(student.parameters()).dtype)
+        assert cfg.teacher is not None
+        source = cfg.teacher.tokenizer_source
+        local = source is not None and Path(source).expanduser().is_dir()  # a hub id is named, not downloaded
+        cached.check_teacher(cfg.teacher.path, load_tokenizer(cfg.teacher, field="teacher") if local else None)
         for split, dataset in (("train", train_set), ("dev", dev_set)):
             if dataset is not None:  # refuse a cache of other data, naming what differs
                 cached.for_split(split).check(dataset.teacher_view)

@@ -11,7 +11,9 @@ protocol (its response hidden states and LM head), like every objective asks it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from dualkd.config import RunConfig
 from dualkd.data.dataset import pad_id
 from dualkd.errors import ConfigError
 from dualkd.models import load_model, load_tokenizer
+from dualkd.outputs import claim, mark
 from dualkd.progress import ProgressLines
 from dualkd.teachers import LiveTeacher
 from dualkd.teachers.cache_files import write_cache
@@ -31,11 +34,40 @@ from dualkd.train.sources import OffPolicyConfig
 
 
 def cache_teacher(cfg: RunConfig, out: str | Path, *, k: int = 64, hidden: bool = False,
-                  logprob_dtype: str = "float16", shard_examples: int = 1024, batch_size: int = 8
-                  ) -> list[dict[str, Any]]:
-    """Write (or resume) the cache of `cfg.teacher` over the train and dev data of `cfg`; returns the manifests."""
+                  logprob_dtype: str = "float16", shard_examples: int = 1024, batch_size: int = 8,
+                  overwrite: bool = False) -> list[dict[str, Any]]:
+    """Write (or resume) the cache of `cfg.teacher` over the train and dev data of `cfg`; returns the manifests.
+    `out` must be new, empty or a cache (to resume), unless `overwrite`; one process writes it at a time."""
     if cfg.teacher is None or cfg.teacher.cache is not None:
         raise ConfigError("cache-teacher: the config needs a `teacher` model to run (`teacher.path`, no `cache`)")
+    for name, value in (("--top-k", k), ("--shard-examples", shard_examples), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"cache-teacher {name} {value}: must be ≥ 1")
+    out = claim(out, "teacher cache", overwrite=overwrite, recognise=lambda f: (f / "train" / "manifest.json").exists())
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        mark(out, "teacher cache")
+        return _cache_teacher(cfg, out, k, hidden, logprob_dtype, shard_examples, batch_size)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` (a second cache-teacher into the same folder is refused, not raced)."""
+    with (out / ".lock").open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"--out {out}: another `dualkd cache-teacher` is writing this cache now; wait for it "
+                              "(rerunning afterwards resumes after its last complete shard)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cache_teacher(cfg: RunConfig, out: Path, k: int, hidden: bool, logprob_dtype: str, shard_examples: int,
+                   batch_size: int) -> list[dict[str, Any]]:
+    assert cfg.teacher is not None
     cfg = cfg.model_copy(update={"source": OffPolicyConfig()})  # the dataset's responses, as training reads them
     parts = build_parts(cfg, Path(cfg.output_dir), LocalEngine())
     tokenizer = parts.teacher_tokenizer or load_tokenizer(cfg.teacher, field="teacher")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
 from dualkd.errors import ConfigError
+from dualkd.train.deepspeed_load import weights_only_loads
 
 if not torch.cuda.is_available():  # DeepSpeed (imported by accelerate) would warn that it fell back to the CPU
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -80,6 +82,9 @@ class Engine:
         self.accelerator = Accelerator(cpu=no_gpu and not deepspeed_on_cpu, mixed_precision=mixed_precision,
                                        kwargs_handlers=handlers)
         self.is_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.is_deepspeed:  # DeepSpeed calls torch's old collective names: two warnings per step, not ours
+            warnings.filterwarnings("ignore", category=FutureWarning,
+                                    message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`")
         if self.world_size == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up no "
                               "distributed engine: they would train unsynchronized copies")
@@ -234,7 +239,8 @@ class Engine:
                               "from: resume under the engine that wrote it (its trainable weights, "
                               "trainable.safetensors, load under any)")
         if self.is_deepspeed:
-            module.load_checkpoint(str(directory / "deepspeed"), tag="state", load_lr_scheduler_states=False)
+            with weights_only_loads(module):  # DeepSpeed would unpickle them: train/deepspeed_load.py
+                module.load_checkpoint(str(directory / "deepspeed"), tag="state", load_lr_scheduler_states=False)
         elif self._fsdp2:
             state = torch.load(directory / "optimizer-full.pt", weights_only=True)
             fsdp2_load_full_optimizer_state(self.unwrap(module), optimizer.optimizer, state)

@@ -34,7 +34,7 @@ def _export(cfg: RunConfig, raw: nn.Module, ckpt: CheckpointManager, state: Trai
     best_dir = None
     if cfg.checkpoint.keep_best and state.best_step is not None and state.best_step != state.step:
         best_dir = _export_best(raw, ckpt.path_for(state.best_step), parts.student_tokenizer, run_dir / "best")
-    final_dir = export_model(raw.student, parts.student_tokenizer, run_dir / "final")
+    final_dir = export_model(raw.student, parts.student_tokenizer, run_dir / "final", overwrite=True)
     _save_projectors(raw.objective, final_dir)
     summary = {"steps": state.step, "tokens_seen": state.tokens_seen, "best_dev_loss": state.best_dev_loss,
                "best_by": cfg.eval.select_by, "best_value": state.best_value,
@@ -64,7 +64,7 @@ def _export_best(raw: nn.Module, checkpoint: Path, tokenizer: Any, out: Path) ->
         raw.student.save_pretrained(out / "adapter")
         tokenizer.save_pretrained(out)
     else:
-        export_model(raw.student, tokenizer, out)
+        export_model(raw.student, tokenizer, out, overwrite=True)  # inside the run's own folder
     _save_projectors(raw.objective, out)
     _copy_into(params, current)
     return out

@@ -6,7 +6,9 @@
 Per optimizer step: take this process's micro-batches from the source; compute the loss denominators of
 the global batch; for each micro-batch run the teacher (no grad), then the objective on the student, and
 backward (gradients all-reduced on the last micro-batch only); clip, step, schedule; log; maybe evaluate,
-checkpoint, or stop on SIGTERM/SIGINT with a checkpoint.
+checkpoint, or stop on SIGTERM/SIGINT with a checkpoint. A non-finite loss or gradient (train/guard.py), a
+teacher that answers garbage (teachers/checks.py) or stops answering ends the run with the model as the last
+finished step left it saved, and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from dualkd.losses import token_cross_entropy
 from dualkd.losses.fused import fused_cross_entropy
 from dualkd.methods import Objective, StepNorm, build_objective
 from dualkd.teachers import Teacher
-from dualkd.teachers.server_client import ServerUnavailable
+from dualkd.teachers.checks import TeacherOutputError
+from dualkd.teachers.server_client import ServerInterrupted, ServerMismatch, ServerUnavailable
 from dualkd.train.build import Parts, build_parts
 from dualkd.train.checkpoint import CheckpointManager, TrainerState
 from dualkd.train.engine import Engine
 from dualkd.train.export import export_run
+from dualkd.train.guard import NonFiniteStep, check_gradients, check_micro_batch
 from dualkd.train.logger import MetricsLogger
 from dualkd.train.on_policy import make_source
 from dualkd.train.optim import build_optimizer, build_scheduler
@@ -141,6 +145,13 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
 
     prepared = prepare_run(cfg, run_dir, engine)  # SeqKD's teacher outputs, a tokenizer trained from the data
     parts = build_parts(cfg, run_dir, engine, objective, prepared)
+    if parts.teacher is not None and parts.teacher.identity is not None:  # what a served model is, by content
+        key["teacher.identity"] = parts.teacher.identity
+        if start is not None:
+            saved = ckpt.read_state(start).resume_key
+            if "teacher.identity" in saved:
+                changed += check_resume({"teacher.identity": saved["teacher.identity"]},
+                                        {"teacher.identity": key["teacher.identity"]}, start, accept_changes)
     module = TrainModule(parts.student, parts.objective)
     optimizer = build_optimizer(parts.student, opt, parts.objective.param_groups())
     gold = OffPolicySource(parts.train_set, opt.micro_batch_size, opt.grad_accum, engine.world_size, engine.rank,
@@ -179,13 +190,26 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
         log.event("resume_changed", f"resumed with {name}: {old_value!r} -> {new_value!r}", setting=name,
                   old=old_value, new=new_value)
 
-    stop = _StopSignals()
+    stop = _StopSignals(on_signal=teacher.interrupt if teacher is not None else None)
     show_bar = cfg.logging.progress_bar == "on" or (cfg.logging.progress_bar == "auto" and log.console.is_terminal)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=log.console, disable=not (show_bar and engine.is_main))
     last_ckpt_step = state.step if start is not None else -1
-    dev_teacher = teacher.for_split("dev") if teacher is not None else None  # a cache reads the dev files
+
+    def save_finished(collective: bool) -> str:
+        """Checkpoint the model as the last finished step left it (when every process is here to save)."""
+        if state.step == 0:
+            return "no step finished, nothing to save"
+        if last_ckpt_step == state.step:
+            return f"checkpoint of step {state.step}: {ckpt.path_for(state.step)}"
+        if not collective:
+            return f"not saved: the other processes are elsewhere; the last checkpoint is {ckpt.latest()}"
+        path = ckpt.save(module, optimizer, scheduler, state, source.rank_state_dict())
+        return f"checkpoint of step {state.step}: {path}"
+
+    # a cache reads the dev files (a config without dev data needs none)
+    dev_teacher = teacher.for_split("dev") if teacher is not None and parts.dev_set is not None else None
     module.train()
     if source.wants_dev_loss and start is None and parts.dev_set is not None:  # replay: the starting dev loss
         dev = evaluate(engine, module, objective, dev_teacher, parts.dev_set,
@@ -201,14 +225,22 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
                 try:
                     record = _train_step(engine, module, objective, teacher, optimizer, scheduler, source, timer,
                                          opt, state.step)
-                except ServerUnavailable as e:  # the model is as the last finished step left it: save that
-                    saved = "no step finished, nothing to save"
-                    if state.step > 0:
-                        path = (ckpt.path_for(state.step) if last_ckpt_step == state.step else
-                                ckpt.save(module, optimizer, scheduler, state, source.rank_state_dict()))
-                        saved = f"checkpoint of step {state.step}: {path}; resume with checkpoint.resume=auto"
-                    log.event("teacher_unavailable", f"{e} ({saved})", step=state.step)
-                    raise ServerUnavailable(f"{e}\nThe run stopped before step {state.step + 1} ({saved}).") from None
+                except ServerInterrupted:  # a signal ended the wait for the server: stop as after a step
+                    path_note = save_finished(collective=engine.world_size == 1)
+                    signum = stop.received or signal.SIGINT
+                    log.event("stopped", f"received {signal.Signals(signum).name} during step {state.step + 1}; "
+                              f"{path_note}", step=state.step)
+                    raise TrainingStopped(signum, ckpt.latest() or run_dir) from None
+                except (ServerUnavailable, ServerMismatch, TeacherOutputError, NonFiniteStep) as e:
+                    # the model is as the last finished step left it (unless DeepSpeed already stepped): save that
+                    touched = isinstance(e, NonFiniteStep) and e.weights_touched
+                    collective = isinstance(e, NonFiniteStep) or engine.world_size == 1
+                    saved = (f"not saved: the weights took the bad update; the last checkpoint is {ckpt.latest()}"
+                             if touched else save_finished(collective))
+                    kind = "non_finite" if isinstance(e, NonFiniteStep | TeacherOutputError) else "teacher_unavailable"
+                    log.event(kind, f"{e} ({saved})", step=state.step)
+                    hint = "; resume with checkpoint.resume=auto" if not touched and state.step else ""
+                    raise type(e)(f"{e}\nThe run stopped before step {state.step + 1} ({saved}{hint}).") from None
                 state.step += 1
                 state.tokens_seen += int(record["tokens"])
                 state.source = source.state_dict()
@@ -307,6 +339,7 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
                     loss, metrics = module(batch, teacher_out, norm)
                 else:
                     loss, metrics = module(batch, teacher_out, norm, gold[i], gold_norm)
+                check_micro_batch(engine, step_index, loss, metrics, batch.indices)  # before it reaches a gradient
                 engine.backward(loss)
         sums["loss"] += loss.detach().double().cpu()
         for k, v in metrics.items():
@@ -317,6 +350,8 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
             grad_norm = engine.clip_grad_norm(module, opt.max_grad_norm)
         else:
             grad_norm = engine.grad_norm(module)
+        if opt.mixed_precision != "fp16":  # under fp16 scaling an inf gradient is the scaler's: it skips the step
+            check_gradients(float(grad_norm), step_index, applied=engine.is_deepspeed)
         lrs = [g["lr"] for g in optimizer.param_groups]
         optimizer.step()
         if not engine.optimizer_step_was_skipped:
@@ -516,17 +551,21 @@ def _format_record(r: dict[str, Any], total: int) -> str:
 
 
 class _StopSignals:
-    """First SIGTERM/SIGINT: remember it (the loop checkpoints and stops after the current step).
-    A second one: the default behaviour (exit at once)."""
+    """First SIGTERM/SIGINT: remember it (the loop checkpoints and stops after the current step) and call
+    `on_signal` (a served teacher stops waiting, so the step ends at once). A second one: the default
+    behaviour (exit at once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_signal: Any = None) -> None:
         self.received: int | None = None
+        self._on_signal = on_signal
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
         for s, h in self._previous.items():
             signal.signal(s, h)
+        if self._on_signal is not None:
+            self._on_signal()
 
     def __enter__(self) -> _StopSignals:
         import threading

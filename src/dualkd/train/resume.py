@@ -7,7 +7,9 @@ old -> new values; `dualkd train --resume-with-changes` accepts the changes and 
 
 Left out on purpose (they change how, not what): the split of the global batch into micro-batches, gradient
 accumulation and processes (8 x 1 and 2 x 4 make the same update), teacher placement, gradient
-checkpointing, the attention kernel, generation backends and batch sizes, logging, evaluation, checkpoints.
+checkpointing, the attention kernel, generation backends and batch sizes, logging, evaluation, checkpoints,
+and where a served teacher is and how it is asked (url, timeout, retries, concurrency, its request cache):
+the served model itself is keyed by content (`teacher.identity`, added by the loop once the teacher is up).
 
 Weights identity: a hash of each weight file's name, size, first 64 KiB (the safetensors header: names,
 shapes, dtypes) and 16 evenly spaced 64 KiB blocks: reading ~1 MiB per file notices a fine-tuned copy of
@@ -26,6 +28,8 @@ from dualkd.errors import ConfigError
 KEY_VERSION = 3  # 3: `source` keys per kind, `teacher.cache` (an older key is compared on the names both have)
 _HOW_NOT_WHAT = {"placement", "gradient_checkpointing", "attn_implementation", "micro_batch_size", "grad_accum",
                  "micro_batch_tokens",
+                 # where and how a served teacher is asked (its model is in the key by content: teacher.identity)
+                 "url", "timeout_s", "retries", "backoff_s", "concurrency", "cache_dir", "max_answer_mib",
                  "rollout_batch_size", "backend", "vllm_sync_every", "vllm_gpu_memory_utilization"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 _BLOCK = 64 * 1024
