@@ -8,6 +8,9 @@
   vs a pure-Python O(n·m) DTW whose cells call a C edit distance (rapidfuzz's Levenshtein, as the official
   code calls `editdistance`), on the first --dtw-pairs pairs.
 - ETA as the pipeline calls it: `ExactAligner` over whole tokenized examples (prompt + response + EOS).
+- ETA as a user calls it: `exact_alignment` on the `offset_mapping` lists a Hugging Face tokenizer returns, and
+  on its `return_tensors="np"` arrays, for three real pairs (SmolLM2 <- Gemma-3, GPT-2 <- Qwen2, Mistral <-
+  SmolLM2; student <- teacher).
 One process, one thread, variants interleaved in rotating order after a warm-up (benchmarks/harness.py):
 7 repetitions for ETA, 3 for MinED; min / median / max of each and of the ratios; the load average before and
 after (the CSV is written only on a quiet machine). Also prints the share of student response tokens each ETA
@@ -131,6 +134,8 @@ def main() -> None:
                                                                                               t_texts[:k])],
     }, reps=3)
 
+    as_called = _as_called(outputs, args.reps, interleaved, exact_alignment, AutoTokenizer)
+
     pipeline_cov = sum(len(a) - 1 for a, _ in eta.last["ETA: ExactAligner, as the pipeline calls it"]) / n_tokens
     bare_cov = sum(len(a) for a, _ in eta.last["ETA: exact_alignment, one call per pair"]) / n_tokens
     walk_cov = sum(len(p) for p in eta.last["ETA: DSKDv2 string walk (Python)"]) / n_tokens
@@ -141,7 +146,8 @@ def main() -> None:
     print(mined.table(baseline=f"MinED: pure-Python DTW, first {k} pairs"))
     rows = []
     print(f"\n{'implementation':48} {'pairs/s min':>12} {'median':>9} {'max':>9} {'aligned':>8}")
-    for timing in (eta, mined):
+    pairs |= {name: n for name in as_called.seconds}
+    for timing in (eta, mined, as_called):
         for name, secs in timing.seconds.items():
             rates = sorted(pairs[name] / t for t in secs)
             cov = coverage.get(name, float("nan"))
@@ -153,7 +159,7 @@ def main() -> None:
     same = mined.ratios(f"MinED: pure-Python DTW, first {k} pairs", f"MinED: compiled DTW, first {k} pairs")
     print(f"pipeline ETA vs string walk: {min(fast):.2f}-{max(fast):.2f}x faster; compiled MinED vs pure-Python "
           f"DTW on the same {k} pairs: {min(same):.0f}-{max(same):.0f}x")
-    if may_write(eta, args.shared_ok) and may_write(mined, args.shared_ok):
+    if all(may_write(t, args.shared_ok) for t in (eta, mined, as_called)):
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", newline="") as f:
@@ -161,6 +167,28 @@ def main() -> None:
             w.writerow(["implementation", "pairs_per_s_min", "pairs_per_s_median", "pairs_per_s_max",
                         "aligned_share", "load_before", "load_after"])
             w.writerows(rows)
+
+
+def _as_called(outputs: list[str], reps: int, interleaved, exact_alignment, AutoTokenizer):  # noqa: N803
+    """`exact_alignment` per pair on what a tokenizer returns: offset lists, and the cheaper NumPy arrays."""
+    tokenizers = {"SmolLM2": MODELS / "smollm2-135m-instruct", "Gemma-3": MODELS / "gemma-3-270m",
+                  "GPT-2": MODELS / "tokenizers" / "gpt2", "Qwen2": MODELS / "tokenizers" / "qwen2",
+                  "Mistral": MODELS / "tokenizers" / "mistral-sp32k"}
+    lists, arrays = {}, {}
+    for name, folder in tokenizers.items():
+        tok = AutoTokenizer.from_pretrained(folder)
+        lists[name] = tok(outputs, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        arrays[name] = [tok(o, add_special_tokens=False, return_offsets_mapping=True, return_tensors="np")[
+            "offset_mapping"] for o in outputs]
+    variants = {}
+    for student, teacher in (("SmolLM2", "Gemma-3"), ("GPT-2", "Qwen2"), ("Mistral", "SmolLM2")):
+        for form, data in (("lists", lists), ("np arrays", arrays)):
+            s_off, t_off = data[student], data[teacher]
+            variants[f"ETA as called: {student} <- {teacher}, {form}"] = (
+                lambda s_off=s_off, t_off=t_off: [exact_alignment(a, b) for a, b in zip(s_off, t_off)])
+    timing = interleaved(variants, reps=reps)
+    print(timing.table())
+    return timing
 
 
 if __name__ == "__main__":

@@ -76,6 +76,30 @@ def _random_offsets(rng: np.random.Generator, text_len: int) -> np.ndarray:
     return arr
 
 
+def _naive_alignment(s: list[tuple[int, int]], t: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The rules of align/offsets.py, written out: a token aligns when its span is non-empty and no other token
+    of its sequence shares or overlaps it; pairs have identical spans."""
+    def lonely(offsets: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
+        real = [(i, a, b) for i, (a, b) in enumerate(offsets) if b > a]
+        return {(a, b): i for i, a, b in real
+                if not any(j != i and a2 < b and a < b2 for j, a2, b2 in real)}
+    tl = lonely(t)
+    return sorted((i, tl[span]) for span, i in lonely(s).items() if span in tl)
+
+
+def test_compiled_alignment_is_the_naive_rule_as_a_tokenizer_gives_offsets() -> None:
+    """The compiled pass on every input form a user has (list of tuples as `offset_mapping`, [1, n, 2] arrays
+    as `return_tensors="np"`, tensors) equals the naive rule on random, sometimes non-monotone offsets."""
+    rng = np.random.default_rng(1)
+    for _ in range(400):
+        n = int(rng.integers(1, 40))
+        s, t = _random_offsets(rng, n), _random_offsets(rng, n)
+        want = _naive_alignment([tuple(x) for x in s.tolist()], [tuple(x) for x in t.tolist()])
+        assert _pairs([tuple(x) for x in s.tolist()], [tuple(x) for x in t.tolist()]) == want
+        assert _pairs(s[None], torch.from_numpy(t)) == want
+    assert _pairs([], [(0, 1)]) == [] and _pairs(np.zeros((1, 0, 2), dtype=np.int64), [(0, 1)]) == []
+
+
 def test_batched_alignment_equals_one_example_at_a_time() -> None:
     """The one-pass alignment over many examples gives each example exactly what `exact_alignment` gives it
     (the naive twin), also across the 256-example blocks and for empty responses."""

@@ -16,13 +16,19 @@ Rules:
   fallback and byte-level BPE may split one character into several tokens that each report the whole
   character, and none of them alone is that text;
 - the result is in increasing order on both sides.
-It runs in O(n log m) NumPy work without a Python loop (no sort for the usual monotone offsets).
+One call runs one compiled pass (numba) over the two offset arrays: a sort only for non-monotone offsets, then a
+merge of the two sorted span lists. The offsets may come as a tokenizer gives them: a list of (start, end)
+pairs (`offset_mapping`), or, cheaper to read, the array of `return_tensors="np"` ([n, 2] or [1, n, 2]).
+Many examples at once: `exact_alignment_many` (NumPy, one pass for all).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import itertools
+
+import numba
 import numpy as np
 import torch
 from torch import Tensor
@@ -31,17 +37,25 @@ Offsets = Tensor | np.ndarray | Sequence[tuple[int, int]] | Sequence[Sequence[in
 
 
 def _as_array(offsets: Offsets) -> np.ndarray:
+    """[n, 2] int64 (C-contiguous) from a tensor, an array ([n, 2], or [1, n, 2] as a tokenizer's
+    `return_tensors="np"` gives it) or a list of pairs."""
     if isinstance(offsets, Tensor):
         arr = offsets.detach().cpu().numpy()
     elif isinstance(offsets, np.ndarray):
         arr = offsets
-    else:
-        arr = np.array(offsets, dtype=np.int64)
+    else:  # a list of pairs: flattened by an iterator, ~2x faster than np.array's shape discovery
+        n = len(offsets)
+        try:
+            arr = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * n).reshape(n, 2)
+        except (TypeError, ValueError):
+            arr = np.array(offsets, dtype=np.int64)  # ragged or odd input: let NumPy say what is wrong
     if arr.size == 0:
         return np.zeros((0, 2), dtype=np.int64)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise ValueError(f"offsets must have shape [n, 2], got {tuple(arr.shape)}")
-    return arr.astype(np.int64, copy=False)
+    return np.ascontiguousarray(arr, dtype=np.int64)
 
 
 def _alignable_keys(offsets: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,25 +89,63 @@ def alignable(offsets: Offsets) -> np.ndarray:
 
 def exact_alignment(student_offsets: Offsets, teacher_offsets: Offsets) -> tuple[Tensor, Tensor]:
     """Indices (student_index, teacher_index), equal-length LongTensors, of the token pairs whose character
-    spans over the same text are identical. Offsets: [n, 2] / [m, 2] (start, end) pairs."""
-    s = _as_array(student_offsets)
-    t = _as_array(teacher_offsets)
-    if s.shape[0] == 0 or t.shape[0] == 0:
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty.clone()
-    width = int(max(s[:, 1].max(), t[:, 1].max())) + 1
-    s_keys, s_idx = _alignable_keys(s, width)
-    t_keys, t_idx = _alignable_keys(t, width)
-    if s_keys.size == 0 or t_keys.size == 0:
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty.clone()
-    pos = np.minimum(np.searchsorted(t_keys, s_keys), t_keys.size - 1)
-    hit = t_keys[pos] == s_keys
-    s_out, t_out = s_idx[hit], t_idx[pos[hit]]
-    if s_out.size > 1 and not (s_out[1:] > s_out[:-1]).all():
-        order = np.argsort(s_out, kind="stable")
-        s_out, t_out = s_out[order], t_out[order]
+    spans over the same text are identical. Offsets: [n, 2] / [m, 2] (start, end) pairs, as a list, an array
+    or a tensor (module docstring)."""
+    s_out, t_out = _align_pair(_as_array(student_offsets), _as_array(teacher_offsets))
     return torch.from_numpy(s_out), torch.from_numpy(t_out)
+
+
+@numba.njit(cache=True, nogil=True)
+def _lonely_spans(off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, token indices) of the alignable tokens, ascending by (start, end): what `_alignable_keys`
+    computes, in one compiled pass (a sort only when the offsets are not monotone)."""
+    n = off.shape[0]
+    start, end, idx = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    m = 0
+    monotone = True
+    for i in range(n):
+        if off[i, 1] > off[i, 0]:  # empty spans (added specials) never align
+            start[m], end[m], idx[m] = off[i, 0], off[i, 1], i
+            if m > 0 and (start[m] < start[m - 1] or (start[m] == start[m - 1] and end[m] <= end[m - 1])):
+                monotone = False
+            m += 1
+    start, end, idx = start[:m], end[:m], idx[:m]
+    if not monotone:
+        width = end.max() + 1
+        order = np.argsort(start * width + end, kind="mergesort")
+        start, end, idx = start[order], end[order], idx[order]
+    # in start order a token clashes with an earlier one iff it starts before the running max of their ends
+    lonely = np.ones(m, np.bool_)
+    running = -1
+    for k in range(m):
+        if k > 0 and start[k] < running:
+            lonely[k] = False
+            lonely[k - 1] = False
+        running = max(running, end[k])
+    return start[lonely], end[lonely], idx[lonely]
+
+
+@numba.njit(cache=True, nogil=True)
+def _align_pair(s_off: np.ndarray, t_off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the two sorted span lists; pairs sorted by student index (so by teacher index too)."""
+    s_start, s_end, s_idx = _lonely_spans(s_off)
+    t_start, t_end, t_idx = _lonely_spans(t_off)
+    s_out = np.empty(min(s_idx.size, t_idx.size), np.int64)
+    t_out = np.empty_like(s_out)
+    i = j = m = 0
+    while i < s_idx.size and j < t_idx.size:
+        if s_start[i] == t_start[j] and s_end[i] == t_end[j]:
+            s_out[m], t_out[m] = s_idx[i], t_idx[j]
+            m += 1
+            i += 1
+            j += 1
+        elif s_start[i] < t_start[j] or (s_start[i] == t_start[j] and s_end[i] < t_end[j]):
+            i += 1
+        else:
+            j += 1
+    s_out, t_out = s_out[:m], t_out[:m]
+    order = np.argsort(s_out, kind="mergesort")
+    return s_out[order], t_out[order]
 
 
 def exact_alignment_many(students: Sequence[np.ndarray], teachers: Sequence[np.ndarray]

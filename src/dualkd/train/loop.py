@@ -133,7 +133,10 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
                           "another output_dir")
     opt = cfg.optimization
     key = resume_key(cfg, opt.micro_batch_size * opt.grad_accum * engine.world_size)
-    changed = [] if start is None else check_resume(ckpt.read_state(start).resume_key, key, start, accept_changes)
+    saved_key = ckpt.read_state(start).resume_key if start is not None else {}
+    # the served model's identity joins the key once the teacher is up (below)
+    early = {k: v for k, v in saved_key.items() if k != "teacher.identity"}
+    changed = [] if start is None else check_resume(early, key, start, accept_changes)
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if start is None:  # a resume never rewrites the config of the run it continues
@@ -147,11 +150,9 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
     parts = build_parts(cfg, run_dir, engine, objective, prepared)
     if parts.teacher is not None and parts.teacher.identity is not None:  # what a served model is, by content
         key["teacher.identity"] = parts.teacher.identity
-        if start is not None:
-            saved = ckpt.read_state(start).resume_key
-            if "teacher.identity" in saved:
-                changed += check_resume({"teacher.identity": saved["teacher.identity"]},
-                                        {"teacher.identity": key["teacher.identity"]}, start, accept_changes)
+        if "teacher.identity" in saved_key:
+            changed += check_resume({"teacher.identity": saved_key["teacher.identity"]},
+                                    {"teacher.identity": key["teacher.identity"]}, start, accept_changes)
     module = TrainModule(parts.student, parts.objective)
     optimizer = build_optimizer(parts.student, opt, parts.objective.param_groups())
     gold = OffPolicySource(parts.train_set, opt.micro_batch_size, opt.grad_accum, engine.world_size, engine.rank,
