@@ -24,9 +24,8 @@ Many examples at once: `exact_alignment_many` (NumPy, one pass for all).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import itertools
+from collections.abc import Sequence
 
 import numba
 import numpy as np
