@@ -17,25 +17,27 @@ from dualkd.methods.dskdv2 import DSKDv2Config
 from dualkd.methods.kd import KD, KDConfig, WordKD, WordKDConfig
 from dualkd.methods.mined import MinED, MinEDConfig
 from dualkd.methods.sft import SFT, SFTConfig
+from dualkd.methods.shared_vocab_kd import SharedVocabKD, SharedVocabKDConfig
 from dualkd.methods.tie_kd import TIEKD, TIEKDConfig
 from dualkd.methods.uld import ULD, ULDConfig
 
 OBJECTIVES: dict[str, Callable[[Any], Objective]] = {
     "sft": SFT, "kd": KD, "dskd": DSKD, "dskd_cma": DSKDCMA, "dskdv2": dskdv2.build, "uld": ULD, "mined": MinED,
     "dpo": DPO, "aligndistil": AlignDistil, "tie_kd": TIEKD, "word_kd": WordKD,
-    "cbmi": CBMI,
+    "cbmi": CBMI, "shared_vocab_kd": SharedVocabKD,
 }
 
 ObjectiveConfig = Annotated[
     Union[SFTConfig, KDConfig, DSKDConfig, DSKDv2Config, DSKDCMAConfig, ULDConfig, MinEDConfig,  # noqa: UP007
-          DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig, CBMIConfig],
+          DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig, CBMIConfig, SharedVocabKDConfig],
     Field(discriminator="name"),
 ]
 
 
 CONFIGS: dict[str, type] = {cls.model_fields["name"].default: cls for cls in
                             (SFTConfig, KDConfig, DSKDConfig, DSKDv2Config, DSKDCMAConfig, ULDConfig, MinEDConfig,
-                             DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig, CBMIConfig)}
+                             DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig, CBMIConfig,
+                             SharedVocabKDConfig)}
 """Each objective's config class by name."""
 
 
