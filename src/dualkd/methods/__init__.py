@@ -14,6 +14,7 @@ from dualkd.methods.dpo import DPO, DPOConfig
 from dualkd.methods.dskd import DSKD, DSKDConfig
 from dualkd.methods.dskd_cma import DSKDCMA, DSKDCMAConfig
 from dualkd.methods.dskdv2 import DSKDv2Config
+from dualkd.methods.gold import GOLD, GOLDConfig
 from dualkd.methods.kd import KD, KDConfig, WordKD, WordKDConfig
 from dualkd.methods.mined import MinED, MinEDConfig
 from dualkd.methods.sft import SFT, SFTConfig
@@ -24,12 +25,12 @@ from dualkd.methods.uld import ULD, ULDConfig
 OBJECTIVES: dict[str, Callable[[Any], Objective]] = {
     "sft": SFT, "kd": KD, "dskd": DSKD, "dskd_cma": DSKDCMA, "dskdv2": dskdv2.build, "uld": ULD, "mined": MinED,
     "dpo": DPO, "aligndistil": AlignDistil, "tie_kd": TIEKD, "word_kd": WordKD,
-    "cbmi": CBMI, "shared_vocab_kd": SharedVocabKD,
+    "cbmi": CBMI, "shared_vocab_kd": SharedVocabKD, "gold": GOLD,
 }
 
 ObjectiveConfig = Annotated[
     Union[SFTConfig, KDConfig, DSKDConfig, DSKDv2Config, DSKDCMAConfig, ULDConfig, MinEDConfig,  # noqa: UP007
-          DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig, CBMIConfig, SharedVocabKDConfig],
+          DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig, CBMIConfig, SharedVocabKDConfig, GOLDConfig],
     Field(discriminator="name"),
 ]
 
@@ -37,7 +38,7 @@ ObjectiveConfig = Annotated[
 CONFIGS: dict[str, type] = {cls.model_fields["name"].default: cls for cls in
                             (SFTConfig, KDConfig, DSKDConfig, DSKDv2Config, DSKDCMAConfig, ULDConfig, MinEDConfig,
                              DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig, CBMIConfig,
-                             SharedVocabKDConfig)}
+                             SharedVocabKDConfig, GOLDConfig)}
 """Each objective's config class by name."""
 
 
