@@ -101,8 +101,8 @@ def test_compiled_alignment_is_the_naive_rule_as_a_tokenizer_gives_offsets() -> 
 
 
 def test_batched_alignment_equals_one_example_at_a_time() -> None:
-    """The one-pass alignment over many examples gives each example exactly what `exact_alignment` gives it
-    (the naive twin), also across the 256-example blocks and for empty responses."""
+    """The alignment of many examples gives each example exactly what `exact_alignment` gives it, empty
+    responses included."""
     rng = np.random.default_rng(0)
     students, teachers = [], []
     for _ in range(600):

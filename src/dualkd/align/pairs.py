@@ -13,6 +13,7 @@ compare. It runs when the dataset is built (off-policy data) or when a batch is 
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,12 +31,9 @@ class Aligner(Protocol):
 
 def _response_offsets(examples: list[TokenizedExample]) -> list[np.ndarray]:
     """Every example's response offsets relative to the response start, from one NumPy conversion: [n_i, 2]."""
-    spans: list[tuple[int, int]] = []
-    lengths = []
-    for x in examples:
-        spans.extend(x.offsets[x.prompt_len:])
-        lengths.append(len(x.offsets) - x.prompt_len)
-    flat = np.array(spans, dtype=np.int64).reshape(-1, 2)
+    lengths = [len(x.offsets) - x.prompt_len for x in examples]
+    pairs = chain.from_iterable(x.offsets[x.prompt_len:] for x in examples)  # (start, end) of every token
+    flat = np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=2 * sum(lengths)).reshape(-1, 2)
     flat -= np.repeat(np.array([x.prompt_chars for x in examples], dtype=np.int64), lengths)[:, None]
     return np.split(flat, np.cumsum(lengths)[:-1])
 
@@ -55,8 +53,8 @@ class ExactAligner:
         for s, t, (si, ti) in zip(students, teachers, aligned):
             s_pos, t_pos = si + s.prompt_len - 1, ti + t.prompt_len - 1
             if _ends_with_eos(s, self.student_eos) and _ends_with_eos(t, self.teacher_eos):
-                s_pos = np.append(s_pos, len(s.ids) - 2)
-                t_pos = np.append(t_pos, len(t.ids) - 2)
+                s_pos = np.concatenate((s_pos, [len(s.ids) - 2]))
+                t_pos = np.concatenate((t_pos, [len(t.ids) - 2]))
             out.append((s_pos, t_pos))
         return out
 
