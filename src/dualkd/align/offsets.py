@@ -4,7 +4,7 @@ whose character spans are identical.
     student_index, teacher_index = exact_alignment(student_offsets, teacher_offsets)
 
 DSKDv2 aligns by walking the two token-string lists, which breaks as soon as the tokenizers spell the same
-text differently (`Ċ` vs a real newline, byte glyphs vs characters; methods/dskd.md §5): after the first
+text differently (`Ċ` vs a real newline, byte glyphs vs characters; docs/benchmark-align.md): after the first
 newline nothing aligns. Character offsets of one text do not depend on how a vocabulary spells its pieces,
 so aligning them is right for byte-level BPE (Ġ), SentencePiece (▁, byte fallback), leading spaces and
 multi-byte characters alike, and two aligned tokens always cover the same text.

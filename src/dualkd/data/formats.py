@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from dualkd.errors import DataError
 
-# MiniLLM/DSKD Alpaca template (methods/dskd.md §4); the input block appears only when `input` is non-empty.
+# MiniLLM/DSKD Alpaca template (as the DSKD repository formats Dolly); the input block appears only when `input`
+# is non-empty.
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n### Response:\n"

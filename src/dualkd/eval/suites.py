@@ -1,7 +1,7 @@
 """Test sets: a jsonl file in any format the data loaders read, a translation file of language pairs, or the
 named suite of the DSKD/MiniLLM instruction-following protocol.
 
-    sets, missing = resolve_test_sets(suite="dolly-protocol", data_dir="../shared/data")
+    sets, missing = resolve_test_sets(suite="dolly-protocol", data_dir="data")
     sets, _ = resolve_test_sets(paths=["my_test.jsonl"])
     sets, _ = resolve_test_sets(paths=["mt/multi30k_en_de/test_2016_flickr.jsonl"], translation=("de", "en"))
 """

@@ -1,4 +1,5 @@
-"""Token-level divergences between teacher and student next-token distributions (methods/dskd.md §1).
+"""Token-level divergences between teacher and student next-token distributions (the DSKD paper's KD
+framework, arXiv 2406.17328).
 
 p = softmax(teacher_logits / τ), q = softmax(student_logits / τ), computed in fp32 (fp64 stays fp64)
 whatever the input dtype. Each divergence maps logits [..., V] to per-token values [...]:

@@ -1,4 +1,4 @@
-"""TIE-KD's hierarchical ranking loss (arXiv 2305.08096, §B2 of ../shared/docs/methods/aligndistil-nmt.md).
+"""TIE-KD's hierarchical ranking loss (arXiv 2305.08096; its official criterion, read for the math).
 
 With T = the teacher's top-k ids sorted by p (t_1 its argmax) and S = the student's top-k ids sorted by q:
 

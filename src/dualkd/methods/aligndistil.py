@@ -1,5 +1,5 @@
 """AlignDistil (arXiv 2503.02832): LM alignment as token-level distillation from a DPO model and a reverse-DPO
-model (spec: ../shared/docs/methods/aligndistil-nmt.md part A; pure definitions: losses/policy.py).
+model (arXiv 2503.02832; pure definitions: losses/policy.py).
 
     teacher (adaptive):  z*_t = z_dpo + α_t·(z_dpo − z_rev),  α_t = r·TVD_t + ε,  weight β0/α_t
     teacher (constant):  α_t = `alpha` at every position (the paper's "constant ratio"), weight β0/α

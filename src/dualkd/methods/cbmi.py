@@ -1,5 +1,5 @@
-"""CBMI-based adaptive training for translation (arXiv 2203.02951; spec: ../shared/docs/methods/aligndistil-nmt.md
-part C). Not distillation: the model being trained reweights its own label-smoothed CE token by token.
+"""CBMI-based adaptive training for translation (arXiv 2203.02951).
+Not distillation: the model being trained reweights its own label-smoothed CE token by token.
 
     CBMI_t = log p_NMT(y_t | x, y_<t) − log p_LM(y_t | y_<t)            (detached)
     token weight     w_tok = max(0, 1 + λ_tok·(CBMI_t − μ_s)/σ_s)       within each sentence s

@@ -1,5 +1,5 @@
 """Dual-Space KD, same vocabulary (Zhang et al., "Dual-Space Knowledge Distillation for Large Language
-Models", arXiv 2406.17328; methods/dskd.md §2).
+Models", arXiv 2406.17328).
 
 Two projectors put each model's last hidden states in the other's space, where the other's LM head reads them:
 

@@ -1,5 +1,5 @@
 """Dual-Space KD with cross-model attention (CMA), for different vocabularies (arXiv 2406.17328 §3.3;
-methods/dskd.md §2b; `version: 2` is DSKDv2's CMA, arXiv 2504.11426).
+`version: 2` is DSKDv2's CMA, arXiv 2504.11426).
 
 Each student position attends over the teacher's response positions (and the transpose), so that every
 position of one model gets a mixture of the other model's states:

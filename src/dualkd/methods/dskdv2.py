@@ -1,5 +1,5 @@
 """DSKDv2: dual-space KD with ideally initialized projectors and exact token alignment, for any two LLMs
-(Zhang et al., arXiv 2504.11426; methods/dskd.md §3).
+(Zhang et al., arXiv 2504.11426).
 
 What changes from DSKD:
 - P_t2s (bias-free) starts at W_t[V']ᵀ · pinv(W_s[V']ᵀ) over the shared vocabulary V', so that the student

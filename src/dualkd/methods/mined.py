@@ -1,5 +1,5 @@
 """MinED: minimum-edit-distance token alignment + forward KL (FuseLLM's alignment, arXiv 2401.10491, as the
-cross-tokenizer baseline in DSKD; methods/dskd.md §1).
+cross-tokenizer baseline in DSKD).
 
     pairs      DTW over the response tokens' texts with edit-distance costs (computed once, when the data is
                built); a student position is aligned when the path gives it exactly one teacher token AND that

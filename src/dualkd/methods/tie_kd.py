@@ -1,5 +1,5 @@
 """TIE-KD (arXiv 2305.08096): word-level KD with a hierarchical ranking loss and iterative KD, for translation
-models (spec: ../shared/docs/methods/aligndistil-nmt.md part B).
+models.
 
     L = (1 − λ)·CE_ls(gold) + λ·(1/N)·Σ_n Σ_t [KL(p_n ‖ q_n) + L_top1 + L_topk]      / response tokens
 

@@ -1,5 +1,5 @@
 """Universal Logit Distillation (Boizard et al., "Towards Cross-Tokenizer Distillation: the Universal Logit
-Distillation Loss for LLMs", arXiv 2402.12030), as re-implemented in DSKD (methods/dskd.md §1):
+Distillation Loss for LLMs", arXiv 2402.12030), as re-implemented in DSKD (arXiv 2406.17328):
 
     k-th response position of the student  <->  k-th response position of the teacher   (per sequence)
     ULD = Σ_v | sort↓(softmax(z_s))_v - sort↓(softmax(z_t))_v |      (the smaller vocabulary zero-padded)
