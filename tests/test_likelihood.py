@@ -57,3 +57,12 @@ def test_cli_likelihood(teacher_dir: Path, dev_file: Path, tmp_path: Path) -> No
                     "--max-examples", "4", "--out", str(out)], check=True, capture_output=True, text=True)
     result = json.loads(out.read_text())
     assert result["examples"] == 4 and result["bits_per_byte"] > 0
+
+
+def test_a_prompt_past_the_model_names_this_command_not_training(teacher_dir: Path) -> None:
+    """`likelihood` has no data.max_prompt_length: its message must not send the user looking for one."""
+    model, tokenizer = load_for_generation(teacher_dir, "float32")
+    long = Example(prompt="word " * 400, references=("yes",), where="long.jsonl:3")
+    with pytest.raises(DataError, match="long.jsonl:3: the prompt alone is longer") as err:
+        response_likelihood(model, tokenizer, [long])
+    assert "max_prompt_length" not in str(err.value)

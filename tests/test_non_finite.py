@@ -82,8 +82,11 @@ def _damaged(cache: Path, tmp: Path, array: str, damage) -> Path:  # noqa: ANN00
     copy = tmp / f"cache-{array}"
     shutil.copytree(cache, copy)
     path = copy / "train" / "shards" / "00001" / f"{array}.npy"
-    values = np.load(path)
-    np.save(path, damage(values), allow_pickle=False)
+    damaged = damage(np.load(path))
+    if damaged is None:  # an empty file (a disk that filled up)
+        path.write_bytes(b"")
+    else:
+        np.save(path, damaged, allow_pickle=False)
     return copy
 
 
@@ -95,6 +98,7 @@ DAMAGE = {
     "truncated array": ("tail", lambda a: a[:-3], "where the manifest says"),
     "another k": ("topk_ids", lambda a: a[:, :3], "where the manifest says"),
     "another dtype": ("topk_logprobs", lambda a: a.astype(np.float32), "where the manifest says"),
+    "an empty file": ("topk_ids", lambda a: None, "unreadable"),
 }
 
 

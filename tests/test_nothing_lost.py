@@ -108,3 +108,22 @@ def test_methods_table_writes_no_document_unless_named() -> None:
 
     args = build_parser().parse_args(["methods-table", "--quick", "--report-only"])
     assert args.doc is None and args.record is None
+
+
+def test_unquoted_on_off_in_yaml_means_on_off(tmp_path: Path, train_file: Path, byte_tokenizer_dir: Path) -> None:
+    """YAML 1.1 reads `fused: on` as true; dualkd takes it as the user wrote it."""
+    from dualkd.config import load_config
+
+    cfg = tiny_run(tmp_path / "run", train_file, byte_tokenizer_dir)
+    text = yaml.safe_dump(cfg).replace("objective:\n  name: sft", "objective:\n  name: sft\n  fused: on")
+    text = text.replace("progress_bar: 'off'", "progress_bar: off")
+    (tmp_path / "c.yaml").write_text(text)
+    loaded = load_config(tmp_path / "c.yaml", ["objective.fused=off"])
+    assert loaded.objective.fused == "off" and loaded.logging.progress_bar == "off"
+    assert load_config(tmp_path / "c.yaml").objective.fused == "on"
+
+
+def test_resume_takes_no_value_but_auto(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["train", "any.yaml", "--resume", "yes"])
+    assert e.value.code == 2 and "--resume takes no value, or `auto`; got 'yes'" in capsys.readouterr().err

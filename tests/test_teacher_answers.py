@@ -302,3 +302,46 @@ def test_a_server_cache_dir_that_is_a_file_is_named(tmp_path: Path, tokenizer: A
                              backoff_s=0.0, margin=2, max_answer_mib=1.0)
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         server_client(server, tokenizer, tmp_path)
+
+
+def test_sigterm_while_the_server_stalls_stops_the_run_at_once(server: FakeServer, tmp_path: Path, train_file: Path,
+                                                               byte_tokenizer_dir: Path) -> None:
+    """The loop waits on a server that answers nothing (one byte a second); SIGTERM ends the wait, the run stops
+    with 128 + 15, not after the request's deadline."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import REPO, tiny_run
+
+    asked = threading.Event()
+
+    def answer(path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes, float]:
+        if path == "/v1/completions" and body.get("echo") and not body["prompt"].startswith("The teacher"):
+            asked.set()  # a training sequence (the probe of the served model's identity is answered)
+            return 200, {}, b" " * 600, 1.0
+        return server.good(path, body)
+
+    server.answer = answer
+    cfg = tiny_run(tmp_path / "run", train_file, byte_tokenizer_dir, objective={"name": "kd", "top_k": 4})
+    cfg["teacher"] = {"tokenizer": str(byte_tokenizer_dir),
+                      "server": {"url": server.url, "top_k": 4, "timeout_s": 300, "retries": 0}}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    process = subprocess.Popen([sys.executable, "-m", "dualkd.cli", "train", str(config)], cwd=tmp_path,
+                               env={**os.environ, "PYTHONPATH": str(REPO / "src")}, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        assert asked.wait(120), "the run never asked the server about a training sequence"
+        time.sleep(1.0)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+        assert time.monotonic() - started < 15
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err

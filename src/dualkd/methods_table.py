@@ -84,6 +84,8 @@ ROWS = (
     Row("own-dskdv2-cma", "own", "{name: dskdv2, alignment: cma, divergence: fkl}", "DSKDv2-CMA"),
     Row("own-uld", "own", "{name: uld}", "ULD"),
     Row("own-mined", "own", "{name: mined}", "MinED"),
+    Row("own-gold", "own", "{name: gold}", "GOLD (TRL's cross-tokenizer loss)"),
+    Row("own-shared-vocab-kd", "own", "{name: shared_vocab_kd}", "KD over the shared vocabulary (KDFlow)"),
     Row("own-on-policy-dskdv2-eta", "own", "{name: dskdv2, alignment: eta, divergence: fkl}",
         "on-policy DSKDv2-ETA", _ON_POLICY),
 )
