@@ -345,3 +345,15 @@ def test_sigterm_while_the_server_stalls_stops_the_run_at_once(server: FakeServe
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in err
+
+
+def test_a_slow_but_honest_answer_arrives(server: FakeServer, tokenizer: Any) -> None:
+    """A server that thinks for 2.5 s before its headers (longer than one bounded socket wait) is not a failure."""
+    def answer(path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes, float]:
+        if path == "/v1/completions":
+            time.sleep(2.5)
+        return server.good(path, body)
+
+    server.answer = answer
+    scored = _client(server.url, tokenizer, timeout_s=10.0, retries=0).score(_ids(tokenizer), K)
+    assert scored.valid.sum() >= len(scored.valid) - 2
