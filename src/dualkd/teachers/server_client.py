@@ -309,8 +309,6 @@ class ServerClient:
     def _cache_path(self, ids: list[int], k: int) -> Path | None:
         if self.cache_dir is None:
             return None
-        if self.cache_dir.exists() and not self.cache_dir.is_dir():
-            raise ConfigError(f"teacher.server.cache_dir: {self.cache_dir} is a file, not a folder")
         key = hashlib.sha256(json.dumps([self.fingerprint, k, ids]).encode()).hexdigest()
         return self.cache_dir / key[:2] / f"{key}.npz"
 
