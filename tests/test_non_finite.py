@@ -66,14 +66,14 @@ def _cache_config(tmp: Path, train_file: Path, tok: Path, teacher: Path) -> Path
     return _write(cfg, tmp / "kd.yaml")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory, train_file: Path, byte_tokenizer_dir: Path,
-          teacher_dir: Path) -> tuple[Path, Path]:
+@pytest.fixture(scope="module", params=["packed", "float16"])
+def cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, train_file: Path,
+          byte_tokenizer_dir: Path, teacher_dir: Path) -> tuple[Path, Path, str]:
     tmp = tmp_path_factory.mktemp("cache")
     config = _cache_config(tmp, train_file, byte_tokenizer_dir, teacher_dir)
     assert main(["cache-teacher", str(config), "--out", str(tmp / "cache"), "--top-k", "4",
-                 "--shard-examples", "8"]) == 0
-    return config, tmp / "cache"
+                 "--shard-examples", "8", "--encoding", request.param]) == 0
+    return config, tmp / "cache", request.param
 
 
 def _damaged(cache: Path, tmp: Path, array: str, damage) -> Path:  # noqa: ANN001
@@ -90,23 +90,43 @@ def _damaged(cache: Path, tmp: Path, array: str, damage) -> Path:  # noqa: ANN00
     return copy
 
 
-DAMAGE = {
-    "NaN log-probabilities": ("topk_logprobs", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 5,
-                                                                  np.nan, a).astype(a.dtype), "log-probability nan"),
+def _nan_exact(a: np.ndarray) -> np.ndarray:
+    """A packed row's first exact log-probability (after the 5 id bytes: k 4 × 9 bits, V 400) set to a NaN."""
+    a = a.copy()
+    a[1, 5:7] = np.array([0x00, 0x7E], dtype=np.uint8)  # float16 NaN, little-endian
+    return a
+
+
+def _ids_past(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a[:, :5] = 0xFF  # every 9-bit id 511, past the 400-token vocabulary
+    return a
+
+
+DAMAGE = {  # case → (array, damage, message) per encoding
+    "NaN log-probabilities": {
+        "float16": ("topk_logprobs", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 5,
+                                                        np.nan, a).astype(a.dtype), "log-probability nan"),
+        "packed": ("topk_packed", _nan_exact, "log-probability nan")},
     "NaN tail masses": ("tail", lambda a: np.full_like(a, np.nan), "tail log-mass nan"),
-    "ids past the vocabulary": ("topk_ids", lambda a: (a + 60000).astype(a.dtype), "outside the teacher's vocabulary"),
+    "ids past the vocabulary": {
+        "float16": ("topk_ids", lambda a: (a + 60000).astype(a.dtype), "outside the teacher's vocabulary"),
+        "packed": ("topk_packed", _ids_past, "outside the teacher's vocabulary")},
     "truncated array": ("tail", lambda a: a[:-3], "where the manifest says"),
-    "another k": ("topk_ids", lambda a: a[:, :3], "where the manifest says"),
-    "another dtype": ("topk_logprobs", lambda a: a.astype(np.float32), "where the manifest says"),
-    "an empty file": ("topk_ids", lambda a: None, "unreadable"),
+    "another k": {"float16": ("topk_ids", lambda a: a[:, :3], "where the manifest says"),
+                  "packed": ("topk_packed", lambda a: a[:, :-1], "where the manifest says")},
+    "another dtype": {"float16": ("topk_logprobs", lambda a: a.astype(np.float32), "where the manifest says"),
+                      "packed": ("topk_packed", lambda a: a.astype(np.uint16), "where the manifest says")},
+    "an empty file": {"float16": ("topk_ids", lambda a: None, "unreadable"),
+                      "packed": ("topk_packed", lambda a: None, "unreadable")},
 }
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
-def test_a_damaged_cache_stops_with_the_file_named(case: str, cache: tuple[Path, Path], tmp_path: Path,
+def test_a_damaged_cache_stops_with_the_file_named(case: str, cache: tuple[Path, Path, str], tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    config, folder = cache
-    array, damage, message = DAMAGE[case]
+    config, folder, encoding = cache
+    array, damage, message = DAMAGE[case][encoding] if isinstance(DAMAGE[case], dict) else DAMAGE[case]
     damaged = _damaged(folder, tmp_path, array, damage)
     assert main(["train", str(config), f"teacher.cache={damaged}", f"output_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
@@ -115,11 +135,11 @@ def test_a_damaged_cache_stops_with_the_file_named(case: str, cache: tuple[Path,
     assert not (tmp_path / "run" / "final").exists()
 
 
-def test_a_missing_shard_or_a_truncated_manifest_is_named(cache: tuple[Path, Path], tmp_path: Path,
+def test_a_missing_shard_or_a_truncated_manifest_is_named(cache: tuple[Path, Path, str], tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
-    config, folder = cache
+    config, folder, _ = cache
     copy = tmp_path / "c1"
     shutil.copytree(folder, copy)
     shutil.rmtree(copy / "train" / "shards" / "00002")
@@ -133,10 +153,10 @@ def test_a_missing_shard_or_a_truncated_manifest_is_named(cache: tuple[Path, Pat
     assert "not a readable cache manifest" in capsys.readouterr().err
 
 
-def test_settings_a_topk_teacher_cannot_honour_are_refused(cache: tuple[Path, Path], tmp_path: Path,
+def test_settings_a_topk_teacher_cannot_honour_are_refused(cache: tuple[Path, Path, str], tmp_path: Path,
                                                            byte_tokenizer_dir: Path, meta_tokenizer_dir: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    config, folder = cache
+    config, folder, _ = cache
     base = ["train", str(config), f"teacher.cache={folder}", f"output_dir={tmp_path / 'run'}",
             "objective.top_k=null"]
     assert main([*base, "objective.divergence=rkl"]) == 2

@@ -70,7 +70,7 @@ def test_cache_round_trip_resume_and_training_matches_the_live_teacher(
     config = _cache_config(tmp_path, train_file, byte_tokenizer_dir, teacher_dir, dev_file)
     cache = tmp_path / "cache"
     args = ["cache-teacher", str(config), "--out", str(cache), "--top-k", "8", "--shard-examples", "16",
-            "--logprob-dtype", "float32", "--hidden"]
+            "--encoding", "float32", "--hidden"]
     assert main(args) == 0
     manifest = json.loads((cache / "train" / "manifest.json").read_text())
     assert manifest["examples"] == 40 and manifest["complete"] == ["00000", "00001", "00002"]
@@ -170,3 +170,40 @@ def test_dskdv2_across_tokenizers_trains_from_the_cache(tmp_path: Path, train_fi
         assert a["tokens"] == b["tokens"]
         for k in ("loss", "ce_t2s", "kd_student", "kd_teacher", "t2s_agreement"):
             assert a[k] == pytest.approx(b[k], rel=2e-2, abs=2e-3), k  # bf16 hidden states and head
+
+
+def test_the_packed_encoding_trains_like_the_plain_one_and_old_caches_still_read(
+        tmp_path: Path, train_file: Path, dev_file: Path, byte_tokenizer_dir: Path, teacher_dir: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    config = _cache_config(tmp_path, train_file, byte_tokenizer_dir, teacher_dir, dev_file)
+    caches = {}
+    for encoding in ("packed", "float32"):
+        caches[encoding] = tmp_path / encoding
+        assert main(["cache-teacher", str(config), "--out", str(caches[encoding]), "--top-k", "8",
+                     "--shard-examples", "16", "--encoding", encoding]) == 0
+    packed, plain = (TeacherCache(caches[e] / "train") for e in ("packed", "float32"))
+    assert packed.bytes_per_token() < 0.6 * plain.bytes_per_token()
+    a, b = packed.targets([0, 5, 39]), plain.targets([0, 5, 39])
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.tail, b.tail)
+    assert (a.logprobs - b.logprobs).abs().max() < 4e-3  # top 4 in float16 (step 2^-8 at |l| in [4, 8)), then 6 bits
+    runs = {}
+    for encoding, cache in caches.items():
+        cfg = yaml.safe_load(config.read_text())
+        cfg.update(output_dir=str(tmp_path / f"run-{encoding}"), teacher={"cache": str(cache)})
+        runs[encoding] = read_metrics(train(validate_config(cfg)))
+    for x, y in zip(runs["packed"], runs["float32"]):
+        assert x["kd"] == pytest.approx(y["kd"], rel=1e-3, abs=1e-4)
+
+    # a format-1 cache (before the packed encoding: `logprob_dtype` named the plain encoding) still reads
+    manifest_file = caches["float32"] / "train" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    old = {**{k: v for k, v in manifest.items() if k != "encoding"}, "format": 1, "logprob_dtype": "float32"}
+    manifest_file.write_text(json.dumps(old))
+    again = TeacherCache(caches["float32"] / "train").targets([0, 5, 39])
+    assert torch.equal(again.ids, b.ids) and torch.equal(again.logprobs, b.logprobs)
+    manifest_file.write_text(json.dumps({**manifest, "format": 3}))
+    with pytest.raises(DualKDError, match="cache format 3; this dualkd reads formats 1, 2"):
+        TeacherCache(caches["float32"] / "train")
+    manifest_file.write_text(json.dumps({**manifest, "encoding": "bfloat8"}))
+    with pytest.raises(DualKDError, match="top-k encoding 'bfloat8'"):
+        TeacherCache(caches["float32"] / "train")

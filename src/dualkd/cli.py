@@ -246,11 +246,11 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # per-file loading bars
     cfg = load_config(args.config, args.overrides)
-    manifests = cache_teacher(cfg, args.out, k=args.top_k, hidden=args.hidden, logprob_dtype=args.logprob_dtype,
+    manifests = cache_teacher(cfg, args.out, k=args.top_k, hidden=args.hidden, encoding=args.encoding,
                               shard_examples=args.shard_examples, batch_size=args.batch_size,
                               overwrite=args.overwrite)
     for split, manifest in zip(("train", "dev"), manifests):
-        print(f"{Path(args.out) / split}: {manifest['examples']} examples, top-{args.top_k}"
+        print(f"{Path(args.out) / split}: {manifest['examples']} examples, top-{args.top_k} {args.encoding}"
               + (", hidden states" if args.hidden else "") + f", {len(manifest['complete'])} shards")
     print(f"train from it with: dualkd train {args.config} teacher.cache={args.out}")
     return 0
@@ -416,8 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into --out even if it holds something else")
     p.add_argument("--top-k", type=_positive_int, default=64, help="tokens kept per position (default 64)")
     p.add_argument("--hidden", action="store_true", help="also keep the teacher's last hidden states (bf16)")
-    p.add_argument("--logprob-dtype", choices=["float16", "float32"], default="float16",
-                   help="storage of the top-k log-probabilities (default float16)")
+    p.add_argument("--encoding", choices=["packed", "float16", "float32"], default="packed",
+                   help="how the top-k are stored: packed (default; ~2.3 bytes per entry, KD loss within ~1e-3 "
+                        "nats/token of float16, docs/benchmark-cache.md) or plain float16/float32 "
+                        "log-probabilities (+ 2-4 bytes per id)")
     p.add_argument("--shard-examples", type=_positive_int, default=1024, help="examples per shard (default 1024)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="teacher batch size (default 8)")
     p.set_defaults(func=_cmd_cache_teacher)

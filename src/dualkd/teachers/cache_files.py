@@ -1,18 +1,20 @@
 """The files of an offline teacher cache: run a large teacher once over a training set, train from the files.
 
-    dualkd cache-teacher configs/kd.yaml --out cache/ --top-k 64 [--hidden]
+    dualkd cache-teacher configs/kd.yaml --out cache/ --top-k 64 [--hidden] [--encoding packed|float16|float32]
     dualkd train configs/kd.yaml teacher.cache=cache/          # no teacher model loaded (teachers/cached.py)
 
 Layout of the cache folder (every file written to a temporary name, fsync'ed, renamed; NumPy arrays loaded
 with `allow_pickle=False` and memory-mapped, so a shard is read lazily, never whole):
 
-    manifest.json        what the cache was made from (teacher, tokenizer hash, data hash, k, dtypes) and the
+    manifest.json        what the cache was made from (teacher, tokenizer hash, data hash, k, encoding) and the
                          shards that are complete; a run with other data, teacher or k is refused
     tokenizer/           the teacher's tokenizer (a cache of a teacher you do not have locally still trains)
     head.safetensors     with --hidden: the teacher's LM head (bf16), for objectives that project hidden states
     shards/00000/        examples [0, S): per response position (the teacher's `loss_mask` order)
-        topk_ids.npy       [N, k] uint16|int32  the teacher's k most likely next tokens (uint16 for V <= 65,536)
-        topk_logprobs.npy  [N, k] fp16|fp32   their log-probabilities
+        topk_packed.npy    [N, B] uint8       encoding "packed" (the default): the k most likely next tokens and
+                                              their log-probabilities, B ≈ 2.3·k bytes (teachers/cache_codec.py)
+        topk_ids.npy       [N, k] uint16|int32  encodings "float16"/"float32": the k most likely next tokens
+        topk_logprobs.npy  [N, k] fp16|fp32     and their log-probabilities, stored plainly
         tail.npy           [N] fp32           log of the remaining probability mass (the tail bucket)
         hidden.npy         [N, d] bf16 bits   with --hidden: the teacher's last hidden states (uint16 view)
         rows.npy           [n + 1] int64      where each example's rows start
@@ -20,7 +22,9 @@ with `allow_pickle=False` and memory-mapped, so a shard is read lazily, never wh
                            (ids, character offsets, prompt length/characters) for cross-tokenizer alignment
 
 A crash leaves complete shards and at most one temporary folder; rerunning the command resumes after the last
-complete shard. One process writes the cache (run it where the teacher fits).
+complete shard. One process writes the cache (run it where the teacher fits). Format 1 (written before the packed
+encoding, always plain) still reads; docs/benchmark-cache.md has the bytes, the speeds and the packed encoding's
+effect on the loss.
 """
 
 from __future__ import annotations
@@ -40,11 +44,15 @@ from dualkd.data.collate import TokenizedExample, pad_batch
 from dualkd.errors import ConfigError, DataError
 from dualkd.losses.sparse import TopKTargets, topk_rows
 from dualkd.teachers.base import Teacher
+from dualkd.teachers.cache_codec import PackedRows
 from dualkd.teachers.checks import TeacherOutputError, check_finite, check_topk
 
-FORMAT = 1
-_MANIFEST_KEYS = ("format", "teacher", "tokenizer", "data", "examples", "k", "vocab", "logprob_dtype", "hidden",
-                  "hidden_size", "shard_examples", "complete")
+FORMAT = 2
+READS = (1, 2)
+"""Format 1: the plain encodings only, named by the manifest's `logprob_dtype`; 2: `encoding`, packed included."""
+ENCODINGS = ("packed", "float16", "float32")
+_MANIFEST_KEYS = ("format", "teacher", "tokenizer", "data", "examples", "k", "vocab", "hidden", "hidden_size",
+                  "shard_examples", "complete")
 
 
 class CacheMismatch(ConfigError):
@@ -77,18 +85,21 @@ def _save_npy(folder: Path, name: str, array: np.ndarray) -> None:
 
 @torch.no_grad()
 def write_cache(out: str | Path, teacher: Teacher, examples: list[TokenizedExample], teacher_name: str, *,
-                pad_id: int, k: int = 64, hidden: bool = False, logprob_dtype: str = "float16",
+                pad_id: int, k: int = 64, hidden: bool = False, encoding: str = "packed",
                 shard_examples: int = 1024, batch_size: int = 8, device: torch.device | str = "cpu",
                 chunk_size: int | None = None, progress: Any = None) -> dict[str, Any]:
     """Write (or resume) a cache of `teacher` (a live one: its response hidden states and head) over `examples`
-    (the teacher's tokenization of the training set, padded with `pad_id`). Returns the manifest."""
+    (the teacher's tokenization of the training set, padded with `pad_id`), its top-k rows in `encoding` (one
+    of ENCODINGS). Returns the manifest."""
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"cache encoding {encoding!r}: one of {', '.join(ENCODINGS)}")
     out = Path(out)
     tokenizer = teacher.tokenizer
     head, bias = teacher.head()
     vocab = min(head.shape[0], len(tokenizer))
     meta = {"format": FORMAT, "teacher": teacher_name, "tokenizer": tokenizer_fingerprint(tokenizer),
             "data": data_fingerprint(examples), "examples": len(examples), "k": k, "vocab": vocab,
-            "logprob_dtype": logprob_dtype, "hidden": hidden, "hidden_size": int(head.shape[1]),
+            "encoding": encoding, "hidden": hidden, "hidden_size": int(head.shape[1]),
             "shard_examples": shard_examples}
     manifest = _start_manifest(out, meta)
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -102,8 +113,7 @@ def write_cache(out: str | Path, teacher: Teacher, examples: list[TokenizedExamp
             tensors["bias"] = bias[:vocab].detach().to(torch.bfloat16).contiguous().cpu()
         with atomic_open(out / "head.safetensors", "wb", fsync=True) as f:
             f.write(save(tensors))
-    lp_dtype = np.float16 if logprob_dtype == "float16" else np.float32
-    ids_dtype = np.uint16 if vocab <= 1 << 16 else np.int32  # 2 bytes per id for vocabularies up to 65,536
+    rows_format = _RowsFormat(encoding, k, vocab)
     started = time.perf_counter()
     for shard, start in enumerate(range(0, len(examples), shard_examples)):
         name = f"{shard:05d}"
@@ -129,7 +139,7 @@ def write_cache(out: str | Path, teacher: Teacher, examples: list[TokenizedExamp
                 offset += n
             if progress is not None:
                 progress(len(idx))
-        _write_shard(out / "shards", name, part, results, lp_dtype, ids_dtype)
+        _write_shard(out / "shards", name, part, results, rows_format)
         manifest["complete"].append(name)
         manifest["seconds"] = manifest.get("seconds", 0.0) + time.perf_counter() - started
         started = time.perf_counter()
@@ -152,16 +162,47 @@ def _start_manifest(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+class _RowsFormat:
+    """How the top-k rows of one cache sit in its shards: packed bytes, or plain ids and log-probabilities."""
+
+    def __init__(self, encoding: str, k: int, vocab: int):
+        self.encoding, self.k, self.vocab = encoding, k, vocab
+        self.packed = PackedRows(k, vocab) if encoding == "packed" else None
+        self.ids_dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.int32)  # plain: 2 bytes per id up to 65,536
+        self.lp_dtype = np.dtype(np.float16 if encoding == "float16" else np.float32)
+
+    def arrays(self, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """The shard arrays of n rows: name → (shape, dtype)."""
+        if self.packed is not None:
+            return {"topk_packed": ((n, self.packed.row_bytes), np.dtype(np.uint8))}
+        return {"topk_ids": ((n, self.k), self.ids_dtype), "topk_logprobs": ((n, self.k), self.lp_dtype)}
+
+    def encode(self, targets: TopKTargets) -> dict[str, np.ndarray]:
+        ids, lps = targets.ids.numpy(), targets.logprobs.numpy()
+        if self.packed is not None:
+            return {"topk_packed": self.packed.encode(ids, lps)}
+        return {"topk_ids": ids.astype(self.ids_dtype), "topk_logprobs": lps.astype(self.lp_dtype)}
+
+    def decode(self, arrays: dict[str, np.ndarray], tail: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """ids [N, k] int64 and log-probabilities [N, k] fp32 of the rows in `arrays`, and whether the decoding
+        already found them sound (packed rows are checked as they decode; plain ones need check_topk)."""
+        if self.packed is not None:
+            ids, lps, ok = self.packed.decode(arrays["topk_packed"], tail)
+            return ids, lps, bool(ok.all())
+        return arrays["topk_ids"].astype(np.int64), arrays["topk_logprobs"].astype(np.float32), False
+
+
 def _write_shard(root: Path, name: str, part: list[TokenizedExample],
-                 results: list[tuple[TopKTargets, np.ndarray | None]], lp_dtype: type, ids_dtype: type) -> None:
+                 results: list[tuple[TopKTargets, np.ndarray | None]], rows_format: _RowsFormat) -> None:
     tmp = root / f".tmp-{name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     rows = np.cumsum([0] + [len(t) for t, _ in results]).astype(np.int64)
     _save_npy(tmp, "rows", rows)
-    _save_npy(tmp, "topk_ids", np.concatenate([t.ids.numpy().astype(ids_dtype) for t, _ in results]))
-    _save_npy(tmp, "topk_logprobs", np.concatenate([t.logprobs.numpy().astype(lp_dtype) for t, _ in results]))
+    encoded = [rows_format.encode(t) for t, _ in results]
+    for array in encoded[0]:
+        _save_npy(tmp, array, np.concatenate([e[array] for e in encoded]))
     _save_npy(tmp, "tail", np.concatenate([t.tail.numpy().astype(np.float32) for t, _ in results]))
     if results[0][1] is not None:
         _save_npy(tmp, "hidden", np.concatenate([h for _, h in results]))  # type: ignore[misc]
@@ -200,9 +241,15 @@ class TeacherCache:
         if missing:
             raise DataError(f"{path}: the manifest lacks {', '.join(missing)} (truncated, or not a dualkd cache); "
                             "rewrite the cache with `dualkd cache-teacher`")
-        if self.manifest["format"] != FORMAT:
-            raise DataError(f"{path}: cache format {self.manifest['format']!r}; this dualkd reads format {FORMAT} "
-                            "(rewrite the cache with this version's `dualkd cache-teacher`)")
+        if self.manifest["format"] not in READS:
+            raise DataError(f"{path}: cache format {self.manifest['format']!r}; this dualkd reads formats "
+                            f"{', '.join(map(str, READS))} (rewrite the cache with this version's "
+                            "`dualkd cache-teacher`)")
+        encoding = self.manifest.get("encoding" if self.manifest["format"] >= 2 else "logprob_dtype")
+        if encoding not in ENCODINGS:
+            raise DataError(f"{path}: top-k encoding {encoding!r}, not one of {', '.join(ENCODINGS)}; the manifest "
+                            "is damaged or was written by a newer dualkd")
+        self._rows = _RowsFormat(encoding, int(self.manifest["k"]), int(self.manifest["vocab"]))
         n, per = self.manifest["examples"], self.manifest["shard_examples"]
         expected = (n + per - 1) // per
         if len(self.manifest["complete"]) < expected:
@@ -235,7 +282,7 @@ class TeacherCache:
         if not folder.is_dir():
             raise DataError(f"{folder}: shard missing from the teacher cache (the manifest lists it as complete); "
                             "rerun `dualkd cache-teacher` into a new folder")
-        names = ["rows", "topk_ids", "topk_logprobs", "tail", "seq_rows", "seq_ids", "seq_offsets", "prompt"]
+        names = ["rows", *self._rows.arrays(0), "tail", "seq_rows", "seq_ids", "seq_offsets", "prompt"]
         arrays = {}
         for name in names + (["hidden"] if m["hidden"] else []):
             file = folder / f"{name}.npy"
@@ -248,10 +295,8 @@ class TeacherCache:
         examples = min(m["shard_examples"], m["examples"] - s * m["shard_examples"])
         rows = arrays["rows"]
         n = int(rows[-1]) if rows.ndim == 1 and len(rows) else -1
-        ids_dtype = np.dtype(np.uint16 if m["vocab"] <= 1 << 16 else np.int32)
-        lp_dtype = np.dtype(np.float16 if m["logprob_dtype"] == "float16" else np.float32)
-        expect = {"rows": ((examples + 1,), np.dtype(np.int64)), "topk_ids": ((n, m["k"]), ids_dtype),
-                  "topk_logprobs": ((n, m["k"]), lp_dtype), "tail": ((n,), np.dtype(np.float32)),
+        expect = {"rows": ((examples + 1,), np.dtype(np.int64)), **self._rows.arrays(n),
+                  "tail": ((n,), np.dtype(np.float32)),
                   "prompt": ((examples, 2), np.dtype(np.int64)), "seq_rows": ((examples + 1,), np.dtype(np.int64))}
         if m["hidden"]:
             expect["hidden"] = ((n, m["hidden_size"]), np.dtype(np.uint16))
@@ -266,23 +311,33 @@ class TeacherCache:
         return arrays
 
     def targets(self, indices: list[int]) -> TopKTargets:
-        """The cached rows of these examples, concatenated in order (= the batch's `loss_mask` order), each
-        example checked (finite log-probabilities ≤ 0, masses summing to 1, ids inside the vocabulary)."""
+        """The cached rows of these examples, concatenated in order (= the batch's `loss_mask` order), decoded in
+        one pass and checked (finite log-probabilities ≤ 0, masses summing to 1, ids inside the vocabulary); a bad
+        row is reported with its example."""
         per = self.manifest["shard_examples"]
-        ids, lps, tails = [], [], []
+        stored: dict[str, list[np.ndarray]] = {name: [] for name in self._rows.arrays(0)}
+        tails, lengths = [], []
         for i in indices:
             if not 0 <= i < self.manifest["examples"]:
                 raise DataError(f"{self.folder}: example {i} asked of a cache of {self.manifest['examples']}")
             shard = self._shard(i // per)
-            j = i % per
-            a, b = int(shard["rows"][j]), int(shard["rows"][j + 1])
-            ids.append(np.asarray(shard["topk_ids"][a:b]).astype(np.int64))
-            lps.append(np.asarray(shard["topk_logprobs"][a:b], dtype=np.float32))
-            tails.append(np.asarray(shard["tail"][a:b]))
-            check_topk(ids[-1], lps[-1], tails[-1], k=self.k, vocab_size=int(self.manifest["vocab"]),
-                       where=f"teacher cache {self.folder / 'shards' / f'{i // per:05d}'}, example {i}")
-        return TopKTargets(torch.from_numpy(np.concatenate(ids)).long(), torch.from_numpy(np.concatenate(lps)),
-                           torch.from_numpy(np.concatenate(tails)))
+            a, b = int(shard["rows"][i % per]), int(shard["rows"][i % per + 1])
+            for name, parts in stored.items():
+                parts.append(shard[name][a:b])
+            tails.append(shard["tail"][a:b])
+            lengths.append(b - a)
+        tail = np.concatenate(tails).astype(np.float32)
+        ids, lps, sound = self._rows.decode({name: np.concatenate(parts) for name, parts in stored.items()}, tail)
+        try:
+            if not sound:
+                check_topk(ids, lps, tail, k=self.k, vocab_size=int(self.manifest["vocab"]),
+                           where=f"teacher cache {self.folder}, examples {indices}")
+        except TeacherOutputError:  # name the example: check them one by one
+            for i, lo, hi in zip(indices, np.cumsum([0, *lengths[:-1]]), np.cumsum(lengths)):
+                check_topk(ids[lo:hi], lps[lo:hi], tail[lo:hi], k=self.k, vocab_size=int(self.manifest["vocab"]),
+                           where=f"teacher cache {self.folder / 'shards' / f'{i // per:05d}'}, example {i}")
+            raise
+        return TopKTargets(torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(tail))
 
     def hidden(self, indices: list[int]) -> torch.Tensor:
         """The cached last hidden states (bf16) of these examples' response positions, concatenated."""
@@ -335,6 +390,7 @@ class TeacherCache:
         for name in self.manifest["complete"]:
             folder = self.folder / "shards" / name
             rows += int(np.load(folder / "rows.npy")[-1])
-            size += sum((folder / f"{a}.npy").stat().st_size for a in ("topk_ids", "topk_logprobs", "tail", "hidden")
+            size += sum((folder / f"{a}.npy").stat().st_size
+                        for a in ("topk_packed", "topk_ids", "topk_logprobs", "tail", "hidden")
                         if (folder / f"{a}.npy").exists())
         return size / max(rows, 1)

@@ -48,6 +48,12 @@ def check_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, *
         t, j = np.argwhere(out)[0]
         raise TeacherOutputError(f"{where}: token id {int(ids[t, j])} at position {t} lies outside the teacher's "
                                  f"vocabulary of {vocab_size}")
+    if tail is not None:  # first: a packed cache's log-probabilities are renormalized against it
+        tl = np.asarray(tail, dtype=np.float64)
+        bad = np.isnan(tl) | (tl > SLACK)
+        if bad.any():
+            t = int(np.argmax(bad))
+            raise TeacherOutputError(f"{where}: tail log-mass {float(tl[t])!r} at position {t}; it is a number ≤ 0")
     lp = logprobs.astype(np.float64)
     bad = np.isnan(lp) | (lp > SLACK)  # +inf included
     if bad.any():
@@ -61,11 +67,6 @@ def check_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, *
         raise TeacherOutputError(f"{where}: the top-{k} probabilities at position {t} sum to {mass[t]:.4f}, above 1")
     if tail is None:
         return
-    tl = np.asarray(tail, dtype=np.float64)
-    bad = np.isnan(tl) | (tl > SLACK)
-    if bad.any():
-        t = int(np.argmax(bad))
-        raise TeacherOutputError(f"{where}: tail log-mass {float(tl[t])!r} at position {t}; it is a number ≤ 0")
     total = mass + np.exp(tl)
     off = np.abs(total - 1.0) > MASS_SLACK
     if off.any():

@@ -34,7 +34,7 @@ from dualkd.train.sources import OffPolicyConfig
 
 
 def cache_teacher(cfg: RunConfig, out: str | Path, *, k: int = 64, hidden: bool = False,
-                  logprob_dtype: str = "float16", shard_examples: int = 1024, batch_size: int = 8,
+                  encoding: str = "packed", shard_examples: int = 1024, batch_size: int = 8,
                   overwrite: bool = False) -> list[dict[str, Any]]:
     """Write (or resume) the cache of `cfg.teacher` over the train and dev data of `cfg`; returns the manifests.
     `out` must be new, empty or a cache (to resume), unless `overwrite`; one process writes it at a time."""
@@ -47,7 +47,7 @@ def cache_teacher(cfg: RunConfig, out: str | Path, *, k: int = 64, hidden: bool 
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         mark(out, "teacher cache")
-        return _cache_teacher(cfg, out, k, hidden, logprob_dtype, shard_examples, batch_size)
+        return _cache_teacher(cfg, out, k, hidden, encoding, shard_examples, batch_size)
 
 
 @contextlib.contextmanager
@@ -65,7 +65,7 @@ def _exclusive(out: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _cache_teacher(cfg: RunConfig, out: Path, k: int, hidden: bool, logprob_dtype: str, shard_examples: int,
+def _cache_teacher(cfg: RunConfig, out: Path, k: int, hidden: bool, encoding: str, shard_examples: int,
                    batch_size: int) -> list[dict[str, Any]]:
     assert cfg.teacher is not None
     cfg = cfg.model_copy(update={"source": OffPolicyConfig()})  # the dataset's responses, as training reads them
@@ -90,7 +90,7 @@ def _cache_teacher(cfg: RunConfig, out: Path, k: int, hidden: bool, logprob_dtyp
                 lines.advance(n)
 
             manifests.append(write_cache(Path(out) / split, teacher, examples, cfg.teacher.path or "random",
-                                         pad_id=pad_id(tokenizer), k=k, hidden=hidden, logprob_dtype=logprob_dtype,
+                                         pad_id=pad_id(tokenizer), k=k, hidden=hidden, encoding=encoding,
                                          shard_examples=shard_examples, batch_size=batch_size, device=device,
                                          progress=advance))
     return manifests
