@@ -14,6 +14,7 @@ Needs the real models (`$DUALKD_REAL_MODELS`, default ~/.cache/dualkd-real) and 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -48,6 +49,7 @@ def bucket_kl(top: torch.Tensor, tail: torch.Tensor, student_top: torch.Tensor) 
 
 @torch.no_grad()
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     model_dir = MODELS / "smollm2-135m-instruct"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
