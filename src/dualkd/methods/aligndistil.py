@@ -21,6 +21,8 @@ common size (Qwen-style padded heads).
 Shift: `labels[t] = ids[t + 1]` and the loss mask marks the positions that predict response tokens and the
 EOS, so the first response token's prediction (at the last prompt position) counts and the position after
 the EOS does not (the official off-policy trainer drops the former and counts the latter).
+
+The paper's idea, the official code as verified and the switches: docs/methods/aligndistil.md.
 """
 
 from __future__ import annotations

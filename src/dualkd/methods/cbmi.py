@@ -14,6 +14,8 @@ one). It reads the same decoder inputs as the NMT decoder, so both predict label
 over the real tokens (sentences) with ε; `compat: true` reproduces the official code: its denominators (the
 padded length T for both σ, no ε; NaN on a one-token sentence) and its CBMI log p_NMT − log(p_LM + 1e-9)
 (the floor changes the weights by up to 6e-2 where p_LM(gold) is tiny).
+
+The paper's idea, the official code as verified and the switches: docs/methods/translation.md.
 """
 
 from __future__ import annotations

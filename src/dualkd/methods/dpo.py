@@ -7,6 +7,8 @@ global batch. The `teacher` of the run config is the reference model (usually th
 `swap_pairs: true` trains on rejected-over-chosen: the reverse-DPO model AlignDistil contrasts with.
 Logged: preference accuracy (share of pairs whose chosen reward beats the rejected one), the reward margin
 and both rewards (rewards are β·log π/π_ref of whole responses, in the direction trained).
+
+The paper's idea, the official code as verified and the switches: docs/methods/aligndistil.md.
 """
 
 from __future__ import annotations

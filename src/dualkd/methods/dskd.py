@@ -16,6 +16,8 @@ term goes through the fused chunked loss, so the vocabulary size never shapes me
 
 From an offline teacher cache written with `--hidden` (`teacher.cache`), h_t and W_t are the cached
 ones (bf16 on disk, used in the student's dtype): no teacher model is loaded.
+
+The paper's idea, the official code as verified and the switches: docs/methods/dskd.md.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ Deviation from the official code (docs/fidelity.md): the official N(·) takes on
 batch tensor (padded to 512 tokens there), so the attention temperature, and every example's loss, depends
 on the padding and on the other examples of the micro-batch. Here each sequence is scaled by the std of its
 own response positions: an example's loss is the same in any batch, and 8 x 1 and 2 x 4 make the same update.
+
+The paper's idea, the official code as verified and the switches: docs/methods/dskd.md.
 """
 
 from __future__ import annotations

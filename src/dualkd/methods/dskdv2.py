@@ -18,6 +18,8 @@ What changes from DSKD:
     L = (1 - r)·CE(z_s, y) / #tokens + r·( KD_student / #agree + CE_t2s / #labels + KD_teacher / #pairs )
 
 All counts are taken over the global batch (the teacher runs before the step's denominators are summed).
+
+The paper's idea, the official code as verified and the switches: docs/methods/dskd.md.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ shared boundary, is dropped where TRL keeps it. Each side's distribution covers 
 head's padding rows. Sums over groups are divided by the student's response tokens (micro-batch invariant)
 where TRL divides each sequence's sum by its group count and averages over the sequences of the batch; the
 CE is mixed as (1 − r)·CE + r·KD (TRL: a CE weight, 0 by default, and a distillation weight, 1: `kd_rate: 1`).
+
+The paper's idea, the official code as verified and the switches: docs/methods/baselines.md.
 """
 
 from __future__ import annotations

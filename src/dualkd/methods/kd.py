@@ -18,6 +18,8 @@ gathered by the teacher once per micro-batch; both paths give the same numbers (
 When the two models pad their vocabularies differently (e.g. 151,936 vs 152,064 rows for one Qwen
 tokenizer), D uses the first `min(V_student, V_teacher, len(tokenizer))` rows: the padding rows are never
 real tokens and are left out of both distributions.
+
+The paper's idea, the official code as verified and the switches: docs/methods/baselines.md.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ Deviations from the official code (docs/fidelity.md): positions are aligned on t
 swapped; a student id with an exact-bytes partner gets that partner rather than the first teacher id (in id
 order) that names it. The official pseudo one-hot is the logits 100 / -1e5; here it is the exact one-hot,
 whose FKL is the same CE up to e^-1e5.
+
+The paper's idea, the official code as verified and the switches: docs/methods/baselines.md.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ and pairs a few strings that mean different bytes); positions are paired on char
 string walk that stops matching after the first newline (docs/benchmark-align.md: it pairs 45% vs 90%
 of SmolLM2's tokens); S holds the EOS pair, so the EOS position distills the teacher's end-of-text mass (the
 official overlap of token strings holds no special token).
+
+The paper's idea, the official code as verified and the switches: docs/methods/baselines.md.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ about half the median per-token gradient (the floor caps the pull towards tokens
 `kl_floor: 1.0e-6` reproduces the official gradient; the loss *value* it logs is not the official one
 (measured against the official code: they differ by up to 0.028 nats per position), so compare runs by their
 gradients or BLEU, not by the logged KD value.
+
+The paper's idea, the official code as verified and the switches: docs/methods/translation.md.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ No temperature (as in the paper). The distance runs fused (`losses/sorted_l1.py`
 teacher's side as its top-V_s probabilities (a partial sort) and the mass below them, the gradient computed
 analytically in the same pass, so no [P, V] tensor outlives its chunk and no sort runs twice. Unlike the
 official code, label tensors are not modified in place.
+
+The paper's idea, the official code as verified and the switches: docs/methods/baselines.md.
 """
 
 from __future__ import annotations

@@ -1,0 +1,38 @@
+"""What a reader of the repository follows leads somewhere: every `docs/...` and `benchmarks/...` path that the
+source, README and docs name exists (a pattern such as `docs/benchmark-*.md` aside), and none of them points
+outside the repository."""
+
+from __future__ import annotations
+
+import re
+
+from tests.conftest import REPO
+
+READ = [*sorted((REPO / "src").rglob("*.py")), REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+CITED = re.compile(r"(?<![\w/.-])((?:docs|benchmarks)/[\w./-]*\w)(?![*\w-])")
+
+
+def test_every_cited_repository_path_exists() -> None:
+    missing = []
+    for file in READ:
+        for line_no, line in enumerate(file.read_text().splitlines(), 1):
+            for path in CITED.findall(line):
+                path = path.split("#")[0]
+                if any(c in path for c in "*<{") or path.endswith(("/", ".")):
+                    continue
+                if not (REPO / path).exists() and not (REPO / "src" / "dualkd" / path).exists():
+                    missing.append(f"{file.relative_to(REPO)}:{line_no}: {path}")
+    assert not missing, "\n".join(missing)
+
+
+def test_nothing_points_outside_the_repository() -> None:
+    outside = [f"{file.relative_to(REPO)}:{n}: {line.strip()}" for file in READ
+               for n, line in enumerate(file.read_text().splitlines(), 1) if "../shared" in line]
+    assert not outside, "\n".join(outside)
+
+
+def test_every_objective_has_a_row_in_the_method_notes_index() -> None:
+    from dualkd.methods import OBJECTIVES
+
+    index = (REPO / "docs" / "methods" / "README.md").read_text()
+    assert all(f"`{name}`" in index for name in OBJECTIVES), [n for n in OBJECTIVES if f"`{n}`" not in index]
