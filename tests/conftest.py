@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every subprocess finds the virtual environment's tools first, as in an activated environment: DeepSpeed
+# compiles its CPU ops with the first `ninja` on PATH, and the environment's ninja and a system one of another
+# version read each other's build log as stale, so alternating between them rebuilt the ops (~1 min) each time.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DUALKD_DATA", REPO.parent / "shared" / "data"))

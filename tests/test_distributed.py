@@ -201,23 +201,37 @@ def cross_teacher(tmp_path_factory: pytest.TempPathFactory, meta_tokenizer_dir: 
                           hidden_size=48, intermediate_size=96, seed=2)
 
 
+@pytest.fixture(scope="module")
+def head_reader_reference(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_file: Path,
+                          teacher_dir: Path, cross_teacher: Path, student_dir: Path):  # noqa: ANN201
+    """The one-process run of each head-reading case (4 micro-batches of 2), made once and read by both engines."""
+    made: dict[str, Path] = {}
+
+    def reference(case: str) -> Path:
+        if case not in made:
+            tmp = tmp_path_factory.mktemp(f"single-{case}")
+            teacher = cross_teacher if case in CROSS else teacher_dir
+            cfg = _write(tmp, "single", train_file, student_dir, teacher, micro=2, accum=4, dev_file=dev_file,
+                         objective=HEAD_READERS[case])
+            subprocess.run([sys.executable, "-m", "dualkd.cli", "train", str(cfg)], env=_env(), check=True,
+                           capture_output=True)
+            made[case] = tmp / "single"
+        return made[case]
+    return reference
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", sorted(HEAD_READERS))
 @pytest.mark.parametrize("engine", [pytest.param("zero3", marks=needs_deepspeed), "fsdp2_cpu"])
 def test_head_readers_under_sharding_engines(engine: str, case: str, tmp_path: Path, train_file: Path,
                                              dev_file: Path, teacher_dir: Path, cross_teacher: Path,
-                                             student_dir: Path) -> None:
+                                             student_dir: Path, head_reader_reference) -> None:  # noqa: ANN001
     """Fused KD, DSKD, DSKDv2 (ETA too), DSKD-CMA, ULD and MinED with the student and the teacher sharded
     (ZeRO-3 with a ZeRO-3 teacher; FSDP2 on CPU with an FSDP2 teacher): the one-process loss curve, resume
     and export."""
     teacher = cross_teacher if case in CROSS else teacher_dir
-    objective = HEAD_READERS[case]
-    single = _write(tmp_path, "single", train_file, student_dir, teacher, micro=2, accum=4, dev_file=dev_file,
-                    objective=objective)
-    subprocess.run([sys.executable, "-m", "dualkd.cli", "train", str(single)], env=_env(), check=True,
-                   capture_output=True)
-    _check_engine(engine, "sharded", tmp_path, tmp_path / "single", train_file, dev_file, teacher, student_dir,
-                  objective)
+    _check_engine(engine, "sharded", tmp_path, head_reader_reference(case), train_file, dev_file, teacher,
+                  student_dir, HEAD_READERS[case])
 
 
 class _Payload:
