@@ -89,7 +89,7 @@ class ServedTeacher(Teacher):
 
     def interrupt(self) -> None:
         """A signal arrived: every request in flight and every wait for one ends now (`ServerInterrupted`)."""
-        self.client.stop.set()
+        self.client.interrupt()
 
     def prefetch(self, batches: list[ModelBatch]) -> None:
         self._submit([s for tokens in batches for s in _sequences(tokens)])
@@ -155,7 +155,7 @@ def served_responses(client: ServerClient, examples: list[Example], settings: Ge
             texts.append(future.result().strip())
             lines.advance(1)
     except BaseException:  # Ctrl-C or an error: end the requests in flight now, not after their deadlines
-        client.stop.set()
+        client.interrupt()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -35,10 +35,12 @@ top-k on a fixed probe text, so a GGUF replaced under the same name never mixes 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import math
+import socket
 import threading
 import time
 import urllib.parse
@@ -134,6 +136,8 @@ class ServerClient:
         self.max_answer_bytes = int(max_answer_mib * 2**20)
         self.cache_dir = cache_dir
         self.stop = stop or threading.Event()
+        self._open: set[http.client.HTTPConnection] = set()  # connections in flight (several with prefetching)
+        self._open_lock = threading.RLock()  # re-entrant: `interrupt` may run in a signal handler of a holder
         self._strings: StringIds | None = None
         self._model: str | None = None
         self._fingerprint: str | None = None
@@ -181,17 +185,21 @@ class ServerClient:
         parsed = urllib.parse.urlsplit(self.url)
         deadline = time.monotonic() + self.timeout_s
         cls = http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
-        conn = cls(parsed.hostname, parsed.port, timeout=min(self.timeout_s, 1.0))
+        conn = cls(parsed.hostname, parsed.port, timeout=min(self.timeout_s, 10.0))  # the connect itself
+        with self._open_lock:
+            self._open.add(conn)
         try:
+            if self.stop.is_set():
+                raise ServerInterrupted(f"stopped before asking {self.url}{path}")
             conn.request("POST" if data is not None else "GET", parsed.path + path, body=data,
                          headers={"Content-Type": "application/json"})
-            response = self._until(deadline, conn.getresponse, path)
+            response = self._until(deadline, conn, conn.getresponse, path)
             declared = int(response.getheader("Content-Length") or 0)
             if declared > self.max_answer_bytes:
                 raise self._too_large(path, declared)
             chunks, size = [], 0
             while True:
-                chunk = self._until(deadline, lambda: response.read1(1 << 16), path)
+                chunk = self._until(deadline, conn, lambda: response.read1(1 << 16), path)
                 if not chunk:
                     break
                 size += len(chunk)
@@ -200,21 +208,44 @@ class ServerClient:
                 chunks.append(chunk)
             return response.status, b"".join(chunks)
         except (http.client.HTTPException, ConnectionError, OSError) as e:
+            if self.stop.is_set():  # `interrupt` shut the socket down under the read
+                raise ServerInterrupted(f"stopped while waiting for {self.url}{path}") from None
             raise _Transient(f"{type(e).__name__}: {e}") from None
         finally:
+            with self._open_lock:
+                self._open.discard(conn)
             conn.close()
 
-    def _until(self, deadline: float, read: Any, path: str) -> Any:
-        """`read()` (a bounded read: at most 1 s on the socket) until it returns, the deadline or a stop."""
-        while True:
-            if self.stop.is_set():
-                raise ServerInterrupted(f"stopped while waiting for {self.url}{path}")
-            if time.monotonic() > deadline:  # checked between chunks too: a trickle does not extend it
-                raise _Transient(f"no complete answer within {self.timeout_s:g} s")
-            try:
-                return read()
-            except TimeoutError:
-                continue
+    def _until(self, deadline: float, conn: http.client.HTTPConnection, read: Any, path: str) -> Any:
+        """`read()` with the socket's timeout set to what is left of the deadline (checked between chunks too, so
+        a trickle does not extend it). A stop does not wait for the timeout: `interrupt` shuts the socket down,
+        which ends a blocked read at once. (Short socket timeouts polled in a loop would not do: after one
+        timeout, Python's socket file refuses every further read.)"""
+        if self.stop.is_set():
+            raise ServerInterrupted(f"stopped while waiting for {self.url}{path}")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Transient(f"no complete answer within {self.timeout_s:g} s")
+        if conn.sock is not None:
+            conn.sock.settimeout(left)
+        try:
+            result = read()
+        except TimeoutError:
+            raise _Transient(f"no complete answer within {self.timeout_s:g} s") from None
+        if self.stop.is_set():  # the read may have ended because the socket was shut down
+            raise ServerInterrupted(f"stopped while waiting for {self.url}{path}")
+        return result
+
+    def interrupt(self) -> None:
+        """End every request in flight and every wait for one now (`ServerInterrupted`): safe from a signal
+        handler and from another thread."""
+        self.stop.set()
+        with self._open_lock:
+            open_now = list(self._open)
+        for conn in open_now:
+            if conn.sock is not None:
+                with contextlib.suppress(OSError):  # already closed
+                    conn.sock.shutdown(socket.SHUT_RDWR)
 
     def _too_large(self, path: str, size: int) -> ServerMismatch:
         return ServerMismatch(f"teacher server {self.url}{path}: the answer exceeds {self.max_answer_bytes / 2**20:g} "
