@@ -148,20 +148,14 @@ def main() -> None:
 def loss_error(model: str, examples: list, pad: int, caches: dict[str, Path]) -> None:
     """The KD loss per response token from each top-128 cache, against the float32 one, for three students."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from benchmarks.cache_layouts import sharing_students
     from dualkd.data.collate import pad_batch
     from dualkd.losses.sparse import sparse_kl
     from dualkd.teachers.cache_files import TeacherCache
 
-    students = {}
-    for name, layers in (("29 of 30 layers (near)", 29), ("26 of 30 layers (far)", 26)):
-        m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-        m.model.layers = m.model.layers[:layers]
-        m.config.num_hidden_layers = layers
-        students[name] = m
-    torch.manual_seed(0)
-    students["random init (uniform-like)"] = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).eval()
+    labels = {"near": "29 of 30 layers (near)", "far": "26 of 30 layers (far)", "random": "random init (uniform-like)"}
+    students = {labels[name]: m for name, m in sharing_students(Path(model)).items()}
     targets = {e: TeacherCache(folder).targets(list(range(len(examples)))) for e, folder in caches.items()}
     print(f"\nKD loss (sparse_kl, top-128 + tail, tau 1) per response token over {len(targets['float32'])} tokens, "
           "against the float32 cache: mean |difference| per token / difference of the mean / the float32 loss")

@@ -47,12 +47,9 @@ def bucket_kl(top: torch.Tensor, tail: torch.Tensor, student_top: torch.Tensor) 
     return (top.exp() * (top - student_top)).sum(-1) + tail.exp() * (tail - student_tail)
 
 
-@torch.no_grad()
-def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    model_dir = MODELS / "smollm2-135m-instruct"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def sharing_students(model_dir: Path) -> dict[str, torch.nn.Module]:
+    """Students that share SmolLM2's tokenizer, from near the teacher to far: SmolLM2 without its last layer
+    ("near"), without its last four ("far": a pruned student before distillation), random init ("random")."""
     students = {}
     for name, layers in (("near", 29), ("far", 26)):
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -61,6 +58,16 @@ def main() -> None:
         students[name] = m
     torch.manual_seed(0)
     students["random"] = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).eval()
+    return students
+
+
+@torch.no_grad()
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    model_dir = MODELS / "smollm2-135m-instruct"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    students = sharing_students(model_dir)
     records = [json.loads(line) for line in DATA.open()][:400:8]
     top, ids, student_top = [], [], {name: [] for name in students}
     for r in records:
