@@ -176,7 +176,7 @@ def test_fused_aligndistil_matches_the_naive_loss(variant: dict, tmp_path: Path,
     tokens = batch.student
     with torch.no_grad():
         z_dpo = parts.teacher.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
-        other = parts.frozen["reference" if "w" in variant else "reverse"]
+        other = parts.frozen["reference" if "w" in variant else "reverse"].model
         z_other = other(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
     c = obj.config
     if c.teacher_logits == "adaptive":
@@ -230,7 +230,7 @@ def test_frozen_models_get_no_gradients_and_are_not_trained(tmp_path: Path, pref
     plan = parts.objective.teacher_forward(parts.teacher, batch)
     loss, _ = module(batch, plan, StepNorm({k: float(v) for k, v in parts.objective.counts(batch).items()}))
     loss.backward()
-    frozen = list(parts.teacher.model.parameters()) + list(parts.frozen["reverse"].parameters())
+    frozen = list(parts.teacher.model.parameters()) + list(parts.frozen["reverse"].model.parameters())
     assert all(p.grad is None and not p.requires_grad for p in frozen)
     assert any(p.grad is not None for p in parts.student.parameters())
     own = {id(p) for p in module.parameters()}

@@ -63,7 +63,7 @@ def test_a_live_teacher_gathers_its_head_once_while_held(model_dir: Path, byte_t
         gathers.append(1)
         yield
 
-    teacher.attach(torch.device("cpu"), lambda m: m, contextlib.nullcontext, gather_head=gather)
+    teacher.attach(torch.device("cpu"), lambda m, placement: m, contextlib.nullcontext, gather_head=gather)
     full = model.get_output_embeddings().weight
     assert teacher.head()[0] is full and not gathers  # a whole head is read as is
     stored = full.data

@@ -183,7 +183,7 @@ def test_kd_from_the_served_teacher_equals_kd_from_the_live_teacher(tmp_path: Pa
     vocab = len(tokenizer)
     served = parts.teacher.topk(batch.student, batch.indices, K, vocab)
     live = LiveTeacher(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval(), tokenizer)
-    live.attach(torch.device("cpu"), lambda m: m, nullcontext)
+    live.attach(torch.device("cpu"), lambda m, placement: m, nullcontext)
     wide = live.topk(batch.student, batch.indices, 64, vocab)
     names = StringIds(tokenizer)
     printed = [text for text, _ in server_strings(tokenizer)]

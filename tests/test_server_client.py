@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from dualkd.config import RunConfig
 from dualkd.errors import ConfigError
-from dualkd.teachers.served import ServedTeacher, _sequences
+from dualkd.teachers.served import ServedTeacher, unpadded_sequences
 from dualkd.teachers.server_client import ServerClient, StringIds, server_strings
 from tests.conftest import tiny_run
 
@@ -51,7 +51,7 @@ def test_sequences_drop_the_padding(tmp_path: Path, train_file: Path, byte_token
                        [1, 1, 0]]), labels=torch.zeros(2, 3, dtype=torch.long),
                        loss_mask=torch.zeros(2, 3, dtype=torch.bool), offsets=torch.zeros(2, 4, 2, dtype=torch.long),
                        prompt_lengths=torch.tensor([1, 1]), texts=["", ""], prompt_chars=[0, 0])
-    assert _sequences(batch) == [(5, 6, 7), (8, 9)]
+    assert unpadded_sequences(batch) == [(5, 6, 7), (8, 9)]
 
 
 def test_the_config_refuses_a_cache_and_a_server_together(tmp_path: Path, train_file: Path,
@@ -61,7 +61,7 @@ def test_the_config_refuses_a_cache_and_a_server_together(tmp_path: Path, train_
     with pytest.raises(ValidationError, match="not both"):
         RunConfig.model_validate(cfg)
     cfg["teacher"] = {"server": {"url": "http://127.0.0.1:1"}}
-    with pytest.raises(ValidationError, match="needs the teacher's tokenizer"):
+    with pytest.raises(ValidationError, match="a served teacher needs its tokenizer"):
         RunConfig.model_validate(cfg)
 
 

@@ -143,7 +143,7 @@ def test_a_mismatched_cache_is_refused(tmp_path: Path, train_file: Path, dev_fil
         train(validate_config(cfg))
     cfg["objective"] = {"name": "kd"}
     cfg["source"] = {"kind": "on_policy"}  # new sequences: the cache cannot score them
-    with pytest.raises(DualKDError, match="teacher.cache holds the teacher's outputs on the dataset responses"):
+    with pytest.raises(DualKDError, match="teacher.kind=cache holds the teacher's outputs on the dataset responses"):
         validate_config(cfg)
     cfg["source"] = {"kind": "cache", "cache_dir": str(cache)}  # the old way says where it moved
     with pytest.raises(DualKDError, match=r"by `teacher: \{cache: DIR\}`"):

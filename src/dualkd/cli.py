@@ -9,6 +9,7 @@
     dualkd tokenizer train FILE ... --out DIR       a BPE tokenizer for a corpus (e.g. --fields de,en)
     dualkd demo [--output-dir runs/demo]            the whole workflow in miniature on CPU (the main job)
     dualkd methods-table [--output-dir DIR]         every objective on the demo benchmark, 3 seeds (resumable)
+    dualkd serve-teacher TEACHER.gguf [--port 8080] a teacher server that also ships hidden states
 """
 
 from __future__ import annotations
@@ -256,6 +257,20 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_teacher(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from dualkd.teachers import hidden_server
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ConfigError("serve-teacher needs llama.cpp's Python server: pip install 'dualkd[serve]'")
+    if not Path(args.model).is_file():
+        raise ConfigError(f"serve-teacher: no GGUF file at {args.model}")
+    print(f"serving {args.model} at http://{args.host}:{args.port} (llama.cpp's routes + {hidden_server.ROUTE}); "
+          f"train with teacher.kind=hidden_server, teacher.server.url=http://{args.host}:{args.port}")
+    return hidden_server.run(args)
+
+
 def _cmd_likelihood(args: argparse.Namespace) -> int:
     from dualkd.eval.likelihood import response_likelihood
     from dualkd.eval.suites import resolve_test_sets
@@ -423,6 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-examples", type=_positive_int, default=1024, help="examples per shard (default 1024)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="teacher batch size (default 8)")
     p.set_defaults(func=_cmd_cache_teacher)
+
+    p = sub.add_parser("serve-teacher", help="serve a GGUF teacher: llama.cpp's server + its hidden states",
+                       description="llama.cpp's Python server (completions, tokenize) on a GGUF teacher, plus the "
+                                   "route that returns its last hidden states for given token ids "
+                                   "(teacher.kind: hidden_server). Needs dualkd[serve].")
+    p.add_argument("model", help="the teacher as a GGUF file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--n-ctx", type=int, default=2048, help="the longest sequence served, in tokens")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)")
+    p.set_defaults(func=_cmd_serve_teacher)
 
     p = sub.add_parser("likelihood", help="CE per response token and bits per byte of a model on a dataset",
                        description="Cross-entropy of a model on the reference responses of a jsonl file: per "

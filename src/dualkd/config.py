@@ -23,8 +23,9 @@ from dualkd.errors import ConfigError
 from dualkd.generate import GenerationConfig
 from dualkd.methods import ObjectiveConfig
 from dualkd.methods.sft import SFTConfig
-from dualkd.models import LoraConfig, ModelConfig, TeacherConfig, TokenizerTrainConfig
+from dualkd.models import LoraConfig, ModelConfig, TokenizerTrainConfig
 from dualkd.schema import AutoOnOff, StrictModel, format_validation_error
+from dualkd.teachers.kinds import TeacherConfig
 from dualkd.train.sources import (
     OffPolicyConfig,
     OnPolicyConfig,
@@ -132,10 +133,11 @@ class RunConfig(StrictModel):
     student: ModelConfig
     """The model being trained."""
     teacher: TeacherConfig | None = None
-    """The frozen teacher (required by distillation objectives; DPO's reference model; AlignDistil's DPO model)."""
+    """The frozen teacher (required by distillation objectives; DPO's reference model; AlignDistil's DPO model):
+    a live model, an offline cache or a server (`kind`: teachers/spec.py)."""
     teachers: dict[str, TeacherConfig] = Field(default_factory=dict)
     """More frozen models some objectives read, by role (AlignDistil: `reverse`, the reverse-DPO model, or
-    `reference` for its Theorem-1 variant)."""
+    `reference` for its Theorem-1 variant), each a teacher section of its own."""
     data: DataConfig
     source: SourceConfig = Field(default_factory=OffPolicyConfig)
     """Where batches come from: dataset responses, student samples (on-policy, replay) or teacher outputs."""
@@ -156,18 +158,10 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_combination(self) -> RunConfig:
-        if self.teacher is not None:
-            if self.teacher.lora is not None:
-                raise ValueError("teacher.lora: the teacher is frozen; give a trained adapter as `teacher.adapter`")
-            if self.teacher.train_tokenizer is not None:
-                raise ValueError("teacher.train_tokenizer: a teacher's tokenizer must come with the teacher")
-        for role, spec in self.teachers.items():
-            if spec.lora is not None or spec.train_tokenizer is not None:
-                raise ValueError(f"teachers.{role}: a frozen model takes neither `lora` nor `train_tokenizer`")
-        if self.teacher is not None and self.teacher.cache is not None and self.source.kind != "off_policy":
-            raise ValueError(f"teacher.cache holds the teacher's outputs on the dataset responses only; source.kind="
-                             f"{self.source.kind} asks the teacher about new sequences: use a live teacher "
-                             "(`teacher.path`, no `cache`)")
+        if self.teacher is not None and not self.teacher.scores_new_sequences and self.source.kind != "off_policy":
+            raise ValueError(f"teacher.kind={self.teacher.kind} holds the teacher's outputs on the dataset responses "
+                             f"only; source.kind={self.source.kind} asks the teacher about new sequences: use a live "
+                             "teacher (`teacher.path`, no `cache`) or a server")
         if isinstance(self.source, SeqKDConfig) and self.teacher is None and self.source.seqkd_data is None:
             raise ValueError("source.kind=seqkd: set `source.seqkd_data` (teacher outputs from `dualkd generate`) "
                              "or a `teacher` to generate them with")

@@ -27,7 +27,7 @@ from dualkd.data.tokenizers import train_tokenizer
 from dualkd.errors import ModelError
 from dualkd.lm import is_seq2seq
 from dualkd.outputs import claim, mark
-from dualkd.schema import HomePath, ServerURL, StrictModel
+from dualkd.schema import HomePath, StrictModel
 
 # ----------------------------------------------------------------------------------------------- configs
 
@@ -108,65 +108,6 @@ class ModelConfig(StrictModel):
     @property
     def tokenizer_source(self) -> str | None:
         return self.tokenizer or self.path
-
-
-
-class TeacherServer(StrictModel):
-    """An inference server that scores given tokens (teachers/served.py): llama.cpp's Python server, e.g.
-    `python -m llama_cpp.server --model teacher.gguf --port 8080`."""
-
-    url: ServerURL
-    """The server's address, e.g. http://127.0.0.1:8080 (OpenAI-compatible: /v1/completions, /extras/tokenize)."""
-    top_k: int = Field(64, ge=1)
-    """Top-k log-probabilities per position: `kd` trains with the sparse top-k loss at this k."""
-    margin: int = Field(4, ge=0)
-    """Extra entries asked for, so that entries the server names ambiguously (by a string several tokens print
-    as) can be passed over while k placeable ones remain."""
-    timeout_s: float = Field(120.0, gt=0)
-    """Seconds one request may take in all (however slowly its answer arrives) before it is retried."""
-    retries: int = Field(3, ge=0)
-    """Retries of a failed request (backoff_s, 2 backoff_s, ... apart), then the run stops with a checkpoint."""
-    backoff_s: float = Field(1.0, ge=0)
-    concurrency: int = Field(4, ge=1)
-    """Requests in flight at once, working ahead of the training loop."""
-    max_answer_mib: float = Field(64.0, gt=0)
-    """The largest answer read (a top-k answer takes ~30 bytes per entry: 2,048 positions at k 64 ~ 4 MiB); a
-    larger one stops the run instead of filling the memory."""
-    cache_dir: HomePath | None = None
-    """Where scored sequences are kept on disk (by server model, sequence and k); default
-    `<output_dir>/teacher-server-cache`."""
-
-
-class TeacherConfig(ModelConfig):
-    """A frozen model the student learns from, and where it runs."""
-
-    placement: Literal["auto", "same", "cpu_offload", "sharded"] = "auto"
-    """`same`: a whole copy on every process's device. `cpu_offload`: the weights stay in CPU memory and each
-    layer is copied to the device as it runs (accelerate's big-model offload; for teachers larger than the
-    device's memory; objectives that read the LM head directly cannot use it). `sharded`: split over the
-    processes with the student's engine (DeepSpeed ZeRO-3, FSDP2). `auto`: `sharded` under ZeRO-3 (every
-    model is partitioned as it loads there), else `same`."""
-    cache: HomePath | None = None
-    """An offline teacher cache (the folder `dualkd cache-teacher` wrote): the teacher's outputs are read from
-    it and no teacher model is loaded (`path`, when given, only names it). It holds the top-k log-probabilities
-    of the training and dev responses (and with `--hidden` the hidden states there and the LM head): `kd`
-    (top-k), `dskd` and `dskdv2` train from it; objectives that read more are refused before training."""
-
-    server: TeacherServer | None = None
-    """A teacher behind an inference server (teachers/served.py): no teacher model is loaded; `path` or
-    `tokenizer` gives its tokenizer, which must be the server's. It gives top-k log-probabilities of given
-    tokens only: `kd` (sparse top-k), on-policy KD and SeqKD use it; objectives that read more are refused."""
-
-    def _loads_a_model(self) -> bool:
-        return self.cache is None and self.server is None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> TeacherConfig:
-        if self.cache is not None and self.server is not None:
-            raise ValueError("set teacher.cache or teacher.server, not both")
-        if self.server is not None and self.tokenizer_source is None:
-            raise ValueError("teacher.server needs the teacher's tokenizer: set teacher.path or teacher.tokenizer")
-        return self
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -11,9 +11,9 @@ import os
 import types
 import typing
 import urllib.parse
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, SerializeAsAny, ValidationError
 
 
 class StrictModel(BaseModel):
@@ -54,6 +54,42 @@ ServerURL = Annotated[str, AfterValidator(server_root)]
 
 def _on_off(value: Any) -> Any:
     return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
+
+
+class ByKind(StrictModel):
+    """A config section whose class its `kind` key chooses from a registry that can grow (teacher kinds:
+    teachers/spec.py), where a static discriminated union could not. Subclasses set `kinds` (the registry:
+    kind -> class) and `default_kind`; `of_kind(Base)` is the field type that validates a mapping into the
+    class its kind names and keeps that class when the config is written back."""
+
+    kinds: ClassVar[dict[str, type[ByKind]]]
+    kind: str
+
+    @classmethod
+    def default_kind(cls, data: dict[str, Any]) -> str:
+        """The kind of a section that names none."""
+        raise ValueError("`kind` is missing")
+
+
+def of_kind(base: type[ByKind]) -> Any:
+    """The field type of a `ByKind` section: a mapping becomes the class its kind names. Errors keep their
+    place (a kind's own errors are located under its tag, as a discriminated union's are, so that
+    `format_validation_error` names the key and suggests the kind's own fields)."""
+
+    def parse(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value  # an instance already, or pydantic's own type error
+        kind = value.get("kind") or base.default_kind(value)
+        if kind not in base.kinds:
+            raise ValueError(f"unknown kind {kind!r}; choose from {sorted(base.kinds)}")
+        try:
+            return base.kinds[kind].model_validate({**value, "kind": kind})
+        except ValidationError as e:
+            errors = [{**{k: err[k] for k in ("type", "input", "ctx") if k in err}, "loc": (kind, *err["loc"])}
+                      for err in e.errors(include_url=False)]
+            raise ValidationError.from_exception_data(e.title, errors) from None  # type: ignore[arg-type]
+
+    return Annotated[SerializeAsAny[base], BeforeValidator(parse)]
 
 
 AutoOnOff = Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)]
@@ -124,6 +160,9 @@ def _walk(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[list[Any], list[
 
 def _variants(annotation: Any, tag: Any) -> dict[str, type[BaseModel]]:
     """A discriminated union's classes by their tag (the default of their `tag` field), else {}."""
+    inner = _inner_model(annotation)
+    if isinstance(inner, type) and issubclass(inner, ByKind):
+        return dict(inner.kinds)
     if not isinstance(tag, str):
         return {}
     return {cls.model_fields[tag].default: cls for cls in typing.get_args(annotation)

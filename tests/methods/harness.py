@@ -34,7 +34,7 @@ def build64(cfg: dict[str, Any], tmp: Path) -> Any:
     """The run's parts (student, teacher, objective, data) with every model and the objective in float64."""
     parts = build_parts(validate_config(cfg), tmp, ENGINE)
     teacher = parts.teacher.model if parts.teacher is not None else None
-    for model in (parts.student, teacher, parts.objective, *(parts.frozen or {}).values()):
+    for model in (parts.student, teacher, parts.objective, *(t.model for t in (parts.frozen or {}).values())):
         if model is not None:
             model.double()
     parts.student.eval()  # no dropout: the twin's forward must see the same network

@@ -17,6 +17,7 @@ from dualkd.methods.dskdv2 import DSKDv2Config
 from dualkd.methods.gold import GOLD, GOLDConfig
 from dualkd.methods.kd import KD, KDConfig, WordKD, WordKDConfig
 from dualkd.methods.mined import MinED, MinEDConfig
+from dualkd.methods.needs import Needs
 from dualkd.methods.sft import SFT, SFTConfig
 from dualkd.methods.shared_vocab_kd import SharedVocabKD, SharedVocabKDConfig
 from dualkd.methods.tie_kd import TIEKD, TIEKDConfig
@@ -35,16 +36,9 @@ ObjectiveConfig = Annotated[
 ]
 
 
-CONFIGS: dict[str, type] = {cls.model_fields["name"].default: cls for cls in
-                            (SFTConfig, KDConfig, DSKDConfig, DSKDv2Config, DSKDCMAConfig, ULDConfig, MinEDConfig,
-                             DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig, CBMIConfig,
-                             SharedVocabKDConfig, GOLDConfig)}
-"""Each objective's config class by name."""
-
-
 def build_objective(config: Any) -> Objective:
     """The objective a config names (its factory may choose the class: `dskdv2` with `alignment: cma`)."""
     return OBJECTIVES[config.name](config)
 
 
-__all__ = ["CONFIGS", "OBJECTIVES", "Objective", "ObjectiveConfig", "StepNorm", "build_objective"]
+__all__ = ["OBJECTIVES", "Needs", "Objective", "ObjectiveConfig", "StepNorm", "build_objective"]

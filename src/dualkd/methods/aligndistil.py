@@ -40,6 +40,7 @@ from dualkd.lm import check_head_is_linear, head_of, lm_forward
 from dualkd.losses.fused import fused_ce_and_divergence, fused_total_variation
 from dualkd.methods.base import Objective, SetupContext, StepNorm
 from dualkd.methods.common import DistillationConfig
+from dualkd.methods.needs import RESPONSE_HIDDEN_AND_HEAD, Needs
 from dualkd.models import head_rows, shared_vocab_size
 from dualkd.teachers import Teacher
 
@@ -83,27 +84,26 @@ class TeacherPlan:
 
 
 class AlignDistil(Objective):
-    config_class = AlignDistilConfig
-    needs_teacher = True
     config: AlignDistilConfig
 
-    def frozen_roles(self) -> dict[str, str]:
-        if self.config.teacher_logits == "theorem1":
-            return {"reference": "the model DPO started from (π_ref of Theorem 1)"}
-        return {"reverse": "the reverse-DPO model (DPO with chosen and rejected swapped)"}
+    def needs(self) -> Needs:
+        role = ({"reference": "the model DPO started from (π_ref of Theorem 1)"}
+                if self.config.teacher_logits == "theorem1" else
+                {"reverse": "the reverse-DPO model (DPO with chosen and rejected swapped)"})
+        return Needs(teacher=(RESPONSE_HIDDEN_AND_HEAD,), frozen=role)
 
     def setup(self, ctx: SetupContext) -> None:
         if not ctx.same_tokenizer:
             raise ModelError("objective `aligndistil`: the DPO models must share the student's tokenizer")
         assert ctx.teacher is not None and ctx.frozen is not None
-        ctx.teacher.require({"response_hidden", "head", "model"}, "objective `aligndistil`")
-        (role,) = self.frozen_roles()
-        self._other = {"model": ctx.frozen[role]}  # a plain dict: never a submodule (not trained, saved or wrapped)
-        for name, model in (("student", ctx.student), ("teacher", ctx.teacher.model), (role, ctx.frozen[role])):
-            check_head_is_linear(model, name)
+        (role,) = self.needs().frozen
+        self.other = ctx.frozen[role]  # a teacher, not a module: never trained, saved or wrapped
+        ctx.teacher.require({"response_hidden", "head"}, "objective `aligndistil` (the DPO model)")
+        self.other.require({"response_hidden", "head"}, f"objective `aligndistil` (teachers.{role})")
+        check_head_is_linear(ctx.student, "student")
         rows = head_rows(ctx.student)
         self.vocab_size = min(shared_vocab_size(rows, ctx.teacher.vocab_rows, ctx.student_tokenizer),
-                              shared_vocab_size(rows, head_rows(ctx.frozen[role]), ctx.student_tokenizer))
+                              shared_vocab_size(rows, self.other.vocab_rows, ctx.student_tokenizer))
 
     def counts(self, batch: Batch) -> dict[str, Tensor]:
         mask = batch.student.loss_mask
@@ -112,12 +112,10 @@ class AlignDistil(Objective):
     @torch.no_grad()
     def teacher_forward(self, teacher: Teacher, batch: Batch) -> TeacherPlan:
         tokens, V, cfg = batch.student, self.vocab_size, self.config
-        other = self._other["model"]
-        mask = tokens.loss_mask
         h_dpo = teacher.response_hidden(tokens, batch.indices)  # [N, d]
-        h_other = lm_forward(other, tokens, hidden=True, logits=False).hidden[mask]  # [N, d']
+        h_other = self.other.response_hidden(tokens, batch.indices)  # [N, d']
         w_dpo, b_dpo = teacher.head()
-        w_oth, b_oth = head_of(other)
+        w_oth, b_oth = self.other.head()
         w_dpo, w_oth = w_dpo[:V], w_oth[:V]
         b_dpo = b_dpo[:V] if b_dpo is not None else None
         b_oth = b_oth[:V] if b_oth is not None else None

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
 from dualkd.methods.common import DistillationConfig
+from dualkd.methods.needs import Needs
 from dualkd.schema import StrictModel
 from dualkd.teachers.base import Teacher
 
@@ -56,26 +57,14 @@ class SetupContext:
     same_tokenizer: bool
     student_pretrained: bool = True
     """False when the student starts from random weights (`student.init: random`)."""
-    frozen: dict[str, nn.Module] | None = None
-    """The extra frozen models of `frozen_roles`, loaded from the config's `teachers` (same tokenizer as the
-    teacher); the objective keeps them as plain attributes (never trained, saved or wrapped)."""
+    frozen: dict[str, Teacher] | None = None
+    """The extra frozen models of `needs().frozen`, opened as teachers from the config's `teachers` (the student's
+    tokenizer); read through their capabilities like the teacher (never trained, saved or wrapped)."""
 
 
 class Objective(nn.Module, ABC):
-    config_class: ClassVar[type[StrictModel]]
-    needs_teacher: ClassVar[bool] = False
-    """The run has a teacher and the loop calls `teacher_forward`."""
-    teacher_reads_own_tokens: ClassVar[bool] = False
-    """Cross-tokenizer objectives: the data is also tokenized with the teacher's tokenizer."""
-    wants_pairs: ClassVar[bool] = False
-    """The data are preference pairs (`PreferenceDataset`: chosen rows, then rejected rows)."""
-    eval_weight: ClassVar[str] = "tokens"
-    """The count that weights each dev batch's loss in the dev mean (DPO: pairs)."""
-    changes_trained_parameters: ClassVar[bool] = False
-    """Some parameters stop getting gradients mid-run (CBMI freezes its LM): DDP must look for unused ones."""
-    counts_need_teacher: ClassVar[bool] = False
-    """The loop runs the teacher on every micro-batch of a step before `prepare` (denominators that depend on
-    the teacher's predictions, such as DSKDv2's agreement count)."""
+    """A training objective: what it needs of the run (`needs`), its setup, its counts, what it asks the teacher
+    and its loss. Its config class lives next to it (methods/<name>.py) and joins `ObjectiveConfig`."""
 
     def __init__(self, config: StrictModel):
         super().__init__()
@@ -89,18 +78,13 @@ class Objective(nn.Module, ABC):
         else 1. (On a student-sampled step the loop trains the dataset responses with it.)"""
         return 1.0 - self.config.kd_rate if isinstance(self.config, DistillationConfig) else 1.0
 
-    def frozen_roles(self) -> dict[str, str]:
-        """Extra frozen models this objective reads besides the teacher: role -> what it is. The run config's
-        `teachers.<role>` names each; they reach `setup` as `ctx.frozen`."""
-        return {}
+    def needs(self) -> Needs:
+        """What this objective needs of the run (methods/needs.py): none of a teacher by default."""
+        return Needs()
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer groups for the objective's own parameters, e.g. [{"params": [...], "lr": 1e-3}]."""
         return []
-
-    def make_aligner(self, student_tokenizer: Any, teacher_tokenizer: Any) -> Any | None:
-        """An aligner (align/pairs.py) when the objective pairs positions across two tokenizations."""
-        return None
 
     def counts(self, batch: Batch) -> dict[str, Tensor]:
         """Counts that normalize this objective's losses (summed over the global batch by the loop)."""
@@ -109,7 +93,7 @@ class Objective(nn.Module, ABC):
     @torch.no_grad()
     def prepare(self, batch: Batch, teacher_out: Any, student: nn.Module) -> tuple[Any, dict[str, Tensor]]:
         """The loop's one call before a step's losses: returns the teacher outputs the loss will read and the
-        batch's counts. `teacher_out` is None unless `counts_need_teacher` (then denominators may depend on
+        batch's counts. `teacher_out` is None unless `needs().counts_need_teacher` (then denominators may depend on
         the teacher's and the current student's predictions, and the returned outputs may carry what was
         computed for them, e.g. DSKDv2's agreement mask)."""
         return teacher_out, self.counts(batch)

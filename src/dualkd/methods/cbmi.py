@@ -31,6 +31,7 @@ from dualkd.errors import ModelError
 from dualkd.lm import is_seq2seq, lm_forward
 from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
+from dualkd.methods.needs import Needs
 from dualkd.schema import StrictModel
 
 
@@ -92,8 +93,9 @@ def cbmi_weights(cbmi: Tensor, mask: Tensor, token_scale: float, sentence_scale:
 
 
 class CBMI(Objective):
-    config_class = CBMIConfig
-    changes_trained_parameters = True
+    def needs(self) -> Needs:
+        return Needs(unused_parameters=True)  # its LM trains first, then freezes
+
     config: CBMIConfig
 
     def setup(self, ctx: SetupContext) -> None:

@@ -25,6 +25,7 @@ from dualkd.errors import ModelError
 from dualkd.lm import check_head_is_linear, response_logprobs
 from dualkd.losses.policy import dpo_loss
 from dualkd.methods.base import Objective, SetupContext, StepNorm
+from dualkd.methods.needs import Needs
 from dualkd.schema import StrictModel
 from dualkd.teachers import Teacher
 
@@ -40,9 +41,9 @@ class DPOConfig(StrictModel):
 
 
 class DPO(Objective):
-    config_class = DPOConfig
-    needs_teacher = True
-    wants_pairs = True
+    def needs(self) -> Needs:
+        return Needs(teacher=(frozenset({"sequence_logprobs"}),), data="pairs", eval_weight="pairs")
+
     config: DPOConfig
 
     eval_weight = "pairs"
@@ -51,16 +52,15 @@ class DPO(Objective):
         if not ctx.same_tokenizer:
             raise ModelError("objective `dpo`: the reference model (`teacher`) must share the student's tokenizer")
         assert ctx.teacher is not None
-        ctx.teacher.require({"model"}, "objective `dpo` (the reference model's sequence log-probabilities)")
+        ctx.teacher.require({"sequence_logprobs"}, "objective `dpo` (the reference model)")
         check_head_is_linear(ctx.student, "student")
-        check_head_is_linear(ctx.teacher.model, "reference model")
 
     def counts(self, batch: Batch) -> dict[str, Tensor]:
         return {"tokens": batch.student.loss_mask.sum(), "pairs": torch.tensor(float(pairs_of(batch)))}
 
     @torch.no_grad()
     def teacher_forward(self, teacher: Teacher, batch: Batch) -> Tensor:
-        return response_logprobs(teacher.model, batch.student, self.config.chunk_size)  # [2P]
+        return teacher.sequence_logprobs(batch.student, self.config.chunk_size)  # [2P]
 
     def forward(self, student: nn.Module, batch: Batch, teacher_out: Tensor, norm: StepNorm
                 ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -34,6 +34,7 @@ from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_ce_and_divergence, fused_cross_entropy
 from dualkd.methods.base import SetupContext, StepNorm
 from dualkd.methods.common import DivergenceChoice, ProjectorChoice, TeacherRows, head_rows_of
+from dualkd.methods.needs import RESPONSE_HIDDEN_AND_HEAD, Needs
 from dualkd.methods.projectors import DualSpace
 from dualkd.models import shared_vocab_size
 from dualkd.teachers import Teacher
@@ -44,8 +45,9 @@ class DSKDConfig(DivergenceChoice, ProjectorChoice):
 
 
 class DSKD(DualSpace):
-    config_class = DSKDConfig
-    needs_teacher = True
+    def needs(self) -> Needs:
+        return Needs(teacher=(RESPONSE_HIDDEN_AND_HEAD,))
+
     config: DSKDConfig
 
     def setup(self, ctx: SetupContext) -> None:
@@ -59,8 +61,6 @@ class DSKD(DualSpace):
         assert teacher is not None
         teacher.require({"response_hidden", "head"}, "objective `dskd`")  # a cache written with --hidden will do
         self.vocab_size = shared_vocab_size(w_s.shape[0], teacher.vocab_rows, ctx.student_tokenizer)
-        if "model" in teacher.provides:
-            check_head_is_linear(teacher.model, "teacher")
         d_t = teacher.head()[0].shape[1]
         self.build_projectors(d_s, d_t, dtype, bias=True)
 

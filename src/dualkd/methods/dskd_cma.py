@@ -48,6 +48,7 @@ from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_argmax, fused_cross_entropy
 from dualkd.methods.base import SetupContext, StepNorm
 from dualkd.methods.common import DivergenceChoice, ProjectorChoice
+from dualkd.methods.needs import Needs
 from dualkd.methods.projectors import DualSpace
 from dualkd.teachers import Teacher
 
@@ -81,17 +82,16 @@ def _scale_free(x: Tensor, mask: Tensor) -> Tensor:
 
 
 class DSKDCMA(DualSpace):
-    config_class = DSKDCMAConfig
-    needs_teacher = True
-    teacher_reads_own_tokens = True
+    def needs(self) -> Needs:
+        return Needs(teacher=(frozenset({"hidden", "head", "embeddings"}),), teacher_tokens=True)
+
     config: DSKDCMAConfig
 
     def setup(self, ctx: SetupContext) -> None:
         assert ctx.teacher is not None
         teacher = ctx.teacher
-        teacher.require({"hidden", "head", "model"}, f"objective `{self.config.name}` (cross-model attention)")
+        teacher.require({"hidden", "head", "embeddings"}, f"objective `{self.config.name}` (cross-model attention)")
         check_head_is_linear(ctx.student, "student")
-        check_head_is_linear(teacher.model, "teacher")
         w_s, _ = head_of(ctx.student)
         w_t, _ = teacher.head()
         d_s, d_t = w_s.shape[1], w_t.shape[1]
@@ -123,7 +123,7 @@ class DSKDCMA(DualSpace):
             next_ids = fused_argmax(hidden, head, bias, self.config.chunk_size)
         else:
             next_ids = tokens.labels
-        embed = teacher.model.get_input_embeddings()
+        embed = teacher.embeddings
         mask = tokens.loss_mask
         inputs = embed(torch.where(mask, tokens.input_ids, 0))
         gold = embed(torch.where(mask, tokens.labels, 0))

@@ -45,6 +45,7 @@ from dualkd.methods.common import (
     head_rows_of,
 )
 from dualkd.methods.dskd_cma import DSKDCMA, DSKDCMAConfig
+from dualkd.methods.needs import RESPONSE_HIDDEN_AND_HEAD, Needs
 from dualkd.methods.projectors import DualSpace
 from dualkd.models import shared_vocab_size
 from dualkd.teachers import Teacher, response_rows
@@ -99,19 +100,15 @@ def build(config: DSKDv2Config) -> Objective:
 
 
 class DSKDv2(DualSpace):
-    config_class = DSKDv2Config
-    needs_teacher = True
-    teacher_reads_own_tokens = True
-    counts_need_teacher = True
+    def needs(self) -> Needs:
+        return Needs(teacher=(RESPONSE_HIDDEN_AND_HEAD,), teacher_tokens=True, counts_need_teacher=True,
+                     aligner=ExactAligner if self.config.alignment == "eta" else None)
     config: DSKDv2Config
 
     def projector_lr(self) -> float | None:
         if self.config.projector_lr is not None:
             return self.config.projector_lr
         return PINV_PROJECTOR_LR if self.pinv_init else None  # None: the student's lr
-
-    def make_aligner(self, student_tokenizer: Any, teacher_tokenizer: Any) -> Any:
-        return ExactAligner(student_tokenizer, teacher_tokenizer) if self.config.alignment == "eta" else None
 
     def setup(self, ctx: SetupContext) -> None:
         cfg = self.config
@@ -120,8 +117,6 @@ class DSKDv2(DualSpace):
         teacher = ctx.teacher
         assert teacher is not None
         teacher.require({"response_hidden", "head"}, "objective `dskdv2`")  # a cache written with --hidden will do
-        if "model" in teacher.provides:
-            check_head_is_linear(teacher.model, "teacher")
         w_t, _ = teacher.head()
         self.same_vocab = ctx.same_tokenizer
         if self.same_vocab:

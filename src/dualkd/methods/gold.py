@@ -50,6 +50,7 @@ from dualkd.lm import check_head_is_linear, lm_forward, through_head
 from dualkd.losses.fused import default_chunk_size, fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm
 from dualkd.methods.common import DistillationConfig
+from dualkd.methods.needs import RESPONSE_HIDDEN_AND_HEAD, Needs
 from dualkd.models import head_rows
 from dualkd.teachers import Teacher
 
@@ -171,9 +172,9 @@ def _sorted_l1(p_s: Tensor, p_t: Tensor) -> Tensor:
 
 
 class GOLD(Objective):
-    config_class = GOLDConfig
-    needs_teacher = True
-    teacher_reads_own_tokens = True
+    def needs(self) -> Needs:
+        return Needs(teacher=(RESPONSE_HIDDEN_AND_HEAD,), teacher_tokens=True)
+
     config: GOLDConfig
 
     def setup(self, ctx: SetupContext) -> None:

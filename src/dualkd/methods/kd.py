@@ -39,6 +39,7 @@ from dualkd.losses.ranking import hierarchical_ranking_loss
 from dualkd.losses.sparse import TopKTargets, sparse_kl
 from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
 from dualkd.methods.common import DivergenceChoice, TeacherRows, head_rows_of
+from dualkd.methods.needs import RESPONSE_HIDDEN_AND_HEAD, Needs
 from dualkd.models import head_rows, shared_vocab_size
 from dualkd.schema import AutoOnOff
 from dualkd.teachers import Teacher
@@ -66,8 +67,18 @@ class KDConfig(DivergenceChoice):
 
 
 class KD(Objective):
-    config_class = KDConfig
-    needs_teacher = True
+    def needs(self) -> Needs:
+        """Top-k from a teacher that keeps only its top k (a cache, a server); else what `fused` and `top_k`
+        choose of a model: hidden states and head (fused), top-k, or full logits."""
+        cfg = self.config
+        if cfg.ranking_top_k is not None:  # TIE-KD's ranking loss reads the dense logits
+            return Needs(teacher=(frozenset({"logits"}),))
+        if cfg.top_k is not None:
+            return Needs(teacher=(frozenset({"topk"}),))
+        dense = {"on": (RESPONSE_HIDDEN_AND_HEAD,), "off": (frozenset({"logits"}),),
+                 "auto": (RESPONSE_HIDDEN_AND_HEAD, frozenset({"logits"}))}[cfg.fused]
+        return Needs(teacher=(*dense, frozenset({"topk"})))
+
     config: KDConfig
 
     def setup(self, ctx: SetupContext) -> None:
@@ -103,14 +114,14 @@ class KD(Objective):
                 raise ModelError("objective.ranking_top_k needs the dense logits: set objective.fused: off and no "
                                  "top_k")
             self.fused = False
-        teacher.require({"topk"} if self.top_k is not None else {"response_hidden", "head"} if self.fused
-                        else {"logits"}, "objective `kd`")
-        if self.fused:
-            try:
-                check_head_is_linear(ctx.student, "student")
-                check_head_is_linear(teacher.model, "teacher")
-            except ModelError as e:
-                raise ModelError(f"{e}; set objective.fused: off") from None
+        if not self.fused:
+            teacher.require({"topk"} if self.top_k is not None else {"logits"}, "objective `kd`")
+            return
+        try:
+            check_head_is_linear(ctx.student, "student")
+            teacher.require({"response_hidden", "head"}, "objective `kd`")  # a live teacher checks its head
+        except ModelError as e:
+            raise ModelError(f"{e}; set objective.fused: off") from None
 
     @torch.no_grad()
     def teacher_forward(self, teacher: Teacher, batch: Batch) -> Tensor | TeacherRows | TopKTargets:
@@ -184,4 +195,4 @@ class WordKDConfig(KDConfig):
 
 
 class WordKD(KD):
-    config_class = WordKDConfig
+    """`kd` under the name `word_kd` (its config: WordKDConfig)."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -37,11 +37,13 @@ from torch import Tensor, nn
 from dualkd.align.mined import mined_vocab_map
 from dualkd.align.pairs import MinEDAligner
 from dualkd.data.collate import Batch, ModelBatch
+from dualkd.errors import ModelError
 from dualkd.lm import check_head_is_linear, lm_forward, through_head
 from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm
 from dualkd.methods.common import DistillationConfig
+from dualkd.methods.needs import Needs
 from dualkd.models import head_rows
 from dualkd.teachers import Teacher
 
@@ -64,19 +66,17 @@ class AlignedTeacher:
 
 
 class MinED(Objective):
-    config_class = MinEDConfig
-    needs_teacher = True
-    teacher_reads_own_tokens = True
+    def needs(self) -> Needs:
+        return Needs(teacher=(frozenset({"hidden", "head"}),), teacher_tokens=True, aligner=MinEDAligner)
     config: MinEDConfig
-
-    def make_aligner(self, student_tokenizer: Any, teacher_tokenizer: Any) -> Any:
-        return MinEDAligner(student_tokenizer, teacher_tokenizer)
 
     def setup(self, ctx: SetupContext) -> None:
         assert ctx.teacher is not None
-        ctx.teacher.require({"hidden", "head", "model"}, "objective `mined`")
+        if ctx.same_tokenizer:  # no alignment is made then (train/build.py)
+            raise ModelError("objective `mined` aligns two different tokenizers; the student and the teacher share "
+                             "one here: use `kd` (or `dskdv2`)")
+        ctx.teacher.require({"hidden", "head"}, "objective `mined`")
         check_head_is_linear(ctx.student, "student")
-        check_head_is_linear(ctx.teacher.model, "teacher")
         w_t, b_t = ctx.teacher.head()
         vocab = mined_vocab_map(ctx.student_tokenizer, ctx.teacher_tokenizer)
         rows = head_rows(ctx.student)

@@ -48,7 +48,6 @@ class SFTConfig(StrictModel):
 
 
 class SFT(Objective):
-    config_class = SFTConfig
     config: SFTConfig
 
     def setup(self, ctx: SetupContext) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,7 @@ from dualkd.losses import fused_divergence
 from dualkd.losses.fused import fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm
 from dualkd.methods.common import DivergenceChoice
+from dualkd.methods.needs import RESPONSE_HIDDEN_AND_HEAD, Needs
 from dualkd.models import head_rows
 from dualkd.teachers import Teacher, response_rows
 
@@ -57,13 +58,9 @@ class PairedTeacher:
 
 
 class SharedVocabKD(Objective):
-    config_class = SharedVocabKDConfig
-    needs_teacher = True
-    teacher_reads_own_tokens = True
+    def needs(self) -> Needs:
+        return Needs(teacher=(RESPONSE_HIDDEN_AND_HEAD,), teacher_tokens=True, aligner=ExactAligner)
     config: SharedVocabKDConfig
-
-    def make_aligner(self, student_tokenizer: Any, teacher_tokenizer: Any) -> Any:
-        return ExactAligner(student_tokenizer, teacher_tokenizer)
 
     def setup(self, ctx: SetupContext) -> None:
         assert ctx.teacher is not None

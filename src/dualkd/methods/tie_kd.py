@@ -37,6 +37,7 @@ from dualkd.losses.divergences import upcast
 from dualkd.losses.ranking import hierarchical_ranking_loss
 from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
 from dualkd.methods.common import DistillationConfig
+from dualkd.methods.needs import Needs
 from dualkd.models import head_rows, shared_vocab_size
 from dualkd.teachers import Teacher
 
@@ -72,19 +73,20 @@ def next_decoder_inputs(logits: Tensor, start_id: int) -> Tensor:
 
 
 class TIEKD(Objective):
-    config_class = TIEKDConfig
-    needs_teacher = True
+    def needs(self) -> Needs:  # iterative passes encode the source once and re-run the decoder on given inputs
+        return Needs(teacher=(frozenset({"logits", "encoder"} if self.config.iterations > 1 else {"logits"}),))
+
     config: TIEKDConfig
 
     def setup(self, ctx: SetupContext) -> None:
         if not ctx.same_tokenizer:
             raise ModelError("objective `tie_kd` needs one tokenizer for student and teacher")
         assert ctx.teacher is not None
-        ctx.teacher.require({"logits", "model"}, "objective `tie_kd`")
         self.seq2seq = is_seq2seq(ctx.student)
         if self.config.iterations > 1 and not self.seq2seq:
             raise ModelError("objective `tie_kd`: iterative KD (iterations > 1) re-runs a decoder on its own "
                              "predictions and needs an encoder-decoder model; use iterations: 1 for a causal LM")
+        ctx.teacher.require(self.needs().teacher[0], "objective `tie_kd`")
         self.vocab_size = shared_vocab_size(head_rows(ctx.student), ctx.teacher.vocab_rows, ctx.student_tokenizer)
         if self.config.top_k > self.vocab_size:
             raise ModelError(f"objective.top_k={self.config.top_k} exceeds the vocabulary ({self.vocab_size})")

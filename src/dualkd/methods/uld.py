@@ -29,6 +29,7 @@ from dualkd.losses.fused import fused_cross_entropy
 from dualkd.losses.sorted_l1 import fused_sorted_l1
 from dualkd.methods.base import Objective, SetupContext, StepNorm
 from dualkd.methods.common import DistillationConfig
+from dualkd.methods.needs import Needs
 from dualkd.teachers import Teacher
 
 
@@ -62,16 +63,15 @@ def positional_pairs(student_mask: Tensor, teacher_mask: Tensor) -> tuple[Tensor
 
 
 class ULD(Objective):
-    config_class = ULDConfig
-    needs_teacher = True
-    teacher_reads_own_tokens = True
+    def needs(self) -> Needs:
+        return Needs(teacher=(frozenset({"hidden", "head"}),), teacher_tokens=True)
+
     config: ULDConfig
 
     def setup(self, ctx: SetupContext) -> None:
         check_head_is_linear(ctx.student, "student")
         assert ctx.teacher is not None
-        ctx.teacher.require({"hidden", "head", "model"}, "objective `uld`")
-        check_head_is_linear(ctx.teacher.model, "teacher")
+        ctx.teacher.require({"hidden", "head"}, "objective `uld`")
 
     @torch.no_grad()
     def teacher_forward(self, teacher: Teacher, batch: Batch) -> PairedRows:

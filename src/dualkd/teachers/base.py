@@ -1,14 +1,20 @@
 """The teacher as a component: what objectives read of a frozen model, whoever produces it.
 
-An objective never holds the teacher model; in `teacher_forward` it asks a `Teacher` for one of these:
+An objective never holds the teacher model; in `teacher_forward` it asks a `Teacher` for one of these
+(each a named capability, `CAPABILITIES`):
 
     hidden(tokens)                     [B, T, d]  last hidden states at every position        (live)
     response_hidden(tokens, indices)   [N, d]     the same at the N response positions,
                                                   in `loss_mask` order (row-major)           (live; cache --hidden)
-    head()                             W [V, d], b [V] | None: the LM head                   (live; cache --hidden)
-    topk(tokens, indices, k, vocab)    TopKTargets at the N response positions               (live; cache)
+    head()                             W [V, d], b [V] | None: the LM head, a linear one
+                                                  (logits = h W^T + b, checked)              (live; cache --hidden)
+    topk(tokens, indices, k, vocab)    TopKTargets at the N response positions               (live; cache; server)
     logits(tokens, decoder_input_ids)  [B, T, V]  for the batch or for given decoder inputs  (live)
+    embeddings(ids)                    [..., d]   its input embeddings of token ids           (live)
+    sequence_logprobs(tokens)          [B]        each row's summed log-probability of its
+                                                  response tokens                            (live)
     encode(tokens)                     encoder outputs to reuse across decoder passes        (live, seq2seq)
+    generate(examples, settings, ...)  one response per example (SeqKD)                      (live; server)
 
 `tokens` is the teacher's view of a batch (`Batch.teacher_view`), `indices` the examples' dataset indices
 (what a cache reads by). Every call runs without gradients; a live teacher also runs under the engine's
@@ -16,11 +22,11 @@ autocast and is timed as "teacher", wherever an objective calls it (TIE-KD calls
 
 Implementations: `LiveTeacher` (a model on this machine: teachers/live.py), `CachedTeacher` (an offline
 cache written by `dualkd cache-teacher`: teachers/cached.py) and `ServedTeacher` (an inference server that
-returns top-k log-probabilities of given tokens: teachers/served.py), chosen in `train/build.py` from the
-teacher's config section. Before each step the loop hands the teacher the micro-batches it will ask about
-(`prefetch`), so a teacher with latency can work ahead. Each objective says in `setup` what it reads
+returns top-k log-probabilities of given tokens: teachers/served.py), each opened from its config section by
+`open_teacher` (teachers/spec.py). Before each step the loop hands the teacher the micro-batches it will ask
+about (`prefetch`), so a teacher with latency can work ahead. Each objective says in `setup` what it reads
 (`require`), and a teacher that cannot serve it is refused there, before training, with the objective's name
-in the message.
+in the message. The engine sees a teacher's local modules only to place, gather and count them (`modules`).
 """
 
 from __future__ import annotations
@@ -34,16 +40,21 @@ import torch
 from torch import Tensor, nn
 
 from dualkd.data.collate import ModelBatch
+from dualkd.data.formats import Example
 from dualkd.errors import ConfigError
+from dualkd.generate import GenerationConfig
 from dualkd.losses.sparse import TopKTargets
 
 CAPABILITIES = {
     "hidden": "hidden states at every position",
     "response_hidden": "hidden states at the response positions",
-    "head": "the LM head",
+    "head": "LM head",
     "topk": "top-k log-probabilities",
     "logits": "full-vocabulary logits",
-    "model": "the model itself (its embeddings, encoder passes or checks)",
+    "embeddings": "input embeddings",
+    "sequence_logprobs": "log-probabilities of whole responses",
+    "encoder": "encoder passes",
+    "generate": "written responses",
 }
 
 
@@ -76,18 +87,24 @@ class Teacher(ABC):
     def vocab_rows(self) -> int:
         """Rows of the teacher's LM head (its vocabulary size, padding included)."""
 
-    @property
-    def model(self) -> nn.Module:
-        """The teacher model (live teachers only; `require({'model'})` first)."""
-        raise self._refuse("model", "")
+    def modules(self) -> list[nn.Module]:
+        """The frozen modules this teacher runs on this machine, for the engine only (gathered whole for the
+        objective's setup under ZeRO-3, counted in the start-up line); objectives read capabilities."""
+        return []
 
     @abstractmethod
-    def attach(self, device: torch.device, place: Callable[[nn.Module], nn.Module],
+    def describe(self, count_parameters: Callable[[nn.Module], int]) -> str:
+        """What the teacher is, for the start-up line (`count_parameters`: the engine's, which counts
+        partitioned weights whole)."""
+
+    def attach(self, device: torch.device, place: Callable[[nn.Module, str], nn.Module],
                autocast: Callable[[], contextlib.AbstractContextManager], timer: Any = None,
                gather_head: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> None:
-        """Before training: where the teacher runs. `place` puts a model where `teacher.placement` says (the
-        engine's job); `autocast` and `timer` (StepTimer) wrap every call of a live teacher; `gather_head`
-        makes the LM head of a placed model whole for a while (the engine's, where it shards the teacher)."""
+        """Before training: where the teacher runs. `place(model, placement)` puts a model where its
+        `placement` says (the engine's job); `autocast` and `timer` (StepTimer) wrap every call of a live
+        teacher; `gather_head` makes the LM head of a placed model whole for a while (the engine's, where it
+        shards the teacher). A teacher that runs nothing here has nothing to attach."""
+        return None
 
     def for_split(self, split: str) -> Teacher:
         """The teacher of one data split ("train", "dev"): a cache reads each split's own files."""
@@ -136,8 +153,19 @@ class Teacher(ABC):
                ) -> Tensor:
         raise self._refuse("logits", "")
 
+    def embeddings(self, ids: Tensor) -> Tensor:
+        raise self._refuse("embeddings", "")
+
+    def sequence_logprobs(self, tokens: ModelBatch, chunk_size: int | None = None) -> Tensor:
+        raise self._refuse("sequence_logprobs", "")
+
     def encode(self, tokens: ModelBatch) -> Any:
-        raise self._refuse("model", "")
+        raise self._refuse("encoder", "")
+
+    def generate(self, examples: list[Example], settings: GenerationConfig, seed: int, label: str,
+                 progress: bool | None = None) -> list[str]:
+        """One response per example (greedy unless `settings.do_sample`), as SeqKD trains on them."""
+        raise self._refuse("generate", "")
 
 
 def response_rows(mask: Tensor, batch_index: Tensor, position: Tensor) -> Tensor:

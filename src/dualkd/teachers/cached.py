@@ -1,6 +1,6 @@
 """A teacher read from an offline cache (`dualkd cache-teacher`, files in teachers/cache_files.py).
 
-    teacher: {path: HuggingFaceTB/SmolLM2-1.7B-Instruct, cache: cache/}    # the model is not loaded
+    teacher: {kind: cache, path: HuggingFaceTB/SmolLM2-1.7B-Instruct, cache: cache/}   # the model is not loaded
 
 It returns what the cache holds: the teacher's top-k log-probabilities at every response position, and with
 `--hidden` its last hidden states there and its LM head. Objectives that read more (logits at every
@@ -10,8 +10,9 @@ reads by dataset index, one split at a time (`for_split`); its tensors come in t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -19,8 +20,11 @@ from torch import Tensor
 from dualkd.data.collate import ModelBatch, TokenizedExample
 from dualkd.errors import DataError, ModelError
 from dualkd.losses.sparse import TopKTargets
+from dualkd.models import load_tokenizer
+from dualkd.schema import HomePath
 from dualkd.teachers.base import Teacher
 from dualkd.teachers.cache_files import CacheMismatch, TeacherCache, tokenizer_fingerprint
+from dualkd.teachers.spec import TeacherSite, TeacherSpec
 
 
 def _same_source(a: str, b: str) -> bool:
@@ -29,6 +33,11 @@ def _same_source(a: str, b: str) -> bool:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _gives(hidden: bool) -> frozenset[str]:
+    """What a cache gives: its top-k, and with `--hidden` the response hidden states and the head."""
+    return frozenset({"topk", "response_hidden", "head"} if hidden else {"topk"})
 
 
 def cache_tokenizer(cache_dir: str | Path) -> Any:
@@ -42,6 +51,41 @@ def cache_tokenizer(cache_dir: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
+class CachedTeacherConfig(TeacherSpec):
+    """An offline teacher cache (the folder `dualkd cache-teacher` wrote): the teacher's outputs are read from
+    it and no teacher model is loaded. `path`, when given, names the teacher the cache must have been written
+    by; a local `tokenizer` (or `path`) folder is compared with the cache's tokenizer by content."""
+
+    kind: Literal["cache"] = "cache"
+    scores_new_sequences: ClassVar[bool] = False
+    cache: HomePath
+    """The cache folder. It holds the top-k log-probabilities of the training and dev responses (and with
+    `--hidden` the hidden states there and the LM head): `kd` (top-k), `dskd` and `dskdv2` train from it;
+    objectives that read more are refused before training."""
+
+    def _loads_a_model(self) -> bool:
+        return False
+
+    def load_tokenizer(self, field: str) -> Any:
+        return cache_tokenizer(self.cache)
+
+    def provides(self) -> tuple[str, frozenset[str]] | None:
+        try:  # the manifest says whether hidden states were written; a missing cache is refused when it opens
+            hidden = bool(json.loads((Path(self.cache) / "train" / "manifest.json").read_text())["hidden"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return CachedTeacher.what, _gives(hidden)
+
+    def open(self, tokenizer: Any, site: TeacherSite) -> CachedTeacher:
+        cached = CachedTeacher(self.cache, tokenizer, dtype=site.dtype)
+        source = self.tokenizer_source
+        local = source is not None and Path(source).expanduser().is_dir()  # a hub id is named, not downloaded
+        cached.check_teacher(self.path, load_tokenizer(self, field=site.field) if local else None)
+        for split, examples in site.splits.items():  # refuse a cache of other data, naming what differs
+            cached.for_split(split).check(examples)
+        return cached
+
+
 class CachedTeacher(Teacher):
     what: ClassVar[str] = "an offline teacher cache"
 
@@ -52,7 +96,7 @@ class CachedTeacher(Teacher):
         # the splits' readers and the head's device copies, shared by the views of every split
         self._shared = _shared if _shared is not None else {"caches": {}, "heads": {}}
         self.cache = self._reader(split)
-        self.provides = frozenset({"topk", "response_hidden", "head"} if self.cache.manifest["hidden"] else {"topk"})
+        self.provides = _gives(bool(self.cache.manifest["hidden"]))
 
     def _reader(self, split: str) -> TeacherCache:
         caches = self._shared["caches"]
@@ -95,6 +139,9 @@ class CachedTeacher(Teacher):
     @property
     def k(self) -> int:
         return self.cache.k
+
+    def describe(self, count_parameters: Any) -> str:
+        return f"teacher read from the cache {self.folder}"
 
     @property
     def vocab_rows(self) -> int:

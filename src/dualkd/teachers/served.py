@@ -1,6 +1,6 @@
 """A teacher behind an inference server that scores given tokens (teachers/server_client.py has the protocol).
 
-    teacher: {path: HuggingFaceTB/SmolLM2-135M-Instruct,        # its tokenizer only: no model is loaded
+    teacher: {kind: server, path: HuggingFaceTB/SmolLM2-135M-Instruct,   # its tokenizer only: no model loads
               server: {url: "http://127.0.0.1:8080", top_k: 64}}
 
 It returns the teacher's top-k log-probabilities at the response positions (`topk`) and nothing else, so it
@@ -19,10 +19,11 @@ from __future__ import annotations
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from dualkd.data.collate import ModelBatch
 from dualkd.data.formats import Example
@@ -30,18 +31,73 @@ from dualkd.errors import ConfigError, ModelError
 from dualkd.generate import GenerationConfig, prompt_ids
 from dualkd.losses.sparse import TopKTargets, log_tail_mass
 from dualkd.progress import ProgressLines
+from dualkd.schema import HomePath, ServerURL, StrictModel
 from dualkd.teachers.base import Teacher
 from dualkd.teachers.server_client import Scored, ServerClient
+from dualkd.teachers.spec import TeacherSite, TeacherSpec
 
 
-def _sequences(tokens: ModelBatch) -> list[tuple[int, ...]]:
+class TeacherServer(StrictModel):
+    """An inference server that scores given tokens: llama.cpp's Python server, e.g.
+    `python -m llama_cpp.server --model teacher.gguf --port 8080`."""
+
+    url: ServerURL
+    """The server's address, e.g. http://127.0.0.1:8080 (OpenAI-compatible: /v1/completions, /extras/tokenize)."""
+    top_k: int = Field(64, ge=1)
+    """Top-k log-probabilities per position: `kd` trains with the sparse top-k loss at this k."""
+    margin: int = Field(4, ge=0)
+    """Extra entries asked for, so that entries the server names ambiguously (by a string several tokens print
+    as) can be passed over while k placeable ones remain."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Seconds one request may take in all (however slowly its answer arrives) before it is retried."""
+    retries: int = Field(3, ge=0)
+    """Retries of a failed request (backoff_s, 2 backoff_s, ... apart), then the run stops with a checkpoint."""
+    backoff_s: float = Field(1.0, ge=0)
+    concurrency: int = Field(4, ge=1)
+    """Requests in flight at once, working ahead of the training loop."""
+    max_answer_mib: float = Field(64.0, gt=0)
+    """The largest answer read (a top-k answer takes ~30 bytes per entry: 2,048 positions at k 64 ~ 4 MiB); a
+    larger one stops the run instead of filling the memory."""
+    cache_dir: HomePath | None = None
+    """Where scored sequences are kept on disk (by server model, sequence and k); default
+    `<output_dir>/teacher-server-cache`."""
+
+
+class ServedTeacherConfig(TeacherSpec):
+    """A teacher behind an inference server: no teacher model is loaded; `path` or `tokenizer` gives its
+    tokenizer, which must be the server's. It gives top-k log-probabilities of given tokens and writes
+    responses: `kd` (sparse top-k), on-policy KD and SeqKD use it; objectives that read more are refused."""
+
+    kind: Literal["server"] = "server"
+    server: TeacherServer
+
+    def _loads_a_model(self) -> bool:
+        return False
+
+    @model_validator(mode="after")
+    def _needs_tokenizer(self) -> ServedTeacherConfig:
+        if self.tokenizer_source is None:
+            raise ValueError("a served teacher needs its tokenizer: set `path` or `tokenizer`")
+        return self
+
+    def provides(self) -> tuple[str, frozenset[str]]:
+        return ServedTeacher.what, ServedTeacher.provides
+
+    def open(self, tokenizer: Any, site: TeacherSite) -> ServedTeacher:
+        if site.seq2seq:
+            raise ConfigError(f"{site.field}.server serves decoder-only teachers; an encoder-decoder student needs "
+                              "a live teacher or a cache")
+        return ServedTeacher.from_config(self.server, tokenizer, site.run_dir)
+
+
+def unpadded_sequences(tokens: ModelBatch) -> list[tuple[int, ...]]:
     """Each row's tokens without padding (batches are right-padded)."""
     lengths = tokens.attention_mask.sum(-1).tolist()
     return [tuple(row[:n]) for row, n in zip(tokens.input_ids.tolist(), lengths)]
 
 
-def server_client(server: Any, tokenizer: Any, run_dir: Path) -> ServerClient:
-    """The client of `teacher.server` (models.TeacherServer), its tokenizer checked against the server's."""
+def server_client(server: TeacherServer, tokenizer: Any, run_dir: Path) -> ServerClient:
+    """The client of `teacher.server`, its tokenizer checked against the server's."""
     cache = Path(server.cache_dir) if server.cache_dir else run_dir / "teacher-server-cache"
     if cache.exists() and not cache.is_dir():
         raise ConfigError(f"teacher.server.cache_dir: {cache} is a file, not a folder")
@@ -53,13 +109,13 @@ def server_client(server: Any, tokenizer: Any, run_dir: Path) -> ServerClient:
 
 
 class ServedTeacher(Teacher):
-    provides: ClassVar[frozenset[str]] = frozenset({"topk"})
+    provides: ClassVar[frozenset[str]] = frozenset({"topk", "generate"})
     what: ClassVar[str] = "a teacher behind an inference server"
     works_ahead: ClassVar[bool] = True
 
     def __init__(self, client: ServerClient, tokenizer: Any, top_k: int, concurrency: int = 4):
         super().__init__(tokenizer)
-        self.client, self.top_k = client, top_k
+        self.client, self.top_k, self.concurrency = client, top_k, concurrency
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher-server")
         self._pending: dict[tuple[int, ...], Future[Scored]] = {}
         self.displaced = self.positions = 0
@@ -67,8 +123,8 @@ class ServedTeacher(Teacher):
         (its mass stays in the tail bucket: server_client.py)."""
 
     @classmethod
-    def from_config(cls, server: Any, tokenizer: Any, run_dir: Path) -> ServedTeacher:
-        """The teacher of `teacher.server` (models.TeacherServer); refuses a server of another tokenizer."""
+    def from_config(cls, server: TeacherServer, tokenizer: Any, run_dir: Path) -> ServedTeacher:
+        """The teacher of `teacher.server`; refuses a server of another tokenizer."""
         return cls(server_client(server, tokenizer, run_dir), tokenizer, server.top_k, server.concurrency)
 
     @property
@@ -83,16 +139,19 @@ class ServedTeacher(Teacher):
     def vocab_rows(self) -> int:
         return len(self.tokenizer)
 
-    def attach(self, device: torch.device, place: Any = None, autocast: Any = None, timer: Any = None,
-               gather_head: Any = None) -> None:
-        """Nothing runs here: the server holds the model."""
+    def describe(self, count_parameters: Any) -> str:
+        return f"teacher served at {self.client.url} (top-{self.top_k})"
+
+    def generate(self, examples: list[Example], settings: GenerationConfig, seed: int, label: str,
+                 progress: bool | None = None) -> list[str]:
+        return served_responses(self.client, examples, settings, seed, self.concurrency, label=label)
 
     def interrupt(self) -> None:
         """A signal arrived: every request in flight and every wait for one ends now (`ServerInterrupted`)."""
         self.client.interrupt()
 
     def prefetch(self, batches: list[ModelBatch]) -> None:
-        self._submit([s for tokens in batches for s in _sequences(tokens)])
+        self._submit([s for tokens in batches for s in unpadded_sequences(tokens)])
 
     def _submit(self, sequences: list[tuple[int, ...]]) -> None:
         for sequence in sequences:
@@ -104,7 +163,7 @@ class ServedTeacher(Teacher):
         if k != self.top_k:
             raise ModelError(f"top-{k} targets asked of a served teacher set to its top {self.top_k} "
                              "(teacher.server.top_k)")
-        sequences = _sequences(tokens)
+        sequences = unpadded_sequences(tokens)
         self._submit(sequences)  # those not asked for ahead
         waiting = [self._pending[s] for s in sequences]
         ids, logprobs = [], []

@@ -53,7 +53,9 @@ import numpy as np
 from dualkd.atomic import atomic_open
 from dualkd.errors import ConfigError, ModelError
 from dualkd.schema import server_root
-from dualkd.teachers.checks import TeacherOutputError, check_topk
+from dualkd.teachers.checks import TeacherOutputError, check_finite, check_topk
+from dualkd.teachers.hidden_server import ROUTE as HIDDEN_ROUTE
+from dualkd.teachers.hidden_server import decode_hidden
 
 
 class ServerUnavailable(ModelError):
@@ -163,6 +165,10 @@ class ServerClient:
             if 300 <= status < 400:
                 raise ServerMismatch(f"teacher server {self.url}{path} answered {status} (a redirect); dualkd "
                                      "follows none: set teacher.server.url to the address that answers")
+            if status == 404 and path == HIDDEN_ROUTE:
+                raise ServerMismatch(f"teacher server {self.url} has no {path} (404): the teacher's hidden states "
+                                     "(teacher.server.hidden) come from `dualkd serve-teacher MODEL.gguf`, "
+                                     "llama.cpp's Python server with that route added")
             if status == 404 and path.startswith("/extras"):
                 raise ServerMismatch(f"teacher server {self.url} has no {path} (404): dualkd needs llama.cpp's "
                                      "Python server (`python -m llama_cpp.server`), which tokenizes there; other "
@@ -337,11 +343,41 @@ class ServerClient:
                 np.savez(f, ids=scored.ids, logprobs=scored.logprobs, valid=scored.valid, displaced=scored.displaced)
         return scored
 
-    def _cache_path(self, ids: list[int], k: int) -> Path | None:
+    def _cache_path(self, ids: list[int], k: int | str) -> Path | None:
         if self.cache_dir is None:
             return None
         key = hashlib.sha256(json.dumps([self.fingerprint, k, ids]).encode()).hexdigest()
         return self.cache_dir / key[:2] / f"{key}.npz"
+
+    def hidden(self, ids: list[int]) -> np.ndarray:
+        """The teacher's last hidden states [T, d] float32 at every position of `ids` (`dualkd serve-teacher`'s
+        route: the ids go as they are, no text round trip), cached on disk like the top-k."""
+        path = self._cache_path(ids, "hidden")
+        if path is not None and path.exists():
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    hidden = f["hidden"]
+                self._check_hidden(hidden, ids, f"{path} (the request cache of {self.url})")
+                return hidden
+            except (ValueError, OSError, KeyError, EOFError, TeacherOutputError, ServerMismatch):
+                pass  # a damaged cache entry is asked again (and rewritten)
+        answer = self._request(HIDDEN_ROUTE, {"tokens": [int(i) for i in ids]})
+        try:
+            hidden = decode_hidden(answer)
+        except (KeyError, TypeError, ValueError) as e:
+            raise _parse_error(HIDDEN_ROUTE, self.url, e) from None
+        self._check_hidden(hidden, ids, f"teacher server {self.url}, sequence of {len(ids)} tokens starting {ids[:8]}")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_open(path, "wb") as f:
+                np.savez(f, hidden=hidden)
+        return hidden
+
+    @staticmethod
+    def _check_hidden(hidden: np.ndarray, ids: list[int], where: str) -> None:
+        if hidden.ndim != 2 or hidden.shape[0] != len(ids):
+            raise ServerMismatch(f"{where}: hidden states of shape {list(hidden.shape)} for {len(ids)} tokens")
+        check_finite(hidden, what="hidden state", where=where)
 
     def _check(self, scored: Scored, k: int, where: str) -> None:
         """The answer at the valid positions is a top-k of the teacher's vocabulary (teachers/checks.py)."""

@@ -7,7 +7,7 @@ Everything that can fail because of the user's inputs fails here, before the fir
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,11 @@ from dualkd.data.formats import Example
 from dualkd.data.preferences import make_preference_dataset
 from dualkd.data.readers import LoadReport
 from dualkd.errors import ConfigError
-from dualkd.lm import is_seq2seq
-from dualkd.methods import Objective, build_objective
+from dualkd.methods import Needs, Objective, build_objective
 from dualkd.methods.base import SetupContext
-from dualkd.models import is_encoder_decoder, load_model, load_tokenizer, same_vocabulary
-from dualkd.teachers import CachedTeacher, LiveTeacher, ServedTeacher, Teacher, cache_tokenizer
+from dualkd.models import is_encoder_decoder, load_model, same_vocabulary
+from dualkd.teachers import Teacher, TeacherSite, open_teacher
+from dualkd.teachers.base import CAPABILITIES
 from dualkd.train.prepare import Prepared, prepare_run
 
 
@@ -41,8 +41,8 @@ class Parts:
     aligner: Any | None = None
     """Pairs student/teacher positions of two tokenizations (cross-tokenizer objectives); on-policy sources
     run it on student samples."""
-    frozen: dict[str, nn.Module] | None = None
-    """Extra frozen models of the objective (`teachers.<role>`), placed on the device with the teacher."""
+    frozen: dict[str, Teacher] | None = None
+    """Extra frozen models of the objective (`teachers.<role>`), opened as teachers and placed with the teacher."""
 
 
 def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective | None = None,
@@ -51,28 +51,23 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective
     the engine whether DDP must look for unused parameters); `prepared`: the run's examples and student
     tokenizer (train/prepare.py; prepared here when not given)."""
     objective = objective if objective is not None else build_objective(cfg.objective)
-    # the teacher's outputs come from files: no teacher model is loaded
-    cache_dir = cfg.teacher.cache if cfg.teacher is not None and objective.needs_teacher else None
-    if objective.needs_teacher and cfg.teacher is None:
-        raise ConfigError(f"objective `{cfg.objective.name}` needs a teacher: set `teacher.path`")
+    needs = objective.needs()
+    check_needs(cfg, needs)  # before any model loads
+    spec = cfg.teacher if needs.distills else None
 
     data = cfg.data
     prepared = prepared if prepared is not None else prepare_run(cfg, run_dir, engine)
     student_tokenizer = prepared.student_tokenizer
-    if cache_dir is not None:
-        teacher_tokenizer = cache_tokenizer(cache_dir)
-    else:
-        teacher_tokenizer = (load_tokenizer(cfg.teacher, field="teacher") if objective.needs_teacher and cfg.teacher
-                             else None)
+    teacher_tokenizer = spec.load_tokenizer("teacher") if spec is not None else None
     same = teacher_tokenizer is None or same_vocabulary(student_tokenizer, teacher_tokenizer)
     # the teacher reads its own tokenization only when an objective asks for it and the vocabularies differ
-    own_teacher_tokens = teacher_tokenizer if objective.teacher_reads_own_tokens and not same else None
-    aligner = objective.make_aligner(student_tokenizer, teacher_tokenizer) if own_teacher_tokens else None
+    own_teacher_tokens = teacher_tokenizer if needs.teacher_tokens and not same else None
+    aligner = needs.aligner(student_tokenizer, teacher_tokenizer) if own_teacher_tokens and needs.aligner else None
 
     seq2seq = is_encoder_decoder(cfg.student)  # the encoder reads the prompt (source), the decoder the response
 
     def tokenized(examples: list[Example], report: LoadReport) -> Any:
-        if objective.wants_pairs:  # DPO: both responses of each preference pair
+        if needs.data == "pairs":  # DPO: both responses of each preference pair
             return make_preference_dataset(examples, report, data, student_tokenizer)
         return make_dataset(examples, report, data, student_tokenizer, own_teacher_tokens, aligner, seq2seq)
 
@@ -80,35 +75,18 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective
     dev_set = tokenized(prepared.dev_examples, prepared.dev_report) if prepared.dev_examples is not None else None
 
     student = load_model(cfg.student, student_tokenizer, role="student", seed=cfg.seed)
-    teacher: Teacher | None = None
-    if cache_dir is not None:
-        cached = CachedTeacher(cache_dir, teacher_tokenizer, dtype=next(student.parameters()).dtype)
-        assert cfg.teacher is not None
-        source = cfg.teacher.tokenizer_source
-        local = source is not None and Path(source).expanduser().is_dir()  # a hub id is named, not downloaded
-        cached.check_teacher(cfg.teacher.path, load_tokenizer(cfg.teacher, field="teacher") if local else None)
-        for split, dataset in (("train", train_set), ("dev", dev_set)):
-            if dataset is not None:  # refuse a cache of other data, naming what differs
-                cached.for_split(split).check(dataset.teacher_view)
-        teacher = cached
-    elif objective.needs_teacher and cfg.teacher is not None and cfg.teacher.server is not None:
-        if seq2seq:
-            raise ConfigError("teacher.server serves decoder-only teachers; an encoder-decoder student needs a live "
-                              "teacher (`teacher.path`) or a cache")
-        teacher = ServedTeacher.from_config(cfg.teacher.server, teacher_tokenizer, run_dir)
-    elif objective.needs_teacher:
-        assert cfg.teacher is not None
-        model = load_model(cfg.teacher, teacher_tokenizer, role="teacher", seed=cfg.seed)
-        if is_seq2seq(model) != seq2seq:
-            raise ConfigError("the student and the teacher must both be encoder-decoder models or both decoder-only")
-        teacher = LiveTeacher(model, teacher_tokenizer)
-    frozen = _frozen_models(cfg, objective, student_tokenizer)
+    # what a cache must hold (preference pairs have no teacher view: DPO's reference reads the student's tokens)
+    splits = {name: d.teacher_view for name, d in (("train", train_set), ("dev", dev_set))
+              if d is not None and needs.data != "pairs"}
+    site = TeacherSite(run_dir=run_dir, seed=cfg.seed, seq2seq=seq2seq, dtype=next(student.parameters()).dtype,
+                       splits=splits)
+    teacher = open_teacher(spec, site, teacher_tokenizer) if spec is not None else None
+    frozen = _frozen_teachers(cfg, needs, student_tokenizer, site)
     # setup reads the heads (checks, pseudo-inverse projectors) and runs the models once: under ZeRO-3 they
     # were partitioned as they loaded, so they are gathered whole for it (transiently, on every process)
     with contextlib.ExitStack() as whole:
-        for model in [student, *([teacher.model] if teacher is not None and "model" in teacher.provides else []),
-                      *(frozen or {}).values()]:
-            whole.enter_context(engine.gathered(model))
+        for module in [student, *(m for t in [teacher, *frozen.values()] if t is not None for m in t.modules())]:
+            whole.enter_context(engine.gathered(module))
         objective.setup(SetupContext(student=student, teacher=teacher, student_tokenizer=student_tokenizer,
                                      teacher_tokenizer=teacher_tokenizer, same_tokenizer=same,
                                      student_pretrained=cfg.student.init != "random", frozen=frozen))
@@ -117,22 +95,47 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective
                  aligner, frozen)
 
 
-def _frozen_models(cfg: RunConfig, objective: Objective, student_tokenizer: Any) -> dict[str, nn.Module]:
-    """Load the objective's extra frozen models (`teachers.<role>`); each must read the student's tokens."""
-    roles = objective.frozen_roles()
-    missing = [r for r in roles if r not in cfg.teachers]
+def check_needs(cfg: RunConfig, needs: Needs) -> None:
+    """Refuse a run that cannot give the objective what it declares (methods/needs.py), before anything loads:
+    a teacher and the capabilities it reads (as far as the teacher's kind says before it opens), the frozen
+    models of its roles, and a source that fits its data."""
+    name = cfg.objective.name
+    if needs.distills and cfg.teacher is None:
+        raise ConfigError(f"objective `{name}` needs a teacher: set `teacher.path`")
+    known = cfg.teacher.provides() if needs.distills and cfg.teacher is not None else None
+    gap = needs.missing(known[1]) if known is not None else None
+    if known is not None and gap:
+        what, gives = known
+        hint = (", or write the cache with `dualkd cache-teacher ... --hidden`"
+                if cfg.teacher.kind == "cache" and gap <= {"response_hidden", "head"} else "")
+        raise ConfigError(f"objective `{name}` reads the teacher's "
+                          f"{' and '.join(CAPABILITIES[c] for c in sorted(gap))}, which {what} cannot give (it gives: "
+                          f"{', '.join(CAPABILITIES[c] for c in sorted(gives))}); use a live teacher "
+                          f"(`teacher.path`){hint}")
+    missing = [r for r in needs.frozen if r not in cfg.teachers]
     if missing:
-        raise ConfigError(f"objective `{cfg.objective.name}` needs " + "; ".join(
-            f"`teachers.{r}.path`: {roles[r]}" for r in missing))
-    unused = sorted(set(cfg.teachers) - set(roles))
+        raise ConfigError(f"objective `{name}` needs " + "; ".join(
+            f"`teachers.{r}.path`: {needs.frozen[r]}" for r in missing))
+    unused = sorted(set(cfg.teachers) - set(needs.frozen))
     if unused:
-        raise ConfigError(f"teachers.{unused[0]}: objective `{cfg.objective.name}` reads no such model "
-                          f"(it reads: {sorted(roles) or 'none'})")
+        raise ConfigError(f"teachers.{unused[0]}: objective `{name}` reads no such model "
+                          f"(it reads: {sorted(needs.frozen) or 'none'})")
+    if cfg.source.kind in ("on_policy", "replay") and not needs.trains_on_samples:
+        what = "trains on preference pairs, whose responses are data" if needs.data == "pairs" else "has none"
+        raise ConfigError(f"source.kind={cfg.source.kind}: student samples train an objective's distillation terms, "
+                          f"and `{name}` {what}; use a distillation objective (kd, dskd, dskdv2, ...) or "
+                          "source.kind: off_policy")
+
+
+def _frozen_teachers(cfg: RunConfig, needs: Needs, student_tokenizer: Any, site: TeacherSite
+                     ) -> dict[str, Teacher]:
+    """The objective's extra frozen models (`teachers.<role>`), opened as teachers; each must read the
+    student's tokens."""
     frozen = {}
-    for role in roles:
-        spec = cfg.teachers[role]
-        tokenizer = load_tokenizer(spec, field=f"teachers.{role}")
+    for role in needs.frozen:
+        spec, field = cfg.teachers[role], f"teachers.{role}"
+        tokenizer = spec.load_tokenizer(field)
         if not same_vocabulary(student_tokenizer, tokenizer):
-            raise ConfigError(f"teachers.{role}: its tokenizer differs from the student's; this objective needs one")
-        frozen[role] = load_model(spec, tokenizer, role="teacher", seed=cfg.seed, field=f"teachers.{role}")
+            raise ConfigError(f"{field}: its tokenizer differs from the student's; this objective needs one")
+        frozen[role] = open_teacher(spec, replace(site, field=field), tokenizer)
     return frozen

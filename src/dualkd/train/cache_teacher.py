@@ -4,8 +4,9 @@
     dualkd train configs/kd.yaml teacher.cache=cache/
 
 The data are built exactly as training builds them (tokenizers, truncation, skipped records: `build_parts`),
-so the cache covers the examples training will read, in order. The teacher is asked through the `Teacher`
-protocol (its response hidden states and LM head), like every objective asks it.
+so the cache covers the examples training will read, in order. The teacher is opened by the same factory as in
+training and asked through the `Teacher` protocol (top-k, and with `--hidden` its response hidden states and LM
+head), like every objective asks it.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from rich.progress import Progress
 from dualkd.config import RunConfig
 from dualkd.data.dataset import pad_id
 from dualkd.errors import ConfigError
-from dualkd.models import load_model, load_tokenizer
+from dualkd.models import is_encoder_decoder
 from dualkd.outputs import claim, mark
 from dualkd.progress import ProgressLines
-from dualkd.teachers import LiveTeacher
+from dualkd.teachers import TeacherSite, open_teacher
 from dualkd.teachers.cache_files import write_cache
 from dualkd.train.build import build_parts
 from dualkd.train.engine import LocalEngine
@@ -38,8 +39,8 @@ def cache_teacher(cfg: RunConfig, out: str | Path, *, k: int = 64, hidden: bool 
                   overwrite: bool = False) -> list[dict[str, Any]]:
     """Write (or resume) the cache of `cfg.teacher` over the train and dev data of `cfg`; returns the manifests.
     `out` must be new, empty or a cache (to resume), unless `overwrite`; one process writes it at a time."""
-    if cfg.teacher is None or cfg.teacher.cache is not None:
-        raise ConfigError("cache-teacher: the config needs a `teacher` model to run (`teacher.path`, no `cache`)")
+    if cfg.teacher is None:
+        raise ConfigError("cache-teacher: the config needs a `teacher` to run (e.g. `teacher.path`)")
     for name, value in (("--top-k", k), ("--shard-examples", shard_examples), ("--batch-size", batch_size)):
         if value < 1:
             raise ConfigError(f"cache-teacher {name} {value}: must be ≥ 1")
@@ -70,12 +71,16 @@ def _cache_teacher(cfg: RunConfig, out: Path, k: int, hidden: bool, encoding: st
     assert cfg.teacher is not None
     cfg = cfg.model_copy(update={"source": OffPolicyConfig()})  # the dataset's responses, as training reads them
     parts = build_parts(cfg, Path(cfg.output_dir), LocalEngine())
-    tokenizer = parts.teacher_tokenizer or load_tokenizer(cfg.teacher, field="teacher")
-    model = parts.teacher.model if parts.teacher is not None else load_model(cfg.teacher, tokenizer,
-                                                                             role="teacher", seed=cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = LiveTeacher(model.eval(), tokenizer)
-    teacher.attach(device, lambda m: m.to(device), contextlib.nullcontext)  # the weights' own dtype
+    teacher = parts.teacher  # the objective's own teacher, else (an objective without one) the config's
+    if teacher is None:
+        teacher = open_teacher(cfg.teacher, TeacherSite(run_dir=Path(cfg.output_dir), seed=cfg.seed,
+                                                        seq2seq=is_encoder_decoder(cfg.student)))
+    teacher.require({"topk", *(("response_hidden", "head") if hidden else ())}, "cache-teacher")
+    if teacher.k is not None and teacher.k < k:
+        raise ConfigError(f"cache-teacher --top-k {k}: {teacher.what} gives its top {teacher.k} only")
+    teacher.attach(device, LocalEngine(device).place_teacher, contextlib.nullcontext)  # the weights' own dtype
+    tokenizer = teacher.tokenizer
     manifests = []
     for split, dataset in (("train", parts.train_set), ("dev", parts.dev_set)):
         if dataset is None:

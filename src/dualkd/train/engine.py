@@ -43,6 +43,16 @@ def _launched_with(engine: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
 
 
+def _place_whole(model: nn.Module, placement: str, device: torch.device) -> nn.Module:
+    """A frozen model kept whole: on `device`, or (`cpu_offload`) in CPU memory with each layer copied to
+    `device` as it runs."""
+    if placement == "cpu_offload":
+        from accelerate import cpu_offload
+
+        return cpu_offload(model, execution_device=device)
+    return model.to(device)
+
+
 class LocalEngine:
     """One process on this machine, without accelerate: what building a run's parts needs of an engine (data
     preparation, SeqKD generation, the cache writer, tests that build parts without training)."""
@@ -61,6 +71,13 @@ class LocalEngine:
     def gathered(self, module: nn.Module) -> Iterator[None]:
         """Whole parameters already: nothing to gather."""
         yield
+
+    def place_teacher(self, teacher: nn.Module, placement: str = "auto") -> nn.Module:
+        """A frozen model where its `placement` says; one process has nothing to shard it over."""
+        if placement == "sharded":
+            raise ConfigError("teacher.placement: sharded needs DeepSpeed ZeRO-3 or FSDP2 under `accelerate "
+                              "launch`; one process keeps whole models")
+        return _place_whole(teacher, placement, self.device)
 
 
 class Engine:
@@ -248,7 +265,7 @@ class Engine:
             optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
 
     def place_teacher(self, teacher: nn.Module | None, placement: str = "auto") -> nn.Module | None:
-        """Put a frozen model where `teacher.placement` says (config.TeacherConfig); returns the module to
+        """Put a frozen model where its `placement` says (teachers/spec.py); returns the module to
         call (the same object, changed in place, for every placement)."""
         if teacher is None:
             return None
@@ -262,11 +279,7 @@ class Engine:
                 return self._fsdp2_inference(teacher)
             raise ConfigError("teacher.placement: sharded needs DeepSpeed ZeRO-3 or FSDP2 "
                               "(configs/accelerate/zero3.yaml, fsdp2.yaml); this engine keeps whole models")
-        if placement == "cpu_offload":
-            from accelerate import cpu_offload
-
-            return cpu_offload(teacher, execution_device=self.device)
-        return teacher.to(self.device)
+        return _place_whole(teacher, placement, self.device)
 
     def _fsdp2_inference(self, model: nn.Module) -> nn.Module:
         """A frozen model under FSDP2, sharded like the student: one shard unit per transformer block (the

@@ -110,7 +110,7 @@ def train(cfg: RunConfig, resume: bool | Literal["auto"] = False, accept_changes
     hf_logging.disable_progress_bar()  # per-file load/save bars; ours shows the training progress
     objective = build_objective(cfg.objective)
     engine = Engine(cfg.optimization.mixed_precision,
-                    find_unused_parameters=objective.changes_trained_parameters)
+                    find_unused_parameters=objective.needs().unused_parameters)
     try:
         return _train(cfg, resume or cfg.checkpoint.resume, accept_changes, engine, objective)
     finally:
@@ -162,13 +162,9 @@ def _train(cfg: RunConfig, resume: bool | Literal["auto"], accept_changes: bool,
     module, optimizer = engine.prepare(module, optimizer, opt.micro_batch_size, opt.grad_accum, opt.max_grad_norm)
     timer = StepTimer(engine.device)
     teacher = parts.teacher
-    if teacher is not None:
-        assert cfg.teacher is not None
-        placement = cfg.teacher.placement
-        teacher.attach(engine.device, lambda model: engine.place_teacher(model, placement), engine.autocast, timer,
-                       gather_head=engine.head_gathered)
-    for role, model in (parts.frozen or {}).items():  # the objective holds them; placement changes them in place
-        engine.place_teacher(model, cfg.teachers[role].placement)
+    for frozen in [teacher, *(parts.frozen or {}).values()]:  # the objective holds them; placed in place
+        if frozen is not None:
+            frozen.attach(engine.device, engine.place_teacher, engine.autocast, timer, gather_head=engine.head_gathered)
     objective = parts.objective
     source = make_source(cfg, parts, gold, lambda: _student_for_sampling(engine, module), total_steps)
 
@@ -302,7 +298,7 @@ def _train_step(engine: Engine, module: nn.Module, objective: Objective, teacher
     if teacher is not None and teacher.works_ahead:  # a server starts on this step's and the next step's batches
         teacher.prefetch([b.teacher_view for b in batches + source.upcoming()])
     teacher_outs: list[Any] | None = None
-    if objective.counts_need_teacher:  # denominators depend on the teacher: run it on every micro-batch first
+    if objective.needs().counts_need_teacher:  # denominators depend on the teacher: run it on every micro-batch first
         with timer.section("teacher"), torch.no_grad(), engine.autocast():
             teacher_outs = [objective.teacher_forward(teacher, b) for b in batches]
     with timer.section("data"):
@@ -437,7 +433,7 @@ def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: T
             loss, metrics = raw(batch, teacher_out, StepNorm(counts, step=step))
         if not counted:
             continue
-        n = counts[objective.eval_weight]
+        n = counts[objective.needs().eval_weight]
         totals["tokens"] += n
         totals["loss"] += float(loss) * n
         for k, v in metrics.items():
@@ -499,14 +495,7 @@ def _announce(log: MetricsLogger, cfg: RunConfig, parts: Parts, source: Any, tot
             log.print(f"[dualkd] WARNING: {warning}")
     n_params = engine.count_parameters(parts.student)
     n_train = engine.count_parameters(parts.student, trainable=True)
-    teacher = ""
-    if parts.teacher is not None:
-        assert cfg.teacher is not None
-        teacher = (f"; teacher read from the cache {cfg.teacher.cache}" if cfg.teacher.cache is not None else
-                   f"; teacher served at {cfg.teacher.server.url} (top-{cfg.teacher.server.top_k})"
-                   if cfg.teacher.server is not None else
-                   f"; teacher {engine.count_parameters(parts.teacher.model) / 1e6:.2f}M params "
-                   f"(placement {cfg.teacher.placement})")
+    teacher = f"; {parts.teacher.describe(engine.count_parameters)}" if parts.teacher is not None else ""
     log.print(f"[dualkd] objective {cfg.objective.name}; student {n_params / 1e6:.2f}M params "
               f"({n_train / 1e6:.2f}M trained){teacher}")
     log.print(f"[dualkd] {engine.world_size} process(es) on {engine.device} ({engine.name}); "

@@ -207,9 +207,7 @@ def make_source(cfg: RunConfig, parts: Parts, gold: OffPolicySource, model_fn: M
     src = cfg.source
     if src.kind in ("off_policy", "seqkd"):  # seqkd: the dataset already holds the teacher's outputs
         return gold
-    if not parts.objective.needs_teacher:
-        raise ConfigError(f"source.kind={src.kind}: student samples train an objective's distillation terms, and "
-                          f"`{cfg.objective.name}` has none; use a distillation objective (kd, dskd, dskdv2, ...)")
+    # an objective whose terms samples cannot train was refused before anything loaded (train/build.py)
     per_rank = gold.micro_batch_size * gold.grad_accum
     sampler = make_sampler(cfg, model_fn, parts.student_tokenizer, per_rank)
     rollouts = Rollouts(parts.train_set, sampler, parts.student_tokenizer, parts.teacher_tokenizer, parts.aligner,

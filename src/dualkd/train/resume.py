@@ -25,7 +25,8 @@ from typing import Any
 from dualkd.config import ModelConfig, RunConfig
 from dualkd.errors import ConfigError
 
-KEY_VERSION = 3  # 3: `source` keys per kind, `teacher.cache` (an older key is compared on the names both have)
+KEY_VERSION = 4  # 4: `teacher.kind`; 3: `source` keys per kind, `teacher.cache` (an older key is compared on the
+# names both have)
 _HOW_NOT_WHAT = {"placement", "gradient_checkpointing", "attn_implementation", "micro_batch_size", "grad_accum",
                  "micro_batch_tokens",
                  # where and how a served teacher is asked (its model is in the key by content: teacher.identity)

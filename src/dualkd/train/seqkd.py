@@ -5,12 +5,13 @@ here, once, before training when `source.seqkd_data` does not exist yet: every p
 the training prompts with the teacher (greedy, or beam search with `generation.num_beams` > 1, as Kim & Rush;
 `source.seqkd_sampling: true` samples with the `generation` settings instead), the main
 process writes the set (`dualkd generate`'s format: prompt/output with the original references kept), and
-the run then reads it like any training file. A resumed run finds the file and reuses it. A served teacher
-(`teacher.server`) writes the set itself, one request per prompt (teachers/served.py).
+the run then reads it like any training file. A resumed run finds the file and reuses it. Any teacher that
+writes responses serves (the `generate` capability: a live model, or a server, one request per prompt).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,9 @@ from dualkd.config import DataSource, GenerationConfig, RunConfig
 from dualkd.data.formats import Example
 from dualkd.data.readers import LoadReport, load_examples
 from dualkd.errors import ConfigError, DataError
-from dualkd.generate import generate_responses, write_generated_dataset
-from dualkd.models import load_model, load_tokenizer
-from dualkd.teachers.served import served_responses, server_client
+from dualkd.generate import write_generated_dataset
+from dualkd.models import is_encoder_decoder
+from dualkd.teachers import TeacherSite, open_teacher
 
 
 def seqkd_path(cfg: RunConfig, run_dir: Path) -> Path:
@@ -34,7 +35,7 @@ def seqkd_examples(cfg: RunConfig, run_dir: Path, engine: Any) -> tuple[list[Exa
     if not path.exists():
         if cfg.teacher is None:
             raise ConfigError(f"source.seqkd_data={path} does not exist and there is no `teacher` to generate it")
-        write_teacher_outputs(cfg, path, engine)
+        write_teacher_outputs(cfg, path, run_dir, engine)
     # the generated file is prompt/output or messages records, whatever the original format was
     return load_examples(DataSource(path=str(path)), "auto", cfg.data.on_error, cfg.data.max_examples)
 
@@ -44,22 +45,25 @@ def teacher_decoding(cfg: RunConfig) -> GenerationConfig:
     return cfg.generation if cfg.source.seqkd_sampling else cfg.generation.model_copy(update={"do_sample": False})
 
 
-def write_teacher_outputs(cfg: RunConfig, path: Path, engine: Any) -> None:
+def write_teacher_outputs(cfg: RunConfig, path: Path, run_dir: Path, engine: Any) -> None:
     assert cfg.teacher is not None
     examples, _ = load_examples(cfg.data.train, cfg.data.format, cfg.data.on_error, cfg.data.max_examples,
                                 cfg.data.translation_pair)
-    tokenizer = load_tokenizer(cfg.teacher, field="teacher")
     mine = list(range(engine.rank, len(examples), engine.world_size))
-    settings = teacher_decoding(cfg)
-    if cfg.teacher.server is not None:  # the server writes them (its own decoding: teachers/server_client.py)
-        client = server_client(cfg.teacher.server, tokenizer, path.parent)
-        texts = served_responses(client, [examples[i] for i in mine], settings, cfg.seed,
-                                 cfg.teacher.server.concurrency, label="seqkd: teacher outputs")
-    else:
-        teacher = load_model(cfg.teacher, tokenizer, role="teacher", seed=cfg.seed).to(engine.device)
-        texts = generate_responses(teacher, tokenizer, [examples[i] for i in mine], settings, seed=cfg.seed,
-                                   label="seqkd: teacher outputs", progress=None if engine.is_main else False)
-        del teacher
+    # equal shares: a sharded teacher decodes in lockstep on every process (the extra prompt is dropped after)
+    share = -(-len(examples) // engine.world_size)
+    asked = mine + [mine[-1] if mine else 0] * (share - len(mine)) if examples else []
+    teacher = open_teacher(cfg.teacher, TeacherSite(run_dir=run_dir, seed=cfg.seed,
+                                                    seq2seq=is_encoder_decoder(cfg.student)))
+    teacher.require({"generate"}, "source.kind=seqkd (the teacher writes the training responses)")
+    teacher.attach(engine.device, engine.place_teacher, contextlib.nullcontext)  # where `placement` says
+    try:
+        texts = teacher.generate([examples[i] for i in asked], teacher_decoding(cfg), seed=cfg.seed,
+                                 label="seqkd: teacher outputs", progress=None if engine.is_main else False)
+    finally:
+        teacher.close()
+    texts = texts[:len(mine)]
+    del teacher
     part = path.with_name(f"{path.name}.part{engine.rank}")
     path.parent.mkdir(parents=True, exist_ok=True)
     part.write_text(json.dumps(dict(zip(mine, texts))), encoding="utf-8")
