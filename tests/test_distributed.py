@@ -33,12 +33,17 @@ ENGINES = {  # name -> launcher prefix (before `-m dualkd.cli ...`)
               str(REPO / "configs/accelerate/zero2.yaml"), "--num_processes", "2", "--main_process_port", "0"],
     "zero3": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / "configs/accelerate/zero3.yaml"), "--num_processes", "2", "--main_process_port", "0"],
+    # every parameter partitioned, however small (tests/data/accelerate/zero3-no-persistence.yaml)
+    "zero3_all": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(REPO / "tests/data/accelerate/zero3-no-persistence.yaml"), "--num_processes", "2",
+                  "--main_process_port", "0"],
     "fsdp2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / "configs/accelerate/fsdp2.yaml"), "--num_processes", "2", "--main_process_port", "0"],
 }
 # FSDP2 on CPU processes: torch's fully_shard driven directly (accelerate sets FSDP up only for GPUs)
 FSDP2_CPU = [*ENGINES["ddp"], str(REPO / "tests" / "fsdp2_train_worker.py")]
-NAMES = {"ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2",
+NAMES = {"ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "zero3_all": "DeepSpeed ZeRO-3",
+         "fsdp2": "FSDP2",
          "fsdp2_cpu": "FSDP2"}
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed not installed (`make install` installs it)")
@@ -57,7 +62,8 @@ def student_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer_dir: Pa
 
 
 def _write(tmp_path: Path, name: str, train_file: Path, student: Path, teacher: Path, micro: int, accum: int,
-           placement: str = "auto", dev_file: Path | None = None, objective: dict | None = None) -> Path:
+           placement: str = "auto", dev_file: Path | None = None, objective: dict | None = None,
+           extra: dict | None = None) -> Path:
     cfg = tiny_run(tmp_path / name, train_file, student, teacher=teacher,
                    optimization={"max_steps": STEPS, "micro_batch_size": micro, "grad_accum": accum},
                    checkpoint={"every_steps": 3, "keep_last": 2},
@@ -71,6 +77,7 @@ def _write(tmp_path: Path, name: str, train_file: Path, student: Path, teacher: 
     cfg["teacher"]["placement"] = placement
     if objective is not None:
         cfg["objective"] = objective
+    cfg.update(extra or {})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -95,9 +102,10 @@ def single_run(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_f
 
 
 def _check_engine(engine: str, placement: str, tmp_path: Path, single: Path, train_file: Path, dev_file: Path,
-                  teacher_dir: Path, student_dir: Path, objective: dict | None = None) -> None:
+                  teacher_dir: Path, student_dir: Path, objective: dict | None = None, extra: dict | None = None
+                  ) -> None:
     cfg = _write(tmp_path, "double", train_file, student_dir, teacher_dir, micro=2, accum=2, placement=placement,
-                 dev_file=dev_file, objective=objective)
+                 dev_file=dev_file, objective=objective, extra=extra)
     done = _launch(engine, "train", str(cfg))
     said = done.stderr.replace("\n", " ")  # the console wraps long lines at spaces
     assert re.search(rf"2 process\(es\) on \S+ \({NAMES[engine]}\); global batch 8 \(2 x 2 x 2\)", said), said[-3000:]
@@ -232,6 +240,26 @@ def test_head_readers_under_sharding_engines(engine: str, case: str, tmp_path: P
     teacher = cross_teacher if case in CROSS else teacher_dir
     _check_engine(engine, "sharded", tmp_path, head_reader_reference(case), train_file, dev_file, teacher,
                   student_dir, HEAD_READERS[case])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("engine", [pytest.param("zero3_all", marks=needs_deepspeed), "fsdp2_cpu"])
+def test_aligndistil_under_sharding_engines(engine: str, tmp_path: Path, train_file: Path, dev_file: Path,
+                                            teacher_dir: Path, student_dir: Path, byte_tokenizer_dir: Path) -> None:
+    """AlignDistil reads the student's head through `through_head` and its two frozen models' heads through the
+    teacher protocol (gathered once per micro-batch): with the student, the DPO model and the reverse model
+    sharded (ZeRO-3 partitioning every parameter: a tiny model's head would stay whole under DeepSpeed's
+    default; FSDP2 on CPU), the one-process loss curve, resume and export."""
+    reverse = make_model_dir(tmp_path / "reverse", byte_tokenizer_dir, seed=5, **NO_DROPOUT)
+    objective = {"name": "aligndistil", "kd_rate": 0.5}
+    extra = {"teachers": {"reverse": {"path": str(reverse)}}}
+    (tmp_path / "one").mkdir()
+    single = _write(tmp_path / "one", "single", train_file, student_dir, teacher_dir, micro=2, accum=4,
+                    dev_file=dev_file, objective=objective, extra=extra)
+    subprocess.run([sys.executable, "-m", "dualkd.cli", "train", str(single)], env=_env(), check=True,
+                   capture_output=True)
+    _check_engine(engine, "sharded", tmp_path, tmp_path / "one" / "single", train_file, dev_file, teacher_dir,
+                  student_dir, objective, extra)
 
 
 class _Payload:

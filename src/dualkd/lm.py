@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from dualkd.data.collate import ModelBatch
 from dualkd.errors import ModelError
+from dualkd.losses.cross_entropy import token_cross_entropy
 from dualkd.losses.fused import fused_cross_entropy
 
 
@@ -61,6 +62,23 @@ def response_logprobs(model: nn.Module, tokens: ModelBatch, chunk_size: int | No
         h, head, tokens.labels, bias=bias, mask=tokens.loss_mask, reduction="none", chunk_size=chunk_size),
         hidden)  # [B, T], 0 off the mask
     return -ce.sum(-1)
+
+
+def gold_cross_entropy(model: nn.Module, tokens: ModelBatch, fused: bool, chunk_size: int | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The CE of the gold response tokens, summed, the number of them the model ranks first, and the logits
+    [B, T, V] (None when `fused`: then the CE is computed from the last hidden states through the head, chunk by
+    chunk, never holding [N, V]; only for a linear head). SFT's loss and the loop's CE on a sampled step."""
+    mask = tokens.loss_mask
+    if fused:
+        hidden = lm_forward(model, tokens, hidden=True, logits=False).hidden  # [B, T, d]
+        ce, hits = through_head(model, lambda head, bias, h: fused_cross_entropy(
+            h, head, tokens.labels[mask], bias=bias, chunk_size=chunk_size), hidden[mask])
+        return ce, hits, None
+    logits = lm_forward(model, tokens).logits  # [B, T, V]
+    ce = token_cross_entropy(logits, tokens.labels, mask)
+    hits = ((logits.detach().argmax(-1) == tokens.labels) & mask).sum().float()
+    return ce, hits, logits
 
 
 def through_head(model: nn.Module, fn: Callable[..., Any], *inputs: Any) -> Any:

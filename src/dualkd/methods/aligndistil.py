@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
 from dualkd.errors import ModelError
-from dualkd.lm import check_head_is_linear, head_of, lm_forward
+from dualkd.lm import check_head_is_linear, lm_forward, through_head
 from dualkd.losses.fused import fused_ce_and_divergence, fused_total_variation
 from dualkd.methods.base import Objective, SetupContext, StepNorm
 from dualkd.methods.common import DistillationConfig
@@ -143,17 +143,17 @@ class AlignDistil(Objective):
         tokens, cfg = batch.student, self.config
         mask = tokens.loss_mask
         hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden  # [B, T, d_s]
-        head, bias = head_of(student)
         # per-token weights: β0/α_t, and 1/|y| of the token's response with length normalization
         lengths = mask.sum(-1, keepdim=True).clamp(min=1).expand_as(mask)[mask].float()  # [N]
         row_weight = teacher.weight / lengths if cfg.length_norm else teacher.weight
         denominator = norm["sequences"] if cfg.length_norm else norm["tokens"]
-        ce_weight = (1 - cfg.kd_rate) * norm.ce_weight / norm["tokens"]
-        loss, ce, kd, hits = fused_ce_and_divergence(
-            hidden[mask], head, teacher.hidden, teacher.head, tokens.labels[mask], divergence="rkl",
+        ce_weight = norm.ce_share(cfg.kd_rate) / norm["tokens"]
+        # the student's head is read inside its module's forward: gathered there under ZeRO-3 / FSDP2
+        loss, ce, kd, hits = through_head(student, lambda head, bias, h: fused_ce_and_divergence(
+            h, head, teacher.hidden, teacher.head, tokens.labels[mask], divergence="rkl",
             ce_weight=ce_weight, div_weight=cfg.kd_rate / denominator, div_mask=row_weight,
             temperature=cfg.temperature, vocab_size=self.vocab_size, chunk_size=cfg.chunk_size,
-            student_bias=bias)
+            student_bias=bias), hidden[mask])
         n = norm["tokens"]
         metrics = {"kd": kd / denominator, "alpha": teacher.alpha.sum() / n, "tvd": teacher.tvd.sum() / n}
         if ce_weight:  # the fused pass computes the CE only when it is trained

@@ -44,6 +44,16 @@ class StepNorm:
         # an all-masked global batch has zero sums; dividing by 1 keeps the loss 0 with finite gradients
         return max(self.counts[key], 1e-6)
 
+    def ce_share(self, kd_rate: float) -> float:
+        """The gold CE's weight in a distillation loss, (1 − r) · ce_weight: what a fused pass that computes
+        both terms is given."""
+        return (1 - kd_rate) * self.ce_weight
+
+    def blend(self, ce: Tensor, kd: Tensor, kd_rate: float) -> Tensor:
+        """(1 − r) · ce_weight · CE + r · KD: how every distillation objective composes its two terms (CE
+        drops out on a step of student samples, which have no gold)."""
+        return self.ce_share(kd_rate) * ce + kd_rate * kd
+
 
 @dataclass
 class SetupContext:

@@ -86,7 +86,7 @@ class DSKD(DualSpace):
             # (1 - r)·CE + r·D(projected teacher || student), in one pass over the student's logits
             main, ce, kd_student, hits = fused_ce_and_divergence(
                 h_s, w_s, h_t2s.detach(), w_s_fixed, labels, divergence=cfg.divergence,
-                ce_weight=(1 - cfg.kd_rate) * norm.ce_weight, div_weight=cfg.kd_rate,
+                ce_weight=norm.ce_share(cfg.kd_rate), div_weight=cfg.kd_rate,
                 temperature=cfg.temperature, vocab_size=V, chunk_size=cfg.chunk_size, student_bias=b_s,
                 teacher_bias=b_s_fixed, params=cfg.divergence_params)
             ce_t2s, t2s_hits = fused_cross_entropy(h_t2s, w_s_fixed, labels, bias=b_s_fixed,

@@ -179,6 +179,6 @@ class DSKDCMA(DualSpace):
                                       teacher_bias=teacher.bias, **kd_params)
         n, n_t = norm["tokens"], norm["teacher_tokens"]
         ce, kd_student, ce_t2s, kd_teacher = ce / n, kd_student / n, ce_t2s / n, kd_teacher / n_t
-        loss = (1 - cfg.kd_rate) * norm.ce_weight * ce + cfg.kd_rate * (kd_student + ce_t2s + kd_teacher)
+        loss = norm.blend(ce, kd_student + ce_t2s + kd_teacher, cfg.kd_rate)
         return loss, {"ce": ce.detach(), "kd_student": kd_student.detach(), "ce_t2s": ce_t2s.detach(),
                       "kd_teacher": kd_teacher.detach(), "acc": hits / n, "t2s_acc": t2s_hits / n}

@@ -210,7 +210,7 @@ class DSKDv2(DualSpace):
             # gold CE and student-space KD share one pass over the student's logits
             main, ce, kd_student, hits = fused_ce_and_divergence(
                 h_rows, w_s, target_rows, w_fixed, tokens.labels[mask], divergence=cfg.divergence,
-                ce_weight=(1 - cfg.kd_rate) * norm.ce_weight / norm["tokens"],
+                ce_weight=norm.ce_share(cfg.kd_rate) / norm["tokens"],
                 div_weight=cfg.kd_rate / kd_denominator if student_space else 0.0, div_mask=kd_rows,
                 temperature=cfg.temperature, chunk_size=cfg.chunk_size, student_bias=b_s, teacher_bias=b_fixed,
                 params=cfg.divergence_params)

@@ -236,7 +236,7 @@ class GOLD(Objective):
         w_shared, w_unshared = self.weights
         kd = (w_shared * shared + w_unshared * unshared) / n
         ce = ce / n
-        loss = (1 - cfg.kd_rate) * norm.ce_weight * ce + cfg.kd_rate * kd
+        loss = norm.blend(ce, kd, cfg.kd_rate)
         return loss, {"ce": ce.detach(), "kd": kd.detach(), "shared": shared.detach() / n,
                       "unshared": unshared.detach() / n, "groups": torch.as_tensor(groups / n), "acc": hits / n}
 

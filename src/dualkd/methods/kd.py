@@ -149,7 +149,7 @@ class KD(Objective):
             kd = kd + hierarchical_ranking_loss(student_rows, teacher_out, self.config.ranking_top_k).sum() / norm[
                 "tokens"]
         rate = self.config.kd_rate
-        loss = (1 - rate) * norm.ce_weight * ce + rate * kd
+        loss = norm.blend(ce, kd, rate)
         acc = token_accuracy(logits.detach(), tokens.labels, tokens.loss_mask) / norm["tokens"]
         return loss, {"ce": ce.detach(), "kd": kd.detach(), "acc": acc}
 
@@ -159,7 +159,7 @@ class KD(Objective):
         rate = self.config.kd_rate
         loss, ce, kd, hits = through_head(student, lambda head, bias, h: fused_ce_and_divergence(
             h, head, teacher.hidden, teacher.head, tokens.labels[tokens.loss_mask],
-            divergence=self.config.divergence, ce_weight=(1 - rate) * norm.ce_weight, div_weight=rate,
+            divergence=self.config.divergence, ce_weight=norm.ce_share(rate), div_weight=rate,
             temperature=self.config.temperature,
             vocab_size=self.vocab_size, chunk_size=self.config.chunk_size, student_bias=bias,
             teacher_bias=teacher.bias, params=self.config.divergence_params), hidden[tokens.loss_mask])
@@ -183,7 +183,7 @@ class KD(Objective):
             return ce, hits, kd
 
         ce, hits, kd = through_head(student, head_terms, hidden)
-        loss = ((1 - rate) * norm.ce_weight * ce + rate * kd) / n
+        loss = norm.blend(ce, kd, rate) / n
         return loss, {"ce": ce.detach() / n, "kd": kd.detach() / n, "acc": hits / n}
 
 

@@ -129,5 +129,5 @@ class MinED(Objective):
                                          bias=b_s / tau if b_s is not None else None, chunk_size=cfg.chunk_size)
         n = norm["tokens"]
         ce, kd = ce / n, (kd_aligned + kd_rest) / n
-        loss = (1 - cfg.kd_rate) * norm.ce_weight * ce + cfg.kd_rate * kd
+        loss = norm.blend(ce, kd, cfg.kd_rate)
         return loss, {"ce": ce.detach(), "kd": kd.detach(), "aligned": aligned.sum().float() / n, "acc": hits / n}

@@ -19,11 +19,9 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from dualkd.data.collate import Batch
-from dualkd.lm import check_head_is_linear, lm_forward, through_head
-from dualkd.losses import token_cross_entropy
+from dualkd.lm import check_head_is_linear, gold_cross_entropy
 from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
-from dualkd.losses.fused import fused_cross_entropy
-from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
+from dualkd.methods.base import Objective, SetupContext, StepNorm
 from dualkd.models import head_rows
 from dualkd.schema import AutoOnOff, StrictModel
 
@@ -59,18 +57,11 @@ class SFT(Objective):
 
     def forward(self, student: nn.Module, batch: Batch, teacher_out: Any, norm: StepNorm
                 ) -> tuple[Tensor, dict[str, Tensor]]:
-        tokens = batch.student
-        if self.fused:  # the head read inside its module's forward: gathered there under ZeRO-3 / FSDP2
-            hidden = lm_forward(student, tokens, hidden=True, logits=False).hidden  # [B, T, d]
-            ce, hits = through_head(student, lambda head, bias, h: fused_cross_entropy(
-                h, head, tokens.labels[tokens.loss_mask], bias=bias, chunk_size=self.config.chunk_size),
-                hidden[tokens.loss_mask])
-            ce = ce / norm["tokens"]
-            return ce * norm.ce_weight, {"ce": ce.detach(), "acc": hits / norm["tokens"]}
-        logits = lm_forward(student, tokens).logits  # [B, T, V]
-        ce = token_cross_entropy(logits, tokens.labels, tokens.loss_mask) / norm["tokens"]
-        acc = token_accuracy(logits.detach(), tokens.labels, tokens.loss_mask) / norm["tokens"]
-        eps = self.config.label_smoothing
-        loss = ce if eps == 0 else label_smoothed_cross_entropy(logits, tokens.labels, tokens.loss_mask,
-                                                                 eps).sum() / norm["tokens"]
+        tokens, n = batch.student, norm["tokens"]
+        ce, hits, logits = gold_cross_entropy(student, tokens, self.fused, self.config.chunk_size)
+        ce, acc, eps = ce / n, hits / n, self.config.label_smoothing
+        if eps:  # label smoothing reads the logits (never fused: `setup`)
+            loss = label_smoothed_cross_entropy(logits, tokens.labels, tokens.loss_mask, eps).sum() / n
+        else:
+            loss = ce
         return loss * norm.ce_weight, {"ce": ce.detach(), "acc": acc}

@@ -111,6 +111,6 @@ class SharedVocabKD(Objective):
                               **cfg.divergence_params)
         n = norm["tokens"]
         ce, kd = ce / n, kd / n
-        loss = (1 - cfg.kd_rate) * norm.ce_weight * ce + cfg.kd_rate * kd
+        loss = norm.blend(ce, kd, cfg.kd_rate)
         aligned = torch.as_tensor(float(teacher.batch_index.numel()), device=ce.device) / n
         return loss, {"ce": ce.detach(), "kd": kd.detach(), "aligned": aligned, "acc": hits / n}

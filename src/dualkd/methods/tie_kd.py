@@ -129,7 +129,7 @@ class TIEKD(Objective):
                 decoder_inputs = next_decoder_inputs(logits.detach(), self.start_id)
         n_tok = norm["tokens"]
         kd = (kd_total + ranking_total) / cfg.iterations
-        loss = ((1 - cfg.kd_rate) * norm.ce_weight * ce + cfg.kd_rate * kd) / n_tok
+        loss = norm.blend(ce, kd, cfg.kd_rate) / n_tok
         metrics = {"ce": ce.detach() / n_tok, "kd": torch.as_tensor(kd_total).detach() / cfg.iterations / n_tok,
                    "acc": acc / n_tok}
         if cfg.ranking:

@@ -97,5 +97,5 @@ class ULD(Objective):
                               chunk_size=self.config.chunk_size)
         n = norm["tokens"]
         ce, uld = ce / n, uld / n
-        loss = (1 - self.config.kd_rate) * norm.ce_weight * ce + self.config.kd_rate * uld
+        loss = norm.blend(ce, uld, self.config.kd_rate)
         return loss, {"ce": ce.detach(), "uld": uld.detach(), "acc": hits / n}

@@ -30,9 +30,7 @@ from dualkd.config import RunConfig, save_config
 from dualkd.data.collate import Batch
 from dualkd.errors import ConfigError, DualKDError
 from dualkd.eval.harness import sampled_rouge_l
-from dualkd.lm import head_is_linear, lm_forward, through_head
-from dualkd.losses import token_cross_entropy
-from dualkd.losses.fused import fused_cross_entropy
+from dualkd.lm import gold_cross_entropy, head_is_linear
 from dualkd.methods import Objective, StepNorm, build_objective
 from dualkd.teachers import Teacher
 from dualkd.teachers.checks import TeacherOutputError
@@ -89,15 +87,7 @@ class TrainModule(nn.Module):
             return torch.zeros((), device=tokens.input_ids.device), {}
         if self._fused_gold is None:
             self._fused_gold = head_is_linear(self.student)
-        mask = tokens.loss_mask
-        if self._fused_gold:
-            hidden = lm_forward(self.student, tokens, hidden=True, logits=False).hidden  # [B, T, d]
-            ce, hits = through_head(self.student, lambda head, bias, h: fused_cross_entropy(
-                h, head, tokens.labels[mask], bias=bias), hidden[mask])
-        else:
-            logits = lm_forward(self.student, tokens).logits  # [B, T, V]
-            ce = token_cross_entropy(logits, tokens.labels, mask)
-            hits = ((logits.detach().argmax(-1) == tokens.labels) & mask).sum().float()
+        ce, hits, _ = gold_cross_entropy(self.student, tokens, fused=self._fused_gold)
         return weight * ce / n, {"ce": ce.detach() / n, "acc": hits / n}
 
 
