@@ -11,6 +11,7 @@ import os
 import types
 import typing
 import urllib.parse
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, SerializeAsAny, ValidationError
@@ -57,33 +58,43 @@ def _on_off(value: Any) -> Any:
 
 
 class ByKind(StrictModel):
-    """A config section whose class its `kind` key chooses from a registry that can grow (teacher kinds:
-    teachers/spec.py), where a static discriminated union could not. Subclasses set `kinds` (the registry:
-    kind -> class) and `default_kind`; `of_kind(Base)` is the field type that validates a mapping into the
-    class its kind names and keeps that class when the config is written back."""
+    """A config section whose class one of its keys (`tag`: `kind`, an objective's `name`) chooses from a registry
+    that can grow (teachers/kinds.py, methods/__init__.py), where a static discriminated union could not.
+    Subclasses set `kinds` (tag -> class), `tag`, and declare the tag's field; `default_kind` names the class of
+    a section that says none. `of_kind(Base)` is the field type that validates a mapping into the class its tag
+    names and keeps that class when the config is written back."""
 
-    kinds: ClassVar[dict[str, type[ByKind]]]
-    kind: str
+    kinds: ClassVar[Mapping[str, type[ByKind]]]
+    tag: ClassVar[str] = "kind"
+    noun: ClassVar[str] = "kind"
+    """What one entry of the registry is called in messages ("unknown objective 'x'")."""
 
     @classmethod
     def default_kind(cls, data: dict[str, Any]) -> str:
-        """The kind of a section that names none."""
-        raise ValueError("`kind` is missing")
+        """The kind of a section that names none (ValueError: it must name one)."""
+        raise ValueError(f"is missing; choose from {sorted(cls.kinds)}")
 
 
 def of_kind(base: type[ByKind]) -> Any:
-    """The field type of a `ByKind` section: a mapping becomes the class its kind names. Errors keep their
-    place (a kind's own errors are located under its tag, as a discriminated union's are, so that
+    """The field type of a `ByKind` section: a mapping becomes the class its tag names. Errors keep their place
+    (a kind's own errors are located under its tag value, as a discriminated union's are, so that
     `format_validation_error` names the key and suggests the kind's own fields)."""
+
+    def refuse(message: str, value: Any) -> ValidationError:
+        return ValidationError.from_exception_data(base.__name__, [  # type: ignore[list-item]
+            {"type": "value_error", "loc": (base.tag,), "input": value, "ctx": {"error": ValueError(message)}}])
 
     def parse(value: Any) -> Any:
         if not isinstance(value, dict):
             return value  # an instance already, or pydantic's own type error
-        kind = value.get("kind") or base.default_kind(value)
-        if kind not in base.kinds:
-            raise ValueError(f"unknown kind {kind!r}; choose from {sorted(base.kinds)}")
         try:
-            return base.kinds[kind].model_validate({**value, "kind": kind})
+            kind = value.get(base.tag) or base.default_kind(value)
+        except ValueError as e:
+            raise refuse(str(e), value) from None
+        if kind not in base.kinds:
+            raise refuse(f"unknown {base.noun} {kind!r}; choose from {sorted(base.kinds)}", value)
+        try:
+            return base.kinds[kind].model_validate({**value, base.tag: kind})
         except ValidationError as e:
             errors = [{**{k: err[k] for k in ("type", "input", "ctx") if k in err}, "loc": (kind, *err["loc"])}
                       for err in e.errors(include_url=False)]

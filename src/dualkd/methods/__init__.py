@@ -1,10 +1,7 @@
-"""Objectives: one file per method. Register a new one by adding its factory to OBJECTIVES and its config to
-ObjectiveConfig."""
+"""Objectives: one file per method (its config class, a subclass of `ObjectiveSpec`, and its `Objective`), and
+one line per method in `METHODS` below."""
 
-from collections.abc import Callable
-from typing import Annotated, Any, Union
-
-from pydantic import Field
+from typing import Any
 
 from dualkd.methods import dskdv2
 from dualkd.methods.aligndistil import AlignDistil, AlignDistilConfig
@@ -20,25 +17,34 @@ from dualkd.methods.mined import MinED, MinEDConfig
 from dualkd.methods.needs import Needs
 from dualkd.methods.sft import SFT, SFTConfig
 from dualkd.methods.shared_vocab_kd import SharedVocabKD, SharedVocabKDConfig
+from dualkd.methods.spec import METHODS, ObjectiveSpec
 from dualkd.methods.tie_kd import TIEKD, TIEKDConfig
 from dualkd.methods.uld import ULD, ULDConfig
+from dualkd.schema import of_kind
 
-OBJECTIVES: dict[str, Callable[[Any], Objective]] = {
-    "sft": SFT, "kd": KD, "dskd": DSKD, "dskd_cma": DSKDCMA, "dskdv2": dskdv2.build, "uld": ULD, "mined": MinED,
-    "dpo": DPO, "aligndistil": AlignDistil, "tie_kd": TIEKD, "word_kd": WordKD,
-    "cbmi": CBMI, "shared_vocab_kd": SharedVocabKD, "gold": GOLD,
-}
-
-ObjectiveConfig = Annotated[
-    Union[SFTConfig, KDConfig, DSKDConfig, DSKDv2Config, DSKDCMAConfig, ULDConfig, MinEDConfig,  # noqa: UP007
-          DPOConfig, AlignDistilConfig, TIEKDConfig, WordKDConfig, CBMIConfig, SharedVocabKDConfig, GOLDConfig],
-    Field(discriminator="name"),
-]
+METHODS.update({  # name: (its config class, the factory that builds it from its config): one line per method
+    "sft": (SFTConfig, SFT),
+    "kd": (KDConfig, KD),
+    "word_kd": (WordKDConfig, WordKD),
+    "dskd": (DSKDConfig, DSKD),
+    "dskd_cma": (DSKDCMAConfig, DSKDCMA),
+    "dskdv2": (DSKDv2Config, dskdv2.build),
+    "uld": (ULDConfig, ULD),
+    "mined": (MinEDConfig, MinED),
+    "gold": (GOLDConfig, GOLD),
+    "shared_vocab_kd": (SharedVocabKDConfig, SharedVocabKD),
+    "dpo": (DPOConfig, DPO),
+    "aligndistil": (AlignDistilConfig, AlignDistil),
+    "tie_kd": (TIEKDConfig, TIEKD),
+    "cbmi": (CBMIConfig, CBMI),
+})
+ObjectiveConfig = of_kind(ObjectiveSpec)
+"""The `objective` section, validated into the config class its `name` chooses."""
 
 
 def build_objective(config: Any) -> Objective:
     """The objective a config names (its factory may choose the class: `dskdv2` with `alignment: cma`)."""
-    return OBJECTIVES[config.name](config)
+    return METHODS[config.name][1](config)
 
 
-__all__ = ["OBJECTIVES", "Needs", "Objective", "ObjectiveConfig", "StepNorm", "build_objective"]
+__all__ = ["METHODS", "Needs", "Objective", "ObjectiveConfig", "ObjectiveSpec", "StepNorm", "build_objective"]

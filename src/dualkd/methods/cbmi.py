@@ -32,10 +32,10 @@ from dualkd.lm import is_seq2seq, lm_forward
 from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
 from dualkd.methods.needs import Needs
-from dualkd.schema import StrictModel
+from dualkd.methods.spec import ObjectiveSpec
 
 
-class CBMIConfig(StrictModel):
+class CBMIConfig(ObjectiveSpec):
     name: Literal["cbmi"] = "cbmi"
     token_scale: float = Field(0.1, ge=0)
     """λ_tok (paper: 0.1)."""

@@ -13,13 +13,13 @@ from torch import Tensor, nn
 
 from dualkd.errors import ModelError
 from dualkd.losses.divergences import SPECS
-from dualkd.schema import StrictModel
+from dualkd.methods.spec import ObjectiveSpec
 from dualkd.teachers import Teacher
 
 Divergence = Literal["fkl", "rkl", "js", "tvd", "skl", "srkl", "akl"]
 
 
-class DistillationConfig(StrictModel):
+class DistillationConfig(ObjectiveSpec):
     """Config fields of every objective that mixes distillation terms with the gold cross-entropy."""
 
     kd_rate: float = Field(0.5, ge=0.0, le=1.0)
@@ -57,7 +57,7 @@ class DivergenceChoice(DistillationConfig):
         return {k: getattr(self, k) for k in SPECS[self.divergence].params}
 
 
-class ProjectorChoice(StrictModel):
+class ProjectorChoice(ObjectiveSpec):
     """Config fields of objectives with projectors."""
 
     projector_lr: float = Field(1e-3, gt=0)

@@ -26,11 +26,11 @@ from dualkd.lm import check_head_is_linear, response_logprobs
 from dualkd.losses.policy import dpo_loss
 from dualkd.methods.base import Objective, SetupContext, StepNorm
 from dualkd.methods.needs import Needs
-from dualkd.schema import StrictModel
+from dualkd.methods.spec import ObjectiveSpec
 from dualkd.teachers import Teacher
 
 
-class DPOConfig(StrictModel):
+class DPOConfig(ObjectiveSpec):
     name: Literal["dpo"] = "dpo"
     beta: float = Field(0.1, gt=0)
     """β of DPO (AlignDistil trains both DPO models with 0.1)."""

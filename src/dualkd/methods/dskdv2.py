@@ -87,7 +87,7 @@ class DSKDv2Config(DivergenceChoice, ProjectorChoice):
 
     def as_cma(self) -> DSKDCMAConfig:
         """alignment: cma is DSKDv2's cross-model attention, implemented in dskd_cma.py (version 2)."""
-        shared = DivergenceChoice.model_fields.keys() | ProjectorChoice.model_fields.keys()
+        shared = (DivergenceChoice.model_fields.keys() | ProjectorChoice.model_fields.keys()) - {"name"}
         fields = {k: getattr(self, k) for k in shared}
         if fields["projector_lr"] is None:  # version 2 always starts its projectors at the pseudo-inverse
             fields["projector_lr"] = PINV_PROJECTOR_LR

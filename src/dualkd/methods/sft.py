@@ -22,11 +22,12 @@ from dualkd.data.collate import Batch
 from dualkd.lm import check_head_is_linear, gold_cross_entropy
 from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm
+from dualkd.methods.spec import ObjectiveSpec
 from dualkd.models import head_rows
-from dualkd.schema import AutoOnOff, StrictModel
+from dualkd.schema import AutoOnOff
 
 
-class SFTConfig(StrictModel):
+class SFTConfig(ObjectiveSpec):
     name: Literal["sft"] = "sft"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     """ε of the label-smoothed CE the model trains on (0: plain CE; ε > 0 needs the dense logits)."""

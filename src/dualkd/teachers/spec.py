@@ -57,6 +57,7 @@ class TeacherSpec(ModelConfig, ByKind):
     """The fields every teacher section has (see the module docstring)."""
 
     kinds: ClassVar[dict[str, type[ByKind]]] = KINDS
+    kind: str
     scores_new_sequences: ClassVar[bool] = True
     """Whether it can be asked about sequences that are not the dataset's (on-policy samples, replay)."""
 
