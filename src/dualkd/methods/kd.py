@@ -71,10 +71,10 @@ class KD(Objective):
         """Top-k from a teacher that keeps only its top k (a cache, a server); else what `fused` and `top_k`
         choose of a model: hidden states and head (fused), top-k, or full logits."""
         cfg = self.config
-        if cfg.ranking_top_k is not None:  # TIE-KD's ranking loss reads the dense logits
-            return Needs(teacher=(frozenset({"logits"}),))
+        if cfg.ranking_top_k is not None:
+            return Needs(teacher=(frozenset({"logits"}),), why="objective.ranking_top_k: TIE-KD's ranking loss")
         if cfg.top_k is not None:
-            return Needs(teacher=(frozenset({"topk"}),))
+            return Needs(teacher=(frozenset({"topk"}),), why="objective.top_k")
         dense = {"on": (RESPONSE_HIDDEN_AND_HEAD,), "off": (frozenset({"logits"}),),
                  "auto": (RESPONSE_HIDDEN_AND_HEAD, frozenset({"logits"}))}[cfg.fused]
         return Needs(teacher=(*dense, frozenset({"topk"})))

@@ -21,6 +21,8 @@ class Needs:
     """The teacher's capabilities the objective reads (teachers/base.py), as alternatives: a teacher must give
     all of one of them (`kd` reads top-k from a cache, hidden states and head from a model). Empty: no
     teacher, and the loop never calls `teacher_forward`."""
+    why: str = ""
+    """What in the config asks for those capabilities, where a setting does (named when a teacher is refused)."""
     teacher_tokens: bool = False
     """Where the two vocabularies differ, the data is also tokenized with the teacher's tokenizer
     (`Batch.teacher`), and the teacher reads that view."""

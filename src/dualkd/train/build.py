@@ -109,7 +109,9 @@ def check_needs(cfg: RunConfig, needs: Needs) -> None:
         hint = (", or write the cache with `dualkd cache-teacher ... --hidden`"
                 if cfg.teacher.kind == "cache" and gap <= {"response_hidden", "head"} else "")
         raise ConfigError(f"objective `{name}` reads the teacher's "
-                          f"{' and '.join(CAPABILITIES[c] for c in sorted(gap))}, which {what} cannot give (it gives: "
+                          f"{' and '.join(CAPABILITIES[c] for c in sorted(gap))}"
+                          + (f" ({needs.why} reads them)" if needs.why else "")
+                          + f", which {what} cannot give (it gives: "
                           f"{', '.join(CAPABILITIES[c] for c in sorted(gives))}); use a live teacher "
                           f"(`teacher.path`){hint}")
     missing = [r for r in needs.frozen if r not in cfg.teachers]
