@@ -3,27 +3,28 @@
 An objective never holds the teacher model; in `teacher_forward` it asks a `Teacher` for one of these
 (each a named capability, `CAPABILITIES`):
 
-    hidden(tokens)                     [B, T, d]  last hidden states at every position        (live)
+    hidden(tokens)                     [B, T, d]  last hidden states at every position        (live; hidden server)
     response_hidden(tokens, indices)   [N, d]     the same at the N response positions,
-                                                  in `loss_mask` order (row-major)           (live; cache --hidden)
+                                                  in `loss_mask` order (row-major)           (+ cache --hidden)
     head()                             W [V, d], b [V] | None: the LM head, a linear one
-                                                  (logits = h W^T + b, checked)              (live; cache --hidden)
-    topk(tokens, indices, k, vocab)    TopKTargets at the N response positions               (live; cache; server)
+                                                  (logits = h W^T + b, checked)              (same)
+    topk(tokens, indices, k, vocab)    TopKTargets at the N response positions               (every kind)
     logits(tokens, decoder_input_ids)  [B, T, V]  for the batch or for given decoder inputs  (live)
     embeddings(ids)                    [..., d]   its input embeddings of token ids           (live)
     sequence_logprobs(tokens)          [B]        each row's summed log-probability of its
                                                   response tokens                            (live)
     encode(tokens)                     encoder outputs to reuse across decoder passes        (live, seq2seq)
-    generate(examples, settings, ...)  one response per example (SeqKD)                      (live; server)
+    generate(examples, settings, ...)  one response per example (SeqKD)                      (live; servers)
 
 `tokens` is the teacher's view of a batch (`Batch.teacher_view`), `indices` the examples' dataset indices
 (what a cache reads by). Every call runs without gradients; a live teacher also runs under the engine's
 autocast and is timed as "teacher", wherever an objective calls it (TIE-KD calls it inside its loss).
 
 Implementations: `LiveTeacher` (a model on this machine: teachers/live.py), `CachedTeacher` (an offline
-cache written by `dualkd cache-teacher`: teachers/cached.py) and `ServedTeacher` (an inference server that
-returns top-k log-probabilities of given tokens: teachers/served.py), each opened from its config section by
-`open_teacher` (teachers/spec.py). Before each step the loop hands the teacher the micro-batches it will ask
+cache written by `dualkd cache-teacher`: teachers/cached.py), `ServedTeacher` (an inference server that
+returns top-k log-probabilities of given tokens: teachers/served.py) and `ServedHiddenTeacher` (a server that
+returns last hidden states, the LM head applied here: teachers/served_hidden.py), each opened from its config
+section by `open_teacher` (teachers/spec.py). Before each step the loop hands the teacher the micro-batches it will ask
 about (`prefetch`), so a teacher with latency can work ahead. Each objective says in `setup` what it reads
 (`require`), and a teacher that cannot serve it is refused there, before training, with the objective's name
 in the message. The engine sees a teacher's local modules only to place, gather and count them (`modules`).

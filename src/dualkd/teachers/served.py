@@ -6,7 +6,8 @@
 It returns the teacher's top-k log-probabilities at the response positions (`topk`) and nothing else, so it
 serves `kd` with the sparse top-k loss (the cache's), on-policy KD (the server scores the student's samples)
 and SeqKD (the server writes the responses: train/seqkd.py). DSKD, DSKDv2 and every objective that reads hidden
-states, the head or full logits are refused before training, as with a cache.
+states, the head or full logits are refused before training, as with a cache; a server that ships hidden
+states serves them (`kind: hidden_server`, teachers/served_hidden.py).
 
 Requests work ahead of the loop: before each step the loop hands over the step's micro-batches and the next
 step's (`prefetch`), and a pool of `concurrency` threads sends them while the student computes; `topk` waits for
