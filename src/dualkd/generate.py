@@ -32,7 +32,7 @@ from dualkd.atomic import atomic_open
 from dualkd.data.dataset import TruncationRules, pad_id, seq2seq_source_ids, tokenize_examples
 from dualkd.data.formats import Example
 from dualkd.errors import DataError, ModelError
-from dualkd.lm import is_seq2seq
+from dualkd.lm import config_is_seq2seq, is_seq2seq
 from dualkd.models import DTYPES
 from dualkd.progress import ProgressLines
 from dualkd.schema import StrictModel
@@ -91,7 +91,7 @@ def load_for_generation(path: str | Path, dtype: str = "float32", device: str | 
                          + "; dualkd loads weights from safetensors only. Convert them with transformers: "
                            "AutoModel.from_pretrained(folder).save_pretrained(folder) in a trusted session")
     config = AutoConfig.from_pretrained(folder)
-    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    cls = AutoModelForSeq2SeqLM if config_is_seq2seq(config) else AutoModelForCausalLM
     try:
         model = cls.from_pretrained(folder, dtype=DTYPES[dtype], use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)

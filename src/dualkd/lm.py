@@ -21,9 +21,14 @@ from dualkd.losses.cross_entropy import token_cross_entropy
 from dualkd.losses.fused import fused_cross_entropy
 
 
+def config_is_seq2seq(config: Any) -> bool:
+    """Whether a transformers model config describes an encoder-decoder model: the one place that asks."""
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
 def is_seq2seq(model: nn.Module) -> bool:
     """An encoder-decoder model (its encoder reads the prompt, its decoder predicts the response)."""
-    return bool(getattr(model.config, "is_encoder_decoder", False))
+    return config_is_seq2seq(model.config)
 
 
 @dataclass

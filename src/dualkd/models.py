@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FSDPModule
 from dualkd.atomic import replace_dir
 from dualkd.data.tokenizers import train_tokenizer
 from dualkd.errors import ModelError
-from dualkd.lm import is_seq2seq
+from dualkd.lm import config_is_seq2seq, is_seq2seq
 from dualkd.outputs import claim, mark
 from dualkd.schema import HomePath, StrictModel
 
@@ -200,7 +200,7 @@ def is_encoder_decoder(spec: ModelConfig, field: str = "student") -> bool:
     except Exception as e:  # transformers raises many types
         where = spec.path or model_type
         raise ModelError(f"cannot read the model config of {where!r}: {type(e).__name__}: {_first_line(e)}") from None
-    return bool(getattr(config, "is_encoder_decoder", False))
+    return config_is_seq2seq(config)
 
 
 def load_model(spec: ModelConfig, tokenizer: Any, *, role: str, seed: int = 0, field: str | None = None
@@ -234,10 +234,10 @@ def load_model(spec: ModelConfig, tokenizer: Any, *, role: str, seed: int = 0, f
                         setattr(config, k, v)
             else:
                 config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-            if getattr(config, "is_encoder_decoder", False) and "decoder_start_token_id" not in spec.arch:
+            if config_is_seq2seq(config) and "decoder_start_token_id" not in spec.arch:
                 # Marian/T5 start the decoder with the pad token; configs built from scratch carry other ids
                 config.decoder_start_token_id = getattr(tokenizer, "pad_token_id", None) or tokenizer.eos_token_id
-            auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+            auto = AutoModelForSeq2SeqLM if config_is_seq2seq(config) else AutoModelForCausalLM
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = auto.from_config(config, dtype=None if dtype == "auto" else dtype, **common)
@@ -249,7 +249,7 @@ def load_model(spec: ModelConfig, tokenizer: Any, *, role: str, seed: int = 0, f
                 kwargs["use_safetensors"] = True
             extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
             config = AutoConfig.from_pretrained(spec.path, revision=spec.revision, **common, **extra)
-            auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+            auto = AutoModelForSeq2SeqLM if config_is_seq2seq(config) else AutoModelForCausalLM
             model = auto.from_pretrained(spec.path, **kwargs)
     except ModelError:
         raise
