@@ -85,16 +85,23 @@ class ServedTeacherConfig(TeacherSpec):
         return ServedTeacher.what, ServedTeacher.provides
 
     def open(self, tokenizer: Any, site: TeacherSite) -> ServedTeacher:
-        if site.seq2seq:
-            raise ConfigError(f"{site.field}.server serves decoder-only teachers; an encoder-decoder student needs "
-                              "a live teacher or a cache")
-        return ServedTeacher.from_config(self.server, tokenizer, site.run_dir)
+        client = decoder_only_client(self.server, tokenizer, site)
+        return ServedTeacher(client, tokenizer, self.server.top_k, self.server.concurrency)
 
 
 def unpadded_sequences(tokens: ModelBatch) -> list[tuple[int, ...]]:
     """Each row's tokens without padding (batches are right-padded)."""
     lengths = tokens.attention_mask.sum(-1).tolist()
     return [tuple(row[:n]) for row, n in zip(tokens.input_ids.tolist(), lengths)]
+
+
+def decoder_only_client(server: TeacherServer, tokenizer: Any, site: TeacherSite) -> ServerClient:
+    """The client of a served teacher's section, refused for an encoder-decoder student (servers here run
+    decoder-only models)."""
+    if site.seq2seq:
+        raise ConfigError(f"{site.field}.server serves decoder-only teachers; an encoder-decoder student needs "
+                          "a live teacher or a cache")
+    return server_client(server, tokenizer, site.run_dir)
 
 
 def server_client(server: TeacherServer, tokenizer: Any, run_dir: Path) -> ServerClient:
@@ -122,11 +129,6 @@ class ServedTeacher(Teacher):
         self.displaced = self.positions = 0
         """Response positions scored so far, and those whose top-k held a token the server names ambiguously
         (its mass stays in the tail bucket: server_client.py)."""
-
-    @classmethod
-    def from_config(cls, server: TeacherServer, tokenizer: Any, run_dir: Path) -> ServedTeacher:
-        """The teacher of `teacher.server`; refuses a server of another tokenizer."""
-        return cls(server_client(server, tokenizer, run_dir), tokenizer, server.top_k, server.concurrency)
 
     @property
     def identity(self) -> str:

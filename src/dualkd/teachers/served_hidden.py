@@ -30,7 +30,7 @@ from dualkd.errors import ModelError
 from dualkd.lm import check_head_is_linear, head_of
 from dualkd.losses.sparse import TopKTargets, topk_rows
 from dualkd.models import load_model
-from dualkd.teachers.served import ServedTeacher, TeacherServer, server_client, unpadded_sequences
+from dualkd.teachers.served import ServedTeacher, TeacherServer, decoder_only_client, unpadded_sequences
 from dualkd.teachers.server_client import ServerClient, ServerMismatch
 from dualkd.teachers.spec import TeacherSite, TeacherSpec
 
@@ -81,10 +81,7 @@ class ServedHiddenTeacherConfig(TeacherSpec):
         return ServedHiddenTeacher.what, ServedHiddenTeacher.provides
 
     def open(self, tokenizer: Any, site: TeacherSite) -> ServedHiddenTeacher:
-        if site.seq2seq:
-            raise ModelError(f"{site.field}: a served teacher is decoder-only; an encoder-decoder student needs a live "
-                             "teacher or a cache")
-        client = server_client(self.server, tokenizer, site.run_dir)
+        client = decoder_only_client(self.server, tokenizer, site)
         head = local_head(self, tokenizer, site.field)
         check_head_matches(client, head, site.field)
         return ServedHiddenTeacher(client, tokenizer, head, self.server.concurrency)

@@ -413,6 +413,7 @@ def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: T
     if teacher is not None and teacher.works_ahead:  # a server scores the whole dev set while the student waits
         batches = list(batches)
         teacher.prefetch([b.teacher_view for b, _ in batches])
+    weight_key = objective.needs().eval_weight
     for batch, counted in batches:
         batch = batch.to(engine.device)
         with engine.autocast():
@@ -423,7 +424,7 @@ def evaluate(engine: Engine, module: nn.Module, objective: Objective, teacher: T
             loss, metrics = raw(batch, teacher_out, StepNorm(counts, step=step))
         if not counted:
             continue
-        n = counts[objective.needs().eval_weight]
+        n = counts[weight_key]
         totals["tokens"] += n
         totals["loss"] += float(loss) * n
         for k, v in metrics.items():
