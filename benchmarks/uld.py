@@ -5,7 +5,7 @@ tensors for the whole batch), interleaved in one process.
     python benchmarks/uld.py                               # SmolLM2 (student) <- Gemma-3 (teacher) head sizes
     python benchmarks/uld.py --rows 256 --reps 3 --threads 2
 
-Sizes default to the prune-and-distill run's pair (docs/real-run-prune-distill-dolly.md): student d 576,
+Sizes default to the prune-and-distill run's pair (experiments/prune_distill_dolly/README.md): student d 576,
 V 49,152; teacher d 640, V 262,144; random weights (the sort's cost does not depend on them much). Both paths
 produce the same value and gradients (tests/test_losses.py checks it in float64); this prints both values as a
 check, the time of each (benchmarks/harness.py: warm-up, interleaved repetitions, load average) and the ratio.

@@ -1,5 +1,5 @@
-"""What a reader of the repository follows leads somewhere: every `docs/...` and `benchmarks/...` path that the
-source, README and docs name exists (a pattern such as `docs/benchmark-*.md` aside), and none of them points
+"""What a reader of the repository follows leads somewhere: every `docs/...`, `benchmarks/...`, `experiments/...`
+and `scripts/...` path that the source, README, docs and experiments name exists (a pattern such as `docs/benchmark-*.md` aside), and none of them points
 outside the repository."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import re
 
 from tests.conftest import REPO
 
-READ = [*sorted((REPO / "src").rglob("*.py")), REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
-CITED = re.compile(r"(?<![\w/.-])((?:docs|benchmarks)/[\w./-]*\w)(?![*\w-])")
+READ = [*sorted((REPO / "src").rglob("*.py")), REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")),
+        *sorted((REPO / "experiments").rglob("*.md")), *sorted((REPO / "experiments").rglob("*.py")),
+        *sorted((REPO / "experiments").rglob("*.sh"))]
+CITED = re.compile(r"(?<![\w/.-])((?:docs|benchmarks|experiments|scripts)/[\w./-]*\w)(?![*\w-])")
 
 
 def test_every_cited_repository_path_exists() -> None:

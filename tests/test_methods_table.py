@@ -1,21 +1,25 @@
-"""`dualkd methods-table`: every row's config builds; a quick table trains, resumes by skipping, and is written."""
+"""The methods table (experiments/methods_table): every row's config builds; a quick table trains, resumes by
+skipping, and is written; its record is one file that stands in for the runs on another machine."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
-from dualkd.cli import main
-from dualkd.methods_table import ABLATIONS, ROWS, Bench, grid_markdown, table_markdown
+from experiments.methods_table.__main__ import main
+from experiments.methods_table.bench import Bench
+from experiments.methods_table.doc import grid_markdown, table_markdown
+from experiments.methods_table.rows import ABLATIONS, ROWS
 
 
 def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     out, doc = tmp_path / "table", tmp_path / "methods-table.md"
     rows = ["sft", "own-dskdv2-eta"]
-    record = tmp_path / "record"
-    base = ["methods-table", "--quick", "--output-dir", str(out), "--doc", str(doc), "--record", str(record)]
+    record = tmp_path / "record.jsonl"
+    base = ["--quick", "--output-dir", str(out), "--doc", str(doc), "--record", str(record)]
     assert main([*base, "--rows", *rows]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results) == rows  # the order runs are made in: the comparison the issue is about first
@@ -42,12 +46,17 @@ def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     assert {n: r["seeds"] for n, r in reported.items()} == {n: r["seeds"] for n, r in
                                                             json.loads(results_before).items()}
     assert "### Learning-rate search" in doc.read_text()
-    assert main([*base, "--rows", "no-such-row", "--report-only"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--rows", "no-such-row", "--report-only"])
+    assert e.value.code == 2
+    # the record: one line per run of the grid and the seeds (quick: one lr, two seeds per row)
+    keys = [json.loads(line)["run"] for line in record.read_text().splitlines()]
+    assert keys == sorted(f"{row}/lr0.003/seed{seed}" for row in rows for seed in (10, 11))
 
     # on another machine (a fresh output folder, the data and teacher remade) the record stands in for the
     # runs: nothing is trained again, the same table is written
     other = tmp_path / "elsewhere"
-    assert main(["methods-table", "--quick", "--output-dir", str(other), "--doc", str(tmp_path / "again.md"),
+    assert main(["--quick", "--output-dir", str(other), "--doc", str(tmp_path / "again.md"),
                  "--record", str(record), "--rows", *rows]) == 0
     assert not (other / "runs").exists()
     assert json.loads((other / "results.json").read_text()) == json.loads((out / "results.json").read_text())

@@ -103,11 +103,16 @@ def test_likelihood_batch_size_must_be_positive(tmp_path: Path, capsys: pytest.C
     assert e.value.code == 2 and "give a number ≥ 1" in capsys.readouterr().err
 
 
-def test_methods_table_writes_no_document_unless_named() -> None:
-    from dualkd.cli import build_parser
+def test_a_quick_methods_table_never_writes_the_committed_record_or_table(capsys: pytest.CaptureFixture[str]
+                                                                          ) -> None:
+    from experiments.methods_table.__main__ import DOC, RECORD, main
 
-    args = build_parser().parse_args(["methods-table", "--quick", "--report-only"])
-    assert args.doc is None and args.record is None
+    before = {p: p.stat().st_mtime_ns for p in (DOC, RECORD)}
+    for extra in ([], ["--record", "none"], ["--doc", "none"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--quick", "--report-only", *extra])
+        assert e.value.code == 2 and "--record none --doc none" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in (DOC, RECORD)} == before
 
 
 def test_unquoted_on_off_in_yaml_means_on_off(tmp_path: Path, train_file: Path, byte_tokenizer_dir: Path) -> None:

@@ -8,7 +8,6 @@
     dualkd report RUN_DIR ... [--teacher DIR]       Markdown + plots for runs side by side
     dualkd tokenizer train FILE ... --out DIR       a BPE tokenizer for a corpus (e.g. --fields de,en)
     dualkd demo [--output-dir runs/demo]            the whole workflow in miniature on CPU (the main job)
-    dualkd methods-table [--output-dir DIR]         every objective on the demo benchmark, 3 seeds (resumable)
     dualkd serve-teacher TEACHER.gguf [--port 8080] a teacher server that also ships hidden states
 """
 
@@ -82,14 +81,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not allowed here: give a number ≥ 1")
     return value
-
-
-def _cmd_methods_table(args: argparse.Namespace) -> int:
-    from dualkd.methods_table import run_methods_table
-
-    run_methods_table(args.output_dir, quick=args.quick, rows=args.rows, doc=args.doc, report_only=args.report_only,
-                      record=args.record)
-    return 0
 
 
 def _generation_settings(args: argparse.Namespace) -> GenerationConfig:
@@ -490,25 +481,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo", help="where the data, runs and report go (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a few steps and a small test set (a smoke test)")
     p.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("methods-table", help="every objective on the demo benchmark with 3 training seeds (resumable)",
-                       description="Train every objective on the demo's data (same-tokenizer and own-tokenizer "
-                                   "students of one architecture), choose each row's learning rate on dev, train 3 "
-                                   "seeds, evaluate with 5 sampling seeds, run the DSKDv2-ETA ablations and write "
-                                   "the table. Rerun the same command to continue a stopped table. 124 runs: "
-                                   "several hours on 2 CPU cores (3-4 minutes per run and its evaluation with one "
-                                   "thread).")
-    p.add_argument("--output-dir", default="runs/methods-table", help="runs and results (default: runs/methods-table)")
-    p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
-    p.add_argument("--doc", help="also rewrite the generated part of this document (in a checkout: "
-                                 "docs/methods-table.md); default: only <output-dir>/methods-table.md")
-    p.add_argument("--record", help="a folder that keeps each finished run's dev curve, summary and scores (in a "
-                                    "checkout: benchmarks/results/methods-table, committed so a table continues on "
-                                    "another machine without redoing them); default: none")
-    p.add_argument("--report-only", action="store_true",
-                   help="train and evaluate nothing: write the table of the runs that are finished")
-    p.add_argument("--quick", action="store_true", help="a few steps per run and a small test set (a smoke test)")
-    p.set_defaults(func=_cmd_methods_table)
     return parser
 
 

@@ -26,7 +26,7 @@ class TestSet:
     metrics: tuple[str, ...]
 
 
-# name -> (file under the data directory, line cap): DSKD's scripts/gpt2/run_eval.sh
+# name -> (file under the data directory, line cap): the official DSKD code's GPT-2 evaluation script (run_eval.sh)
 DOLLY_PROTOCOL: dict[str, tuple[str, int | None]] = {
     "dolly": ("dolly/test.jsonl", None),
     "self_inst": ("self_inst/test.jsonl", None),

@@ -57,16 +57,16 @@ class DSKDv2Config(DivergenceChoice, ProjectorChoice):
     name: Literal["dskdv2"] = "dskdv2"
     projector_lr: float | None = Field(None, gt=0)
     """Learning rate of P_t2s. None: 5e-4 (the DSKDv2 scripts') when P_t2s starts at its pseudo-inverse (and
-    for `alignment: cma`, whose projectors always do), else
-    the student's lr: a projector learned from random weights must keep pace with the student, or the
-    student-space target it makes stays flat and teaches noise (docs/methods-table.md: from scratch at 5e-4,
-    6x below the student's lr, DSKDv2-ETA fell 2.7 ROUGE-L below SFT; at 5e-3 it beat SFT by 3.5)."""
+    for `alignment: cma`, whose projectors always do), else the student's lr: a projector learned from random
+    weights must keep pace with the student, or the student-space target it makes stays flat and teaches noise
+    (the projector-lr ablations of experiments/methods_table/README.md)."""
     alignment: Literal["eta", "cma"] = "eta"
     """How positions of two different tokenizations are paired (ignored with one tokenizer)."""
     pinv_init: bool | None = None
     """Initialize P_t2s and compute P_s2t by pseudo-inverse over the shared vocabulary (else: trained Linears).
     None (auto): on for a pretrained student, off for one that starts from random weights, whose head carries
-    no knowledge to invert (in the demo, pinv on a random head left the t2s CE at 2.07 vs 0.15 without it)."""
+    no knowledge to invert: the inverse of a random head maps teacher states to noise, which the t2s CE then
+    has to unlearn."""
     topk_vocab: int | None = Field(None, ge=1)
     """Same tokenizer: use only the first k ids as the shared vocabulary of the pseudo-inverse."""
     t2s_agreement: float = Field(1.0, ge=0.0, le=1.0)

@@ -1,0 +1,102 @@
+"""The methods table: every objective on the demo benchmark, three training seeds, one table (README.md here).
+
+    python -m experiments.methods_table                    # from the repository root: train, score, write the doc
+    python -m experiments.methods_table --report-only      # the table of what the record holds, training nothing
+    python -m experiments.methods_table --quick --output-dir /tmp/t --record none --doc none   # a smoke test
+
+1. the demo's data files and teacher (the `demo-teacher` recipe), made once;
+2. per row, a small learning-rate grid (`rows.LRS`) trained with the first seed and scored by its best dev CE
+   (per token of the row's own tokenizer, so rows of one tokenizer are chosen alike); the chosen rate is then
+   trained with the other seeds;
+3. every chosen run sampled on the test set with the protocol's 5 sampling seeds (ROUGE-L, exact match);
+4. the document (README.md here, + a plot): mean ± std over training seeds, each run's score being its mean
+   over the sampling seeds; rows whose interval overlaps their SFT baseline's are marked;
+5. the ablations (`rows.ABLATIONS`): DSKDv2-ETA with one setting changed, trained at DSKDv2-ETA's chosen lr
+   with the three seeds, tabled beside it.
+
+Resumable (bench.py): rerun the same command to continue. 124 runs: several hours on 2 CPU cores (3-4 minutes
+per run and its evaluation with one thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from dualkd.atomic import write_text_atomic
+from experiments.methods_table.bench import Bench, Record
+from experiments.methods_table.doc import write_doc
+from experiments.methods_table.rows import ALL_ROWS, BY_NAME, FIRST
+
+HERE = Path(__file__).parent
+RECORD, DOC = HERE / "record.jsonl", HERE / "README.md"
+
+
+def run_table(out: Path, quick: bool = False, rows: list[str] | None = None, doc: Path | None = DOC,
+              record: Path | None = RECORD, report_only: bool = False) -> Path:
+    """Train and score every row (resumable); write the table to `<out>/methods-table.md` and to `doc`;
+    returns the results file. `report_only`: train and evaluate nothing, table what is finished (rows with
+    fewer seeds say how many). `record` / `doc` None: none."""
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=True, soft_wrap=True)
+    bench = Bench(out, quick, console, Record(record) if record is not None else None)
+    chosen = [r for r in ALL_ROWS if rows is None or r.name in rows]
+    order = sorted(chosen, key=lambda r: (r.base is not None, FIRST.index(r.name) if r.name in FIRST else len(FIRST)))
+    command = ("python -m experiments.methods_table" + (f" --output-dir {out}" if out != Path("runs/methods-table")
+                                                         else "") + (" --quick" * quick)
+               + (f" --record {record}" if record != RECORD else "") + (f" --doc {doc}" if doc != DOC else ""))
+    started = time.perf_counter()
+    if report_only:
+        results = {row.name: bench.finished(row) for row in order}
+        command += " --report-only"
+    else:
+        lrs = {row.name: bench.chosen_lr(row) for row in order}  # the grids first: every row gets a first figure
+        results = {}
+        for row in order:
+            for seed in bench.seeds:
+                run = bench.path(row, lrs[row.name], seed)
+                if not bench.scored(run):
+                    bench.scores(bench.run(row, lrs[row.name], seed, need_model=True))
+            results[row.name] = bench.finished(row)
+            write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+        console.print(f"methods table: {len(order)} rows in {(time.perf_counter() - started) / 60:.1f} min")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    for target in [out / "methods-table.md", *([doc] if doc is not None else [])]:
+        write_doc(results, target, command=command, expected=len(bench.seeds))
+    return out / "results.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.methods_table", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="runs/methods-table", type=Path,
+                   help="runs, data and teacher (default: runs/methods-table)")
+    p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
+    p.add_argument("--doc", default=str(DOC), help="the document whose generated part is rewritten (default: "
+                                                    "this experiment's README.md; `none`: only <output-dir>'s copy)")
+    p.add_argument("--record", default=str(RECORD), help="the record of finished runs (default: this experiment's "
+                                                          "record.jsonl; `none`: keep none)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: write the table of the runs that are finished")
+    p.add_argument("--quick", action="store_true", help="a few steps per run and a small test set (a smoke test; "
+                                                        "needs --record none --doc none or paths of its own)")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.rows or []) - set(BY_NAME))
+    if unknown:
+        p.error(f"--rows: unknown rows {unknown}; known: {list(BY_NAME)}")
+    doc = None if args.doc == "none" else Path(args.doc)
+    record = None if args.record == "none" else Path(args.record)
+    if args.quick and (doc == DOC or record == RECORD):
+        p.error("--quick would write smoke-test figures into the committed table: add --record none --doc none "
+                "(or paths of your own)")
+    run_table(args.output_dir, args.quick, args.rows, doc, record, args.report_only)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Training and scoring the table's runs, resumably, and the committed record that outlives the run folders.
+
+Every run is a folder `<out>/runs/<row>/lr<lr>/seed<seed>`: a finished run (final model and scores) is skipped
+and an unfinished one resumes from its last checkpoint. What the table reads of a finished run (its dev curve,
+summary and scores) also goes to the record, one JSON line per run (`record.jsonl`, committed beside the
+document), so a table continues on another machine without redoing what is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from dualkd.atomic import write_text_atomic
+from dualkd.config import GenerationConfig, RunConfig, load_config
+from dualkd.data.synthetic import generate
+from dualkd.eval.harness import PROTOCOL_SEEDS, evaluate
+from dualkd.eval.suites import resolve_test_sets
+from dualkd.recipes import recipe
+from dualkd.train.loop import train
+from experiments.methods_table.rows import BY_NAME, GENERATION, LRS, SEEDS, Row
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+class Record:
+    """Finished runs by key (`row/lr<lr>/seed<seed>`): {"run", "dev": [dev records], "summary", "scores"?}, one
+    JSON line each, sorted by key so that a diff shows what a sitting added."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lines = path.read_text().splitlines() if path.exists() else []
+        self.entries: dict[str, dict[str, Any]] = {e["run"]: e for e in map(json.loads, lines) if e}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.entries.get(key)
+
+    def put(self, entry: dict[str, Any]) -> None:
+        if self.entries.get(entry["run"]) == entry:
+            return
+        self.entries[entry["run"]] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, "".join(json.dumps(self.entries[k]) + "\n" for k in sorted(self.entries)))
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@dataclass
+class Bench:
+    out: Path
+    quick: bool
+    console: Console
+    record: Record | None = None
+    """The committed record (see the module docstring); None: the run folders only."""
+    data: dict[str, Path] = field(init=False)
+
+    def __post_init__(self) -> None:
+        n_test = 24 if self.quick else 200
+        teacher_data = load_config(recipe("demo-teacher")).data
+        sets = {"teacher-train": (teacher_data.train.num_examples, teacher_data.train.seed),
+                "dev": (teacher_data.dev.num_examples, teacher_data.dev.seed),
+                "student-train": (600, 3), "test": (n_test, 4)}
+        self.data = {k: _write_jsonl(self.out / "data" / f"{k}.jsonl", generate("instructions", n, seed))
+                     for k, (n, seed) in sets.items()}
+        self.short = (["optimization.max_steps=4", "eval.every_steps=2", "checkpoint.every_steps=2"]
+                      if self.quick else [])
+        self.sampling_seeds = PROTOCOL_SEEDS[:2] if self.quick else PROTOCOL_SEEDS
+        self.lrs = LRS[1:2] if self.quick else LRS
+        self.seeds = SEEDS[:2] if self.quick else SEEDS
+        self._words: set[str] | None = None  # every word and symbol of the students' training data
+
+    def _data_overrides(self, train_set: str) -> list[str]:
+        return [f"data.train.path={self.data[train_set]}", "data.train.synthetic=null",
+                f"data.dev.path={self.data['dev']}", "data.dev.synthetic=null"]
+
+    def teacher(self, vocab: int | None = None) -> Path:
+        """The demo's teacher (`vocab`: with a tokenizer of that many tokens instead of the recipe's)."""
+        run = self.out / ("teacher" if vocab is None else f"teacher-vocab{vocab}")
+        if not (run / "final").is_dir():
+            self.console.rule("[bold]teacher: SFT from scratch on the demo's 6,000 examples"
+                              + (f", a {vocab}-token tokenizer" if vocab is not None else ""))
+            tokenizer = [] if vocab is None else [f"student.train_tokenizer.vocab_size={vocab}"]
+            train(load_config(recipe("demo-teacher"), [f"output_dir={run}", *self._data_overrides("teacher-train"),
+                                                       "checkpoint.resume=auto", *tokenizer, *self.short]))
+        return run / "final"
+
+    def config(self, row: Row, lr: float, seed: int, teacher: Path) -> RunConfig:
+        """The run's config: the demo student's recipe with the row's objective, source and tokenizer
+        (`teacher`: the main teacher, whose vocabulary size the own-tokenizer students take)."""
+        run = self.path(row, lr, seed)
+        vocab = len(json.loads((teacher / "tokenizer.json").read_text())["model"]["vocab"])
+        if row.teacher_vocab is not None:
+            teacher = self.teacher(row.teacher_vocab)
+        # one architecture for every student: the own-tokenizer rows differ only in their tokenizer
+        student = ([f"student.tokenizer={teacher}"] if row.tokenizer == "teacher"
+                   else ["student.tokenizer=null",
+                         f"student.train_tokenizer={{vocab_size: {vocab}, style: metaspace}}"])
+        overrides = [f"output_dir={run}", f"seed={seed}", f"optimization.lr={lr}", f"objective={row.objective}",
+                     *student, *self._data_overrides("student-train"), "checkpoint.resume=auto",
+                     "teacher=null" if row.objective == "{name: sft}" and row.source is None
+                     else f"teacher.path={teacher}", *self.short]
+        if row.source is not None:
+            overrides += [f"source={row.source}", f"generation={GENERATION}"]
+        return load_config(recipe("demo-student"), overrides)
+
+    def path(self, row: Row, lr: float, seed: int) -> Path:
+        return self.out / "runs" / row.name / f"lr{lr:g}" / f"seed{seed}"
+
+    def _recorded(self, run: Path) -> dict[str, Any] | None:
+        return self.record.get(run.relative_to(self.out / "runs").as_posix()) if self.record is not None else None
+
+    def trained(self, run: Path) -> bool:
+        return (run / "final").is_dir() or self._recorded(run) is not None
+
+    def scored(self, run: Path) -> bool:
+        return (run / "scores.json").exists() or "scores" in (self._recorded(run) or {})
+
+    def run(self, row: Row, lr: float, seed: int, need_model: bool = False) -> Path:
+        """Train one run (or resume / skip it); returns its folder. `need_model`: the weights are needed (to
+        evaluate), so a run known only from the record is trained again (the same run: seeded)."""
+        run = self.path(row, lr, seed)
+        if self.trained(run) and (not need_model or (run / "final").is_dir()):
+            return run
+        cfg = self.config(row, lr, seed, self.teacher())
+        self.console.rule(f"[bold]{row.name} ({row.what}), lr {lr:g}, seed {seed}")
+        train(cfg)
+        self._keep(run)
+        return run
+
+    def _keep(self, run: Path) -> None:
+        """Put what the table reads of a finished run (dev curve, summary, scores) into the record."""
+        if self.record is None or not (run / "final").is_dir():
+            return
+        dev = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "dev"]
+        entry = {"run": run.relative_to(self.out / "runs").as_posix(), "dev": dev,
+                 "summary": json.loads((run / "summary.json").read_text())}
+        if (run / "scores.json").exists():
+            entry["scores"] = json.loads((run / "scores.json").read_text())
+        self.record.put(entry)
+
+    def best_dev_ce(self, run: Path) -> float:
+        if (run / "final").is_dir():
+            dev = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "dev"]
+        else:
+            recorded = self._recorded(run)
+            assert recorded is not None, f"{run} is not trained"
+            dev = recorded["dev"]
+        return min(r["ce"] for r in dev)
+
+    def scores(self, run: Path) -> dict[str, float]:
+        """Test ROUGE-L, exact match (means over the sampling seeds), best dev CE and the share of samples with
+        an invented word of a run: computed once, kept in the run folder and the record."""
+        if (run / "scores.json").exists():
+            self._keep(run)
+            return json.loads((run / "scores.json").read_text())
+        recorded = self._recorded(run)
+        if recorded is not None and "scores" in recorded:
+            return recorded["scores"]
+        sets = [replace(s, name="test") for s in resolve_test_sets([self.data["test"]])[0]]
+        settings = GenerationConfig(max_length=64, max_prompt_length=40, batch_size=50)
+        s = evaluate(run, sets, settings, seeds=self.sampling_seeds, out_dir=run / "eval",
+                     progress=False)["sets"]["test"]
+        result = {"rougeL": s["mean"]["rougeL"], "exact_match": s["mean"]["exact_match"],
+                  "dev_ce": self.best_dev_ce(run), "invented": self.invented(run)}
+        write_text_atomic(run / "scores.json", json.dumps(result, indent=2))
+        self._keep(run)
+        return result
+
+    def invented(self, run: Path) -> float:
+        """% of a run's test samples (all sampling seeds) with a word or symbol that occurs nowhere in the
+        students' training data: text a tokenizer can spell but the data never taught (a diagnostic of
+        probability mass on pieces that only recombine into junk)."""
+        if self._words is None:
+            self._words = set()
+            for line in self.data["student-train"].read_text().splitlines():
+                record = json.loads(line)
+                outputs = record["output"] if isinstance(record["output"], list) else [record["output"]]
+                for text in (record["prompt"], *outputs):
+                    self._words.update(_WORD.findall(text))
+        flagged = total = 0
+        for seed in self.sampling_seeds:
+            for line in (run / "eval" / "generations" / f"test.seed{seed}.jsonl").read_text().splitlines():
+                words = _WORD.findall(json.loads(line)["generation"])
+                flagged += any(w not in self._words for w in words)
+                total += 1
+        return 100.0 * flagged / max(total, 1)
+
+    def finished(self, row: Row) -> dict[str, Any]:
+        """What is done of a row, training nothing: the grid's dev CE, the chosen lr once the grid is complete,
+        and the scores of the chosen lr's seeds that are evaluated (an ablation: its base row's grid and lr)."""
+        grid_row = BY_NAME[row.base] if row.base is not None else row
+        runs = {lr: self.path(grid_row, lr, self.seeds[0]) for lr in self.lrs}
+        for run in runs.values():
+            self._keep(run)  # a run trained here before the record was named
+        grid = {f"{lr:g}": self.best_dev_ce(run) for lr, run in runs.items() if self.trained(run)}
+        entry: dict[str, Any] = {"tokenizer": row.tokenizer, "what": row.what, "lr": None, "dev_ce_by_lr": grid,
+                                 "seeds": {}, "base": row.base}
+        if len(grid) == len(self.lrs):
+            entry["lr"] = _lowest(grid)
+            for seed in self.seeds:
+                run = self.path(row, entry["lr"], seed)
+                self._keep(run)
+                if self.scored(run):
+                    entry["seeds"][str(seed)] = self.scores(run)
+        return entry
+
+    def chosen_lr(self, row: Row) -> float:
+        """The row's learning rate: the grid's best dev CE with the first seed (an ablation: its base row's)."""
+        if row.base is not None:
+            return self.chosen_lr(BY_NAME[row.base])
+        runs = {f"{lr:g}": self.run(row, lr, self.seeds[0]) for lr in self.lrs}
+        return _lowest({name: self.best_dev_ce(run) for name, run in runs.items()})
+
+
+def _lowest(dev_ce_by_lr: dict[str, float]) -> float:
+    """The lr (by its name) with the lowest finite dev CE."""
+    return float(min(dev_ce_by_lr, key=lambda lr: (not math.isfinite(dev_ce_by_lr[lr]), dev_ce_by_lr[lr])))
