@@ -65,7 +65,7 @@ def main() -> None:
     from dualkd.teachers.cache_files import TeacherCache, write_cache
     from dualkd.train.build import build_parts
     from dualkd.train.engine import LocalEngine
-    from dualkd.train.loop import TrainModule
+    from dualkd.train.step import TrainModule
 
     torch.manual_seed(0)
     model = str(MODELS / "smollm2-135m-instruct")

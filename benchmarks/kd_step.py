@@ -73,7 +73,7 @@ def build(case: str, batch_name: str, device: str, teacher_dtype: str):  # noqa:
     from dualkd.methods.base import StepNorm
     from dualkd.train.build import build_parts
     from dualkd.train.engine import LocalEngine
-    from dualkd.train.loop import TrainModule
+    from dualkd.train.step import TrainModule
 
     pick, seq_len = BATCHES[batch_name]
     spec = CASES[case]

@@ -66,8 +66,8 @@ def main() -> None:
     from dualkd.config import validate_config
     from dualkd.train.build import build_parts
     from dualkd.train.engine import LocalEngine
-    from dualkd.train.loop import TrainModule
     from dualkd.train.sources import OffPolicySource, token_budget_split
+    from dualkd.train.step import TrainModule
 
     threads = torch.get_num_threads()
     print(f"# torch {torch.__version__}, CPU, {threads} threads; {args.batches} global batches of {GLOBAL} "

@@ -30,7 +30,8 @@ from dualkd.losses.policy import (
 from dualkd.methods.base import StepNorm
 from dualkd.train.build import build_parts
 from dualkd.train.engine import LocalEngine
-from dualkd.train.loop import TrainModule, train
+from dualkd.train.loop import train
+from dualkd.train.step import TrainModule
 from tests.conftest import make_model_dir, read_metrics, synthetic_records, tiny_run, write_jsonl
 
 ENGINE = LocalEngine()

@@ -1,6 +1,6 @@
 """What a reader of the repository follows leads somewhere: every `docs/...`, `benchmarks/...`, `experiments/...`
-and `scripts/...` path that the source, README, docs and experiments name exists (a pattern such as `docs/benchmark-*.md` aside), and none of them points
-outside the repository."""
+and `scripts/...` path that the source, README, docs and experiments name exists (a pattern such as
+`docs/benchmark-*.md` aside), and none of them points outside the repository."""
 
 from __future__ import annotations
 

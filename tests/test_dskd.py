@@ -16,8 +16,9 @@ from dualkd.methods.base import StepNorm
 from dualkd.methods.common import pinv_map
 from dualkd.train.build import build_parts
 from dualkd.train.engine import LocalEngine
-from dualkd.train.loop import TrainModule, train
+from dualkd.train.loop import train
 from dualkd.train.optim import build_optimizer
+from dualkd.train.step import TrainModule
 from tests.conftest import make_model_dir, read_metrics, tiny_run
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}

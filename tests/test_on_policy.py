@@ -230,7 +230,7 @@ def test_gold_ce_is_the_objectives_own_ce_term(tmp_path: Path, train_file: Path,
 
     from dualkd.methods.base import StepNorm
     from dualkd.train.build import build_parts
-    from dualkd.train.loop import TrainModule
+    from dualkd.train.step import TrainModule
 
     cfg = validate_config(tiny_run(tmp_path / "kd", train_file, byte_tokenizer_dir, teacher=teacher_dir,
                                    objective={"name": "kd", "kd_rate": 0.4}))

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from dualkd.cli import main
 from dualkd.config import validate_config
 from dualkd.errors import ConfigError, DataError
-from dualkd.train.loop import _format_record, train
+from dualkd.train.announce import format_record
+from dualkd.train.loop import train
 from tests.conftest import read_metrics, synthetic_records, tiny_run, write_jsonl
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -190,9 +191,9 @@ def test_console_lines_show_the_objectives_terms_one_record_per_line(
     base = {"kind": "train", "step": 3, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 100.0, "step_time": 1.0,
             "peak_mem_mib": 10.0, "grad_norm": 1.0, "tokens": 5.0, "time/data": 0.1, "time/teacher": 0.0,
             "time/student": 0.8, "time/optimizer": 0.1}
-    sft = _format_record({**base, "ce": 1.0, "acc": 0.5}, 10)
+    sft = format_record({**base, "ce": 1.0, "acc": 0.5}, 10)
     assert "teacher" not in sft and "acc" not in sft and "student 80%" in sft
-    dskdv2 = _format_record({**base, "time/teacher": 0.3, "ce": 1.0, "kd_student": 0.2, "ce_t2s": 0.3,
+    dskdv2 = format_record({**base, "time/teacher": 0.3, "ce": 1.0, "kd_student": 0.2, "ce_t2s": 0.3,
                              "kd_teacher": 0.4, "t2s_agreement": 0.9, "t2s_acc": 0.8}, 10)
     assert "ce 1.0000  ce_t2s 0.3000  kd_student 0.2000  kd_teacher 0.4000  t2s_agreement 0.9000" in dskdv2
     assert "teacher 30%" in dskdv2

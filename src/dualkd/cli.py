@@ -43,7 +43,8 @@ class _ResumeAction(argparse.Action):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dualkd.config import load_config
-    from dualkd.train.loop import TrainingStopped, train
+    from dualkd.train.loop import train
+    from dualkd.train.signals import TrainingStopped
 
     cfg = load_config(args.config, [*args.overrides, *getattr(args, "overrides_after_resume", [])])
     try:

@@ -1,5 +1,5 @@
 """The typed run config, assembled from the components' own configs (each beside its code: the models' in
-models.py, the data's in data/config.py, generation's in generate.py, the sources' in train/sources.py, each
+models/config.py, the data's in data/config.py, generation's in generate.py, the sources' in train/sources.py, each
 objective's in its methods/ file).
 
 YAML files hold values only; `key.sub=value` overrides on the command line are applied before validation;

@@ -15,3 +15,10 @@ class DataError(DualKDError):
 
 class ModelError(DualKDError):
     """A model or tokenizer that cannot be loaded or does not fit the objective."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries such as transformers write pages): what one clear
+    message quotes of it."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""

@@ -32,8 +32,8 @@ from dualkd.atomic import atomic_open
 from dualkd.data.dataset import TruncationRules, pad_id, seq2seq_source_ids, tokenize_examples
 from dualkd.data.formats import Example
 from dualkd.errors import DataError, ModelError
-from dualkd.lm import config_is_seq2seq, is_seq2seq
-from dualkd.models import DTYPES
+from dualkd.lm import is_seq2seq
+from dualkd.models import load_folder
 from dualkd.progress import ProgressLines
 from dualkd.schema import StrictModel
 
@@ -79,26 +79,14 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_for_generation(path: str | Path, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) from a local folder or run directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    """(model in eval mode, tokenizer) from a local folder or run directory (its `best/` or `final/` model)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file loading bars: ours say what is being done
     folder = resolve_model_dir(path)
-    if not any(folder.glob("*.safetensors")):  # pickled weights (pytorch_model.bin) can run code when loaded
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-        raise ModelError(f"{folder}: no safetensors weights" + (f" (found {', '.join(found)})" if found else "")
-                         + "; dualkd loads weights from safetensors only. Convert them with transformers: "
-                           "AutoModel.from_pretrained(folder).save_pretrained(folder) in a trusted session")
-    config = AutoConfig.from_pretrained(folder)
-    cls = AutoModelForSeq2SeqLM if config_is_seq2seq(config) else AutoModelForCausalLM
-    try:
-        model = cls.from_pretrained(folder, dtype=DTYPES[dtype], use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:  # transformers raises many types
-        raise ModelError(f"cannot load {folder}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    model, tokenizer = load_folder(folder, dtype, field=str(folder))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    return model.to(device), tokenizer
 
 
 def prompt_ids(examples: list[Example], tokenizer: Any, settings: GenerationConfig) -> list[list[int]]:

@@ -26,7 +26,7 @@ from torch import nn
 
 from dualkd.atomic import write_text_atomic
 from dualkd.errors import ConfigError, ModelError
-from dualkd.models import export_model
+from dualkd.models import export_model, load_folder
 from dualkd.outputs import claim
 
 # per-layer lists of a config (one entry per block) that are cut with the blocks
@@ -99,16 +99,13 @@ def prune_folder(source: str | Path, out: str | Path, keep: int | None = None,
     """Load a causal LM folder (safetensors), keep `layers` (or `keep` evenly spaced blocks) and write the pruned
     model with the source's tokenizer to `out`; returns `out`. `out` must be new, empty or an earlier pruned
     model, unless `overwrite`; never the source or a folder holding it (outputs.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if (keep is None) == (layers is None):
         raise ConfigError("prune: give either --keep K or --layers I,J,...")
     source = Path(source).expanduser()
     if not (source / "config.json").is_file():
         raise ModelError(f"prune: {source} is not a model folder (no config.json)")
     claim(out, "model", overwrite=overwrite, source=source)  # before minutes of loading
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    model, tokenizer = load_folder(source, dtype="auto", field="prune")
     n = model.config.num_hidden_layers
     chosen = evenly_spaced(n, keep) if keep is not None else list(layers or [])
     pruned = prune_layers(model, chosen)

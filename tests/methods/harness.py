@@ -23,7 +23,7 @@ from dualkd.config import validate_config
 from dualkd.methods.base import StepNorm
 from dualkd.train.build import build_parts
 from dualkd.train.engine import LocalEngine
-from dualkd.train.loop import TrainModule
+from dualkd.train.step import TrainModule
 
 ENGINE = LocalEngine()
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}

@@ -33,6 +33,7 @@ from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm, token_accuracy
 from dualkd.methods.needs import Needs
 from dualkd.methods.spec import ObjectiveSpec
+from dualkd.models import ModelConfig, load_model
 
 
 class CBMIConfig(ObjectiveSpec):
@@ -106,7 +107,8 @@ class CBMI(Objective):
             raise ModelError("objective `cbmi` reweights a translation model's CE: it needs an encoder-decoder student")
         cfg = self.config
         if cfg.lm_path:
-            lm = AutoModelForCausalLM.from_pretrained(cfg.lm_path, use_safetensors=True)
+            lm = load_model(ModelConfig(path=cfg.lm_path), ctx.student_tokenizer, role="target-side LM",
+                            field="objective.lm_path")
         else:
             c = student.config
             fields = {"model_type": "gpt2", "vocab_size": len(ctx.student_tokenizer),
