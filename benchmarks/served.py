@@ -67,7 +67,7 @@ def main() -> None:
 
     from dualkd.losses.sparse import topk_rows
     from dualkd.teachers.server_client import ServerClient
-    from tests.test_served_teacher import _free_port, _gguf
+    from tests.helpers import free_port, smollm2_gguf
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=4)
@@ -92,8 +92,8 @@ def main() -> None:
     head = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).get_output_embeddings().weight.detach()
 
     with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
-        server = _serve(_gguf(MODELS, Path(tmp)), port)
+        port = free_port()
+        server = _serve(smollm2_gguf(MODELS, Path(tmp)), port)
         try:
             url = f"http://127.0.0.1:{port}"
             client = ServerClient(url, tokenizer, timeout_s=600, retries=0, backoff_s=0, margin=16, cache_dir=None)

@@ -57,7 +57,7 @@ def _config(out: Path, data: Path, folder: Path, teacher: dict[str, Any], object
 def main() -> None:
     from dualkd.config import validate_config
     from dualkd.train.loop import train
-    from tests.test_served_teacher import _free_port, _gguf
+    from tests.helpers import free_port, smollm2_gguf
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -73,8 +73,8 @@ def main() -> None:
         tmp_path = Path(tmp)
         data = tmp_path / "train.jsonl"
         data.write_text("\n".join(DATA.read_text().splitlines()[:40]) + "\n")
-        port = _free_port()
-        server = _serve(_gguf(MODELS, tmp_path), port)
+        port = free_port()
+        server = _serve(smollm2_gguf(MODELS, tmp_path), port)
         url = f"http://127.0.0.1:{port}"
         try:
             for label, (objective, kind) in runs.items():

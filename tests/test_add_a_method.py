@@ -23,7 +23,7 @@ from dualkd.methods.common import DistillationConfig
 from dualkd.models import head_rows
 from dualkd.teachers import Teacher
 from dualkd.train.loop import train
-from tests.conftest import read_metrics, tiny_run
+from tests.helpers import read_metrics, tiny_run
 
 # ---- the method's file -------------------------------------------------------------------------------------
 

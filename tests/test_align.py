@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from dualkd.align import exact_alignment
 from dualkd.align.offsets import alignable, exact_alignment_many
 from dualkd.align.vocab import shared_vocabulary, teacher_to_student_ids, token_bytes
-from tests.conftest import needs_real_models, needs_shared_data
+from tests.helpers import needs_real_models, needs_shared_data
 
 
 def _pairs(s, t) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ import pytest
 from dualkd.config import validate_config
 from dualkd.errors import DualKDError
 from dualkd.train.loop import train
-from tests.conftest import tiny_run
+from tests.helpers import tiny_run
 
 
 def _student(**changes):

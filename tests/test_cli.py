@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from dualkd.cli import build_parser, main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _commands() -> list[str]:

@@ -12,7 +12,7 @@ from dualkd.config import DataConfig, DataSource
 from dualkd.data.dataset import TruncationRules, build_dataset, tokenize_examples
 from dualkd.data.formats import Example, parse_record
 from dualkd.train.sources import OffPolicySource, token_budget_split
-from tests.conftest import needs_real_models, needs_shared_data, synthetic_records, write_jsonl
+from tests.helpers import needs_real_models, needs_shared_data, synthetic_records, write_jsonl
 
 
 def _examples(n: int = 12) -> list[Example]:

@@ -12,7 +12,7 @@ from dualkd.data.dataset import build_dataset
 from dualkd.data.formats import ALPACA_TEMPLATE, parse_record, render
 from dualkd.data.readers import load_examples
 from dualkd.errors import DataError
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 
 def _src(path: Path) -> DataSource:

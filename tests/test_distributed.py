@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, make_model_dir, read_metrics, tiny_run
+from tests.helpers import REPO, make_model_dir, read_metrics, tiny_run
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 STEPS = 6

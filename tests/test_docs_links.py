@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 READ = [*sorted((REPO / "src").rglob("*.py")), REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")),
         *sorted((REPO / "experiments").rglob("*.md")), *sorted((REPO / "experiments").rglob("*.py")),

@@ -11,7 +11,7 @@ import pytest
 from dualkd.config import GenerationConfig
 from dualkd.errors import DataError
 from dualkd.eval.metrics import bleu, chrf, exact_match, normalize_answer, rouge_l, score
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 # ----------------------------------------------------------------------------------------------- metrics
 
@@ -182,7 +182,7 @@ def test_report_side_by_side(tmp_path: Path, train_file: Path, byte_tokenizer_di
     from dualkd.eval.suites import resolve_test_sets
     from dualkd.report import report
     from dualkd.train.loop import train
-    from tests.conftest import tiny_run
+    from tests.helpers import tiny_run
 
     runs = []
     for name, teacher in (("sft", None), ("kd", teacher_dir)):
@@ -239,7 +239,7 @@ def test_seqkd_generate_then_train(teacher_dir: Path, train_file: Path, byte_tok
     from dualkd.cli import main
     from dualkd.config import validate_config
     from dualkd.train.loop import train
-    from tests.conftest import read_metrics, tiny_run
+    from tests.helpers import read_metrics, tiny_run
 
     out = tmp_path / "teacher_outputs.jsonl"
     assert main(["generate", str(teacher_dir), "--data", str(train_file), "--out", str(out), "--max-examples", "24",

@@ -17,7 +17,7 @@ from dualkd.data.formats import Example
 from dualkd.data.tokenizers import train_tokenizer
 from dualkd.errors import ModelError
 from dualkd.generate import generate_responses, load_for_generation
-from tests.conftest import make_model_dir
+from tests.helpers import make_model_dir
 
 NON_ASCII = "Ü 東京 🙂 café"
 

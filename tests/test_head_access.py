@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dualkd.lm import head_of, through_head
 from dualkd.teachers import LiveTeacher
-from tests.conftest import make_model_dir
+from tests.helpers import make_model_dir
 
 
 @pytest.fixture(scope="module")

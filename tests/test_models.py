@@ -17,7 +17,7 @@ from dualkd.methods.base import SetupContext, StepNorm
 from dualkd.methods.kd import KD, KDConfig
 from dualkd.models import export_model, head_rows, load_model, load_tokenizer, shared_vocab_size
 from dualkd.teachers import LiveTeacher
-from tests.conftest import make_model_dir, needs_real_models, synthetic_records
+from tests.helpers import make_model_dir, needs_real_models, synthetic_records
 
 
 def _batch(tokenizer) -> Batch:

@@ -13,7 +13,7 @@ from dualkd.errors import ConfigError
 from dualkd.methods import Needs, build_objective
 from dualkd.train.build import build_parts
 from dualkd.train.engine import LocalEngine
-from tests.conftest import tiny_run
+from tests.helpers import tiny_run
 
 NOWHERE = "/nonexistent/teacher"
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from dualkd.cli import main
 from dualkd.methods.sft import SFT
-from tests.conftest import tiny_run
+from tests.helpers import tiny_run
 
 
 def _write(cfg: dict, path: Path) -> Path:

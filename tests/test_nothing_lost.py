@@ -11,7 +11,7 @@ import yaml
 
 from dualkd.cli import main
 from dualkd.outputs import MARK, written_by
-from tests.conftest import make_model_dir, tiny_run
+from tests.helpers import make_model_dir, tiny_run
 
 
 @pytest.fixture(scope="module")

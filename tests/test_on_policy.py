@@ -20,7 +20,7 @@ from dualkd.train.loop import train
 from dualkd.train.on_policy import OnPolicySource, ReplaySource, draw
 from dualkd.train.rollouts import Rollout, Rollouts, decode_with_offsets
 from dualkd.train.samplers import Sample
-from tests.conftest import make_model_dir, needs_real_models, read_metrics, tiny_run
+from tests.helpers import make_model_dir, needs_real_models, read_metrics, tiny_run
 
 TEXTS = ["Hello world, naïve café", "Line one\nline two\ttab  and  spaces", "東京 ✓ — done.", "x", ""]
 
@@ -370,7 +370,7 @@ def test_sampling_does_not_move_the_training_rng(teacher_dir: Path) -> None:
 @pytest.mark.parametrize("name", ["tiny-on-policy", "tiny-cross-on-policy", "tiny-replay", "tiny-seqkd"])
 def test_tiny_sampling_recipes_run(name: str, tmp_path: Path, teacher_dir: Path) -> None:
     from dualkd.config import load_config
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     overrides = [f"output_dir={tmp_path / name}", f"teacher.path={teacher_dir}", "optimization.max_steps=6",
                  "eval.every_steps=3", "checkpoint.every_steps=3", "data.train.num_examples=128",

@@ -11,7 +11,7 @@ import pytest
 from dualkd.config import validate_config
 from dualkd.errors import DualKDError
 from dualkd.train.loop import train
-from tests.conftest import read_metrics, tiny_run
+from tests.helpers import read_metrics, tiny_run
 
 
 def _cfg(tmp_path: Path, name: str, train_file: Path, tok: Path, teacher: Path, placement: str, **objective):

@@ -13,7 +13,7 @@ from torch import nn
 
 from dualkd.errors import ConfigError
 from dualkd.prune import evenly_spaced, layer_stack, prune_folder, prune_layers
-from tests.conftest import make_model_dir
+from tests.helpers import make_model_dir
 
 
 def test_evenly_spaced_keeps_first_and_last() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from dualkd.config import validate_config
 from dualkd.train.loop import train
-from tests.conftest import needs_real_models, needs_shared_data, read_metrics
+from tests.helpers import needs_real_models, needs_shared_data, read_metrics
 
 
 @pytest.mark.slow

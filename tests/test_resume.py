@@ -14,7 +14,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, read_metrics, tiny_run
+from tests.helpers import REPO, read_metrics, tiny_run
 
 STEPS = 60
 

@@ -18,7 +18,7 @@ from dualkd.train import checkpoint as ckpt_module
 from dualkd.train.checkpoint import list_checkpoints, remove_dir, verify_manifest, write_manifest
 from dualkd.train.loop import train
 from dualkd.train.resume import KEY_VERSION, changes
-from tests.conftest import make_model_dir, read_metrics, tiny_run
+from tests.helpers import make_model_dir, read_metrics, tiny_run
 
 
 def _raw(tmp_path: Path, train_file: Path, tok: Path, teacher: Path, **optimization) -> dict:

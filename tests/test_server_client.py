@@ -1,5 +1,5 @@
 """The served teacher's parts that need no server: the string -> id map, the config, what it refuses.
-(The real server is tests/test_served_teacher.py.)"""
+(The real server is tests/served/test_served_teacher.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dualkd.config import RunConfig
 from dualkd.errors import ConfigError
 from dualkd.teachers.served import ServedTeacher, unpadded_sequences
 from dualkd.teachers.server_client import ServerClient, StringIds, server_strings
-from tests.conftest import tiny_run
+from tests.helpers import tiny_run
 
 
 def _tokenizer(path: Path):  # noqa: ANN202

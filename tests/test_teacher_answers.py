@@ -268,7 +268,7 @@ def test_a_missing_tokenize_endpoint_names_the_server_kind(server: FakeServer, t
 def test_a_bad_server_url_is_refused_at_config_time(url: str, message: str, tmp_path: Path, train_file: Path,
                                                     byte_tokenizer_dir: Path, teacher_dir: Path) -> None:
     from dualkd.config import validate_config
-    from tests.conftest import tiny_run
+    from tests.helpers import tiny_run
 
     cfg = tiny_run(tmp_path / "run", train_file, byte_tokenizer_dir, teacher=teacher_dir,
                    objective={"name": "kd", "top_k": 4})
@@ -284,7 +284,7 @@ def test_moving_the_server_is_no_change_of_the_run(tmp_path: Path, train_file: P
     """Where the server is and how it is asked change how, not what: a resume accepts them."""
     from dualkd.config import validate_config
     from dualkd.train.resume import resume_key
-    from tests.conftest import tiny_run
+    from tests.helpers import tiny_run
 
     def key(**server: Any) -> dict[str, Any]:
         cfg = tiny_run(tmp_path / "run", train_file, byte_tokenizer_dir, teacher=teacher_dir,
@@ -321,7 +321,7 @@ def test_sigterm_while_the_server_stalls_stops_the_run_at_once(server: FakeServe
 
     import yaml
 
-    from tests.conftest import REPO, tiny_run
+    from tests.helpers import REPO, tiny_run
 
     asked = threading.Event()
 

@@ -18,7 +18,7 @@ from dualkd.errors import DualKDError
 from dualkd.losses.sparse import sparse_kl, topk_targets
 from dualkd.teachers.cache_files import CacheMismatch, TeacherCache
 from dualkd.train.loop import train
-from tests.conftest import make_model_dir, read_metrics, tiny_run
+from tests.helpers import make_model_dir, read_metrics, tiny_run
 
 
 def _naive_bucket_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from dualkd.errors import ConfigError, DualKDError
 from dualkd.losses.sparse import TopKTargets, log_tail_mass
 from dualkd.teachers import KINDS, Teacher, TeacherSite, TeacherSpec
 from dualkd.train.loop import train
-from tests.conftest import read_metrics, tiny_run
+from tests.helpers import read_metrics, tiny_run
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dualkd"
 

@@ -16,7 +16,7 @@ from dualkd.config import validate_config
 from dualkd.errors import ConfigError, DataError
 from dualkd.train.announce import format_record
 from dualkd.train.loop import train
-from tests.conftest import read_metrics, synthetic_records, tiny_run, write_jsonl
+from tests.helpers import read_metrics, synthetic_records, tiny_run, write_jsonl
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
@@ -161,7 +161,7 @@ def test_objective_without_teacher_is_a_config_error(tmp_path: Path, train_file:
 def test_kd_with_different_tokenizers_is_refused(tmp_path: Path, train_file: Path, byte_tokenizer_dir: Path,
                                                  meta_tokenizer_dir: Path) -> None:
     from dualkd.errors import ModelError
-    from tests.conftest import make_model_dir
+    from tests.helpers import make_model_dir
 
     other = make_model_dir(tmp_path / "other", meta_tokenizer_dir)
     cfg = tiny_run(tmp_path / "r", train_file, byte_tokenizer_dir, teacher=other)

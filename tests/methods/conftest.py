@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import make_model_dir, synthetic_records, tiny_run, write_jsonl
-from tests.methods.harness import NO_DROPOUT
+from tests.helpers import make_model_dir, synthetic_records, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -16,14 +14,6 @@ def cross_teacher(tmp_path_factory: pytest.TempPathFactory, meta_tokenizer_dir: 
     """A Llama-style teacher (d=48) with the SentencePiece-style tokenizer: vocabularies differ."""
     return make_model_dir(tmp_path_factory.mktemp("cross_teacher"), meta_tokenizer_dir, model_type="llama",
                           hidden_size=48, intermediate_size=96, seed=2)
-
-
-def student_run(out: Path, train: Path, tokenizer: Path, teacher: Path, objective: dict[str, Any],
-                **sections: Any) -> dict[str, Any]:
-    """A tiny GPT-2 student (no dropout) distilled from `teacher` with `objective`."""
-    cfg = tiny_run(out, train, tokenizer, teacher=teacher, objective=dict(objective), **sections)
-    cfg["student"]["arch"].update(NO_DROPOUT)
-    return cfg
 
 
 # ------------------------------------------------------------------------------------- translation models
@@ -42,18 +32,6 @@ def marian_teacher(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer_dir:
                           d_model=48, encoder_ffn_dim=96, decoder_ffn_dim=96, seed=4)
 
 
-def marian_run(out: Path, pairs: Path, tokenizer: Path, teacher: Path | None, objective: dict[str, Any]
-               ) -> dict[str, Any]:
-    """A tiny Marian student (d=32, no dropout) translating `pairs`, distilled from `teacher` with `objective`."""
-    cfg = tiny_run(out, pairs, tokenizer, teacher=teacher, objective=dict(objective))
-    cfg["data"] = {"train": str(pairs), "translation": "de:en", "max_length": 48, "max_prompt_length": 48}
-    cfg["student"]["arch"] = {"model_type": "marian", "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
-                              "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
-                              "decoder_ffn_dim": 64, "max_position_embeddings": 128, "dropout": 0.0,
-                              "attention_dropout": 0.0, "activation_dropout": 0.0}
-    return cfg
-
-
 @pytest.fixture(scope="session")
 def preference_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 preference pairs from the synthetic tasks: the right answer chosen, another task's answer rejected."""
@@ -62,3 +40,5 @@ def preference_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
              for i, r in enumerate(recs)]
     pairs = [p for p in pairs if p["chosen"] != p["rejected"]][:24]
     return write_jsonl(tmp_path_factory.mktemp("prefs") / "train.jsonl", pairs)
+
+

@@ -13,13 +13,19 @@ divides by the padded length).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from dualkd.lm import lm_forward
+from dualkd.methods.base import StepNorm
 from dualkd.methods.cbmi import cbmi_values
-from tests.methods.conftest import marian_run
+from dualkd.train.build import build_parts
+from dualkd.train.engine import LocalEngine
+from dualkd.train.loop import train
+from tests.helpers import marian_run, nmt_run, read_metrics
 from tests.methods.harness import assert_split_invariant, assert_twin, build64, implementation
 
 
@@ -103,3 +109,64 @@ def test_compat_floor_where_p_lm_is_tiny() -> None:
     torch.testing.assert_close(exact[0, 0], log_nmt - torch.log(p_lm))
     torch.testing.assert_close(compat[0, 0], log_nmt - torch.log(p_lm + 1e-9))
     assert float(exact - compat) > 2.0
+
+
+def test_cbmi_weights() -> None:
+    from dualkd.methods.cbmi import cbmi_weights
+
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(4, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]).bool()
+    w = cbmi_weights(c, mask, 0.1, 0.3)
+    assert bool((w >= 0).all()) and not w.requires_grad and torch.isfinite(w).all()  # one-token row: no NaN
+    assert bool((w[~mask] == 0).all())
+    # the normalized CBMI has mean 0 in each sentence: with λ_sent = 0 the token weights average to 1
+    w_tok = cbmi_weights(c, mask, 0.1, 0.0)
+    assert torch.allclose((w_tok * mask).sum(-1) / mask.sum(-1), torch.ones(4), atol=1e-5)
+    assert torch.equal(cbmi_weights(c, mask, 0.0, 0.0), mask.float())  # λ = 0: plain CE
+    # compat: the official denominators (padded length T = 6, no ε) on a hand-checked row and the batch
+    row = torch.tensor([[1.0, 2.0, 4.0, 0.0, 0.0, 0.0]])
+    mask_row = torch.tensor([[1, 1, 1, 0, 0, 0]]).bool()
+    two = torch.cat([row, torch.tensor([[3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])])
+    two_mask = torch.cat([mask_row, torch.ones(1, 6, dtype=torch.bool)])
+    w_c = cbmi_weights(two, two_mask, 1.0, 1.0, compat=True)
+    mu, sigma = 7 / 3, (((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 6) ** 0.5
+    mu_b = (7 / 3 + 3) / 2
+    sigma_b = (((7 / 3 - mu_b) ** 2 + (3 - mu_b) ** 2) / 6) ** 0.5
+    expected = max(0.0, 1 + (1 - mu) / sigma) * max(0.0, 1 + (7 / 3 - mu_b) / sigma_b)
+    assert float(w_c[0, 0]) == pytest.approx(expected, rel=1e-5)
+    one = cbmi_weights(torch.tensor([[2.0, 0.0]]), torch.tensor([[True, False]]), 0.1, 0.3, compat=True)
+    assert torch.isnan(one).any()  # what the official code does on a one-token sentence
+
+def test_cbmi_switch_and_frozen_lm(tmp_path: Path, nmt_pairs: tuple[Path, Path], byte_tokenizer_dir: Path) -> None:
+    cfg = nmt_run(tmp_path / "cbmi", nmt_pairs, byte_tokenizer_dir, {"name": "cbmi", "pretrain_steps": 3},
+               optimization={"max_steps": 6})
+    parts = build_parts(cfg, tmp_path, LocalEngine())
+    obj, student = parts.objective, parts.student
+    batch = parts.train_set.collate([0, 1, 2])
+    n = float(batch.student.loss_mask.sum())
+    for step, weighted in ((0, False), (2, False), (3, True), (5, True)):
+        obj.zero_grad(set_to_none=True)
+        student.zero_grad(set_to_none=True)
+        loss, metrics = obj(student, batch, None, StepNorm({"tokens": n}, step=step))
+        loss.backward()
+        lm_grads = [p.grad for p in obj.lm.parameters()]
+        assert float(metrics["weighting"]) == pytest.approx(float(weighted))
+        if not weighted:
+            assert float(metrics["weight"]) == pytest.approx(1.0)  # w = 1 before the switch
+        assert all(g is None for g in lm_grads) == weighted  # the LM is frozen after it
+        assert any(p.grad is not None for p in student.parameters())
+    # λ = 0 and before the switch: label-smoothed CE of the NMT model + 0.01 x the LM's
+    from dualkd.losses.cross_entropy import label_smoothed_cross_entropy
+
+    student.eval()
+    obj.lm.eval()
+    loss, _ = obj(student, batch, None, StepNorm({"tokens": n}, step=0))
+    tokens = batch.student
+    nmt = label_smoothed_cross_entropy(lm_forward(student, tokens).logits, tokens.labels, tokens.loss_mask, 0.1)
+    dec = student.prepare_decoder_input_ids_from_labels(labels=tokens.labels.masked_fill(~tokens.loss_mask, -100))
+    lm = label_smoothed_cross_entropy(obj.lm(input_ids=dec).logits, tokens.labels, tokens.loss_mask, 0.1)
+    assert float(loss.detach()) == pytest.approx(float((nmt.sum() + 0.01 * lm.sum()).detach() / n), rel=1e-5)
+    records = read_metrics(train(cfg))  # and the whole run, with the switch at step 3
+    assert len(records) == 6 and all(math.isfinite(r["loss"]) for r in records)
+    assert [r["weighting"] for r in records] == pytest.approx([0.0] * 3 + [1.0] * 3)

@@ -13,8 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dualkd.config import validate_config
 from dualkd.data.preferences import pairs_of
-from tests.methods.conftest import student_run
+from dualkd.losses.policy import (
+    dpo_loss,
+    sequence_logprobs,
+)
+from dualkd.methods.base import StepNorm
+from dualkd.train.build import build_parts
+from dualkd.train.engine import LocalEngine
+from tests.helpers import student_run, tiny_run
 from tests.methods.harness import assert_split_invariant, assert_twin, build64, forward, implementation
 
 
@@ -47,3 +55,41 @@ def test_dpo_is_its_formula(objective: dict, tmp_path: Path, preference_pairs: P
     loss, grads = implementation(parts, [list(range(8))])
     assert_twin(parts, loss, grads, dpo_twin(parts, batch))
     assert_split_invariant(parts)
+
+
+def test_dpo_loss_hand_computed() -> None:
+    loss, rc, rr = dpo_loss(torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.5]),
+                            beta=0.5)
+    # rewards: 0.5·(−3 + 4) = 0.5 and 0.5·(−5 + 4.5) = −0.25; loss = −log σ(0.75) = log(1 + e^−0.75)
+    assert float(rc) == pytest.approx(0.5) and float(rr) == pytest.approx(-0.25)
+    assert float(loss) == pytest.approx(0.3868710, abs=1e-6)
+    logits = torch.randn(2, 4, 7)
+    labels, mask = torch.randint(0, 7, (2, 4)), torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    expected = [sum(F.log_softmax(logits[b, t], -1)[labels[b, t]] for t in range(4) if mask[b, t]) for b in range(2)]
+    assert torch.allclose(sequence_logprobs(logits, labels, mask), torch.stack(expected))
+
+def test_dpo_swap_pairs_flips_the_preference(tmp_path: Path, prefs: tuple[Path, Path], byte_tokenizer_dir: Path,
+                                             teacher_dir: Path, reverse_model: Path) -> None:
+    out = {}
+    for swap in (False, True):
+        cfg = tiny_run(tmp_path / str(swap), prefs[0], byte_tokenizer_dir, teacher=reverse_model,
+                       student={"path": str(teacher_dir)}, objective={"name": "dpo", "beta": 0.5, "swap_pairs": swap})
+        parts = build_parts(validate_config(cfg), tmp_path, LocalEngine())
+        parts.student.eval()
+        batch = parts.train_set.collate(list(range(6)))
+        assert pairs_of(batch) == 6 and batch.student.input_ids.shape[0] == 12
+        ref = parts.objective.teacher_forward(parts.teacher, batch)
+        counts = {k: float(v) for k, v in parts.objective.counts(batch).items()}
+        loss, metrics = parts.objective(parts.student, batch, ref, StepNorm(counts))
+        with torch.no_grad():
+            lp = sequence_logprobs(parts.student(input_ids=batch.student.input_ids,
+                                                 attention_mask=batch.student.attention_mask).logits,
+                                   batch.student.labels, batch.student.loss_mask)
+            lr = sequence_logprobs(parts.teacher.model(input_ids=batch.student.input_ids,
+                                                 attention_mask=batch.student.attention_mask).logits,
+                                   batch.student.labels, batch.student.loss_mask)
+        w, l_ = (slice(6, 12), slice(0, 6)) if swap else (slice(0, 6), slice(6, 12))
+        naive, _, _ = dpo_loss(lp[w], lp[l_], lr[w], lr[l_], 0.5)
+        assert float(loss) == pytest.approx(float(naive.mean()), rel=1e-5)
+        out[swap] = float(metrics["margin"])
+    assert out[True] == pytest.approx(-out[False], rel=1e-5)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.methods.conftest import student_run
+from tests.helpers import student_run
 from tests.methods.harness import (
     assert_is_its_formula,
     build64,

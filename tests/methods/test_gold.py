@@ -17,7 +17,7 @@ import torch
 
 from dualkd.align.groups import span_groups
 from dualkd.align.vocab import shared_vocabulary
-from tests.methods.conftest import student_run
+from tests.helpers import student_run
 from tests.methods.harness import assert_is_its_formula, build64, ce, forward, implementation
 
 

@@ -16,8 +16,7 @@ import torch
 
 from dualkd.align.mined import mined_vocab_map
 from dualkd.align.vocab import bytes_index, token_bytes
-from tests.conftest import needs_real_models
-from tests.methods.conftest import student_run
+from tests.helpers import needs_real_models, student_run
 from tests.methods.harness import assert_split_invariant, assert_twin, build64, ce, forward, implementation
 
 

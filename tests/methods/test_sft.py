@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dualkd.lm import lm_forward
+from dualkd.methods.base import StepNorm
 from dualkd.methods.sft import SFTConfig
-from tests.conftest import tiny_run
+from dualkd.train.build import build_parts
+from dualkd.train.engine import LocalEngine
+from tests.helpers import nmt_run, tiny_run
 from tests.methods.harness import NO_DROPOUT, assert_is_its_formula, build64, ce, forward
 
 
@@ -45,3 +49,22 @@ def test_sft_fused_auto_follows_the_vocabulary(tmp_path: Path, train_file: Path,
         assert build64(cfg, tmp_path / str(min_vocab)).objective.fused is fused
     with pytest.raises(ValueError, match="label_smoothing reads the dense logits"):
         SFTConfig(fused="on", label_smoothing=0.1)
+
+
+def test_sft_label_smoothing_is_fairseqs(tmp_path: Path, nmt_pairs: tuple[Path, Path], byte_tokenizer_dir: Path
+                                         ) -> None:
+    """The Transformer baseline's loss: (1 − ε)·NLL + ε·mean_v(−log q_v) per target token; `ce` stays the NLL."""
+    parts = build_parts(nmt_run(tmp_path, nmt_pairs, byte_tokenizer_dir, {"name": "sft", "label_smoothing": 0.1}),
+                        tmp_path, LocalEngine())
+    student, obj = parts.student, parts.objective
+    student.eval()
+    batch = parts.train_set.collate([0, 1, 2])
+    n = float(batch.student.loss_mask.sum())
+    loss, metrics = obj(student, batch, None, StepNorm({"tokens": n}))
+    tokens = batch.student
+    logq = torch.log_softmax(lm_forward(student, tokens).logits.double(), -1)  # the same encoder-decoder call
+    mask = tokens.loss_mask
+    nll = -logq.gather(-1, tokens.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
+    smooth = -logq.mean(-1)[mask]
+    assert float(loss) == pytest.approx(float((0.9 * nll + 0.1 * smooth).sum() / n), rel=1e-5)
+    assert float(metrics["ce"]) == pytest.approx(float(nll.sum() / n), rel=1e-5)

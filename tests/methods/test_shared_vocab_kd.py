@@ -14,7 +14,7 @@ import torch
 
 from dualkd.align.vocab import shared_vocabulary
 from dualkd.errors import DualKDError
-from tests.methods.conftest import student_run
+from tests.helpers import student_run
 from tests.methods.harness import assert_is_its_formula, build64, ce, divergence, forward
 
 
@@ -65,7 +65,7 @@ def test_trains_from_a_cache_with_hidden_states(tmp_path: Path, train_file: Path
     import yaml
 
     from dualkd.cli import main
-    from tests.conftest import read_metrics
+    from tests.helpers import read_metrics
 
     cfg = student_run(tmp_path / "run", train_file, byte_tokenizer_dir, cross_teacher,
                       {"name": "shared_vocab_kd"}, optimization={"max_steps": 3})

@@ -10,12 +10,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.methods.conftest import marian_run, student_run
+from dualkd.losses.ranking import hierarchical_ranking_loss
+from dualkd.methods.base import StepNorm
+from dualkd.methods.tie_kd import next_decoder_inputs
+from dualkd.train.build import build_parts
+from dualkd.train.engine import LocalEngine
+from tests.helpers import marian_run, nmt_run, student_run
 from tests.methods.harness import (
     assert_is_its_formula,
     build64,
@@ -100,3 +106,56 @@ def test_kl_floor_changes_the_loss(tmp_path: Path, mt_pairs: Path, byte_tokenize
                                    {"name": "tie_kd", "iterations": 1, "ranking": False, "kl_floor": floor}), out)
         losses.append(float(implementation(parts, [list(range(8))])[0].detach()))
     assert abs(losses[0] - losses[1]) > 1e-4 * abs(losses[0])
+
+
+def test_ranking_loss_hand_cases() -> None:
+    p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    q = torch.tensor([0.1, 0.5, 0.2, 0.15, 0.05])
+    # T = (0, 1, 2), S = (1, 2, 3); top-1: (0.5 − 0.1) + (0.2 − 0.1) = 0.5; top-k: only t_1 (p 0.4) is outranked,
+    # by s = 1, 2, 3: (0.5 − 0.1) + (0.2 − 0.1) + (0.15 − 0.1) = 0.55
+    assert float(hierarchical_ranking_loss(q.log(), p.log(), k=3)) == pytest.approx(1.05, abs=1e-6)
+    # k = 1: T = (0,), S = (1,): no top-1 term; the student's top token (teacher p 0.3 < 0.4) outranks t_1 by 0.4
+    assert float(hierarchical_ranking_loss(q.log(), p.log(), k=1)) == pytest.approx(0.4, abs=1e-6)
+    z = torch.randn(4, 7, 30)
+    assert float(hierarchical_ranking_loss(z, z, k=5).abs().max()) == pytest.approx(0.0, abs=1e-7)
+    assert float(hierarchical_ranking_loss(2.5 * z, z, k=5).abs().max()) == pytest.approx(0.0, abs=1e-7)  # same order
+    assert float(hierarchical_ranking_loss(-z, z, k=5).min()) > 0
+    with pytest.raises(ValueError, match="k must be"):
+        hierarchical_ranking_loss(z, z, k=31)
+
+def test_iterative_kd_inputs_gradients_and_pads(tmp_path: Path, nmt_pairs: tuple[Path, Path], byte_tokenizer_dir: Path,
+                                                 nmt_teacher: Path) -> None:
+    logits = torch.randn(2, 5, 11)
+    assert torch.equal(next_decoder_inputs(logits, 7), torch.cat([torch.full((2, 1), 7), logits.argmax(-1)[:, :-1]], 1))
+
+    parts = build_parts(nmt_run(tmp_path, nmt_pairs, byte_tokenizer_dir, {"name": "tie_kd", "iterations": 3},
+                             teacher=nmt_teacher), tmp_path, LocalEngine())
+    student, obj = parts.student, parts.objective
+    student.eval()  # no dropout: passes are comparable
+    seen: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    hook = student.model.decoder.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True)
+    out_hook = student.register_forward_hook(lambda m, a, out: outputs.append(out.logits.detach()))
+    batch = parts.train_set.collate([0, 1, 2, 3])
+    norm = StepNorm({"tokens": float(batch.student.loss_mask.sum())})
+    loss, metrics = obj(student, batch, obj.teacher_forward(parts.teacher, batch), norm)
+    hook.remove()
+    out_hook.remove()
+    assert len(seen) == 3
+    start = student.config.decoder_start_token_id
+    assert torch.equal(seen[1], next_decoder_inputs(outputs[0], start))  # pass 2 reads pass 1's argmax
+    assert torch.equal(seen[2], next_decoder_inputs(outputs[1], start))
+    loss.backward()
+    assert all(p.grad is None for p in parts.teacher.model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert math.isfinite(float(metrics["ranking"])) and float(metrics["kd"]) >= 0
+
+    # pads count nowhere: the summed loss of a batch is the sum over its examples alone
+    def summed(indices: list[int]) -> float:
+        b = parts.train_set.collate(indices)
+        n = float(b.student.loss_mask.sum())
+        value, _ = obj(student, b, obj.teacher_forward(parts.teacher, b), StepNorm({"tokens": n}))
+        return float(value.detach()) * n
+
+    assert summed([0, 5]) == pytest.approx(summed([0]) + summed([5]), rel=1e-4)

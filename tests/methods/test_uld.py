@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.methods.conftest import student_run
+from tests.helpers import student_run
 from tests.methods.harness import (
     assert_close_grads,
     assert_is_its_formula,

@@ -19,8 +19,7 @@ from dualkd.config import validate_config
 from dualkd.errors import DualKDError
 from dualkd.teachers.server_client import ServerClient
 from dualkd.train.loop import train
-from tests.conftest import needs_real_models, read_metrics, synthetic_records, tiny_run, write_jsonl
-from tests.test_served_teacher import _free_port, _gguf
+from tests.helpers import free_port, needs_real_models, read_metrics, synthetic_records, tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +28,7 @@ class HiddenServer:
     """`dualkd serve-teacher` on 127.0.0.1."""
 
     def __init__(self, gguf: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dualkd.cli", "serve-teacher", str(gguf), "--port", str(self.port),
@@ -52,20 +51,10 @@ class HiddenServer:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HiddenServer]:
-    running = HiddenServer(_gguf(needs_real_models(), tmp_path_factory.mktemp("gguf")))
+def server(gguf: Path) -> Iterator[HiddenServer]:
+    running = HiddenServer(gguf)
     yield running
     running.kill()
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    return needs_real_models() / "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", synthetic_records(16, seed=5))
 
 
 def test_the_served_hidden_states_are_the_live_models(server: HiddenServer, smollm2: Path) -> None:

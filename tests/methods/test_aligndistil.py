@@ -1,12 +1,9 @@
-"""Preference data, DPO / reverse DPO, AlignDistil (identities of the spec, fused vs naive), alignment
-evaluation and the LLM judge (against a small HTTP server started on 127.0.0.1)."""
+"""AlignDistil: the identities of its spec, its fused loss against the naive formula (every variant), the label
+shift, its frozen models (never trained, named when missing), and the DPO -> reverse DPO -> AlignDistil
+pipeline off and on policy. DPO's own twin: test_dpo.py."""
 
 from __future__ import annotations
 
-import json
-import random
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -14,16 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from dualkd.config import validate_config
-from dualkd.data.formats import parse_record
-from dualkd.data.preferences import pairs_of
-from dualkd.errors import DataError
 from dualkd.losses.policy import (
     adaptive_alpha,
     aligndistil_loss,
     contrastive_teacher_logits,
-    dpo_loss,
     reverse_kl,
-    sequence_logprobs,
     theorem1_teacher_logits,
     total_variation,
 )
@@ -32,7 +24,7 @@ from dualkd.train.build import build_parts
 from dualkd.train.engine import LocalEngine
 from dualkd.train.loop import train
 from dualkd.train.step import TrainModule
-from tests.conftest import make_model_dir, read_metrics, synthetic_records, tiny_run, write_jsonl
+from tests.helpers import read_metrics, tiny_run
 
 ENGINE = LocalEngine()
 
@@ -40,44 +32,7 @@ ENGINE = LocalEngine()
 # ----------------------------------------------------------------------------------------------- data
 
 
-def test_preference_records() -> None:
-    ex = parse_record({"prompt": "Q?", "chosen": "yes", "rejected": "no"}, "f:1")
-    assert (ex.prompt, ex.response, ex.rejected) == ("Q?", "yes", "no")
-    assert ex.rejected_example.response == "no" and ex.rejected_example.prompt == "Q?"
-    user = {"role": "user", "content": "Q?"}
-    full = parse_record({"prompt": "Q?", "chosen": [user, {"role": "assistant", "content": "yes"}],
-                         "rejected": [user, {"role": "assistant", "content": "no"}]}, "f:2")
-    short = parse_record({"prompt": "Q?", "chosen": [{"role": "assistant", "content": "yes"}],
-                          "rejected": [{"role": "assistant", "content": "no"}]}, "f:3")
-    assert full.messages == short.messages and full.rejected == short.rejected == "no"
-    bad = [({"prompt": "Q?", "chosen": "yes"}, "field 'rejected' is missing"),
-           ({"prompt": "Q?", "chosen": "yes", "rejected": " "}, "field 'rejected': empty response"),
-           ({"chosen": "yes", "rejected": "no"}, "field 'prompt' is missing"),
-           ({"prompt": "Q?", "chosen": "yes", "rejected": ["no"]}, "two strings or two message lists"),
-           ({"chosen": [user, {"role": "assistant", "content": "a"}],
-             "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
-            "differ before the last turn"),
-           ({"prompt": "Q?", "chosen": [user, {"role": "user", "content": "x"}],
-             "rejected": [user, {"role": "assistant", "content": "b"}]}, r"field 'chosen\[1\]'")]
-    for record, message in bad:
-        with pytest.raises(DataError, match=message) as e:
-            parse_record(record, "prefs.jsonl:7")
-        assert str(e.value).startswith("prefs.jsonl:7")
-
-
 # ----------------------------------------------------------------------------------------------- pure math
-
-
-def test_dpo_loss_hand_computed() -> None:
-    loss, rc, rr = dpo_loss(torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-4.5]),
-                            beta=0.5)
-    # rewards: 0.5·(−3 + 4) = 0.5 and 0.5·(−5 + 4.5) = −0.25; loss = −log σ(0.75) = log(1 + e^−0.75)
-    assert float(rc) == pytest.approx(0.5) and float(rr) == pytest.approx(-0.25)
-    assert float(loss) == pytest.approx(0.3868710, abs=1e-6)
-    logits = torch.randn(2, 4, 7)
-    labels, mask = torch.randint(0, 7, (2, 4)), torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    expected = [sum(F.log_softmax(logits[b, t], -1)[labels[b, t]] for t in range(4) if mask[b, t]) for b in range(2)]
-    assert torch.allclose(sequence_logprobs(logits, labels, mask), torch.stack(expected))
 
 
 def test_aligndistil_identities() -> None:
@@ -133,24 +88,6 @@ def test_one_step_bandit_identity_and_convergence() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- objectives
-
-
-@pytest.fixture(scope="module")
-def prefs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Preference pairs from the synthetic tasks: the right answer is chosen, another task's answer rejected."""
-    recs = synthetic_records(140, seed=5)
-    rng = random.Random(0)
-    pairs = [{"prompt": r["prompt"], "chosen": r["output"], "rejected": recs[rng.randrange(len(recs))]["output"]}
-             for r in recs]
-    pairs = [p for p in pairs if p["chosen"] != p["rejected"]]
-    root = tmp_path_factory.mktemp("prefs")
-    return write_jsonl(root / "train.jsonl", pairs[:96]), write_jsonl(root / "dev.jsonl", pairs[96:120])
-
-
-@pytest.fixture(scope="module")
-def reverse_model(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer_dir: Path) -> Path:
-    """A second model of the teacher's tokenizer (stands in for the reverse-DPO model in unit tests)."""
-    return make_model_dir(tmp_path_factory.mktemp("rev"), byte_tokenizer_dir, n_embd=48, seed=3)
 
 
 def _align_cfg(tmp: Path, prefs: tuple[Path, Path], tok: Path, dpo: Path, other: Path, **objective) -> dict:
@@ -251,33 +188,6 @@ def test_missing_or_stray_frozen_models_are_named(tmp_path: Path, prefs: tuple[P
         build_parts(validate_config(cfg), tmp_path, ENGINE)
 
 
-def test_dpo_swap_pairs_flips_the_preference(tmp_path: Path, prefs: tuple[Path, Path], byte_tokenizer_dir: Path,
-                                             teacher_dir: Path, reverse_model: Path) -> None:
-    out = {}
-    for swap in (False, True):
-        cfg = tiny_run(tmp_path / str(swap), prefs[0], byte_tokenizer_dir, teacher=reverse_model,
-                       student={"path": str(teacher_dir)}, objective={"name": "dpo", "beta": 0.5, "swap_pairs": swap})
-        parts = build_parts(validate_config(cfg), tmp_path, ENGINE)
-        parts.student.eval()
-        batch = parts.train_set.collate(list(range(6)))
-        assert pairs_of(batch) == 6 and batch.student.input_ids.shape[0] == 12
-        ref = parts.objective.teacher_forward(parts.teacher, batch)
-        counts = {k: float(v) for k, v in parts.objective.counts(batch).items()}
-        loss, metrics = parts.objective(parts.student, batch, ref, StepNorm(counts))
-        with torch.no_grad():
-            lp = sequence_logprobs(parts.student(input_ids=batch.student.input_ids,
-                                                 attention_mask=batch.student.attention_mask).logits,
-                                   batch.student.labels, batch.student.loss_mask)
-            lr = sequence_logprobs(parts.teacher.model(input_ids=batch.student.input_ids,
-                                                 attention_mask=batch.student.attention_mask).logits,
-                                   batch.student.labels, batch.student.loss_mask)
-        w, l_ = (slice(6, 12), slice(0, 6)) if swap else (slice(0, 6), slice(6, 12))
-        naive, _, _ = dpo_loss(lp[w], lp[l_], lr[w], lr[l_], 0.5)
-        assert float(loss) == pytest.approx(float(naive.mean()), rel=1e-5)
-        out[swap] = float(metrics["margin"])
-    assert out[True] == pytest.approx(-out[False], rel=1e-5)
-
-
 def test_dpo_reverse_dpo_then_aligndistil_off_and_on_policy(tmp_path: Path, prefs: tuple[Path, Path],
                                                             byte_tokenizer_dir: Path, teacher_dir: Path) -> None:
     common = dict(student={"path": str(teacher_dir)}, optimization={"lr": 2e-3, "max_steps": 8},
@@ -304,81 +214,3 @@ def test_dpo_reverse_dpo_then_aligndistil_off_and_on_policy(tmp_path: Path, pref
 # ----------------------------------------------------------------------------------------------- commands
 
 
-def test_preference_build_and_align_eval(tmp_path: Path, train_file: Path, teacher_dir: Path,
-                                         reverse_model: Path) -> None:
-    from dualkd.cli import main
-    from dualkd.config import GenerationConfig
-    from dualkd.eval.alignment import evaluate_alignment
-
-    out = tmp_path / "prefs.jsonl"
-    assert main(["preference", "build", str(teacher_dir), "--data", str(train_file), "--out", str(out),
-                 "--max-examples", "12", "--max-new-tokens", "8", "--no-repeat-ngram-size", "0"]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    originals = [json.loads(line) for line in train_file.read_text().splitlines()][:12]
-    assert rows and all(r["chosen"] == next(o["output"] for o in originals if o["prompt"] == r["prompt"])
-                        and r["rejected"] != r["chosen"] for r in rows)
-    settings = GenerationConfig(max_new_tokens=8, max_length=96, max_prompt_length=80)
-    same = evaluate_alignment(teacher_dir, out, teacher_dir, teacher_dir, beta=0.1, settings=settings)
-    assert same["kl_to_dpo"] == pytest.approx(0.0, abs=1e-5)  # the model is its own DPO model
-    other = evaluate_alignment(teacher_dir, out, reverse_model, teacher_dir, beta=0.1, settings=settings,
-                               out=tmp_path / "ae")
-    assert other["kl_to_dpo"] > 0 and 0 < other["response_length"] <= 8
-    assert same["reward_accuracy"] == 0.0 and same["reward_margin"] == 0.0  # π = π_ref: every margin is 0
-    assert (tmp_path / "ae" / "alignment.json").exists() and (tmp_path / "ae" / "samples.jsonl").exists()
-
-
-class _Judge(BaseHTTPRequestHandler):
-    """An OpenAI-style endpoint whose judge prefers the longer response; the first request fails with 503."""
-
-    calls = 0
-
-    def do_POST(self) -> None:  # noqa: N802
-        type(self).calls += 1
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if type(self).calls == 1:
-            self.send_response(503)
-            self.end_headers()
-            self.wfile.write(b"warming up")
-            return
-        text = body["messages"][-1]["content"]
-        a = text.split("[Response A]\n", 1)[1].split("\n\n[Response B]", 1)[0]
-        b = text.split("[Response B]\n", 1)[1].split("\n\nWhich response", 1)[0]
-        verdict = "tie" if len(a) == len(b) else ("A" if len(a) > len(b) else "B")
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": f"{verdict}."}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def test_judge_against_a_local_server(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from dualkd.cli import main
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    prompts = [f"question {i}" for i in range(6)]
-    cand = write_jsonl(tmp_path / "cand.jsonl", [{"prompt": p, "generation": "long answer " * (i % 3)}
-                                                 for i, p in enumerate(prompts)])
-    base = write_jsonl(tmp_path / "base.jsonl", [{"prompt": p, "output": "long answer "} for p in reversed(prompts)])
-    cache = tmp_path / "cache.jsonl"
-    try:
-        args = ["judge", str(cand), str(base), "--endpoint", endpoint, "--model", "judge", "--cache", str(cache),
-                "--out", str(tmp_path / "judge.json")]
-        assert main([*args, "--max-requests", "5"]) == 0  # the budget stops it part-way
-        partial = json.loads((tmp_path / "judge.json").read_text())
-        assert partial["stopped"] and partial["judged"] < 6 and partial["requests_sent"] == 5
-        assert main(args) == 0
-        result = json.loads((tmp_path / "judge.json").read_text())
-        # candidate lengths: 0, 1, 2 repeats vs 1 repeat -> loss, tie, win, twice over
-        assert (result["wins"], result["ties"], result["losses"]) == (2, 2, 2)
-        assert result["win_rate"] == pytest.approx(50.0) and result["cache_hits"] >= 4
-        assert main(args) == 0  # all cached now: no request goes out
-        again = json.loads((tmp_path / "judge.json").read_text())
-        assert again["requests_sent"] == 0 and again["cache_hits"] == 12
-    finally:
-        server.shutdown()

