@@ -42,7 +42,7 @@ def _as_array(offsets: Offsets) -> np.ndarray:
         arr = offsets.detach().cpu().numpy()
     elif isinstance(offsets, np.ndarray):
         arr = offsets
-    else:  # a list of pairs: flattened by an iterator, ~2x faster than np.array's shape discovery
+    else:  # a list of pairs: flattened by an iterator, faster than np.array's shape discovery (docs/benchmark-align.md)
         n = len(offsets)
         try:
             arr = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * n).reshape(n, 2)

@@ -73,8 +73,8 @@ class _Scratch:
 
 def _logits(h: Tensor, head: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
     """h @ head.T (+ bias) as a [c, V] view of a [V, c] buffer (`out`, or a new one): on CPU the GEMM with the
-    vocabulary as its long side runs ~1.5x faster for small c, and the head-gradient GEMM then reads the buffer
-    contiguously."""
+    vocabulary as its long side is the faster layout for small c, and the head-gradient GEMM then reads the
+    buffer contiguously (benchmarks/losses.py times the whole loss)."""
     z = torch.mm(head, h.t(), out=out) if bias is None else torch.addmm(bias[:, None], head, h.t(), out=out)
     return z.t()
 
@@ -102,9 +102,9 @@ def _softmax_(z: Tensor, temperature: float, probs: Tensor, log: bool) -> tuple[
 
 def _argmax(z: Tensor, scratch: _Scratch) -> Tensor:
     """z.argmax(-1) of a [c, V] view of a [V, c] buffer (`_logits`): the first index of each row's maximum, as
-    torch's. On CPU torch's argmax over that strided dim is slow once c ≥ 32 (81 ms vs 2.8 ms for amax at
-    c = 64, V = 262,144); the max, an equality mask and its nonzero entries take 0.30-0.57x its time there
-    (c = 32-341, V = 49,152-262,144), but up to 4x more for c = 16 or small buffers: those keep torch's."""
+    torch's. On CPU torch's argmax over that strided dim is slow for many rows, while a max (contiguous
+    reads), an equality mask and its nonzero entries are not; for few rows or small buffers torch's argmax is
+    the faster one, so those keep it (`_ARGMAX_MIN_ROWS`, `_ARGMAX_MIN_SIZE`)."""
     if z.device.type != "cpu" or z.stride(0) != 1 or z.shape[0] < _ARGMAX_MIN_ROWS or z.numel() < _ARGMAX_MIN_SIZE:
         return z.argmax(-1)
     c, V = z.shape
@@ -124,8 +124,8 @@ def _divergence_rows(spec: DivergenceSpec, params: dict[str, float], log_q: Tens
     and probabilities of both models ([c, V] each; p, q are 0 where not `valid`). `r_out` may be `p`: a block of
     r is written once its block's value and r are computed, and nothing reads p after that. A columnwise row is
     evaluated on column blocks of ~1 MiB: its temporaries (log p - log q, p ⊙ (...), -p) then come from the heap
-    and stay in cache, where over a whole [64, 262,144] chunk each was a fresh 64 MiB mapping, page-faulted in
-    (37 vs 6.5 ms for one subtraction on this CPU). On CPU only."""
+    and stay in cache, where over a whole [64, 262,144] chunk each would be a fresh 64 MiB mapping, page-faulted
+    in on every use (docs/benchmark-losses.md). On CPU only."""
     c, V = log_q.shape
     # on a GPU the caching allocator already reuses memory, and 64 blocks would be 64x the kernel launches
     blocks = spec.columnwise and log_q.device.type == "cpu"

@@ -6,8 +6,8 @@ hidden states and LM heads, chunk by chunk, with its gradient computed analytica
 
 Two facts make it cheap where the vocabularies differ in size (Gemma-3's 262,144 against SmolLM2's 49,152):
 - past the student's width K = V_s the padded student entries are 0, so the teacher's ranks ≥ K only add their
-  mass: D = Σ_{i<K} |sort↓(q)_i − t_i| + (1 − Σ_{i<K} t_i) with t the teacher's top-K, sorted (a partial sort:
-  `topk` took about a quarter of a full sort's time at 49,152 of 262,144 on this CPU);
+  mass: D = Σ_{i<K} |sort↓(q)_i − t_i| + (1 − Σ_{i<K} t_i) with t the teacher's top-K, sorted (a partial sort,
+  `topk`, where a full sort would order ranks that only add their mass);
 - the gradient needs no autograd graph through the sorts: ∂D/∂q_v = sign(sort↓(q)_i − t_i) at the rank i of
   v (what torch's sort backward scatters), and through the softmax ∂D/∂z = q ⊙ (g − Σ q⊙g). So each chunk is
   computed once (an autograd graph under activation checkpointing runs the teacher's sort twice: forward and

@@ -12,9 +12,9 @@ the objective is word-level KD + ranking loss, which also applies to decoder-onl
 The KL is the exact one, Σ_v p_v (log p_v − log q_v) with log-softmax (the paper's formula). The official
 code takes Σ_v p_v (log p_v − log(q_v + 1e-6)); with a label-smoothed teacher at V = 32k the two differ by
 about half the median per-token gradient (the floor caps the pull towards tokens where q_v ≪ 1e-6).
-`kl_floor: 1.0e-6` reproduces the official gradient; the loss *value* it logs is not the official one
-(measured against the official code: they differ by up to 0.028 nats per position), so compare runs by their
-gradients or BLEU, not by the logged KD value.
+`kl_floor: 1.0e-6` reproduces the official gradient; the loss *value* it logs is not the official one (the
+floor sits inside the log only, docs/fidelity.md), so compare runs by their gradients or BLEU, not by the
+logged KD value.
 
 The paper's idea, the official code as verified and the switches: docs/methods/translation.md.
 """

@@ -15,8 +15,8 @@ norm), so the student's side multiplies them by the head, loaded there from the 
 that reads hidden states or the head (DSKD, DSKDv2, ULD, MinED, GOLD, fused KD) runs against a remote teacher.
 
 Why a route of our own: llama-cpp-python's /v1/embeddings takes text and tokenizes it with special tokens off
-(measured on SmolLM2's GGUF: `<|im_start|>user\\nHi there<|im_end|>`, 6 tokens for /extras/tokenize, came back
-as 18 rows), so it cannot return the hidden states of a chat sequence; llama.cpp's C++ `llama-server` takes
+(a chat template's `<|im_start|>` comes back as several plain-text tokens: docs/served-teacher.md), so it
+cannot return the hidden states of a chat sequence; llama.cpp's C++ `llama-server` takes
 token ids at /embeddings (`--pooling none`) but pip does not install it, so dualkd does not speak to it yet.
 Token ids in also means no text round trip: what the server runs is exactly the student's teacher view.
 
