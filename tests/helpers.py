@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import time
+import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +190,32 @@ def nmt_run(out: Path, nmt_pairs: tuple[Path, Path], tok: Path, objective: dict[
     for key, value in extra.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return validate_config(cfg)
+
+
+class LocalServer:
+    """A server process on 127.0.0.1 that a test starts and kills: `command(port)` is its command line; it is up
+    once `/v1/models` answers (both llama.cpp's server and `dualkd serve-teacher` have that route)."""
+
+    def __init__(self, command: Callable[[int], list[str]], port: int | None = None):
+        self.command, self.port = command, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> LocalServer:
+        self.process = subprocess.Popen(self.command(self.port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                assert self.process.stderr is not None
+                raise RuntimeError(f"the server exited: {self.process.stderr.read().decode()[-2000:]}")
+            try:
+                urllib.request.urlopen(self.url + "/v1/models", timeout=2).read()
+                return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("the server did not start within 120 s")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -3,8 +3,9 @@
 1. data: a generated instruction-following set (data/instructions.py) — 6,000 examples for the teacher,
    600 for the students, 300 dev, 200 test — written to `<out>/data/` as jsonl;
 2. teacher: a small GPT-2 trained from scratch by SFT, with a byte-level BPE tokenizer trained on its data;
-3. students on 600 labeled examples: with the teacher's tokenizer by SFT, vanilla KD and DSKD; with their own
-   SentencePiece-style tokenizer (a different vocabulary) by SFT and DSKDv2 with exact token alignment;
+3. students on 600 labeled examples, one GPT-2 for all: with the teacher's tokenizer by SFT, vanilla KD and DSKD;
+   with their own SentencePiece-style tokenizer of the teacher's size (a different vocabulary) by SFT and DSKDv2
+   with exact token alignment, at the library's defaults;
 4. every model sampled on the test set with 5 seeds (the papers' protocol at demo sizes), ROUGE-L and exact
    match scored, and everything written up by `dualkd report`.
 """
@@ -61,6 +62,13 @@ def _prepare(out: Path) -> None:
     (out / _MARKER).touch()
 
 
+def _vocab_size(model_dir: Path) -> int:
+    """The number of tokens of a saved tokenizer."""
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(model_dir))
+
+
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -101,6 +109,8 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict[
         overrides.append("teacher=null" if st.objective == "{name: sft}" else f"teacher.path={teacher_model}")
         if st.recipe == "demo-student":
             overrides.append(f"student.tokenizer={teacher_model}")
+        else:  # one architecture for both halves: the own tokenizer gets the teacher's vocabulary size
+            overrides.append(f"student.train_tokenizer.vocab_size={_vocab_size(teacher_model)}")
         train(load_config(recipe(st.recipe), overrides))
 
     console.rule(f"[bold]{steps}/{steps} evaluation: {n_test} test prompts x {len(seeds)} seeds, ROUGE-L and EM")

@@ -4,10 +4,7 @@ GGUF, its LM head loaded from the dequantized float32 folder (the same weights).
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,45 +16,20 @@ from dualkd.config import validate_config
 from dualkd.errors import DualKDError
 from dualkd.teachers.server_client import ServerClient
 from dualkd.train.loop import train
-from tests.helpers import free_port, needs_real_models, read_metrics, synthetic_records, tiny_run
+from tests.helpers import LocalServer, needs_real_models, read_metrics, synthetic_records, tiny_run
 
 pytestmark = pytest.mark.slow
 
 
-class HiddenServer:
-    """`dualkd serve-teacher` on 127.0.0.1."""
-
-    def __init__(self, gguf: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dualkd.cli", "serve-teacher", str(gguf), "--port", str(self.port),
-             "--n-ctx", "1024", "--threads", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.process.stderr.read().decode()[-2000:]}")
-            try:
-                urllib.request.urlopen(self.url + "/v1/models", timeout=2).read()
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("the server did not start within 120 s")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
 @pytest.fixture(scope="module")
-def server(gguf: Path) -> Iterator[HiddenServer]:
-    running = HiddenServer(gguf)
+def server(gguf: Path) -> Iterator[LocalServer]:
+    running = LocalServer(lambda port: [sys.executable, "-m", "dualkd.cli", "serve-teacher", str(gguf), "--port",
+                                        str(port), "--n-ctx", "1024", "--threads", "2"]).start()
     yield running
     running.kill()
 
 
-def test_the_served_hidden_states_are_the_live_models(server: HiddenServer, smollm2: Path) -> None:
+def test_the_served_hidden_states_are_the_live_models(server: LocalServer, smollm2: Path) -> None:
     """The server's h at every position vs the dequantized model's last hidden state (after the final norm),
     and the distributions h W^T gives: they differ by the server's quantized arithmetic only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,7 +67,7 @@ ACROSS = {"dskdv2-eta": {"name": "dskdv2", "alignment": "eta"}, "uld": {"name": 
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))
-def test_every_hidden_state_objective_trains_against_the_server(name: str, tmp_path: Path, server: HiddenServer,
+def test_every_hidden_state_objective_trains_against_the_server(name: str, tmp_path: Path, server: LocalServer,
                                                                 data: Path, smollm2: Path) -> None:
     teacher = {"kind": "hidden_server", "path": str(smollm2), "server": {"url": server.url}}
     run = train(validate_config(_run(tmp_path / "run", data, smollm2, teacher, OBJECTIVES[name])))
@@ -105,7 +77,7 @@ def test_every_hidden_state_objective_trains_against_the_server(name: str, tmp_p
 
 
 @pytest.mark.parametrize("name", list(ACROSS))
-def test_across_tokenizers_objectives_train_against_the_server(name: str, tmp_path: Path, server: HiddenServer,
+def test_across_tokenizers_objectives_train_against_the_server(name: str, tmp_path: Path, server: LocalServer,
                                                                data: Path, smollm2: Path) -> None:
     gpt2 = needs_real_models() / "tokenizers" / "gpt2"  # a GPT-2 student of a SmolLM2 teacher
     teacher = {"kind": "hidden_server", "path": str(smollm2), "server": {"url": server.url}}
@@ -113,7 +85,7 @@ def test_across_tokenizers_objectives_train_against_the_server(name: str, tmp_pa
     assert len(read_metrics(run)) == 2
 
 
-def test_a_head_that_is_not_the_served_models_is_refused(tmp_path: Path, server: HiddenServer, data: Path,
+def test_a_head_that_is_not_the_served_models_is_refused(tmp_path: Path, server: LocalServer, data: Path,
                                                          smollm2: Path) -> None:
     # the same architecture with other (random) weights: the probe's log-probabilities disagree by nats
     teacher = {"kind": "hidden_server", "path": str(smollm2), "init": "random", "server": {"url": server.url}}

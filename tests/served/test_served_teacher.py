@@ -8,11 +8,9 @@ the server's arithmetic only: llama.cpp multiplies the Q4_1 weights with 8-bit-q
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,46 +20,23 @@ import torch
 from dualkd.config import RunConfig
 from dualkd.teachers.server_client import ServerClient, ServerMismatch, ServerUnavailable
 from dualkd.train.loop import train
-from tests.helpers import free_port, needs_real_models, read_metrics, synthetic_records, tiny_run
+from tests.helpers import LocalServer, free_port, needs_real_models, read_metrics, synthetic_records, tiny_run
 
 pytestmark = pytest.mark.slow
 
 K = 8
 
 
-class Server:
-    """`python -m llama_cpp.server` on 127.0.0.1, started and stopped by the test."""
-
-    def __init__(self, gguf: Path, port: int | None = None):
-        self.gguf, self.port = gguf, port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Server:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--host", "127.0.0.1",
-             "--port", str(self.port), "--n_ctx", "1024", "--n_threads", "2", "--verbose", "false"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.process.stderr.read().decode()[-2000:]}")
-            try:
-                urllib.request.urlopen(self.url + "/v1/models", timeout=2).read()
-                return self
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("the server did not start within 120 s")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+def llama_cpp_server(gguf: Path, port: int | None = None) -> LocalServer:
+    """`python -m llama_cpp.server` serving `gguf` (not started)."""
+    return LocalServer(lambda p: [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
+                                  "127.0.0.1", "--port", str(p), "--n_ctx", "1024", "--n_threads", "2",
+                                  "--verbose", "false"], port)
 
 
 @pytest.fixture(scope="module")
-def server(gguf: Path) -> Iterator[Server]:
-    running = Server(gguf).start()
+def server(gguf: Path) -> Iterator[LocalServer]:
+    running = llama_cpp_server(gguf).start()
     yield running
     running.kill()
 
@@ -77,7 +52,7 @@ def _client(url: str, tokenizer, **kw) -> ServerClient:  # noqa: ANN001
     return ServerClient(url, tokenizer, **settings)
 
 
-def test_the_server_scores_as_the_live_model(server: Server, smollm2: Path) -> None:
+def test_the_server_scores_as_the_live_model(server: LocalServer, smollm2: Path) -> None:
     """Top-k of every position of a sequence: the server vs the dequantized model in float32."""
     from transformers import AutoModelForCausalLM
 
@@ -102,7 +77,7 @@ def test_the_server_scores_as_the_live_model(server: Server, smollm2: Path) -> N
     assert (served_ids[whole, 0] == live_ids[whole, 0]).float().mean() >= 0.9
 
 
-def test_a_server_of_another_tokenizer_is_refused(server: Server) -> None:
+def test_a_server_of_another_tokenizer_is_refused(server: LocalServer) -> None:
     gpt2 = _tokenizer(needs_real_models() / "tokenizers" / "gpt2")
     with pytest.raises(ServerMismatch, match="tokenizes the sequence differently"):
         _client(server.url, gpt2).check_tokenizer()
@@ -125,7 +100,7 @@ def _kd_run(out: Path, data: Path, smollm2: Path, teacher: dict, steps: int = 3,
     return cfg
 
 
-def test_kd_from_the_served_teacher_equals_kd_from_the_live_teacher(tmp_path: Path, server: Server, data: Path,
+def test_kd_from_the_served_teacher_equals_kd_from_the_live_teacher(tmp_path: Path, server: LocalServer, data: Path,
                                                                    smollm2: Path) -> None:
     """The sparse KD loss of one batch from the server's targets and from the live model's, the live top-k put
     through what the protocol can express (entries named by a shared string leave the top k: their mass goes
@@ -184,7 +159,7 @@ def test_kd_from_the_served_teacher_equals_kd_from_the_live_teacher(tmp_path: Pa
 
 def test_a_killed_server_stops_the_run_with_a_checkpoint(tmp_path: Path, gguf: Path, data: Path,
                                                          smollm2: Path) -> None:
-    server = Server(gguf).start()
+    server = llama_cpp_server(gguf).start()
     teacher = {"path": str(smollm2), "server": {"url": server.url, "top_k": K, "retries": 1, "backoff_s": 0.1,
                                                 "timeout_s": 30, "concurrency": 1,
                                                 "cache_dir": str(tmp_path / "cache")}}
@@ -210,7 +185,7 @@ def test_a_killed_server_stops_the_run_with_a_checkpoint(tmp_path: Path, gguf: P
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "teacher_unavailable" for e in events)
 
-    again = Server(gguf, port=server.port).start()  # the same address: the run's config is unchanged
+    again = llama_cpp_server(gguf, port=server.port).start()  # the same address: the run's config is unchanged
     try:
         train(RunConfig.model_validate({**cfg, "checkpoint": {"every_steps": 1, "resume": "auto"}}))
     finally:
@@ -218,7 +193,7 @@ def test_a_killed_server_stops_the_run_with_a_checkpoint(tmp_path: Path, gguf: P
     assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 8
 
 
-def test_seqkd_from_the_served_teacher(tmp_path: Path, server: Server, data: Path, smollm2: Path) -> None:
+def test_seqkd_from_the_served_teacher(tmp_path: Path, server: LocalServer, data: Path, smollm2: Path) -> None:
     cfg = tiny_run(tmp_path / "run", data, smollm2, teacher=smollm2)
     cfg["objective"] = {"name": "sft"}
     cfg["source"] = {"kind": "seqkd"}
@@ -253,7 +228,7 @@ def test_seqkd_from_the_served_teacher(tmp_path: Path, server: Server, data: Pat
         assert checked >= 4
 
 
-def test_on_policy_kd_from_the_served_teacher(tmp_path: Path, server: Server, data: Path, smollm2: Path) -> None:
+def test_on_policy_kd_from_the_served_teacher(tmp_path: Path, server: LocalServer, data: Path, smollm2: Path) -> None:
     """The server scores the student's own samples (a pretrained student: its samples are tokenized as its
     tokenizer would tokenize their text, which the server's text prompt needs)."""
     cfg = _kd_run(tmp_path / "run", data, smollm2, {"path": str(smollm2), "server": {"url": server.url, "top_k": K}},
