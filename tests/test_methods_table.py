@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from dualkd.data.synthetic import generate
 from experiments.methods_table.__main__ import main
 from experiments.methods_table.bench import Bench
 from experiments.methods_table.doc import grid_markdown, table_markdown
+from experiments.methods_table.pretraining import pretraining_corpus
 from experiments.methods_table.rows import ABLATIONS, ROWS
 
 
@@ -130,3 +132,37 @@ def test_ablations_are_tabled_beside_their_base() -> None:
     assert [line.split(" | ")[0] for line in lines] == ["| own-sft", "| own-dskdv2-eta", "| eta-tau-2"]
     assert "| +12.00 |" in lines[2]  # 61 - 49, intervals apart
     assert "eta-tau-2" not in grid_markdown(results)
+
+
+def test_the_pretrained_setting(tmp_path: Path) -> None:
+    """Each tokenizer's student is pretrained once as a plain LM on unlabeled text disjoint from every labeled
+    set; every row fine-tunes from its tokenizer's student at the lr its half's SFT grid chose; the table goes
+    to its own section of the document and its runs to their own keys of the record."""
+    out, doc, record = tmp_path / "table", tmp_path / "methods-table.md", tmp_path / "record.jsonl"
+    doc.write_text("# mine\n\n<!-- generated -->\n<!-- end generated -->\n")
+    rows = ["own-sft", "own-dskdv2-eta"]
+    assert main(["--quick", "--setting", "pretrained", "--output-dir", str(out), "--doc", str(doc),
+                 "--record", str(record), "--rows", *rows]) == 0
+    results = json.loads((out / "results-pretrained.json").read_text())
+    assert set(results) == set(rows) and all(set(r["seeds"]) == {"10", "11"} for r in results.values())
+    assert results["own-dskdv2-eta"]["grid_from"] == "own-sft"
+    assert results["own-dskdv2-eta"]["lr"] == results["own-sft"]["lr"]
+    keys = [json.loads(line)["run"] for line in record.read_text().splitlines()]
+    assert keys and all(k.startswith("pretrained/") for k in keys)
+    text = doc.read_text()
+    assert text.index("<!-- end generated -->") < text.index("<!-- pretrained generated")
+    assert "| own-dskdv2-eta | DSKDv2-ETA |" in text and (tmp_path / "methods-table-pretrained.png").is_file()
+
+    # the corpus: documents of the benchmark's sentences, no template, no record of a labeled set
+    docs = [json.loads(line) for line in (out / "data" / "pretrain.jsonl").read_text().splitlines()]
+    assert docs and all(d["prompt"] == "" and "###" not in d["output"] for d in docs)
+    generated = generate("instructions", 40, 21)  # the corpus's own records: labeled, they all drop out
+    labeled = tmp_path / "labeled.jsonl"
+    labeled.write_text("".join(json.dumps(r) + "\n" for r in generated))
+    assert pretraining_corpus(40, [], seed=21) and pretraining_corpus(40, [labeled], seed=21) == []
+
+    # a row's config starts from its tokenizer's pretrained student, whose tokenizer it reads
+    bench = Bench(out, quick=True, console=Console(quiet=True), setting="pretrained")
+    cfg = bench.config(ROWS[[r.name for r in ROWS].index("own-dskdv2-eta")], 3e-3, 10, out / "teacher" / "final")
+    assert cfg.student.init == "pretrained" and cfg.student.train_tokenizer is None
+    assert str(cfg.student.path) == str(out / "pretrained-student-own" / "final")

@@ -1,9 +1,9 @@
 """Training and scoring the table's runs, resumably, and the committed record that outlives the run folders.
 
-Every run is a folder `<out>/runs/<row>/lr<lr>/seed<seed>`: a finished run (final model and scores) is skipped
-and an unfinished one resumes from its last checkpoint. What the table reads of a finished run (its dev curve,
-summary and scores) also goes to the record, one JSON line per run (`record.jsonl`, committed beside the
-document), so a table continues on another machine without redoing what is recorded.
+Every run is a folder `<out>/runs/[pretrained/]<row>/lr<lr>/seed<seed>`: a finished run (final model and
+scores) is skipped and an unfinished one resumes from its last checkpoint. What the table reads of a finished
+run (its dev curve, summary and scores) also goes to the record, one JSON line per run (`record.jsonl`,
+committed beside the document), so a table continues on another machine without redoing what is recorded.
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ from dualkd.eval.harness import PROTOCOL_SEEDS, evaluate
 from dualkd.eval.suites import resolve_test_sets
 from dualkd.recipes import recipe
 from dualkd.train.loop import train
+from experiments.methods_table.pretraining import pretraining_corpus
 from experiments.methods_table.rows import BY_NAME, GENERATION, LRS, SEEDS, Row
+
+SETTINGS = ("scratch", "pretrained")
+"""`scratch`: every student starts from random weights. `pretrained`: each tokenizer's student is first
+trained as a plain LM on unlabeled in-domain text (pretraining.py) and every row fine-tunes from it."""
+PRETRAIN_RECORDS, PRETRAIN_STEPS = 6000, 1500
+"""The pretraining corpus's generated records and the steps of each student's pretraining (one budget for
+both tokenizers)."""
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -63,6 +71,8 @@ class Bench:
     console: Console
     record: Record | None = None
     """The committed record (see the module docstring); None: the run folders only."""
+    setting: str = "scratch"
+    """Where the students start (`SETTINGS`)."""
     data: dict[str, Path] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +83,11 @@ class Bench:
                 "student-train": (600, 3), "test": (n_test, 4)}
         self.data = {k: _write_jsonl(self.out / "data" / f"{k}.jsonl", generate("instructions", n, seed))
                      for k, (n, seed) in sets.items()}
+        if self.setting == "pretrained":  # unlabeled documents, disjoint from every labeled set; 5% held out
+            docs = pretraining_corpus(PRETRAIN_RECORDS // (20 if self.quick else 1), list(self.data.values()))
+            cut = len(docs) // 20
+            self.data["pretrain-dev"] = _write_jsonl(self.out / "data" / "pretrain-dev.jsonl", docs[:cut])
+            self.data["pretrain"] = _write_jsonl(self.out / "data" / "pretrain.jsonl", docs[cut:])
         self.short = (["optimization.max_steps=4", "eval.every_steps=2", "checkpoint.every_steps=2"]
                       if self.quick else [])
         self.sampling_seeds = PROTOCOL_SEEDS[:2] if self.quick else PROTOCOL_SEEDS
@@ -95,6 +110,25 @@ class Bench:
                                                        "checkpoint.resume=auto", *tokenizer, *self.short]))
         return run / "final"
 
+    def pretrained_student(self, tokenizer: str, teacher: Path) -> Path:
+        """The student of one tokenizer (`teacher`'s or its `own`, of the teacher's size) after its pretraining
+        as a plain LM on the corpus: the demo student's architecture, SFT with empty prompts, a fixed budget."""
+        run = self.out / f"pretrained-student-{tokenizer}"
+        if not (run / "final").is_dir():
+            self.console.rule(f"[bold]pretraining the student of the {tokenizer} tokenizer on unlabeled text")
+            vocab = len(json.loads((teacher / "tokenizer.json").read_text())["model"]["vocab"])
+            student = ([f"student.tokenizer={teacher}"] if tokenizer == "teacher" else
+                       ["student.tokenizer=null", f"student.train_tokenizer={{vocab_size: {vocab}, style: metaspace}}"])
+            steps = 4 if self.quick else PRETRAIN_STEPS
+            train(load_config(recipe("demo-student"), [
+                f"output_dir={run}", "objective={name: sft}", "teacher=null", *student, "seed=10",
+                f"data.train.path={self.data['pretrain']}", "data.train.synthetic=null",
+                f"data.dev.path={self.data['pretrain-dev']}", "data.dev.synthetic=null", "data.max_prompt_length=null",
+                f"optimization.max_steps={steps}", "checkpoint.resume=auto",
+                "eval.every_steps=2" if self.quick else "eval.every_steps=100",
+                "checkpoint.every_steps=2" if self.quick else "checkpoint.every_steps=500"]))
+        return run / "final"
+
     def config(self, row: Row, lr: float, seed: int, teacher: Path) -> RunConfig:
         """The run's config: the demo student's recipe with the row's objective, source and tokenizer
         (`teacher`: the main teacher, whose vocabulary size the own-tokenizer students take)."""
@@ -103,9 +137,14 @@ class Bench:
         if row.teacher_vocab is not None:
             teacher = self.teacher(row.teacher_vocab)
         # one architecture for every student: the own-tokenizer rows differ only in their tokenizer
-        student = ([f"student.tokenizer={teacher}"] if row.tokenizer == "teacher"
-                   else ["student.tokenizer=null",
-                         f"student.train_tokenizer={{vocab_size: {vocab}, style: metaspace}}"])
+        if self.setting == "pretrained":  # the tokenizer's pretrained student, its tokenizer saved with it
+            start = self.pretrained_student(row.tokenizer, self.teacher())
+            student = [f"student.path={start}", "student.init=pretrained", "student.arch={}", "student.tokenizer=null",
+                       "student.train_tokenizer=null"]
+        elif row.tokenizer == "teacher":
+            student = [f"student.tokenizer={teacher}"]
+        else:
+            student = ["student.tokenizer=null", f"student.train_tokenizer={{vocab_size: {vocab}, style: metaspace}}"]
         overrides = [f"output_dir={run}", f"seed={seed}", f"optimization.lr={lr}", f"objective={row.objective}",
                      *student, *self._data_overrides("student-train"), "checkpoint.resume=auto",
                      "teacher=null" if row.objective == "{name: sft}" and row.source is None
@@ -115,7 +154,8 @@ class Bench:
         return load_config(recipe("demo-student"), overrides)
 
     def path(self, row: Row, lr: float, seed: int) -> Path:
-        return self.out / "runs" / row.name / f"lr{lr:g}" / f"seed{seed}"
+        setting = [] if self.setting == "scratch" else [self.setting]  # scratch: directly under runs/
+        return self.out.joinpath("runs", *setting, row.name, f"lr{lr:g}", f"seed{seed}")
 
     def _recorded(self, run: Path) -> dict[str, Any] | None:
         return self.record.get(run.relative_to(self.out / "runs").as_posix()) if self.record is not None else None
@@ -199,13 +239,13 @@ class Bench:
     def finished(self, row: Row) -> dict[str, Any]:
         """What is done of a row, training nothing: the grid's dev CE, the chosen lr once the grid is complete,
         and the scores of the chosen lr's seeds that are evaluated (an ablation: its base row's grid and lr)."""
-        grid_row = BY_NAME[row.base] if row.base is not None else row
+        grid_row = self.grid_row(row)
         runs = {lr: self.path(grid_row, lr, self.seeds[0]) for lr in self.lrs}
         for run in runs.values():
             self._keep(run)  # a run trained here before the record was named
         grid = {f"{lr:g}": self.best_dev_ce(run) for lr, run in runs.items() if self.trained(run)}
         entry: dict[str, Any] = {"tokenizer": row.tokenizer, "what": row.what, "lr": None, "dev_ce_by_lr": grid,
-                                 "seeds": {}, "base": row.base}
+                                 "seeds": {}, "base": row.base, "grid_from": grid_row.name}
         if len(grid) == len(self.lrs):
             entry["lr"] = _lowest(grid)
             for seed in self.seeds:
@@ -215,11 +255,19 @@ class Bench:
                     entry["seeds"][str(seed)] = self.scores(run)
         return entry
 
-    def chosen_lr(self, row: Row) -> float:
-        """The row's learning rate: the grid's best dev CE with the first seed (an ablation: its base row's)."""
+    def grid_row(self, row: Row) -> Row:
+        """The row whose learning-rate grid chooses `row`'s lr: its own; an ablation's base row's; with
+        pretrained students, the SFT row of its tokenizer (one grid per half, chosen on dev)."""
         if row.base is not None:
-            return self.chosen_lr(BY_NAME[row.base])
-        runs = {f"{lr:g}": self.run(row, lr, self.seeds[0]) for lr in self.lrs}
+            return self.grid_row(BY_NAME[row.base])
+        if self.setting == "pretrained":
+            return BY_NAME["sft" if row.tokenizer == "teacher" else "own-sft"]
+        return row
+
+    def chosen_lr(self, row: Row) -> float:
+        """The row's learning rate: the best dev CE of its grid row's runs with the first seed."""
+        grid_row = self.grid_row(row)
+        runs = {f"{lr:g}": self.run(grid_row, lr, self.seeds[0]) for lr in self.lrs}
         return _lowest({name: self.best_dev_ce(run) for name, run in runs.items()})
 
 
