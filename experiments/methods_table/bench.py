@@ -20,6 +20,7 @@ from rich.console import Console
 from dualkd.atomic import write_text_atomic
 from dualkd.config import GenerationConfig, RunConfig, load_config
 from dualkd.data.synthetic import generate
+from dualkd.data.tokenizers import train_tokenizer
 from dualkd.eval.harness import PROTOCOL_SEEDS, evaluate
 from dualkd.eval.suites import resolve_test_sets
 from dualkd.recipes import recipe
@@ -116,9 +117,7 @@ class Bench:
         run = self.out / f"pretrained-student-{tokenizer}"
         if not (run / "final").is_dir():
             self.console.rule(f"[bold]pretraining the student of the {tokenizer} tokenizer on unlabeled text")
-            vocab = len(json.loads((teacher / "tokenizer.json").read_text())["model"]["vocab"])
-            student = ([f"student.tokenizer={teacher}"] if tokenizer == "teacher" else
-                       ["student.tokenizer=null", f"student.train_tokenizer={{vocab_size: {vocab}, style: metaspace}}"])
+            student = [f"student.tokenizer={teacher if tokenizer == 'teacher' else self.own_tokenizer(teacher)}"]
             steps = 4 if self.quick else PRETRAIN_STEPS
             train(load_config(recipe("demo-student"), [
                 f"output_dir={run}", "objective={name: sft}", "teacher=null", *student, "seed=10",
@@ -128,6 +127,18 @@ class Bench:
                 "eval.every_steps=2" if self.quick else "eval.every_steps=100",
                 "checkpoint.every_steps=2" if self.quick else "checkpoint.every_steps=500"]))
         return run / "final"
+
+    def own_tokenizer(self, teacher: Path) -> Path:
+        """The pretrained setting's own tokenizer: SentencePiece-style, the teacher's size, trained on the
+        students' labeled texts (as the scratch rows' own tokenizers are) and the pretraining corpus."""
+        out = self.out / "own-tokenizer"
+        if not (out / "tokenizer.json").exists():
+            vocab = len(json.loads((teacher / "tokenizer.json").read_text())["model"]["vocab"])
+            labeled = [json.loads(line) for line in self.data["student-train"].read_text().splitlines()]
+            texts = [r["prompt"] + (r["output"][0] if isinstance(r["output"], list) else r["output"]) for r in labeled]
+            texts += [json.loads(line)["output"] for line in self.data["pretrain"].read_text().splitlines()]
+            train_tokenizer(texts, vocab, "metaspace").save_pretrained(out)
+        return out
 
     def config(self, row: Row, lr: float, seed: int, teacher: Path) -> RunConfig:
         """The run's config: the demo student's recipe with the row's objective, source and tokenizer
