@@ -6,8 +6,9 @@ task: they have seen English sentences, never Dolly's instruction -> answer pair
 benchmark's sentences without their pairing: the answers and the inputs of generated records, shuffled across
 records and packed into documents with no instruction and no template. A student pretrained on it knows how
 answers and word lists read, and which words exist; which instruction asks for which answer is left to the
-fine-tuning. The records are drawn with seeds of their own, and any record equal to one of the labeled, dev or
-test sets is dropped, so no labeled example, dev example or test prompt is in the corpus.
+fine-tuning. The records are drawn with seeds of their own, and any record equal to one of the given files'
+(the teacher's and the students' training sets, the dev and the test set) is dropped, so no labeled example,
+dev example or test prompt is in the corpus.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ SEED = 21
 teacher's training set its recipe's)."""
 SEGMENTS_PER_DOCUMENT = 4
 """Sentences per document: about 150 characters, inside the students' 64 tokens."""
+PROMPT_DOCUMENTS = False
+"""Also each record's prompt (template, instruction and input, without any answer) as a document of its own:
+tried on dev, not the recorded setting (README.md here)."""
 
 
 def _key(record: dict[str, Any]) -> str:
@@ -45,5 +49,9 @@ def pretraining_corpus(n_records: int, labeled: list[Path], seed: int = SEED) ->
     segments = [s for r in generate("instructions", n_records, seed) if _key(r) not in taken
                 for s in _segments(r, rng)]
     rng.shuffle(segments)  # no answer stays next to its own input
-    return [{"prompt": "", "output": " ".join(segments[i:i + SEGMENTS_PER_DOCUMENT])}
+    docs = [" ".join(segments[i:i + SEGMENTS_PER_DOCUMENT])
             for i in range(0, len(segments) - SEGMENTS_PER_DOCUMENT + 1, SEGMENTS_PER_DOCUMENT)]
+    if PROMPT_DOCUMENTS:
+        docs += [r["prompt"] for r in generate("instructions", n_records, seed + 1) if _key(r) not in taken]
+        rng.shuffle(docs)
+    return [{"prompt": "", "output": d} for d in docs]
