@@ -25,7 +25,7 @@ from dualkd.eval.harness import PROTOCOL_SEEDS, evaluate
 from dualkd.eval.suites import resolve_test_sets
 from dualkd.recipes import recipe
 from dualkd.train.loop import train
-from experiments.methods_table.pretraining import pretraining_corpus
+from experiments.methods_table.pretraining import outputs, pretraining_corpus
 from experiments.methods_table.rows import BY_NAME, GENERATION, LRS, SEEDS, Row
 
 SETTINGS = ("scratch", "pretrained")
@@ -133,18 +133,17 @@ class Bench:
         students' labeled texts (as the scratch rows' own tokenizers are) and the pretraining corpus."""
         out = self.out / "own-tokenizer"
         if not (out / "tokenizer.json").exists():
-            vocab = len(json.loads((teacher / "tokenizer.json").read_text())["model"]["vocab"])
             labeled = [json.loads(line) for line in self.data["student-train"].read_text().splitlines()]
-            texts = [r["prompt"] + (r["output"][0] if isinstance(r["output"], list) else r["output"]) for r in labeled]
+            texts = [r["prompt"] + outputs(r)[0] for r in labeled]
             texts += [json.loads(line)["output"] for line in self.data["pretrain"].read_text().splitlines()]
-            train_tokenizer(texts, vocab, "metaspace").save_pretrained(out)
+            train_tokenizer(texts, _vocab_size(teacher), "metaspace").save_pretrained(out)
         return out
 
     def config(self, row: Row, lr: float, seed: int, teacher: Path) -> RunConfig:
         """The run's config: the demo student's recipe with the row's objective, source and tokenizer
         (`teacher`: the main teacher, whose vocabulary size the own-tokenizer students take)."""
         run = self.path(row, lr, seed)
-        vocab = len(json.loads((teacher / "tokenizer.json").read_text())["model"]["vocab"])
+        vocab = _vocab_size(teacher)
         if row.teacher_vocab is not None:
             teacher = self.teacher(row.teacher_vocab)
         # one architecture for every student: the own-tokenizer rows differ only in their tokenizer
@@ -236,8 +235,7 @@ class Bench:
             self._words = set()
             for line in self.data["student-train"].read_text().splitlines():
                 record = json.loads(line)
-                outputs = record["output"] if isinstance(record["output"], list) else [record["output"]]
-                for text in (record["prompt"], *outputs):
+                for text in (record["prompt"], *outputs(record)):
                     self._words.update(_WORD.findall(text))
         flagged = total = 0
         for seed in self.sampling_seeds:
@@ -280,6 +278,11 @@ class Bench:
         grid_row = self.grid_row(row)
         runs = {f"{lr:g}": self.run(grid_row, lr, self.seeds[0]) for lr in self.lrs}
         return _lowest({name: self.best_dev_ce(run) for name, run in runs.items()})
+
+
+def _vocab_size(model_dir: Path) -> int:
+    """The tokens of a saved byte-level BPE tokenizer's vocabulary (the teacher's: 733)."""
+    return len(json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"])
 
 
 def _lowest(dev_ce_by_lr: dict[str, float]) -> float:

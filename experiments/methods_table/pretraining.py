@@ -25,25 +25,29 @@ SEED = 21
 teacher's training set its recipe's)."""
 SEGMENTS_PER_DOCUMENT = 4
 """Sentences per document: about 150 characters, inside the students' 64 tokens."""
-PROMPT_DOCUMENTS = False
-"""Also each record's prompt (template, instruction and input, without any answer) as a document of its own:
-tried on dev, not the recorded setting (README.md here)."""
 
 
 def _key(record: dict[str, Any]) -> str:
     return json.dumps([record["prompt"], record["output"]], sort_keys=True)
 
 
+def outputs(record: dict[str, Any]) -> list[str]:
+    """A generated record's valid answers (the first is the one trained on)."""
+    return record["output"] if isinstance(record["output"], list) else [record["output"]]
+
+
 def _segments(record: dict[str, Any], rng: random.Random) -> list[str]:
     """One answer of the record (of its valid answers, at random) and its input, if it has one."""
-    outputs = record["output"] if isinstance(record["output"], list) else [record["output"]]
     found = [line[len("### Input: "):] for line in record["prompt"].splitlines() if line.startswith("### Input: ")]
-    return [rng.choice(outputs), *found]
+    return [rng.choice(outputs(record)), *found]
 
 
-def pretraining_corpus(n_records: int, labeled: list[Path], seed: int = SEED) -> list[dict[str, str]]:
+def pretraining_corpus(n_records: int, labeled: list[Path], seed: int = SEED, prompt_documents: bool = False
+                       ) -> list[dict[str, str]]:
     """Documents ({"prompt": "", "output": text}: a plain LM's records) from `n_records` generated records
-    that equal no record of the `labeled` files (jsonl)."""
+    that equal no record of the `labeled` files (jsonl). `prompt_documents`: also each record's prompt
+    (template, instruction and input, without any answer) as a document of its own (tried on dev, not the
+    recorded setting: README.md here)."""
     taken = {_key(json.loads(line)) for path in labeled for line in path.read_text().splitlines() if line.strip()}
     rng = random.Random(seed)
     segments = [s for r in generate("instructions", n_records, seed) if _key(r) not in taken
@@ -51,7 +55,7 @@ def pretraining_corpus(n_records: int, labeled: list[Path], seed: int = SEED) ->
     rng.shuffle(segments)  # no answer stays next to its own input
     docs = [" ".join(segments[i:i + SEGMENTS_PER_DOCUMENT])
             for i in range(0, len(segments) - SEGMENTS_PER_DOCUMENT + 1, SEGMENTS_PER_DOCUMENT)]
-    if PROMPT_DOCUMENTS:
+    if prompt_documents:
         docs += [r["prompt"] for r in generate("instructions", n_records, seed + 1) if _key(r) not in taken]
         rng.shuffle(docs)
     return [{"prompt": "", "output": d} for d in docs]

@@ -191,7 +191,7 @@ def load_folder(path: str | Path, dtype: str = "float32", field: str = "model") 
     generation, evaluation and pruning read. `load_model` with the folder as model and tokenizer; `field`
     names the folder in messages."""
     folder = Path(path).expanduser()
-    if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.gguf")):
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
         found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         raise ModelError(f"{folder}: no safetensors weights" + (f" (found {', '.join(found)})" if found else "")
                          + "; dualkd loads weights from safetensors only. Convert them with transformers: "
