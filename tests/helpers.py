@@ -156,6 +156,10 @@ DISTILLATION_CASES = {  # name -> (objective config, teacher: "cross" (other tok
     "dskdv2_cma": ({"name": "dskdv2", "alignment": "cma"}, "cross"),
     "uld": ({"name": "uld"}, "cross"),
     "mined": ({"name": "mined", "temperature": 2.0}, "cross"),
+    "gold": ({"name": "gold"}, "cross"),
+    "shared_vocab_kd": ({"name": "shared_vocab_kd", "temperature": 2.0}, "cross"),
+    "xtoken": ({"name": "xtoken", "temperature": 2.0}, "cross"),
+    "xtoken_hkl": ({"name": "xtoken", "loss": "hkl"}, "cross"),
 }
 KD_CASES = {"kd": ({"name": "kd", "fused": "off"}, "same"), "kd_fused": ({"name": "kd", "fused": "on"}, "same")}
 """The same-tokenizer `kd` forms that the objective contract checks beside the cases above."""

@@ -63,7 +63,8 @@ def _run(out: Path, data: Path, tokenizer: Path, teacher: dict[str, Any], object
 
 OBJECTIVES = {"kd-fused": {"name": "kd", "fused": "on", "kd_rate": 0.5}, "kd-topk": {"name": "kd", "top_k": 8},
               "dskd": {"name": "dskd"}, "dskdv2": {"name": "dskdv2"}, "gold": {"name": "gold"}}
-ACROSS = {"dskdv2-eta": {"name": "dskdv2", "alignment": "eta"}, "uld": {"name": "uld"}, "mined": {"name": "mined"}}
+ACROSS = {"dskdv2-eta": {"name": "dskdv2", "alignment": "eta"}, "uld": {"name": "uld"}, "mined": {"name": "mined"},
+          "xtoken": {"name": "xtoken"}}
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))

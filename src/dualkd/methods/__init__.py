@@ -20,6 +20,7 @@ from dualkd.methods.shared_vocab_kd import SharedVocabKD, SharedVocabKDConfig
 from dualkd.methods.spec import METHODS, ObjectiveSpec
 from dualkd.methods.tie_kd import TIEKD, TIEKDConfig
 from dualkd.methods.uld import ULD, ULDConfig
+from dualkd.methods.xtoken import XToken, XTokenConfig
 from dualkd.schema import of_kind
 
 METHODS.update({  # name: (its config class, the factory that builds it from its config): one line per method
@@ -33,6 +34,7 @@ METHODS.update({  # name: (its config class, the factory that builds it from its
     "mined": (MinEDConfig, MinED),
     "gold": (GOLDConfig, GOLD),
     "shared_vocab_kd": (SharedVocabKDConfig, SharedVocabKD),
+    "xtoken": (XTokenConfig, XToken),
     "dpo": (DPOConfig, DPO),
     "aligndistil": (AlignDistilConfig, AlignDistil),
     "tie_kd": (TIEKDConfig, TIEKD),

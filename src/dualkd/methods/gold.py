@@ -34,22 +34,21 @@ The paper's idea, the official code as verified and the switches: docs/methods/b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dualkd.align.groups import span_groups
 from dualkd.align.vocab import shared_vocabulary
 from dualkd.data.collate import Batch, ModelBatch
 from dualkd.lm import check_head_is_linear, lm_forward, through_head
 from dualkd.losses.fused import default_chunk_size, fused_cross_entropy
 from dualkd.methods.base import Objective, SetupContext, StepNorm
 from dualkd.methods.common import DistillationConfig
+from dualkd.methods.grouped import GroupedTeacher, SideGroups, grouped_tokens
 from dualkd.methods.needs import RESPONSE_HIDDEN_AND_HEAD, Needs
 from dualkd.models import head_rows
 from dualkd.teachers import Teacher
@@ -75,64 +74,6 @@ class GOLDConfig(DistillationConfig):
         if (self.shared_weight is None) != (self.unshared_weight is None):
             raise ValueError("set both shared_weight and unshared_weight, or neither (adaptive |S| / V_t)")
         return self
-
-
-@dataclass
-class SideGroups:
-    """One side's tokens of G groups, listed group by group, as rows of its response rows (loss_mask order)."""
-
-    rows: Tensor  # [R] response row of each group token
-    group: Tensor  # [R] its group
-    last: Tensor  # [R] bool: the group's last token (its full distribution is kept; the others give scalars)
-    bounds: Tensor  # [G + 1] where each group's tokens start in `rows` (CPU)
-
-
-@dataclass
-class GroupedTeacher:
-    hidden: Tensor  # [N_t, d_t] the teacher's last hidden states at its response positions
-    labels: Tensor  # [N_t] the tokens they predict
-    student: SideGroups
-    teacher: SideGroups
-
-
-def _side(groups: list[list[int]], first_row: int) -> tuple[list[int], list[int], list[bool]]:
-    rows, group, last = [], [], []
-    for g, tokens in enumerate(groups):
-        rows += [first_row + k for k in tokens]
-        group += [g] * len(tokens)
-        last += [False] * (len(tokens) - 1) + [True]
-    return rows, group, last
-
-
-def grouped_tokens(student: ModelBatch, teacher: ModelBatch) -> tuple[SideGroups, SideGroups]:
-    """The span groups of every example of a batch, as row indices of each side's response rows."""
-    out: dict[str, list[Any]] = {k: [] for k in ("s_rows", "s_group", "s_last", "t_rows", "t_group", "t_last")}
-    s_first = t_first = g_first = 0
-    for b in range(student.input_ids.shape[0]):
-        side_tokens = []
-        for tokens in (student, teacher):
-            pos = tokens.loss_mask[b].nonzero().squeeze(1).cpu()  # position p predicts sequence token p + 1
-            spans = tokens.offsets[b, pos + 1].cpu().tolist()
-            real = [k for k, (a, e) in enumerate(spans) if e > a]  # EOS (and added tokens) have empty spans
-            side_tokens.append((pos.numel(), real, [tuple(spans[k]) for k in real]))
-        (s_n, s_real, s_spans), (t_n, t_real, t_spans) = side_tokens
-        pairs = span_groups(s_spans, t_spans)
-        s_groups = [[s_real[k] for k in s] for s, _ in pairs]
-        t_groups = [[t_real[k] for k in t] for _, t in pairs]
-        for prefix, groups, first in (("s", s_groups, s_first), ("t", t_groups, t_first)):
-            rows, group, last = _side(groups, first)
-            out[f"{prefix}_rows"] += rows
-            out[f"{prefix}_group"] += [g + g_first for g in group]
-            out[f"{prefix}_last"] += last
-        s_first, t_first, g_first = s_first + s_n, t_first + t_n, g_first + len(pairs)
-
-    def side(prefix: str, device: torch.device) -> SideGroups:
-        group = torch.tensor(out[f"{prefix}_group"], dtype=torch.long)
-        bounds = torch.searchsorted(group, torch.arange(g_first + 1))
-        return SideGroups(torch.tensor(out[f"{prefix}_rows"], dtype=torch.long, device=device), group.to(device),
-                          torch.tensor(out[f"{prefix}_last"], dtype=torch.bool, device=device), bounds)
-
-    return side("s", student.input_ids.device), side("t", teacher.input_ids.device)
 
 
 def merged_logprobs(hidden: Tensor, head: Tensor, bias: Tensor | None, labels: Tensor, side: SideGroups,
