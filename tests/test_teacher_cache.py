@@ -150,10 +150,11 @@ def test_a_mismatched_cache_is_refused(tmp_path: Path, train_file: Path, dev_fil
         validate_config(cfg)
 
 
-def test_dskdv2_across_tokenizers_trains_from_the_cache(tmp_path: Path, train_file: Path, dev_file: Path,
+def test_dskdv2_and_xtoken_across_tokenizers_train_from_the_cache(tmp_path: Path, train_file: Path, dev_file: Path,
                                                         byte_tokenizer_dir: Path, meta_tokenizer_dir: Path) -> None:
-    """DSKDv2-ETA with a teacher of another vocabulary: the cache's teacher tokenization is checked against the
-    run's, and the cached hidden states at the aligned teacher positions stand in for the live teacher."""
+    """DSKDv2-ETA and X-Token with a teacher of another vocabulary: the cache's teacher tokenization is checked
+    against the run's, and the cached hidden states at the teacher's response positions stand in for the live
+    teacher."""
     teacher = make_model_dir(tmp_path / "teacher", meta_tokenizer_dir, model_type="llama", hidden_size=48,
                              intermediate_size=96, seed=2)
     dskdv2 = {"name": "dskdv2", "alignment": "eta", "kd_rate": 0.5}
@@ -170,6 +171,15 @@ def test_dskdv2_across_tokenizers_trains_from_the_cache(tmp_path: Path, train_fi
         assert a["tokens"] == b["tokens"]
         for k in ("loss", "ce_t2s", "kd_student", "kd_teacher", "t2s_agreement"):
             assert a[k] == pytest.approx(b[k], rel=2e-2, abs=2e-3), k  # bf16 hidden states and head
+    # X-Token reads the same two things (response hidden states, the head): the same cache serves it
+    xtoken = {**cfg, "objective": {"name": "xtoken", "loss": "hkl"}, "output_dir": str(tmp_path / "x")}
+    live = read_metrics(train(validate_config(xtoken)))
+    from_cache = read_metrics(train(validate_config({**xtoken, "teacher": {"cache": str(cache)},
+                                                     "output_dir": str(tmp_path / "xc")})))
+    assert len(live) == len(from_cache) == 6
+    for a, b in zip(live, from_cache):
+        for k in ("loss", "kd"):
+            assert a[k] == pytest.approx(b[k], rel=2e-2, abs=2e-3), k
 
 
 def test_the_packed_encoding_trains_like_the_plain_one_and_old_caches_still_read(
