@@ -12,7 +12,7 @@ from rich.console import Console
 from dualkd.data.synthetic import generate
 from experiments.methods_table.__main__ import main
 from experiments.methods_table.bench import Bench
-from experiments.methods_table.doc import grid_markdown, table_markdown
+from experiments.methods_table.doc import grid_markdown, markers, table_markdown
 from experiments.methods_table.pretraining import pretraining_corpus
 from experiments.methods_table.rows import ABLATIONS, ROWS
 
@@ -166,3 +166,20 @@ def test_the_pretrained_setting(tmp_path: Path) -> None:
     cfg = bench.config(ROWS[[r.name for r in ROWS].index("own-dskdv2-eta")], 3e-3, 10, out / "teacher" / "final")
     assert cfg.student.init == "pretrained" and cfg.student.train_tokenizer is None
     assert str(cfg.student.path) == str(out / "pretrained-student-own" / "final")
+
+
+def test_another_budget_is_a_table_of_its_own(tmp_path: Path) -> None:
+    """`--epochs N`: the runs sit under e<N>/ and train N epochs, every row takes its half's SFT-grid lr, and
+    the document gets a section of its own (the recipe's budget keeps its keys and markers)."""
+    bench = Bench(tmp_path, quick=True, console=Console(quiet=True), epochs=120)
+    row = ROWS[[r.name for r in ROWS].index("own-dskdv2-eta")]
+    assert bench.table == "scratch-e120"
+    assert bench.path(row, 3e-3, 10) == tmp_path / "runs" / "e120" / "own-dskdv2-eta" / "lr0.003" / "seed10"
+    teacher = tmp_path / "teacher" / "final"  # what the config reads of the teacher: its vocabulary's size
+    teacher.mkdir(parents=True)
+    (teacher / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {f"t{i}": i for i in range(733)}}}))
+    assert bench.config(row, 3e-3, 10, teacher).optimization.epochs == 120
+    assert bench.grid_row(row).name == "own-sft"
+    recipe_budget = Bench(tmp_path, quick=True, console=Console(quiet=True))
+    assert recipe_budget.table == "scratch" and recipe_budget.grid_row(row) is row
+    assert markers("scratch-e120") == ("<!-- scratch-e120 generated", "<!-- end scratch-e120 generated -->")

@@ -38,19 +38,21 @@ RECORD, DOC = HERE / "record.jsonl", HERE / "README.md"
 
 
 def run_table(out: Path, quick: bool = False, rows: list[str] | None = None, doc: Path | None = DOC,
-              record: Path | None = RECORD, report_only: bool = False, setting: str = "scratch") -> Path:
+              record: Path | None = RECORD, report_only: bool = False, setting: str = "scratch",
+              epochs: int | None = None) -> Path:
     """Train and score every row (resumable); write the table to `<out>/methods-table.md` and to `doc`;
     returns the results file. `report_only`: train and evaluate nothing, table what is finished (rows with
     fewer seeds say how many). `record` / `doc` None: none."""
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True, soft_wrap=True)
-    bench = Bench(out, quick, console, Record(record) if record is not None else None, setting)
+    bench = Bench(out, quick, console, Record(record) if record is not None else None, setting, epochs)
     chosen = [r for r in ALL_ROWS if rows is None or r.name in rows]
     order = sorted(chosen, key=lambda r: (r.base is not None, FIRST.index(r.name) if r.name in FIRST else len(FIRST)))
     command = ("python -m experiments.methods_table" + (f" --output-dir {out}" if out != Path("runs/methods-table")
                                                          else "") + (" --quick" * quick)
                + (f" --record {record}" if record != RECORD else "") + (f" --doc {doc}" if doc != DOC else "")
-               + (f" --setting {setting}" if setting != "scratch" else ""))
+               + (f" --setting {setting}" if setting != "scratch" else "")
+               + (f" --epochs {epochs}" if epochs is not None else ""))
     started = time.perf_counter()
     if report_only:
         results = {row.name: bench.finished(row) for row in order}
@@ -65,10 +67,10 @@ def run_table(out: Path, quick: bool = False, rows: list[str] | None = None, doc
                     bench.scores(bench.run(row, lrs[row.name], seed, need_model=True))
             results[row.name] = bench.finished(row)
         console.print(f"methods table: {len(order)} rows in {(time.perf_counter() - started) / 60:.1f} min")
-    results_file = out / ("results.json" if setting == "scratch" else f"results-{setting}.json")
+    results_file = out / ("results.json" if bench.table == "scratch" else f"results-{bench.table}.json")
     write_text_atomic(results_file, json.dumps(results, indent=2))
     for target in [out / "methods-table.md", *([doc] if doc is not None else [])]:
-        write_doc(results, target, command=command, expected=len(bench.seeds), setting=setting)
+        write_doc(results, target, command=command, expected=len(bench.seeds), table=bench.table)
     return results_file
 
 
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setting", choices=SETTINGS, default="scratch",
                    help="where the students start: random weights (scratch) or each tokenizer's student pretrained "
                         "as a plain LM on unlabeled in-domain text (pretrained; pretraining.py)")
+    p.add_argument("--epochs", type=int, help="the students' budget in epochs (default: the recipe's 30); another "
+                                              "budget is a table of its own, its lr chosen per half on SFT's grid")
     p.add_argument("--quick", action="store_true", help="a few steps per run and a small test set (a smoke test; "
                                                         "needs --record none --doc none or paths of its own)")
     args = p.parse_args(argv)
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and (doc == DOC or record == RECORD):
         p.error("--quick would write smoke-test figures into the committed table: add --record none --doc none "
                 "(or paths of your own)")
-    run_table(args.output_dir, args.quick, args.rows, doc, record, args.report_only, args.setting)
+    run_table(args.output_dir, args.quick, args.rows, doc, record, args.report_only, args.setting, args.epochs)
     return 0
 
 

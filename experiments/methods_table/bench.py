@@ -74,6 +74,9 @@ class Bench:
     """The committed record (see the module docstring); None: the run folders only."""
     setting: str = "scratch"
     """Where the students start (`SETTINGS`)."""
+    epochs: int | None = None
+    """The students' budget in epochs (None: the recipe's 30). Another budget is a table of its own: its runs
+    sit under `e<epochs>/`, and its learning rate is chosen once per half on SFT's grid (`grid_row`)."""
     data: dict[str, Path] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -161,11 +164,19 @@ class Bench:
                      else f"teacher.path={teacher}", *self.short]
         if row.source is not None:
             overrides += [f"source={row.source}", f"generation={GENERATION}"]
+        if self.epochs is not None:
+            overrides += [f"optimization.epochs={self.epochs}"]
         return load_config(recipe("demo-student"), overrides)
 
     def path(self, row: Row, lr: float, seed: int) -> Path:
         setting = [] if self.setting == "scratch" else [self.setting]  # scratch: directly under runs/
-        return self.out.joinpath("runs", *setting, row.name, f"lr{lr:g}", f"seed{seed}")
+        budget = [] if self.epochs is None else [f"e{self.epochs}"]
+        return self.out.joinpath("runs", *setting, *budget, row.name, f"lr{lr:g}", f"seed{seed}")
+
+    @property
+    def table(self) -> str:
+        """The table's name: its setting, and its budget where it is not the recipe's (`scratch-e240`)."""
+        return self.setting + ("" if self.epochs is None else f"-e{self.epochs}")
 
     def _recorded(self, run: Path) -> dict[str, Any] | None:
         return self.record.get(run.relative_to(self.out / "runs").as_posix()) if self.record is not None else None
@@ -266,10 +277,10 @@ class Bench:
 
     def grid_row(self, row: Row) -> Row:
         """The row whose learning-rate grid chooses `row`'s lr: its own; an ablation's base row's; with
-        pretrained students, the SFT row of its tokenizer (one grid per half, chosen on dev)."""
+        pretrained students or another budget, the SFT row of its tokenizer (one grid per half, chosen on dev)."""
         if row.base is not None:
             return self.grid_row(BY_NAME[row.base])
-        if self.setting == "pretrained":
+        if self.setting == "pretrained" or self.epochs is not None:
             return BY_NAME["sft" if row.tokenizer == "teacher" else "own-sft"]
         return row
 

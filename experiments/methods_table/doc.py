@@ -96,13 +96,14 @@ def grid_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-MARKERS = {"scratch": ("<!-- generated", "<!-- end generated -->"),
-           "pretrained": ("<!-- pretrained generated", "<!-- end pretrained generated -->")}
-"""Where each setting's table sits in the document."""
+def markers(table: str) -> tuple[str, str]:
+    """Where a table (`Bench.table`: its setting and budget) sits in the document."""
+    return ("<!-- generated", "<!-- end generated -->") if table == "scratch" else \
+        (f"<!-- {table} generated", f"<!-- end {table} generated -->")
 
 
 def write_doc(results: dict[str, Any], doc: Path, command: str, expected: int | None = None,
-              setting: str = "scratch") -> None:
+              table: str = "scratch") -> None:
     """Write the generated part of the methods table document (between markers) and its plot."""
     import matplotlib
 
@@ -110,8 +111,8 @@ def write_doc(results: dict[str, Any], doc: Path, command: str, expected: int | 
     import matplotlib.pyplot as plt
 
     names = [n for n, r in results.items() if r["seeds"] and not r.get("base")]
-    plot = doc.parent / ("methods-table.png" if setting == "scratch" else f"methods-table-{setting}.png")
-    start, end = MARKERS[setting]
+    plot = doc.parent / ("methods-table.png" if table == "scratch" else f"methods-table-{table}.png")
+    start, end = markers(table)
     if names:
         fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(names) + 1.5), sharey=True)
         for ax, metric in zip(axes, ("rougeL", "exact_match")):
@@ -129,7 +130,7 @@ def write_doc(results: dict[str, Any], doc: Path, command: str, expected: int | 
                  + table_markdown(results, expected) + (f"\n![methods table]({plot.name})\n\n" if names else "\n")
                  + grid_markdown(results) + end)
     text = doc.read_text() if doc.exists() else "# The methods table\n"
-    if start not in text:  # a setting's first table: at the end
+    if start not in text:  # a table's first sitting: at the end
         text = text.rstrip("\n") + f"\n\n{start} -->\n{end}\n"
     head, _, rest = text.partition(start)
     _, _, tail = rest.partition(end)
