@@ -51,6 +51,8 @@ ROWS = (
     Row("own-mined", "own", "{name: mined}", "MinED"),
     Row("own-gold", "own", "{name: gold}", "GOLD (TRL's cross-tokenizer loss)"),
     Row("own-shared-vocab-kd", "own", "{name: shared_vocab_kd}", "KD over the shared vocabulary (KDFlow)"),
+    Row("own-xtoken-pkl", "own", "{name: xtoken, loss: pkl}", "X-Token P-KL (NeMo RL)"),
+    Row("own-xtoken-hkl", "own", "{name: xtoken, loss: hkl}", "X-Token H-KL (NeMo RL)"),
     Row("own-on-policy-dskdv2-eta", "own", "{name: dskdv2, alignment: eta, divergence: fkl}",
         "on-policy DSKDv2-ETA", ON_POLICY),
 )
