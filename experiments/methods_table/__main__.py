@@ -30,7 +30,7 @@ from rich.console import Console
 
 from dualkd.atomic import write_text_atomic
 from experiments.methods_table.bench import SETTINGS, Bench, Record
-from experiments.methods_table.doc import write_doc
+from experiments.methods_table.doc import write_dev_curves, write_doc
 from experiments.methods_table.rows import ALL_ROWS, BY_NAME, FIRST
 
 HERE = Path(__file__).parent
@@ -71,6 +71,12 @@ def run_table(out: Path, quick: bool = False, rows: list[str] | None = None, doc
     write_text_atomic(results_file, json.dumps(results, indent=2))
     for target in [out / "methods-table.md", *([doc] if doc is not None else [])]:
         write_doc(results, target, command=command, expected=len(bench.seeds), table=bench.table)
+        if bench.epochs is not None:  # the SFT grids' dev curves: has the budget converged?
+            curves = {f"{name}, lr {lr:g}": bench.dev_curve(run) for name in ("sft", "own-sft") for lr in bench.lrs
+                      if bench.trained(run := bench.path(BY_NAME[name], lr, bench.seeds[0]))}
+            if curves:
+                write_dev_curves(curves, target.parent / f"methods-table-{bench.table}-sft-dev.png",
+                                 f"SFT's dev CE at {bench.epochs} epochs (seed {bench.seeds[0]})")
     return results_file
 
 

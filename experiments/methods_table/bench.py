@@ -210,14 +210,16 @@ class Bench:
             entry["scores"] = json.loads((run / "scores.json").read_text())
         self.record.put(entry)
 
-    def best_dev_ce(self, run: Path) -> float:
+    def dev_curve(self, run: Path) -> list[dict[str, Any]]:
+        """A finished run's dev records (step, ce, ...), from its folder or the record."""
         if (run / "final").is_dir():
-            dev = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "dev"]
-        else:
-            recorded = self._recorded(run)
-            assert recorded is not None, f"{run} is not trained"
-            dev = recorded["dev"]
-        return min(r["ce"] for r in dev)
+            return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "dev"]
+        recorded = self._recorded(run)
+        assert recorded is not None, f"{run} is not trained"
+        return recorded["dev"]
+
+    def best_dev_ce(self, run: Path) -> float:
+        return min(r["ce"] for r in self.dev_curve(run))
 
     def scores(self, run: Path) -> dict[str, float]:
         """Test ROUGE-L, exact match (means over the sampling seeds), best dev CE and the share of samples with

@@ -135,3 +135,28 @@ def write_doc(results: dict[str, Any], doc: Path, command: str, expected: int | 
     head, _, rest = text.partition(start)
     _, _, tail = rest.partition(end)
     write_text_atomic(doc, head + generated + tail)
+
+
+def write_dev_curves(curves: dict[str, list[dict[str, Any]]], image: Path, title: str) -> None:
+    """Dev CE against the optimizer step, one line per run (label -> its dev records), each run's best step
+    marked: where a budget's curves have flattened (issue 30: a budget at which SFT has converged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, dev in curves.items():
+        steps, ce = [r["step"] for r in dev], [r["ce"] for r in dev]
+        best = min(range(len(ce)), key=ce.__getitem__)
+        line = ax.plot(steps, ce, label=f"{label} (best {ce[best]:.3f} at step {steps[best]})")[0]
+        ax.plot(steps[best], ce[best], "o", color=line.get_color())
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("dev CE (nats per token of the run's tokenizer)")
+    ax.set_title(title)
+    ax.set_ylim(top=min(2.0, ax.get_ylim()[1]))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(image, dpi=110)
+    plt.close(fig)
