@@ -136,6 +136,22 @@ class DSKDCMA(DualSpace):
         return through_head(student, partial(self._loss, student=student, batch=batch, teacher=teacher, norm=norm),
                             hidden)
 
+    def attention_scores(self, student: nn.Module, batch: Batch, teacher: TeacherStates) -> Tensor:
+        """A: the cross-model attention's logits [B, Ts, Tt] (-1e5 off the response tokens); softmax over the
+        last axis gives each student position's weights on the teacher's positions. Embeddings are looked up
+        without gradient."""
+        s_tok, t_mask = batch.student, self._teacher_tokens(batch).loss_mask
+        s_mask = s_tok.loss_mask
+        dtype = self.query.weight.dtype
+        embed = student.get_input_embeddings()
+        with torch.no_grad():
+            s_emb = torch.cat([embed(torch.where(s_mask, s_tok.input_ids, 0)),
+                               embed(torch.where(s_mask, s_tok.labels, 0))], dim=-1).to(dtype)
+        query = self.query(s_emb)  # [B, Ts, 2dt]
+        key = _scale_free(torch.cat([teacher.inputs, teacher.gold], dim=-1).to(dtype), t_mask)  # [B, Tt, 2dt]
+        scores = query @ key.transpose(1, 2) / math.sqrt(key.shape[-1])
+        return scores.masked_fill(~(s_mask[:, :, None] & t_mask[:, None, :]), -1e5)
+
     def _loss(self, w_s: Tensor, b_s: Tensor | None, hidden: Tensor, student: nn.Module, batch: Batch,
               teacher: TeacherStates, norm: StepNorm) -> tuple[Tensor, dict[str, Tensor]]:
         """What reads the student's head (run inside its forward: `lm.through_head`)."""
@@ -145,15 +161,7 @@ class DSKDCMA(DualSpace):
         w_fixed, b_fixed = w_s.detach(), b_s.detach() if b_s is not None else None
         dtype = self.query.weight.dtype
 
-        # cross-model attention ([B, Ts, Tt]); embeddings are looked up without gradient
-        embed = student.get_input_embeddings()
-        with torch.no_grad():
-            s_emb = torch.cat([embed(torch.where(s_mask, s_tok.input_ids, 0)),
-                               embed(torch.where(s_mask, s_tok.labels, 0))], dim=-1).to(dtype)
-        query = self.query(s_emb)  # [B, Ts, 2dt]
-        key = _scale_free(torch.cat([teacher.inputs, teacher.gold], dim=-1).to(dtype), t_mask)  # [B, Tt, 2dt]
-        scores = query @ key.transpose(1, 2) / math.sqrt(key.shape[-1])
-        scores = scores.masked_fill(~(s_mask[:, :, None] & t_mask[:, None, :]), -1e5)
+        scores = self.attention_scores(student, batch, teacher)  # [B, Ts, Tt]
         t_values = self.t2s(_scale_free(teacher.hidden.to(dtype), t_mask)
                             + _scale_free(teacher.values.to(dtype), t_mask))  # [B, Tt, ds]
         h_t2s = torch.softmax(scores, dim=-1) @ t_values  # [B, Ts, ds]
