@@ -57,6 +57,7 @@ def measure(run: Path, step0: bool) -> dict[str, float]:
                               "student.tokenizer=null", "student.train_tokenizer=null",
                               f"objective.projector_path={run / 'final'}"]
     cfg = load_config(run / "config.yaml", start)
+    torch.manual_seed(cfg.seed)  # the untrained projectors and query: the same start on every call
     parts = build_parts(cfg, run / "analysis", LocalEngine())
     parts.student.eval()
     obj = parts.objective.eval()
