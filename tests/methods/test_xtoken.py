@@ -2,7 +2,8 @@
 one chunk at a time:
 
     chunks: span_groups on each example's response token spans (EOS and empty spans left out)
-    P-KL  per chunk  Σ e^{t̄}(t̄ − log(q̂ + ε)),  q̂ = q̄ / (Σ q̄ + ε),  q̄ = mean_i softmax(z_s,i/τ)·W,  t̄ = mean_j log_softmax(z_t,j/τ)
+    P-KL  per chunk  Σ e^{t̄}(t̄ − log(q̂ + ε)),  q̂ = q̄ / (Σ q̄ + ε),
+          q̄ = mean_i softmax(z_s,i/τ)·W,  t̄ = mean_j log_softmax(z_t,j/τ)
     H-KL  per chunk  Σ_pairs e^{t̄_t}(t̄_t − s̄_s) + Σ_k |sort↓ e^{s̄}[U_s] − sort↓ e^{t̄}[U_t]|_k (first m)
     L = (1 − r)·CE/n + r·τ²·Σ_chunks / chunks
 

@@ -146,8 +146,9 @@ def _coo(indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _row_top(rows: Tensor, cols: Tensor, vals: Tensor, v_s: int, k: int) -> tuple[Tensor, Tensor]:
-    """Per row of a COO matrix: its k largest entries (ties: lower column first), each row divided by its sum
-    before the cut (so the kept weights are shares of the whole row) and renormalized after it."""
+    """Per row of a COO matrix: its k largest entries (ties: lower column first), divided by their sum (the
+    official tools normalize before the cut too, which changes nothing once the kept entries are
+    renormalized)."""
     order = torch.argsort(cols, stable=True)
     rows, cols, vals = rows[order], cols[order], vals[order]
     order = torch.argsort(-vals, stable=True)
