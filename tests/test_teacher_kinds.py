@@ -100,7 +100,7 @@ def test_a_kind_is_chosen_by_name_and_its_own_fields_are_checked(oracle: None, t
         validate_config(raw)
     raw["teacher"] = {"kind": "oracel", "tokenizer": str(byte_tokenizer_dir)}
     with pytest.raises(ConfigError, match=r"unknown kind 'oracel'; choose from \['cache', 'hidden_server', 'live', "
-                                          r"'oracle', 'server'\]"):
+                                          r"'oracle', 'server', 'several'\]"):
         validate_config(raw)
 
 

@@ -159,8 +159,8 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _check_combination(self) -> RunConfig:
         if self.teacher is not None and not self.teacher.scores_new_sequences and self.source.kind != "off_policy":
-            raise ValueError(f"teacher.kind={self.teacher.kind} holds the teacher's outputs on the dataset responses "
-                             f"only; source.kind={self.source.kind} asks the teacher about new sequences: use a live "
+            raise ValueError(f"teacher.kind={self.teacher.kind} {self.teacher.dataset_only}; "
+                             f"source.kind={self.source.kind} asks the teacher about new sequences: use a live "
                              "teacher (`teacher.path`, no `cache`) or a server")
         if isinstance(self.source, SeqKDConfig) and self.teacher is None and self.source.seqkd_data is None:
             raise ValueError("source.kind=seqkd: set `source.seqkd_data` (teacher outputs from `dualkd generate`) "

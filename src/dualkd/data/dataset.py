@@ -340,3 +340,24 @@ def build_dataset(
     """Read, validate and tokenize one source (see `make_dataset`)."""
     examples, report = load_examples(source, cfg.format, cfg.on_error, max_examples)
     return make_dataset(examples, report, cfg, student_tokenizer, teacher_tokenizer), report
+
+
+def with_teacher_view(dataset: TokenizedDataset, cfg: DataConfig, teacher_tokenizer: Any, aligner: Any | None,
+                      label: str) -> TokenizedDataset:
+    """The same examples in the same order, the student's tokens kept, with `teacher_tokenizer`'s tokens as
+    the teacher view (paired with the student's by `aligner` where given): one of several teachers' views
+    (teachers/several.py). Every teacher must read every example the student kept, so an example this
+    tokenizer cannot use is refused (whatever `on_error` says) with its reason."""
+    if dataset.seq2seq:
+        raise ModelError("encoder-decoder distillation needs one tokenizer for student and teacher")
+    rules = TruncationRules.from_config(cfg)
+    teacher = _in_chunks(tokenize_examples, dataset.examples, teacher_tokenizer, rules, Truncation(), label)
+    errors = [t for t in teacher if isinstance(t, DataError)]
+    if errors:
+        raise DataError(f"{errors[0]} ({len(errors)} example(s) the student's tokenizer kept but this teacher's "
+                        "cannot use; several teachers must read the same examples)")
+    views: list[TokenizedExample] = teacher  # type: ignore[assignment]
+    return TokenizedDataset(
+        examples=dataset.examples, student=dataset.student, teacher=views, student_pad_id=dataset.student_pad_id,
+        teacher_pad_id=pad_id(teacher_tokenizer), pad_to_multiple_of=dataset.pad_to_multiple_of,
+        alignments=aligner(dataset.student, views) if aligner is not None else None)

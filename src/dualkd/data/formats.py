@@ -7,7 +7,7 @@ conversation rendered differently.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from dualkd.errors import DataError
@@ -42,6 +42,9 @@ class Example:
     messages: tuple[dict[str, str], ...] | None = None
     rejected: str | None = None
     """Preference records: the rejected response (the chosen one is the training response)."""
+    teacher: str | None = None
+    """The record's `teacher` field, in any format: which of several teachers reads this example
+    (`objective.combine: route`, methods/multi_teacher.py); None where the record has none."""
 
     @property
     def rejected_example(self) -> Example:
@@ -85,9 +88,16 @@ def parse_record(obj: Any, where: str, fmt: Format = "auto", translation: tuple[
                  ) -> Example:
     """Validate one decoded JSON record. Raises DataError naming `where` and the field. With `translation`
     (source, target) the record is a sentence pair such as {"de": ..., "en": ...}: the source sentence is the
-    prompt, the target the reference."""
+    prompt, the target the reference. A `teacher` field (a name) is kept in any format."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    example = _parse_fields(obj, where, fmt, translation)
+    if "teacher" not in obj:
+        return example
+    return replace(example, teacher=_string(obj, "teacher", where, allow_empty=False))
+
+
+def _parse_fields(obj: dict[str, Any], where: str, fmt: Format, translation: tuple[str, str] | None) -> Example:
     if translation is not None:
         for lang in translation:
             _string(obj, lang, where, allow_empty=False)

@@ -14,6 +14,7 @@ from dualkd.methods.dskdv2 import DSKDv2Config
 from dualkd.methods.gold import GOLD, GOLDConfig
 from dualkd.methods.kd import KD, KDConfig, WordKD, WordKDConfig
 from dualkd.methods.mined import MinED, MinEDConfig
+from dualkd.methods.multi_teacher import MultiTeacher, MultiTeacherConfig
 from dualkd.methods.needs import Needs
 from dualkd.methods.sft import SFT, SFTConfig
 from dualkd.methods.shared_vocab_kd import SharedVocabKD, SharedVocabKDConfig
@@ -39,6 +40,7 @@ METHODS.update({  # name: (its config class, the factory that builds it from its
     "aligndistil": (AlignDistilConfig, AlignDistil),
     "tie_kd": (TIEKDConfig, TIEKD),
     "cbmi": (CBMIConfig, CBMI),
+    "multi_teacher": (MultiTeacherConfig, MultiTeacher),
 })
 ObjectiveConfig = of_kind(ObjectiveSpec)
 """The `objective` section, validated into the config class its `name` chooses."""

@@ -56,6 +56,7 @@ CAPABILITIES = {
     "sequence_logprobs": "log-probabilities of whole responses",
     "encoder": "encoder passes",
     "generate": "written responses",
+    "members": "separate teachers' outputs (teacher.kind: several)",
 }
 
 

@@ -76,6 +76,11 @@ class CachedTeacherConfig(TeacherSpec):
             return None
         return CachedTeacher.what, _gives(hidden)
 
+    def cure(self, gap: frozenset[str], objective: str) -> str:
+        hidden = ", or write the cache with `dualkd cache-teacher ... --hidden`" if gap <= {"response_hidden",
+                                                                                         "head"} else ""
+        return super().cure(gap, objective) + hidden
+
     def open(self, tokenizer: Any, site: TeacherSite) -> CachedTeacher:
         cached = CachedTeacher(self.cache, tokenizer, dtype=site.dtype)
         source = self.tokenizer_source

@@ -11,6 +11,7 @@ from dualkd.teachers.cached import CachedTeacherConfig
 from dualkd.teachers.live import LiveTeacherConfig
 from dualkd.teachers.served import ServedTeacherConfig
 from dualkd.teachers.served_hidden import ServedHiddenTeacherConfig
+from dualkd.teachers.several import SeveralTeachersConfig
 from dualkd.teachers.spec import KINDS, TeacherSpec
 
 KINDS.update({
@@ -18,6 +19,7 @@ KINDS.update({
     "cache": CachedTeacherConfig,
     "server": ServedTeacherConfig,
     "hidden_server": ServedHiddenTeacherConfig,
+    "several": SeveralTeachersConfig,
 })
 
 TeacherConfig = of_kind(TeacherSpec)

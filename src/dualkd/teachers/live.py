@@ -48,7 +48,7 @@ class LiveTeacherConfig(TeacherSpec):
 
 
 class LiveTeacher(Teacher):
-    provides: ClassVar[frozenset[str]] = frozenset(CAPABILITIES)
+    provides: ClassVar[frozenset[str]] = frozenset(CAPABILITIES) - {"members"}  # one model
     what: ClassVar[str] = "a live teacher"
 
     def __init__(self, model: nn.Module, tokenizer: Any, name: str = "teacher", placement: str = "auto"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -27,6 +28,7 @@ import torch
 from pydantic import model_validator
 
 from dualkd.data.collate import TokenizedExample
+from dualkd.data.dataset import TokenizedDataset
 from dualkd.models import ModelConfig, load_tokenizer
 from dualkd.schema import ByKind
 from dualkd.teachers.base import Teacher
@@ -51,6 +53,10 @@ class TeacherSite:
     """The student's parameter dtype (a cache's tensors come in it)."""
     splits: dict[str, list[TokenizedExample]] = dataclasses.field(default_factory=dict)
     """The teacher's view of the run's data by split ("train", "dev"): a cache refuses other data."""
+    views: Callable[[Any], dict[str, TokenizedDataset]] | None = None
+    """(a tokenizer) -> the run's data by split as datasets whose teacher view is that tokenizer's (the student's
+    where the vocabularies match), aligned where the objective aligns: same examples, same order. Given by a
+    training run, for a kind that holds several teachers with their own tokenizers (teachers/several.py)."""
 
 
 class TeacherSpec(ModelConfig, ByKind):
@@ -60,6 +66,8 @@ class TeacherSpec(ModelConfig, ByKind):
     kind: str
     scores_new_sequences: ClassVar[bool] = True
     """Whether it can be asked about sequences that are not the dataset's (on-policy samples, replay)."""
+    dataset_only: ClassVar[str] = "holds the teacher's outputs on the dataset responses only"
+    """Why not, where it cannot (the refusal's words)."""
 
     placement: Literal["auto", "same", "cpu_offload", "sharded"] = "auto"
     """Where a live teacher runs. `same`: a whole copy on every process's device. `cpu_offload`: the weights stay
@@ -92,6 +100,11 @@ class TeacherSpec(ModelConfig, ByKind):
         """What the teacher this section opens is called in messages and what it can give, known before it opens
         (so that an objective that reads more is refused before any model loads); None: known once opened."""
         return None
+
+    def cure(self, gap: frozenset[str], objective: str) -> str:
+        """What to do when objective `objective` reads capabilities `gap` this kind cannot give (the end of
+        the refusal)."""
+        return "use a live teacher (`teacher.path`)"
 
     @abstractmethod
     def open(self, tokenizer: Any, site: TeacherSite) -> Teacher:

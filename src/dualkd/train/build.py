@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from dualkd.config import RunConfig
-from dualkd.data.dataset import TokenizedDataset, make_dataset
+from dualkd.data.dataset import TokenizedDataset, make_dataset, with_teacher_view
 from dualkd.data.formats import Example
 from dualkd.data.preferences import make_preference_dataset
 from dualkd.data.readers import LoadReport
@@ -78,8 +78,18 @@ def build_parts(cfg: RunConfig, run_dir: Path, engine: Any, objective: Objective
     # what a cache must hold (preference pairs have no teacher view: DPO's reference reads the student's tokens)
     splits = {name: d.teacher_view for name, d in (("train", train_set), ("dev", dev_set))
               if d is not None and needs.data != "pairs"}
+    sets = {name: d for name, d in (("train", train_set), ("dev", dev_set)) if d is not None}
+
+    def views(tokenizer: Any) -> dict[str, TokenizedDataset]:
+        """The run's data with `tokenizer`'s view of the teacher side (one of several teachers)."""
+        if not needs.teacher_tokens or same_vocabulary(student_tokenizer, tokenizer):
+            return dict(sets)
+        pairs = needs.aligner(student_tokenizer, tokenizer) if needs.aligner else None
+        return {name: with_teacher_view(d, data, tokenizer, pairs, f"tokenizing {name} for a teacher")
+                for name, d in sets.items()}
+
     site = TeacherSite(run_dir=run_dir, seed=cfg.seed, seq2seq=seq2seq, dtype=next(student.parameters()).dtype,
-                       splits=splits)
+                       splits=splits, views=views if needs.data != "pairs" else None)
     teacher = open_teacher(spec, site, teacher_tokenizer) if spec is not None else None
     frozen = _frozen_teachers(cfg, needs, student_tokenizer, site)
     # setup reads the heads (checks, pseudo-inverse projectors) and runs the models once: under ZeRO-3 they
@@ -106,14 +116,11 @@ def check_needs(cfg: RunConfig, needs: Needs) -> None:
     gap = needs.missing(known[1]) if known is not None else None
     if known is not None and gap:
         what, gives = known
-        hint = (", or write the cache with `dualkd cache-teacher ... --hidden`"
-                if cfg.teacher.kind == "cache" and gap <= {"response_hidden", "head"} else "")
         raise ConfigError(f"objective `{name}` reads the teacher's "
                           f"{' and '.join(CAPABILITIES[c] for c in sorted(gap))}"
                           + (f" ({needs.why} reads them)" if needs.why else "")
                           + f", which {what} cannot give (it gives: "
-                          f"{', '.join(CAPABILITIES[c] for c in sorted(gives))}); use a live teacher "
-                          f"(`teacher.path`){hint}")
+                          f"{', '.join(CAPABILITIES[c] for c in sorted(gives))}); {cfg.teacher.cure(gap, name)}")
     missing = [r for r in needs.frozen if r not in cfg.teachers]
     if missing:
         raise ConfigError(f"objective `{name}` needs " + "; ".join(
