@@ -4,7 +4,9 @@
 #   teacher  teacher B: Gemma-3-270M after a short LoRA SFT (60 steps x 8) on the first 480 of the students' examples
 #   caches   each teacher run once over the students' data (top-64 + hidden states: kd, dskd, dskdv2 read them)
 #   grid     SFT at each lr of $LRS, the best dev CE chooses the lr every row trains with
-#   rows     SFT, KD (fkl), DSKD, DSKDv2 from teacher A; DSKDv2-ETA (cache), ULD, MinED (live) from teacher B
+#   route    each training and dev example named for the teacher that predicts its response better (route.py)
+#   rows     SFT, KD (fkl), DSKD, DSKDv2 from teacher A; DSKDv2-ETA (cache), ULD, MinED (live) from teacher B;
+#            DSKDv2 from both teachers at once (teacher.kind: several): summed, and routed per example
 #   eval     every row, both teachers and the cut student: ROUGE-L / exact match on $N_TEST Dolly test prompts
 #            x the seeds of $SEEDS (up to 128 new tokens), CE per token and bits per byte on $N_DEV dev responses
 #   table    $OUT/results.md (experiments/prune_distill_dolly/table.py)
@@ -22,7 +24,7 @@ PY=${PY:-.venv/bin/python}
 MODELS=${MODELS:-$HOME/.cache/dualkd-real}
 DATA=${DATA:-data/dolly}  # a folder with Dolly's train.jsonl, dev.jsonl and test.jsonl (README.md here)
 OUT=${OUT:-runs/pdd}
-STAGES=${STAGES:-"prune teacher caches grid rows eval table"}
+STAGES=${STAGES:-"prune teacher caches grid route rows eval table"}
 RECORD=${RECORD:-experiments/prune_distill_dolly/record}
 if [ "${SMOKE:-0}" = 1 ]; then
   STEPS=4 TEACHER_STEPS=2 N_TEST=4 N_DEV=4 SEEDS=10 LRS=${LRS:-"1e-3"} OUT=${OUT}-smoke
@@ -45,6 +47,9 @@ SIZE="student.path=$STUDENT data.train=$DATA/train.jsonl data.dev=$DATA/dev.json
 A="teacher.path=$TEACHER_A teacher.cache=$OUT/cache-a"
 B_CACHE="teacher.path=$TEACHER_B teacher.cache=$OUT/cache-b"
 B_LIVE="teacher.path=$TEACHER_B"
+BOTH="teacher.kind=several teacher.members.a.path=$TEACHER_A teacher.members.a.cache=$OUT/cache-a \
+      teacher.members.b.path=$TEACHER_B teacher.members.b.cache=$OUT/cache-b"
+ROUTED="data.train=$OUT/train-routed.jsonl data.dev=$OUT/dev-routed.jsonl"
 for split in train dev test; do  # every stage but the table reads the data
   [ "$STAGES" = table ] || [ -f $DATA/$split.jsonl ] || { echo "no $DATA/$split.jsonl: set DATA to a folder holding Dolly's train/dev/test.jsonl" >&2; exit 2; }
 done
@@ -70,8 +75,10 @@ declare -A ROW=(
   [dskdv2-eta]="objective={name: dskdv2, alignment: eta, divergence: fkl, temperature: 2.0}|$B_CACHE"
   [uld]="objective={name: uld}|$B_LIVE"
   [mined]="objective={name: mined, temperature: 2.0}|$B_LIVE"
+  [both-sum]="objective={name: multi_teacher, combine: sum, each: {name: dskdv2, divergence: fkl, temperature: 2.0}}|$BOTH"
+  [both-route]="objective={name: multi_teacher, combine: route, each: {name: dskdv2, divergence: fkl, temperature: 2.0}}|$BOTH $ROUTED"
 )
-ROW_ORDER=${ROWS:-"kd dskd dskdv2 dskdv2-eta uld mined"}  # ROWS="kd dskd" trains some
+ROW_ORDER=${ROWS:-"kd dskd dskdv2 dskdv2-eta uld mined both-sum both-route"}  # ROWS="kd dskd" trains some
 
 train_row() {  # name, objective override, teacher overrides
   local name=$1 objective=$2 teacher=$3
@@ -86,7 +93,7 @@ if has prune && [ ! -d $STUDENT ]; then
   timed prune $DUALKD prune $TEACHER_A --keep 6 --out $STUDENT
 fi
 
-if has teacher && [ ! -d $TEACHER_B ] && pending teacher-b dskdv2-eta uld mined; then
+if has teacher && [ ! -d $TEACHER_B ] && pending teacher-b dskdv2-eta uld mined both-sum both-route; then
   timed teacher $DUALKD train configs/prune-distill-dolly-teacher-gemma3.yaml output_dir=$OUT/gemma3-270m-dolly \
       student.path=$MODELS/gemma-3-270m data.train=$DATA/train.jsonl data.dev=$DATA/dev.jsonl \
       data.max_examples=$((TEACHER_STEPS * 8)) optimization.max_steps=$TEACHER_STEPS checkpoint.resume=auto \
@@ -95,10 +102,10 @@ fi
 
 if has caches; then
   # shellcheck disable=SC2086
-  [ -f $OUT/cache-a/done ] || ! pending kd dskd dskdv2 || { timed cache-a $DUALKD cache-teacher $CFG $SIZE "${ROW[dskdv2]%%|*}" \
+  [ -f $OUT/cache-a/done ] || ! pending kd dskd dskdv2 both-sum both-route || { timed cache-a $DUALKD cache-teacher $CFG $SIZE "${ROW[dskdv2]%%|*}" \
       teacher.path=$TEACHER_A --out $OUT/cache-a --hidden && touch $OUT/cache-a/done; }
   # shellcheck disable=SC2086
-  [ -f $OUT/cache-b/done ] || [ ! -d $TEACHER_B ] || ! pending dskdv2-eta || { timed cache-b $DUALKD cache-teacher $CFG $SIZE "${ROW[dskdv2-eta]%%|*}" \
+  [ -f $OUT/cache-b/done ] || [ ! -d $TEACHER_B ] || ! pending dskdv2-eta both-sum both-route || { timed cache-b $DUALKD cache-teacher $CFG $SIZE "${ROW[dskdv2-eta]%%|*}" \
       teacher.path=$TEACHER_B --out $OUT/cache-b --hidden && touch $OUT/cache-b/done; }
 fi
 
@@ -121,6 +128,12 @@ print("lr grid (best dev CE):", ce, "-> lr", best)
 PYEOF
   ln -sfn sft-lr$(lr) $OUT/rows/sft
   keep grid.json
+fi
+
+if has route && [ ! -f $OUT/train-routed.jsonl ] && [ -f $OUT/cache-b/done ] && pending both-route; then
+  timed route $PY experiments/prune_distill_dolly/route.py $OUT/cache-a $OUT/cache-b \
+      --split train $DATA/train.jsonl $OUT/train-routed.jsonl --split dev $DATA/dev.jsonl $OUT/dev-routed.jsonl
+  keep train-routed.jsonl.json; keep dev-routed.jsonl.json
 fi
 
 if has rows; then

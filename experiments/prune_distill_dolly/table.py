@@ -21,6 +21,8 @@ WHAT = {
     "dskdv2-eta": ("B", "DSKDv2-ETA, τ 2 (cached hidden states)"),
     "uld": ("B", "ULD (live teacher)"),
     "mined": ("B", "MinED, τ 2 (live teacher)"),
+    "both-sum": ("A + B", "DSKDv2 from both (A same vocabulary, B ETA), summed ½ + ½ (cached hidden states)"),
+    "both-route": ("A or B", "DSKDv2 from the teacher that predicts each example's response better (cached)"),
 }
 
 

@@ -1,5 +1,6 @@
 """Where a teacher's outputs come from: a live model, an offline cache or a server, behind one protocol (base.py),
-each opened from its config section by one factory (spec.py: `open_teacher`; the kinds: kinds.py)."""
+each opened from its config section by one factory (spec.py: `open_teacher`; the kinds: kinds.py); several
+teachers at once are one more kind (several.py)."""
 
 from dualkd.teachers.base import Teacher, response_rows
 from dualkd.teachers.cached import CachedTeacher, CachedTeacherConfig, cache_tokenizer

@@ -3,6 +3,7 @@
     teacher: {kind: live, path: HuggingFaceTB/SmolLM2-1.7B-Instruct}                  # teachers/live.py
     teacher: {kind: cache, cache: cache/}                                            # teachers/cached.py
     teacher: {kind: server, tokenizer: ..., server: {url: "http://127.0.0.1:8080"}}  # teachers/served.py
+    teacher: {kind: several, members: {a: {path: ...}, b: {kind: cache, cache: ...}}}  # teachers/several.py
 
 `kind` chooses the section's class from `KINDS` (filled in teachers/kinds.py); a section that names no kind
 is a cache when it sets `cache`, a server when it sets `server`, else a live model. Every kind keeps the
