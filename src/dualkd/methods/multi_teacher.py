@@ -81,27 +81,32 @@ class MultiTeacherConfig(ObjectiveSpec):
         return self
 
 
+def _each(config: MultiTeacherConfig) -> Objective:
+    """A fresh objective `each` (built by its registry entry, as `build_objective` does)."""
+    return METHODS[config.each.name][1](config.each)
+
+
 class MultiTeacher(Objective):
     config: MultiTeacherConfig
 
     def __init__(self, config: MultiTeacherConfig):
         super().__init__(config)
-        self._each = METHODS[config.each.name][1](config.each)  # what one member's objective needs
-        each_needs = self._each.needs()
-        if not each_needs.distills or each_needs.data != "responses" or each_needs.frozen:
+        probe = _each(config)  # what one member's objective needs (not kept: its modules are the members')
+        self._each_needs, self._gold_weight = probe.needs(), probe.gold_weight()
+        if not self._each_needs.distills or self._each_needs.data != "responses" or self._each_needs.frozen:
             raise ConfigError(f"objective.each: `{config.each.name}` is not a one-teacher distillation objective "
                               "over dataset responses (kd, dskd, dskdv2, uld, ...)")
         self.members = nn.ModuleDict()  # name -> objective `each` bound to that teacher (built in setup)
         self.weights: dict[str, float] = {}
 
     def needs(self) -> Needs:
-        each = self._each.needs()
+        each = self._each_needs
         return Needs(teacher=(frozenset({MEMBERS}),), why="objective multi_teacher", teacher_tokens=each.teacher_tokens,
                      aligner=each.aligner, counts_need_teacher=True,
                      unused_parameters=self.config.combine == "route" or each.unused_parameters)
 
     def gold_weight(self) -> float:
-        return self._each.gold_weight()
+        return self._gold_weight
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{**g, "name": f"{name}.{g.get('name', 'objective')}"}
@@ -122,7 +127,7 @@ class MultiTeacher(Objective):
             if self.config.combine == "average" and not same:
                 raise ConfigError(f"teacher.members.{name}: combine=average needs every teacher to share the "
                                   "student's vocabulary; this one's differs (use combine: sum)")
-            member = METHODS[self.config.each.name][1](self.config.each)
+            member = _each(self.config)
             try:
                 member.setup(SetupContext(student=ctx.student, teacher=teacher, student_tokenizer=ctx.student_tokenizer,
                                           teacher_tokenizer=teacher.tokenizer, same_tokenizer=same,
