@@ -5,6 +5,7 @@ The formulas themselves: tests/methods/test_multi_teacher.py."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,43 @@ def test_cache_teacher_refuses_several_teachers(tmp_path: Path, routed: tuple[Pa
     config.write_text(yaml.safe_dump(cfg))
     assert main(["cache-teacher", str(config), "--out", str(tmp_path / "cache")]) == 2
     assert "writes one cache per member" in capsys.readouterr().err
+
+
+def test_the_route_script_names_the_teacher_that_predicts_each_response_better(
+        tmp_path: Path, routed: tuple[Path, Path], byte_tokenizer_dir: Path, teacher_dir: Path,
+        cross_teacher_dir: Path) -> None:
+    """experiments/prune_distill_dolly/route.py, from two caches with hidden states (two tokenizers), against
+    each live teacher's log-likelihood of every response (dualkd.eval.likelihood, whole examples)."""
+    from dualkd.data.config import DataSource
+    from dualkd.data.readers import load_examples
+    from dualkd.eval.likelihood import response_likelihood
+    from dualkd.models import load_model, load_tokenizer
+    from dualkd.models.config import ModelConfig
+    from experiments.prune_distill_dolly import route
+
+    caches = {}
+    for name, teacher in (("a", teacher_dir), ("b", cross_teacher_dir)):
+        cfg = tiny_run(tmp_path / f"run-{name}", routed[0], byte_tokenizer_dir, teacher=teacher,
+                       data={"max_length": 256, "max_prompt_length": 200},
+                       objective={"name": "dskdv2", "temperature": 2.0})
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        caches[name] = tmp_path / f"cache-{name}"
+        assert main(["cache-teacher", str(config), "--out", str(caches[name]), "--top-k", "4", "--hidden"]) == 0
+    out = tmp_path / "train-routed.jsonl"
+    route.main([str(caches["a"]), str(caches["b"]), "--config", str(tmp_path / "a.yaml"),
+                "--split", "train", str(routed[0]), str(out)])
+    examples = load_examples(DataSource(path=str(routed[0])))[0]
+    nats = {}
+    for name, teacher in (("a", teacher_dir), ("b", cross_teacher_dir)):
+        spec = ModelConfig(path=str(teacher))
+        tokenizer = load_tokenizer(spec)
+        model = load_model(spec, tokenizer, role="teacher")
+        nats[name] = [(lambda r: r["ce_per_token"] * r["response_tokens"])(
+            response_likelihood(model, tokenizer, [e], progress=False)) for e in examples]
+    expected = ["a" if x <= y else "b" for x, y in zip(nats["a"], nats["b"])]
+    got = [json.loads(line)["teacher"] for line in out.read_text().splitlines()]
+    assert got == expected and {"a", "b"} >= set(got)
+    summary = json.loads(Path(f"{out}.json").read_text())
+    assert summary["to_a"] + summary["to_b"] == len(examples) == 32
+    assert summary["bits_per_byte_routed"] <= min(summary["bits_per_byte_a"], summary["bits_per_byte_b"])

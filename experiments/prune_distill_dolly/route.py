@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from dualkd.config import load_config
+from dualkd.data.config import DataSource
 from dualkd.data.dataset import TruncationRules, tokenize_examples
 from dualkd.data.readers import load_examples
 from dualkd.teachers import cache_tokenizer
@@ -36,7 +37,7 @@ def response_nats(cache: Path, split: str, path: Path, rules: TruncationRules) -
     """Each cached example's response NLL (nats) under the cache's teacher."""
     reader = TeacherCache(cache / split)
     n = int(reader.manifest["examples"])
-    examples = load_examples(str(path), "auto", "raise", n, None)[0]
+    examples = load_examples(DataSource(path=str(path)), "auto", "raise", n)[0]
     tokenized = tokenize_examples(examples, cache_tokenizer(cache), rules)
     weight, bias = reader.head()
     weight = weight.float()
@@ -59,13 +60,15 @@ def response_nats(cache: Path, split: str, path: Path, rules: TruncationRules) -
     return nats
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("cache_a", type=Path)
     parser.add_argument("cache_b", type=Path)
     parser.add_argument("--split", nargs=3, action="append", metavar=("SPLIT", "DATA", "OUT"), required=True)
-    args = parser.parse_args()
-    rules = TruncationRules.from_config(load_config(CONFIG, []).data)
+    parser.add_argument("--config", default=CONFIG, help="the run config whose data settings the caches were "
+                        f"written with (default {CONFIG})")
+    args = parser.parse_args(argv)
+    rules = TruncationRules.from_config(load_config(args.config, []).data)
     for split, data, out in args.split:
         a = response_nats(args.cache_a, split, Path(data), rules)
         b = response_nats(args.cache_b, split, Path(data), rules)
@@ -73,7 +76,8 @@ def main() -> None:
         records = [json.loads(line) for line in lines]
         routes = ["a" if x <= y else "b" for x, y in zip(a, b)]
         Path(out).write_text("".join(json.dumps({**r, "teacher": t}) + "\n" for r, t in zip(records, routes)))
-        n_bytes = sum(len(r["output"].encode("utf-8")) for r in records)
+        examples = load_examples(DataSource(path=data), "auto", "raise", len(a))[0]
+        n_bytes = sum(len(e.response.encode("utf-8")) for e in examples)
         summary = {"split": split, "examples": len(routes), "to_a": routes.count("a"), "to_b": routes.count("b"),
                    "bits_per_byte_a": sum(a) / math.log(2) / n_bytes, "bits_per_byte_b": sum(b) / math.log(2) / n_bytes,
                    "bits_per_byte_routed": sum(map(min, a, b)) / math.log(2) / n_bytes}
