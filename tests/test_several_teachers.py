@@ -90,7 +90,7 @@ def test_a_cache_beside_a_live_teacher(tmp_path: Path, routed: tuple[Path, Path]
     train(validate_config(cfg))
     assert len(read_metrics(tmp_path / "run")) == 6
     cross = several(tmp_path / "dskd", routed, byte_tokenizer_dir,
-                    {"a": {"path": str(cross_teacher_dir)}, **{"b": members["b"]}}, {"each": {"name": "dskdv2"}})
+                    {"a": {"path": str(cross_teacher_dir)}, "b": members["b"]}, {"each": {"name": "dskdv2"}})
     refusal = r"teacher\.members\.b: objective `dskdv2` reads the teacher.s LM head.*--hidden"
     with pytest.raises(DualKDError, match=refusal):
         train(validate_config(cross))

@@ -164,8 +164,8 @@ class MultiTeacher(Objective):
     def _check_routes(self, several: SeveralTeachers) -> None:
         """Every example of every split names a member (before training, with the record's place)."""
         names = list(several.members)
-        for split in several.views[names[0]]:
-            for example in several.for_split(split).dataset(names[0]).examples:
+        for dataset in several.views[names[0]].values():  # every member's view holds the same examples
+            for example in dataset.examples:
                 if example.teacher is None:
                     raise DataError(f"{example.where}: field 'teacher' is missing; objective.combine=route reads "
                                     f"each example's teacher from it (one of {names})")
