@@ -13,7 +13,7 @@ from dualkd.data.synthetic import generate
 from experiments.methods_table.__main__ import main
 from experiments.methods_table.bench import Bench
 from experiments.methods_table.doc import grid_markdown, markers, table_markdown
-from experiments.methods_table.pretraining import pretraining_corpus
+from experiments.methods_table.pretraining import outputs, pretraining_corpus
 from experiments.methods_table.rows import ABLATIONS, ROWS
 
 
@@ -166,6 +166,24 @@ def test_the_pretrained_setting(tmp_path: Path) -> None:
     cfg = bench.config(ROWS[[r.name for r in ROWS].index("own-dskdv2-eta")], 3e-3, 10, out / "teacher" / "final")
     assert cfg.student.init == "pretrained" and cfg.student.train_tokenizer is None
     assert str(cfg.student.path) == str(out / "pretrained-student-own" / "final")
+
+
+def test_the_pretraining_corpus_variants() -> None:
+    """The recorded corpus is the first sitting's documents, each followed by a verbatim copy of one of its four
+    segments; `paired` keeps a record's input on the line before its answer; no variant holds a template."""
+    plain = [d["output"] for d in pretraining_corpus(60, [], seed=21)]
+    repeated = [d["output"] for d in pretraining_corpus(60, [], seed=21, repeats=1)]
+    assert len(plain) == len(repeated) and all(r.startswith(p + " ") for p, r in zip(plain, repeated))
+    records = generate("instructions", 60, 21)
+    segments = {s for r in records for s in [*outputs(r), *(line[len("### Input: "):] for line in
+                                                           r["prompt"].splitlines() if line.startswith("### Input"))]}
+    assert all(r[len(p) + 1:] in segments for p, r in zip(plain, repeated))
+    paired = [d["output"] for d in pretraining_corpus(60, [], seed=21, paired=True)]
+    assert len(paired) == len(records) and not any("###" in d for d in paired)
+    with_input = [d for d in paired if "\n" in d]
+    assert with_input and all(set(d.split("\n")[1].split()) <= set(d.split("\n")[0].split()) | {"There", "are",
+                              "words.", *"zero one two three four five six seven eight nine ten".split()}
+                              for d in with_input)
 
 
 def test_another_budget_is_a_table_of_its_own(tmp_path: Path) -> None:

@@ -34,6 +34,9 @@ trained as a plain LM on unlabeled in-domain text (pretraining.py) and every row
 PRETRAIN_RECORDS, PRETRAIN_STEPS = 6000, 1500
 """The pretraining corpus's generated records and the steps of each student's pretraining (one budget for
 both tokenizers)."""
+PRETRAIN_CORPUS = {"repeats": 1}
+"""pretraining_corpus's options: documents of 4 shuffled segments that end with a verbatim repeat of one of
+them (chosen on dev among the variants of pretraining_search.py; README.md here)."""
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -88,7 +91,8 @@ class Bench:
         self.data = {k: _write_jsonl(self.out / "data" / f"{k}.jsonl", generate("instructions", n, seed))
                      for k, (n, seed) in sets.items()}
         if self.setting == "pretrained":  # unlabeled documents, disjoint from every labeled set; 5% held out
-            docs = pretraining_corpus(PRETRAIN_RECORDS // (20 if self.quick else 1), list(self.data.values()))
+            docs = pretraining_corpus(PRETRAIN_RECORDS // (20 if self.quick else 1), list(self.data.values()),
+                                      **PRETRAIN_CORPUS)
             cut = len(docs) // 20
             self.data["pretrain-dev"] = _write_jsonl(self.out / "data" / "pretrain-dev.jsonl", docs[:cut])
             self.data["pretrain"] = _write_jsonl(self.out / "data" / "pretrain.jsonl", docs[cut:])

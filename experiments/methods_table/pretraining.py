@@ -31,30 +31,43 @@ def _key(record: dict[str, Any]) -> str:
     return json.dumps([record["prompt"], record["output"]], sort_keys=True)
 
 
+def _taken(labeled: list[Path]) -> set[str]:
+    return {_key(json.loads(line)) for path in labeled for line in path.read_text().splitlines() if line.strip()}
+
+
 def outputs(record: dict[str, Any]) -> list[str]:
     """A generated record's valid answers (the first is the one trained on)."""
     return record["output"] if isinstance(record["output"], list) else [record["output"]]
 
 
-def _segments(record: dict[str, Any], rng: random.Random) -> list[str]:
-    """One answer of the record (of its valid answers, at random) and its input, if it has one."""
+def _segments(record: dict[str, Any], rng: random.Random, inputs: bool = True) -> list[str]:
+    """One answer of the record (of its valid answers, at random) and, with `inputs`, its input if it has one."""
     found = [line[len("### Input: "):] for line in record["prompt"].splitlines() if line.startswith("### Input: ")]
-    return [rng.choice(outputs(record)), *found]
+    return [rng.choice(outputs(record)), *(found if inputs else [])]
 
 
-def pretraining_corpus(n_records: int, labeled: list[Path], seed: int = SEED, prompt_documents: bool = False
-                       ) -> list[dict[str, str]]:
+def pretraining_corpus(n_records: int, labeled: list[Path], seed: int = SEED, prompt_documents: bool = False,
+                       segments_per_document: int = SEGMENTS_PER_DOCUMENT, inputs: bool = True,
+                       paired: bool = False, repeats: int = 0) -> list[dict[str, str]]:
     """Documents ({"prompt": "", "output": text}: a plain LM's records) from `n_records` generated records
-    that equal no record of the `labeled` files (jsonl). `prompt_documents`: also each record's prompt
-    (template, instruction and input, without any answer) as a document of its own (tried on dev, not the
-    recorded setting: README.md here)."""
-    taken = {_key(json.loads(line)) for path in labeled for line in path.read_text().splitlines() if line.strip()}
+    that equal no record of the `labeled` files (jsonl): `segments_per_document` shuffled segments each (a
+    record's answer and, with `inputs`, its input), then `repeats` of them again, verbatim (text recurs, as
+    names and phrases recur in natural text: what teaches a language model to copy from its context).
+    `paired`: one record per document instead, its input (if any) on a line before its answer, without the
+    instruction or the template (half a label: the answer follows the words it is made of, but nothing says
+    which task made it). `prompt_documents`: also each record's prompt (template, instruction and input,
+    without any answer) as a document of its own. The variants were compared on dev (pretraining_search.py;
+    the recorded setting, `bench.PRETRAIN_CORPUS`, and why: README.md here)."""
+    taken = _taken(labeled)
     rng = random.Random(seed)
-    segments = [s for r in generate("instructions", n_records, seed) if _key(r) not in taken
-                for s in _segments(r, rng)]
+    records = [r for r in generate("instructions", n_records, seed) if _key(r) not in taken]
+    if paired:
+        return [{"prompt": "", "output": "\n".join(reversed(_segments(r, rng)))} for r in records]
+    segments = [s for r in records for s in _segments(r, rng, inputs)]
     rng.shuffle(segments)  # no answer stays next to its own input
-    docs = [" ".join(segments[i:i + SEGMENTS_PER_DOCUMENT])
-            for i in range(0, len(segments) - SEGMENTS_PER_DOCUMENT + 1, SEGMENTS_PER_DOCUMENT)]
+    k = segments_per_document
+    groups = [segments[i:i + k] for i in range(0, len(segments) - k + 1, k)]
+    docs = [" ".join(g + rng.sample(g, repeats)) for g in groups]
     if prompt_documents:
         docs += [r["prompt"] for r in generate("instructions", n_records, seed + 1) if _key(r) not in taken]
         rng.shuffle(docs)
