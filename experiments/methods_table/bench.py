@@ -136,13 +136,14 @@ class Bench:
         return run / "final"
 
     def own_tokenizer(self, teacher: Path) -> Path:
-        """The pretrained setting's own tokenizer: SentencePiece-style, the teacher's size, trained on the
-        students' labeled texts (as the scratch rows' own tokenizers are) and the pretraining corpus."""
+        """The pretrained setting's own tokenizer: the scratch rows' own (SentencePiece-style, the teacher's size,
+        trained on the students' labeled texts; the same texts in the same order, so the same tokenizer), made
+        before the pretraining that reads it. So the two settings' own-tokenizer halves differ only in where
+        the student starts (a tokenizer that also read the corpus gave a weaker SFT row: README.md here)."""
         out = self.out / "own-tokenizer"
         if not (out / "tokenizer.json").exists():
             labeled = [json.loads(line) for line in self.data["student-train"].read_text().splitlines()]
-            texts = [r["prompt"] + outputs(r)[0] for r in labeled]
-            texts += [json.loads(line)["output"] for line in self.data["pretrain"].read_text().splitlines()]
+            texts = [r["prompt"] + outputs(r)[0] for r in labeled]  # as train/prepare.py's training_texts
             train_tokenizer(texts, _vocab_size(teacher), "metaspace").save_pretrained(out)
         return out
 
