@@ -11,7 +11,7 @@ from rich.console import Console
 
 from dualkd.data.synthetic import generate
 from experiments.methods_table.__main__ import main
-from experiments.methods_table.bench import Bench
+from experiments.methods_table.bench import Bench, slim_dev
 from experiments.methods_table.doc import grid_markdown, markers, table_markdown
 from experiments.methods_table.pretraining import outputs, pretraining_corpus
 from experiments.methods_table.rows import ABLATIONS, ROWS
@@ -201,3 +201,12 @@ def test_another_budget_is_a_table_of_its_own(tmp_path: Path) -> None:
     recipe_budget = Bench(tmp_path, quick=True, console=Console(quiet=True))
     assert recipe_budget.table == "scratch" and recipe_budget.grid_row(row) is row
     assert markers("scratch-e120") == ("<!-- scratch-e120 generated", "<!-- end scratch-e120 generated -->")
+
+
+def test_the_record_keeps_dev_evaluations_slim() -> None:
+    """The record keeps each dev evaluation without its wall-clock time, every metric to 8 significant digits
+    (enough that no 3-decimal figure of the tables moves), and the folder and the record read alike."""
+
+    kept = slim_dev({"kind": "dev", "time": 1796653280.864, "step": 4320, "ce": 0.26761831709178580,
+                     "loss": 0.23940235128111434})
+    assert kept == {"step": 4320, "ce": 0.26761832, "loss": 0.23940235} and isinstance(kept["step"], int)

@@ -208,8 +208,7 @@ class Bench:
         """Put what the table reads of a finished run (dev curve, summary, scores) into the record."""
         if self.record is None or not (run / "final").is_dir():
             return
-        dev = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "dev"]
-        entry = {"run": run.relative_to(self.out / "runs").as_posix(), "dev": dev,
+        entry = {"run": run.relative_to(self.out / "runs").as_posix(), "dev": dev_records(run),
                  "summary": json.loads((run / "summary.json").read_text())}
         if (run / "scores.json").exists():
             entry["scores"] = json.loads((run / "scores.json").read_text())
@@ -218,7 +217,7 @@ class Bench:
     def dev_curve(self, run: Path) -> list[dict[str, Any]]:
         """A finished run's dev records (step, ce, ...), from its folder or the record."""
         if (run / "final").is_dir():
-            return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "dev"]
+            return dev_records(run)
         recorded = self._recorded(run)
         assert recorded is not None, f"{run} is not trained"
         return recorded["dev"]
@@ -296,6 +295,24 @@ class Bench:
         grid_row = self.grid_row(row)
         runs = {f"{lr:g}": self.run(grid_row, lr, self.seeds[0]) for lr in self.lrs}
         return _lowest({name: self.best_dev_ce(run) for name, run in runs.items()})
+
+
+DEV_DIGITS = 8
+"""Significant digits a dev metric keeps in the record (the tables print 3 decimals): what keeps the committed
+record small, 87 dev evaluations per 240-epoch run."""
+
+
+def dev_records(run: Path) -> list[dict[str, Any]]:
+    """A run's dev evaluations from its metrics.jsonl, as the record keeps them: step and every metric, each to
+    `DEV_DIGITS` significant digits, without the wall-clock time. The run folder and the record read alike."""
+    dev = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "dev"]
+    return [slim_dev(r) for r in dev]
+
+
+def slim_dev(record: dict[str, Any]) -> dict[str, Any]:
+    """One dev evaluation as the record keeps it (see `dev_records`)."""
+    return {k: v if k == "step" else float(f"{v:.{DEV_DIGITS}g}") for k, v in record.items()
+            if k not in ("kind", "time")}
 
 
 def _vocab_size(model_dir: Path) -> int:

@@ -32,7 +32,7 @@ from dualkd.data.synthetic import generate
 from dualkd.errors import DataError
 from dualkd.recipes import recipe
 from dualkd.train.loop import train
-from experiments.methods_table.bench import PRETRAIN_RECORDS, Bench, _write_jsonl
+from experiments.methods_table.bench import PRETRAIN_RECORDS, Bench, _write_jsonl, dev_records
 from experiments.methods_table.pretraining import SEED, _key, _taken, outputs, pretraining_corpus
 from experiments.methods_table.rows import LRS
 
@@ -127,8 +127,7 @@ def fine_tune(bench: Bench, start: Path | None, lr: float, epochs: int, out: Pat
             f"output_dir={out}", "seed=10", f"optimization.lr={lr}", "objective={name: sft}", "teacher=null",
             *student, *bench._data_overrides("student-train"), "checkpoint.resume=auto",
             f"optimization.epochs={epochs}"]))
-    dev = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "dev"]
-    return min(r["ce"] for r in dev)
+    return min(r["ce"] for r in dev_records(out))
 
 
 def ce_by_family(model_dir: Path, dev_file: Path) -> dict[str, float]:
