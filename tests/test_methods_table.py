@@ -205,8 +205,7 @@ def test_another_budget_is_a_table_of_its_own(tmp_path: Path) -> None:
 
 def test_the_record_keeps_dev_evaluations_slim() -> None:
     """The record keeps each dev evaluation without its wall-clock time, every metric to 8 significant digits
-    (enough that no 3-decimal figure of the tables moves), and the folder and the record read alike."""
-
+    (enough that no 3-decimal figure of the tables moves; the step stays an integer)."""
     kept = slim_dev({"kind": "dev", "time": 1796653280.864, "step": 4320, "ce": 0.26761831709178580,
                      "loss": 0.23940235128111434})
     assert kept == {"step": 4320, "ce": 0.26761832, "loss": 0.23940235} and isinstance(kept["step"], int)
