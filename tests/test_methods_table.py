@@ -20,8 +20,9 @@ from experiments.methods_table.rows import ABLATIONS, ROWS
 def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     out, doc = tmp_path / "table", tmp_path / "methods-table.md"
     rows = ["sft", "own-dskdv2-eta"]
-    record = tmp_path / "record.jsonl"
-    base = ["--quick", "--output-dir", str(out), "--doc", str(doc), "--record", str(record)]
+    records = tmp_path / "records"
+    record = records / "scratch.jsonl"  # the table's record: one file per table
+    base = ["--quick", "--output-dir", str(out), "--doc", str(doc), "--records", str(records)]
     assert main([*base, "--rows", *rows]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results) == rows  # the order runs are made in: the comparison the issue is about first
@@ -59,7 +60,7 @@ def test_quick_table_every_row_builds_and_reruns_skip(tmp_path: Path) -> None:
     # runs: nothing is trained again, the same table is written
     other = tmp_path / "elsewhere"
     assert main(["--quick", "--output-dir", str(other), "--doc", str(tmp_path / "again.md"),
-                 "--record", str(record), "--rows", *rows]) == 0
+                 "--records", str(records), "--rows", *rows]) == 0
     assert not (other / "runs").exists()
     assert json.loads((other / "results.json").read_text()) == json.loads((out / "results.json").read_text())
 
@@ -138,11 +139,13 @@ def test_the_pretrained_setting(tmp_path: Path) -> None:
     """Each tokenizer's student is pretrained once as a plain LM on unlabeled text disjoint from every labeled
     set; every row fine-tunes from its tokenizer's student at the lr its half's SFT grid chose; the table goes
     to its own section of the document and its runs to their own keys of the record."""
-    out, doc, record = tmp_path / "table", tmp_path / "methods-table.md", tmp_path / "record.jsonl"
+    out, doc, records = tmp_path / "table", tmp_path / "methods-table.md", tmp_path / "records"
     doc.write_text("# mine\n\n<!-- generated -->\n<!-- end generated -->\n")
     rows = ["own-sft", "own-dskdv2-eta"]
     assert main(["--quick", "--setting", "pretrained", "--output-dir", str(out), "--doc", str(doc),
-                 "--record", str(record), "--rows", *rows]) == 0
+                 "--records", str(records), "--rows", *rows]) == 0
+    assert [p.name for p in records.iterdir()] == ["pretrained.jsonl"]  # the table's own record file
+    record = records / "pretrained.jsonl"
     results = json.loads((out / "results-pretrained.json").read_text())
     assert set(results) == set(rows) and all(set(r["seeds"]) == {"10", "11"} for r in results.values())
     assert results["own-dskdv2-eta"]["grid_from"] == "own-sft"

@@ -2,7 +2,7 @@
 
     python -m experiments.methods_table                    # from the repository root: train, score, write the doc
     python -m experiments.methods_table --report-only      # the table of what the record holds, training nothing
-    python -m experiments.methods_table --quick --output-dir /tmp/t --record none --doc none   # a smoke test
+    python -m experiments.methods_table --quick --output-dir /tmp/t --records none --doc none   # a smoke test
 
 1. the demo's data files and teacher (the `demo-teacher` recipe), made once;
 2. per row, a small learning-rate grid (`rows.LRS`) trained with the first seed and scored by its best dev CE
@@ -29,28 +29,30 @@ from pathlib import Path
 from rich.console import Console
 
 from dualkd.atomic import write_text_atomic
-from experiments.methods_table.bench import SETTINGS, Bench, Record
+from experiments.methods_table.bench import RECORDS, SETTINGS, Bench, Record, table_name
 from experiments.methods_table.doc import write_dev_curves, write_doc
 from experiments.methods_table.rows import ALL_ROWS, BY_NAME, FIRST
 
 HERE = Path(__file__).parent
-RECORD, DOC = HERE / "record.jsonl", HERE / "README.md"
+DOC = HERE / "README.md"
 
 
 def run_table(out: Path, quick: bool = False, rows: list[str] | None = None, doc: Path | None = DOC,
-              record: Path | None = RECORD, report_only: bool = False, setting: str = "scratch",
+              records: Path | None = RECORDS, report_only: bool = False, setting: str = "scratch",
               epochs: int | None = None) -> Path:
     """Train and score every row (resumable); write the table to `<out>/methods-table.md` and to `doc`;
-    returns the results file. `report_only`: train and evaluate nothing, table what is finished (rows with
-    fewer seeds say how many). `record` / `doc` None: none."""
+    returns the results file. `records`: the folder of the tables' records (the table's is
+    `<records>/<table>.jsonl`). `report_only`: train and evaluate nothing, table what is finished (rows with
+    fewer seeds say how many). `records` / `doc` None: none."""
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True, soft_wrap=True)
-    bench = Bench(out, quick, console, Record(record) if record is not None else None, setting, epochs)
+    record = Record(records / f"{table_name(setting, epochs)}.jsonl") if records is not None else None
+    bench = Bench(out, quick, console, record, setting, epochs)
     chosen = [r for r in ALL_ROWS if rows is None or r.name in rows]
     order = sorted(chosen, key=lambda r: (r.base is not None, FIRST.index(r.name) if r.name in FIRST else len(FIRST)))
     command = ("python -m experiments.methods_table" + (f" --output-dir {out}" if out != Path("runs/methods-table")
                                                          else "") + (" --quick" * quick)
-               + (f" --record {record}" if record != RECORD else "") + (f" --doc {doc}" if doc != DOC else "")
+               + (f" --records {records}" if records != RECORDS else "") + (f" --doc {doc}" if doc != DOC else "")
                + (f" --setting {setting}" if setting != "scratch" else "")
                + (f" --epochs {epochs}" if epochs is not None else ""))
     started = time.perf_counter()
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", help="only these rows (default: all)")
     p.add_argument("--doc", default=str(DOC), help="the document whose generated part is rewritten (default: "
                                                     "this experiment's README.md; `none`: only <output-dir>'s copy)")
-    p.add_argument("--record", default=str(RECORD), help="the record of finished runs (default: this experiment's "
-                                                          "record.jsonl; `none`: keep none)")
+    p.add_argument("--records", default=str(RECORDS), help="the folder of the records of finished runs, one "
+                   "<table>.jsonl per table (default: this experiment's records/; `none`: keep none)")
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: write the table of the runs that are finished")
     p.add_argument("--setting", choices=SETTINGS, default="scratch",
@@ -98,17 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help="the students' budget in epochs (default: the recipe's 30); another "
                                               "budget is a table of its own, its lr chosen per half on SFT's grid")
     p.add_argument("--quick", action="store_true", help="a few steps per run and a small test set (a smoke test; "
-                                                        "needs --record none --doc none or paths of its own)")
+                                                        "needs --records none --doc none or paths of its own)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.rows or []) - set(BY_NAME))
     if unknown:
         p.error(f"--rows: unknown rows {unknown}; known: {list(BY_NAME)}")
     doc = None if args.doc == "none" else Path(args.doc)
-    record = None if args.record == "none" else Path(args.record)
-    if args.quick and (doc == DOC or record == RECORD):
-        p.error("--quick would write smoke-test figures into the committed table: add --record none --doc none "
+    records = None if args.records == "none" else Path(args.records)
+    if args.quick and (doc == DOC or records == RECORDS):
+        p.error("--quick would write smoke-test figures into the committed table: add --records none --doc none "
                 "(or paths of your own)")
-    run_table(args.output_dir, args.quick, args.rows, doc, record, args.report_only, args.setting, args.epochs)
+    run_table(args.output_dir, args.quick, args.rows, doc, records, args.report_only, args.setting, args.epochs)
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Every run is a folder `<out>/runs/[pretrained/]<row>/lr<lr>/seed<seed>`: a finished run (final model and
 scores) is skipped and an unfinished one resumes from its last checkpoint. What the table reads of a finished
-run (its dev curve, summary and scores) also goes to the record, one JSON line per run (`record.jsonl`,
-committed beside the document), so a table continues on another machine without redoing what is recorded.
+run (its dev curve, summary and scores) also goes to the record, one JSON line per run and one file per table
+(`records/<table>.jsonl`, committed beside the document), so a table continues on another machine without
+redoing what is recorded.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from dualkd.train.loop import train
 from experiments.methods_table.pretraining import outputs, pretraining_corpus
 from experiments.methods_table.rows import BY_NAME, GENERATION, LRS, SEEDS, Row
 
+RECORDS = Path(__file__).parent / "records"
+"""The committed records, one file per table (`<table>.jsonl`, `table_name`): one file for every table would
+grow past what a diff or a reader takes in (1 MB at the fourth table)."""
 SETTINGS = ("scratch", "pretrained")
 """`scratch`: every student starts from random weights. `pretrained`: each tokenizer's student is first
 trained as a plain LM on unlabeled in-domain text (pretraining.py) and every row fine-tunes from it."""
@@ -59,6 +63,12 @@ class Record:
         self.entries[entry["run"]] = entry
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path, "".join(json.dumps(self.entries[k]) + "\n" for k in sorted(self.entries)))
+
+
+def table_name(setting: str, epochs: int | None) -> str:
+    """A table's name: its setting, and its budget where it is not the recipe's (`scratch-e240`). It names the
+    table's record file and its section of the document."""
+    return setting + ("" if epochs is None else f"-e{epochs}")
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
@@ -180,8 +190,7 @@ class Bench:
 
     @property
     def table(self) -> str:
-        """The table's name: its setting, and its budget where it is not the recipe's (`scratch-e240`)."""
-        return self.setting + ("" if self.epochs is None else f"-e{self.epochs}")
+        return table_name(self.setting, self.epochs)
 
     def _recorded(self, run: Path) -> dict[str, Any] | None:
         return self.record.get(run.relative_to(self.out / "runs").as_posix()) if self.record is not None else None
