@@ -3,6 +3,7 @@ at the start and at the end of training, with the table's settings and with the 
 settings (students from scratch and pretrained), and at the converged budget (240 epochs, the table's own run).
 
     python -m experiments.methods_table.cma_collapse          # from the repository root; writes cma-collapse.md
+    python -m experiments.methods_table.cma_collapse RUN      # one finished CMA run's figures, printed as JSON
 
 Per variant, one run (seed 10) at the lr the table chose for it (scratch: DSKD-CMA's own grid; pretrained and
 240 epochs: the own-tokenizer SFT grid), and on the dev set (300 examples):
@@ -94,7 +95,12 @@ def measure(run: Path, step0: bool) -> dict[str, float]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:  # one run folder of the table (DSKD-CMA or DSKDv2-CMA), trained and kept: measure it, train nothing
+        run = Path(argv[0])
+        print(json.dumps({"run": str(run), "start": measure(run, True), "end": measure(run, False)}, indent=2))
+        return 0
     console = Console(stderr=True, soft_wrap=True)
     results: dict[str, Any] = {}
     for setting, epochs in (("scratch", None), ("pretrained", None), ("scratch", 240)):
