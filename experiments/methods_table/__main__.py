@@ -29,7 +29,7 @@ from pathlib import Path
 from rich.console import Console
 
 from dualkd.atomic import write_text_atomic
-from experiments.methods_table.bench import RECORDS, SETTINGS, Bench, Record, table_name
+from experiments.methods_table.bench import RECORDS, SETTINGS, Bench, table_record
 from experiments.methods_table.doc import write_dev_curves, write_doc
 from experiments.methods_table.rows import ALL_ROWS, BY_NAME, FIRST
 
@@ -46,7 +46,7 @@ def run_table(out: Path, quick: bool = False, rows: list[str] | None = None, doc
     fewer seeds say how many). `records` / `doc` None: none."""
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True, soft_wrap=True)
-    record = Record(records / f"{table_name(setting, epochs)}.jsonl") if records is not None else None
+    record = table_record(records, setting, epochs) if records is not None else None
     bench = Bench(out, quick, console, record, setting, epochs)
     chosen = [r for r in ALL_ROWS if rows is None or r.name in rows]
     order = sorted(chosen, key=lambda r: (r.base is not None, FIRST.index(r.name) if r.name in FIRST else len(FIRST)))

@@ -71,6 +71,11 @@ def table_name(setting: str, epochs: int | None) -> str:
     return setting + ("" if epochs is None else f"-e{epochs}")
 
 
+def table_record(records: Path, setting: str, epochs: int | None) -> Record:
+    """The record of one table in a folder of records (`<records>/<table>.jsonl`)."""
+    return Record(records / f"{table_name(setting, epochs)}.jsonl")
+
+
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from dualkd.methods.base import StepNorm
 from dualkd.methods.grouped import grouped_tokens
 from dualkd.train.build import build_parts
 from dualkd.train.engine import LocalEngine
-from experiments.methods_table.bench import RECORDS, Bench, Record, table_name
+from experiments.methods_table.bench import RECORDS, Bench, table_record
 from experiments.methods_table.rows import BY_NAME, Row
 
 HERE = Path(__file__).parent
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, soft_wrap=True)
     results: dict[str, Any] = {}
     for setting, epochs in (("scratch", None), ("pretrained", None), ("scratch", 240)):
-        table = Bench(OUT, False, console, Record(RECORDS / f"{table_name(setting, epochs)}.jsonl"), setting, epochs)
+        table = Bench(OUT, False, console, table_record(RECORDS, setting, epochs), setting, epochs)
         if epochs is None:  # the variants beside the table's runs, at the lr the table chose
             lr = table.finished(BY_NAME["own-dskd-cma" if setting == "scratch" else "own-sft"])["lr"]
             bench, rows = Bench(OUT, False, console, None, setting), variants(lr)
