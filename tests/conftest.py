@@ -17,6 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs the suite in two processes (pytest-xdist) on machines with few cores: one torch thread each
+# (and in every process a test starts). A second thread gains the tiny models nothing and, with the other
+# worker busy, oversubscribes the cores: in-process runs took 2-5x longer with two.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Every subprocess finds the virtual environment's tools first, as in an activated environment: DeepSpeed
 # compiles its CPU ops with the first `ninja` on PATH, and the environment's ninja and a system one of another
 # version read each other's build log as stale, so alternating between them rebuilt the ops (~1 min) each time.
@@ -110,3 +114,10 @@ def prefs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def reverse_model(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer_dir: Path) -> Path:
     """A second model of the teacher's tokenizer (stands in for the reverse-DPO model in unit tests)."""
     return make_model_dir(tmp_path_factory.mktemp("rev"), byte_tokenizer_dir, n_embd=48, seed=3)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The multi-process tests (marker `distributed`) first: they are the suite's longest, and under `make test`
+    (two workers, one file at a time each) the rest of the suite then fills the other worker around them,
+    instead of one worker running them alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("distributed") is None)

@@ -7,7 +7,9 @@ and head, the objective's projectors); the optimizer moved onto the sharded para
 only at a step's last micro-batch. Everything else (gathering, the FSDP2 checkpoint helpers, the sharded
 teacher, `outside_forward`, `head_gathered`) is the engine's own code, which is what the tests check.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp2_train_worker.py train CFG
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp2_train_worker.py train CFG...
+
+Several configs train one after the other under the one process group (start-up paid once).
 """
 
 from __future__ import annotations
@@ -103,11 +105,12 @@ class CpuFSDP2(Engine):
 
 def main() -> None:
     assert sys.argv[1] == "train"
-    cfg = load_config(Path(sys.argv[2]))
-    resume = "--resume" in sys.argv[3:]
+    resume = "--resume" in sys.argv[2:]
     engine = CpuFSDP2()
     try:
-        loop._train(cfg, resume or cfg.checkpoint.resume, False, engine, build_objective(cfg.objective))
+        for path in (a for a in sys.argv[2:] if not a.startswith("--")):
+            cfg = load_config(Path(path))
+            loop._train(cfg, resume or cfg.checkpoint.resume, False, engine, build_objective(cfg.objective))
     finally:
         engine.end()
 

@@ -5,6 +5,10 @@ DDP is launched with torchrun (`accelerate launch --cpu --num_processes 2` silen
 DeepSpeed ZeRO-2 and ZeRO-3 with `accelerate launch --config_file configs/accelerate/zero{2,3}.yaml`, the
 files users launch with. FSDP2 needs GPUs (accelerate sets FSDP up only for GPU-like devices): its test runs
 where two GPUs are visible; on CPU, an FSDP launch is refused with a clear error (tested).
+
+Start-up (imports, ~8 s a process on 2 CPU cores) is most of a tiny run's time, so runs are made once and
+read by several tests (module fixtures), and the head-reading cases train one after the other under one
+launch per engine (tests/train_several.py; several runs in one process group is supported: `Engine.end`).
 """
 
 from __future__ import annotations
@@ -90,55 +94,58 @@ def _launch(engine: str, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_file: Path, teacher_dir: Path,
-               student_dir: Path) -> Path:
-    """The reference: one process, 4 micro-batches of 2 per step (global batch 8)."""
-    tmp = tmp_path_factory.mktemp("single")
-    cfg = _write(tmp, "single", train_file, student_dir, teacher_dir, micro=2, accum=4, dev_file=dev_file)
-    subprocess.run([sys.executable, "-m", "dualkd.cli", "train", str(cfg)], env=_env(), check=True,
-                   capture_output=True)
-    return tmp / "single"
+def _train_several(engine: str | None, configs: list[Path], *flags: str) -> str:
+    """Train `configs` one after the other in one launch of `engine` (None: one process, no launcher); start-up
+    is most of a tiny run's time. Returns what the processes wrote to stderr."""
+    several = str(REPO / "tests" / "train_several.py")
+    if engine == "fsdp2_cpu":
+        command = [*FSDP2_CPU, "train", *flags]
+    else:
+        command = [*(ENGINES[engine] if engine else [sys.executable]), several, *flags]
+    done = subprocess.run([*command, *map(str, configs)], env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-6000:]
+    return done.stderr
 
 
-def _check_engine(engine: str, placement: str, tmp_path: Path, single: Path, train_file: Path, dev_file: Path,
-                  teacher_dir: Path, student_dir: Path, objective: dict | None = None, extra: dict | None = None
-                  ) -> None:
-    cfg = _write(tmp_path, "double", train_file, student_dir, teacher_dir, micro=2, accum=2, placement=placement,
-                 dev_file=dev_file, objective=objective, extra=extra)
-    done = _launch(engine, "train", str(cfg))
-    said = done.stderr.replace("\n", " ")  # the console wraps long lines at spaces
+def _resumable_copy(run: Path, cfg: Path) -> Path:
+    """A copy of the 6-step run `run` cut back to its step-3 checkpoint, and its config (returned)."""
+    resumed = run.with_name(f"{run.name}-resumed")
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000006")
+    shutil.rmtree(resumed / "final")
+    (resumed / "summary.json").unlink()
+    resumed_cfg = cfg.with_name(f"{resumed.name}.yaml")
+    resumed_cfg.write_text(cfg.read_text().replace(str(run), str(resumed)))
+    return resumed_cfg
+
+
+def _assert_like_one_process(engine: str, said: str, single: Path, double: Path, resumed: Path) -> None:
+    """`double` (2 processes under `engine`) follows the one-process curve `single` for the same global batch,
+    checkpoints each rank's RNG, and `resumed` (from its step-3 checkpoint under the engine) repeats steps 4-6."""
+    said = said.replace("\n", " ")  # the console wraps long lines at spaces
     assert re.search(rf"2 process\(es\) on \S+ \({NAMES[engine]}\); global batch 8 \(2 x 2 x 2\)", said), said[-3000:]
 
     # the same loss curve as one process with the same global batch
-    a, b = read_metrics(single), read_metrics(tmp_path / "double")
+    a, b = read_metrics(single), read_metrics(double)
     assert len(a) == len(b) == STEPS
     for ra, rb in zip(a, b):
         assert ra["tokens"] == rb["tokens"]
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
         assert ra["lr"] == pytest.approx(rb["lr"])
-    dev_a, dev_b = read_metrics(single, "dev"), read_metrics(tmp_path / "double", "dev")
+    dev_a, dev_b = read_metrics(single, "dev"), read_metrics(double, "dev")
     assert [d["step"] for d in dev_a] == [d["step"] for d in dev_b] == [3, 6]
     for da, db in zip(dev_a, dev_b):  # the dev loss is the same; ROUGE-L samples differ by process layout
         assert da["loss"] == pytest.approx(db["loss"], rel=1e-5)
         assert 0.0 <= db["rougeL"] <= 100.0
     pa = load_file(str(single / "final" / "model.safetensors"))
-    pb = load_file(str(tmp_path / "double" / "final" / "model.safetensors"))
+    pb = load_file(str(double / "final" / "model.safetensors"))
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=1e-4)
-    ckpt = tmp_path / "double" / "checkpoints" / "step-00000003"
+    ckpt = double / "checkpoints" / "step-00000003"
     assert (ckpt / "rng-rank0.pt").exists() and (ckpt / "rng-rank1.pt").exists()
 
-    # resume under the engine from the step-3 checkpoint: steps 4-6 as in the uninterrupted run
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "double", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-00000006")
-    shutil.rmtree(resumed / "final")
-    (resumed / "summary.json").unlink()
-    text = cfg.read_text().replace(str(tmp_path / "double"), str(resumed))
-    resumed_cfg = tmp_path / "resumed.yaml"
-    resumed_cfg.write_text(text)
-    _launch(engine, "train", str(resumed_cfg), "--resume")
+    # resumed under the engine from the step-3 checkpoint: steps 4-6 as in the uninterrupted run
     after = read_metrics(resumed)[-3:]
     assert [r["step"] for r in after] == [4, 5, 6]
     for ra, rb in zip(b[3:], after):
@@ -146,6 +153,78 @@ def _check_engine(engine: str, placement: str, tmp_path: Path, single: Path, tra
     pr = load_file(str(resumed / "final" / "model.safetensors"))
     for k in pb:
         torch.testing.assert_close(pb[k], pr[k], atol=1e-6, rtol=1e-5)
+
+
+# what reads an LM head outside the models' own logits: the fused losses (the student's head through
+# `lm.through_head`, the teacher's gathered once per micro-batch), the DSKD projectors, and AlignDistil (the
+# student's head through `through_head`, its DPO and reverse models' heads through the teacher protocol)
+HEAD_READERS = {
+    "kd_fused": {"name": "kd", "kd_rate": 0.5, "temperature": 2.0, "fused": "on"},
+    "dskd": {"name": "dskd", "temperature": 2.0},
+    "dskdv2": {"name": "dskdv2", "temperature": 2.0},
+    "dskdv2_eta": {"name": "dskdv2", "temperature": 2.0, "pinv_init": True},  # different tokenizers from here
+    "dskd_cma": {"name": "dskd_cma", "temperature": 2.0},
+    "uld": {"name": "uld"},
+    "mined": {"name": "mined", "temperature": 2.0},
+    "aligndistil": {"name": "aligndistil", "kd_rate": 0.5},
+}
+CROSS = {"dskdv2_eta", "dskd_cma", "uld", "mined"}
+
+
+@pytest.fixture(scope="module")
+def cross_teacher(tmp_path_factory: pytest.TempPathFactory, meta_tokenizer_dir: Path) -> Path:
+    """A Llama-style teacher (d=48) with the SentencePiece-style tokenizer: vocabularies differ."""
+    return make_model_dir(tmp_path_factory.mktemp("cross_teacher"), meta_tokenizer_dir, model_type="llama",
+                          hidden_size=48, intermediate_size=96, seed=2)
+
+
+@pytest.fixture(scope="module")
+def write_case(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_file: Path, teacher_dir: Path,
+               cross_teacher: Path, student_dir: Path, byte_tokenizer_dir: Path):  # noqa: ANN201
+    """`write_case(folder, name, case, micro, accum, placement)`: a head-reading case's run config."""
+    reverse = make_model_dir(tmp_path_factory.mktemp("reverse"), byte_tokenizer_dir, seed=5, **NO_DROPOUT)
+
+    def write(folder: Path, name: str, case: str, micro: int, accum: int, placement: str = "auto") -> Path:
+        teacher = cross_teacher if case in CROSS else teacher_dir
+        extra = {"teachers": {"reverse": {"path": str(reverse)}}} if case == "aligndistil" else None
+        folder.mkdir(parents=True, exist_ok=True)
+        return _write(folder, name, train_file, student_dir, teacher, micro=micro, accum=accum, placement=placement,
+                      dev_file=dev_file, objective=HEAD_READERS[case], extra=extra)
+    return write
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_file: Path, teacher_dir: Path,
+               student_dir: Path, write_case) -> dict[str, Path]:  # noqa: ANN001
+    """The one-process runs every multi-process run is held to (4 micro-batches of 2: global batch 8): "kd"
+    (the default objective) and each head-reading case, trained in one process one after the other."""
+    tmp = tmp_path_factory.mktemp("single")
+    (tmp / "kd").mkdir()
+    configs = {"kd": _write(tmp / "kd", "single", train_file, student_dir, teacher_dir, micro=2, accum=4,
+                            dev_file=dev_file)}
+    configs.update({case: write_case(tmp / case, "single", case, micro=2, accum=4) for case in HEAD_READERS})
+    _train_several(None, list(configs.values()))
+    return {case: tmp / case / "single" for case in configs}
+
+
+@pytest.fixture(scope="module")
+def launched_runs(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_file: Path, teacher_dir: Path,
+                  student_dir: Path):  # noqa: ANN201
+    """`launched_runs(engine, placement)`: the default objective's run under `engine`, launched as users launch
+    (`-m dualkd.cli train CONFIG`), and its copy resumed from step 3 (`--resume`); made once per engine.
+    Returns what the first launch said, the run's config and its folder (the copy: "<folder>-resumed")."""
+    made: dict[tuple[str, str], tuple[str, Path, Path]] = {}
+
+    def runs(engine: str, placement: str) -> tuple[str, Path, Path]:
+        if (engine, placement) not in made:
+            tmp = tmp_path_factory.mktemp(f"launched-{engine}-{placement}")
+            cfg = _write(tmp, "double", train_file, student_dir, teacher_dir, micro=2, accum=2, placement=placement,
+                         dev_file=dev_file)
+            said = _launch(engine, "train", str(cfg)).stderr
+            _launch(engine, "train", str(_resumable_copy(tmp / "double", cfg)), "--resume")
+            made[engine, placement] = said, cfg, tmp / "double"
+        return made[engine, placement]
+    return runs
 
 
 @pytest.mark.distributed
@@ -156,9 +235,9 @@ def _check_engine(engine: str, placement: str, tmp_path: Path, single: Path, tra
     pytest.param("fsdp2", "same", marks=needs_two_gpus),
     pytest.param("fsdp2", "sharded", marks=needs_two_gpus),
 ])
-def test_two_processes_match_one(engine: str, placement: str, tmp_path: Path, single_run: Path, train_file: Path,
-                                 dev_file: Path, teacher_dir: Path, student_dir: Path) -> None:
-    _check_engine(engine, placement, tmp_path, single_run, train_file, dev_file, teacher_dir, student_dir)
+def test_two_processes_match_one(engine: str, placement: str, references: dict[str, Path], launched_runs) -> None:  # noqa: ANN001
+    said, _, run = launched_runs(engine, placement)
+    _assert_like_one_process(engine, said, references["kd"], run, run.with_name("double-resumed"))
 
 
 @pytest.mark.distributed
@@ -188,78 +267,37 @@ def test_fsdp2_state_helpers_on_cpu(tmp_path: Path) -> None:
     assert result["max_diff"] == 0.0  # ... and repeats exactly after the reload
 
 
-# what reads an LM head outside the models' own logits: the fused losses (the student's head through
-# `lm.through_head`, the teacher's gathered once per micro-batch) and the DSKD projectors
-HEAD_READERS = {
-    "kd_fused": {"name": "kd", "kd_rate": 0.5, "temperature": 2.0, "fused": "on"},
-    "dskd": {"name": "dskd", "temperature": 2.0},
-    "dskdv2": {"name": "dskdv2", "temperature": 2.0},
-    "dskdv2_eta": {"name": "dskdv2", "temperature": 2.0, "pinv_init": True},  # different tokenizers from here
-    "dskd_cma": {"name": "dskd_cma", "temperature": 2.0},
-    "uld": {"name": "uld"},
-    "mined": {"name": "mined", "temperature": 2.0},
-}
-CROSS = {"dskdv2_eta", "dskd_cma", "uld", "mined"}
-
-
 @pytest.fixture(scope="module")
-def cross_teacher(tmp_path_factory: pytest.TempPathFactory, meta_tokenizer_dir: Path) -> Path:
-    """A Llama-style teacher (d=48) with the SentencePiece-style tokenizer: vocabularies differ."""
-    return make_model_dir(tmp_path_factory.mktemp("cross_teacher"), meta_tokenizer_dir, model_type="llama",
-                          hidden_size=48, intermediate_size=96, seed=2)
+def sharded_runs(tmp_path_factory: pytest.TempPathFactory, write_case):  # noqa: ANN001, ANN201
+    """`sharded_runs(engine)`: every head-reading case trained with the student and the teacher(s) sharded under
+    `engine`, all in one launch, then each resumed from its step-3 checkpoint in a second launch; made once per
+    engine. Returns what the first launch said and {case: its run folder}."""
+    made: dict[str, tuple[str, dict[str, Path]]] = {}
 
-
-@pytest.fixture(scope="module")
-def head_reader_reference(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_file: Path,
-                          teacher_dir: Path, cross_teacher: Path, student_dir: Path):  # noqa: ANN201
-    """The one-process run of each head-reading case (4 micro-batches of 2), made once and read by both engines."""
-    made: dict[str, Path] = {}
-
-    def reference(case: str) -> Path:
-        if case not in made:
-            tmp = tmp_path_factory.mktemp(f"single-{case}")
-            teacher = cross_teacher if case in CROSS else teacher_dir
-            cfg = _write(tmp, "single", train_file, student_dir, teacher, micro=2, accum=4, dev_file=dev_file,
-                         objective=HEAD_READERS[case])
-            subprocess.run([sys.executable, "-m", "dualkd.cli", "train", str(cfg)], env=_env(), check=True,
-                           capture_output=True)
-            made[case] = tmp / "single"
-        return made[case]
-    return reference
+    def runs(engine: str) -> tuple[str, dict[str, Path]]:
+        if engine not in made:
+            tmp = tmp_path_factory.mktemp(f"sharded-{engine}")
+            configs = {case: write_case(tmp / case, "double", case, micro=2, accum=2, placement="sharded")
+                       for case in HEAD_READERS}
+            said = _train_several(engine, list(configs.values()))
+            _train_several(engine, [_resumable_copy(tmp / case / "double", cfg) for case, cfg in configs.items()],
+                           "--resume")
+            made[engine] = said, {case: tmp / case for case in HEAD_READERS}
+        return made[engine]
+    return runs
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", sorted(HEAD_READERS))
-@pytest.mark.parametrize("engine", [pytest.param("zero3", marks=needs_deepspeed), "fsdp2_cpu"])
-def test_head_readers_under_sharding_engines(engine: str, case: str, tmp_path: Path, train_file: Path,
-                                             dev_file: Path, teacher_dir: Path, cross_teacher: Path,
-                                             student_dir: Path, head_reader_reference) -> None:  # noqa: ANN001
-    """Fused KD, DSKD, DSKDv2 (ETA too), DSKD-CMA, ULD and MinED with the student and the teacher sharded
-    (ZeRO-3 with a ZeRO-3 teacher; FSDP2 on CPU with an FSDP2 teacher): the one-process loss curve, resume
-    and export."""
-    teacher = cross_teacher if case in CROSS else teacher_dir
-    _check_engine(engine, "sharded", tmp_path, head_reader_reference(case), train_file, dev_file, teacher,
-                  student_dir, HEAD_READERS[case])
-
-
-@pytest.mark.distributed
 @pytest.mark.parametrize("engine", [pytest.param("zero3_all", marks=needs_deepspeed), "fsdp2_cpu"])
-def test_aligndistil_under_sharding_engines(engine: str, tmp_path: Path, train_file: Path, dev_file: Path,
-                                            teacher_dir: Path, student_dir: Path, byte_tokenizer_dir: Path) -> None:
-    """AlignDistil reads the student's head through `through_head` and its two frozen models' heads through the
-    teacher protocol (gathered once per micro-batch): with the student, the DPO model and the reverse model
-    sharded (ZeRO-3 partitioning every parameter: a tiny model's head would stay whole under DeepSpeed's
-    default; FSDP2 on CPU), the one-process loss curve, resume and export."""
-    reverse = make_model_dir(tmp_path / "reverse", byte_tokenizer_dir, seed=5, **NO_DROPOUT)
-    objective = {"name": "aligndistil", "kd_rate": 0.5}
-    extra = {"teachers": {"reverse": {"path": str(reverse)}}}
-    (tmp_path / "one").mkdir()
-    single = _write(tmp_path / "one", "single", train_file, student_dir, teacher_dir, micro=2, accum=4,
-                    dev_file=dev_file, objective=objective, extra=extra)
-    subprocess.run([sys.executable, "-m", "dualkd.cli", "train", str(single)], env=_env(), check=True,
-                   capture_output=True)
-    _check_engine(engine, "sharded", tmp_path, tmp_path / "one" / "single", train_file, dev_file, teacher_dir,
-                  student_dir, objective, extra)
+def test_head_readers_under_sharding_engines(engine: str, case: str, references: dict[str, Path],
+                                             sharded_runs) -> None:  # noqa: ANN001
+    """Fused KD, DSKD, DSKDv2 (ETA too), DSKD-CMA, ULD, MinED and AlignDistil with the student and the teacher(s)
+    sharded (ZeRO-3 partitioning every parameter, with ZeRO-3 teachers: a tiny model's head would stay whole
+    under DeepSpeed's default; FSDP2 on CPU, with FSDP2 teachers): the one-process loss curve, resume and
+    export."""
+    said, runs = sharded_runs(engine)
+    _assert_like_one_process(engine, said, references[case], runs[case] / "double", runs[case] / "double-resumed")
 
 
 class _Payload:
@@ -274,23 +312,25 @@ class _Payload:
 
 @pytest.mark.distributed
 @needs_deepspeed
-def test_a_planted_pickle_in_a_deepspeed_checkpoint_never_runs(tmp_path: Path, train_file: Path, dev_file: Path,
-                                                               teacher_dir: Path, student_dir: Path) -> None:
+def test_a_planted_pickle_in_a_deepspeed_checkpoint_never_runs(tmp_path: Path, launched_runs) -> None:  # noqa: ANN001
     """The manifest beside DeepSpeed's files is rewritten too (whoever can plant a file can): the resume must
-    still refuse, naming the file, and nothing in it may run."""
+    still refuse, naming the file, and nothing in it may run. (On a copy of the ZeRO-2 run cut back to step 3.)"""
     from dualkd.train.checkpoint import write_manifest
 
-    cfg = _write(tmp_path, "zero2", train_file, student_dir, teacher_dir, micro=2, accum=2, dev_file=dev_file)
-    _launch("zero2", "train", str(cfg), "optimization.max_steps=3")
-    folder = tmp_path / "zero2" / "checkpoints" / "step-00000003" / "deepspeed"
+    _, launched_cfg, run = launched_runs("zero2", "same")
+    mine = tmp_path / "zero2"
+    shutil.copytree(run, mine)
+    (tmp_path / "zero2.yaml").write_text(launched_cfg.read_text().replace(str(run), str(mine)))
+    cfg = _resumable_copy(mine, tmp_path / "zero2.yaml")
+    folder = tmp_path / "zero2-resumed" / "checkpoints" / "step-00000003" / "deepspeed"
     target = next((folder / "state").glob("zero_pp_rank_0_*optim_states.pt"))
-    state = torch.load(target, weights_only=False)  # our own file, written by this test's run
+    state = torch.load(target, weights_only=False)  # our own file, written by the launched run
     marker = tmp_path / "PWNED"
     state["planted"] = _Payload(marker)
     torch.save(state, target)
     write_manifest(folder)
-    done = subprocess.run([*ENGINES["zero2"], "-m", "dualkd.cli", "train", str(cfg), "optimization.max_steps=6",
-                           "--resume-with-changes"], env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*ENGINES["zero2"], "-m", "dualkd.cli", "train", str(cfg), "--resume"], env=_env(),
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert "unsupported GLOBAL posix.system" in done.stderr and target.name in done.stderr
     assert not marker.exists()

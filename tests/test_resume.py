@@ -50,13 +50,20 @@ def _interrupt(cfg: Path, run_dir: Path, signum: int) -> subprocess.CompletedPro
     return proc
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, train_file: Path, teacher_dir: Path,
+                  byte_tokenizer_dir: Path) -> Path:
+    """The reference both interrupted runs are held to: the same config, never stopped."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    ref_cfg = _config(tmp, "ref", train_file, byte_tokenizer_dir, teacher_dir)
+    subprocess.run(_cli("train", str(ref_cfg)), env=_env(), check=True, capture_output=True)
+    return tmp / "ref"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, train_file: Path, teacher_dir: Path,
-                                                 byte_tokenizer_dir: Path, signum: int) -> None:
-    # the uninterrupted reference
-    ref_cfg = _config(tmp_path, "ref", train_file, byte_tokenizer_dir, teacher_dir)
-    subprocess.run(_cli("train", str(ref_cfg)), env=_env(), check=True, capture_output=True)
-    ref = read_metrics(tmp_path / "ref")
+                                                 byte_tokenizer_dir: Path, uninterrupted: Path, signum: int) -> None:
+    ref = read_metrics(uninterrupted)
 
     cfg = _config(tmp_path, "run", train_file, byte_tokenizer_dir, teacher_dir)
     run_dir = tmp_path / "run"
@@ -78,7 +85,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, train_file: Pat
     for a, b in zip(ref, got):
         assert (a["step"], a["loss"], a["ce"], a["kd"], a["grad_norm"], a["lr"]) == (
             b["step"], b["loss"], b["ce"], b["kd"], b["grad_norm"], b["lr"])
-    final_ref = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
+    final_ref = load_file(str(uninterrupted / "final" / "model.safetensors"))
     final_got = load_file(str(run_dir / "final" / "model.safetensors"))
     assert all(final_ref[k].equal(final_got[k]) for k in final_ref)
     assert any(e["event"] == "resumed" for e in read_metrics(run_dir, "event"))

@@ -19,7 +19,9 @@ FSDP is not set up by accelerate for CPU processes at all: that is refused with 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
 import warnings
 from collections.abc import Iterator
@@ -36,6 +38,11 @@ from dualkd.train.deepspeed_load import weights_only_loads
 
 if not torch.cuda.is_available():  # DeepSpeed (imported by accelerate) would warn that it fell back to the CPU
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@functools.cache
+def _release_process_group_at_exit() -> None:
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
 def _launched_with(engine: str) -> bool:
@@ -371,10 +378,11 @@ class Engine:
         return tensor
 
     def end(self) -> None:
-        """Release the process group (DeepSpeed ZeRO-3 aborts at exit without this)."""
-        self.accelerator.end_training()
+        """The run is over. The process group stays up, so that another `train()` in this process (several runs
+        under one launch) finds it, and is released when the process exits: DeepSpeed ZeRO-3 aborts at exit
+        without that, and destroying it here would leave accelerate's state naming a group that is gone."""
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            _release_process_group_at_exit()
 
 
 # ----------------------------------------------------------------------------------------------- FSDP2
