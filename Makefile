@@ -33,11 +33,12 @@ $(DEV_STAMP): $(STAMP)
 demo: install
 	$(BIN)/dualkd demo
 
-# the suite in TEST_WORKERS processes (pytest-xdist), a test file at a time each (its module fixtures made once)
+# the suite in TEST_WORKERS processes (pytest-xdist), a test file at a time each (its module fixtures made once),
+# in collection order: tests/conftest.py puts the long multi-process files first
 TEST_WORKERS ?= 2
 
 test: install-dev
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install-dev
 	$(BIN)/ruff check src tests benchmarks experiments

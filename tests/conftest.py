@@ -71,6 +71,15 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer_dir: Pa
 
 
 @pytest.fixture(scope="session")
+def student_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer_dir: Path) -> Path:
+    """A tiny GPT-2 student saved to disk, no dropout (the multi-process tests): it starts from saved weights, as
+    in real KD, because random init under ZeRO-3 draws differently (each process initializes its own
+    partition), which would make the curves differ from step 1 for that reason alone."""
+    return make_model_dir(tmp_path_factory.mktemp("student"), byte_tokenizer_dir, seed=3, resid_pdrop=0.0,
+                          embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+@pytest.fixture(scope="session")
 def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", synthetic_records(96, seed=5))
 

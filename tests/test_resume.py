@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import REPO, read_metrics, tiny_run
 
-STEPS = 60
+STEPS = 30
 
 
 def _env() -> dict[str, str]:

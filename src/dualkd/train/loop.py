@@ -50,7 +50,8 @@ from dualkd.train.telemetry import StepTimer
 def train(cfg: RunConfig, resume: bool | Literal["auto"] = False, accept_changes: bool = False) -> Path:
     """Run training; returns the run directory. `resume`: continue from the latest complete checkpoint (True),
     or do so when one exists and start otherwise ("auto", for requeued jobs). `accept_changes`: resume even
-    though settings of the resume key changed (train/resume.py), logging each change."""
+    though settings of the resume key changed (train/resume.py), logging each change. Several runs may follow
+    one another in one process, launched or not: a launch's process group stays up until the process exits."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars; ours shows the training progress
