@@ -22,6 +22,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from dualkd.config import load_config
+from dualkd.train.loop import train
 from tests.helpers import REPO, read_metrics, tiny_run
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -82,18 +84,24 @@ def launch(engine: str, *args: str) -> subprocess.CompletedProcess:
     return done
 
 
-def train_several(engine: str | None, configs: list[Path], *flags: str) -> str:
-    """Train `configs` one after the other in one launch of `engine` (None: one process, no launcher); start-up
-    is most of a tiny run's time. Returns what the processes wrote to stderr."""
-    several = str(REPO / "tests" / "train_several.py")
+def train_several(engine: str, configs: list[Path], *flags: str) -> str:
+    """Train `configs` one after the other in one launch of `engine`; start-up is most of a tiny run's time.
+    Returns what the processes wrote to stderr."""
     if engine == "fsdp2_cpu":
         command = [*FSDP2_CPU, "train", *flags]
     else:
-        command = [*(ENGINES[engine] if engine else [sys.executable]), several, *flags]
+        command = [*ENGINES[engine], str(REPO / "tests" / "train_several.py"), *flags]
     done = subprocess.run([*command, *map(str, configs)], env=env(), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-6000:]
     return done.stderr
+
+
+def train_here(configs: list[Path]) -> None:
+    """Train `configs` one after the other in this process: the one-process references (no start-up to pay;
+    the test processes run one torch thread, as the launched ones do)."""
+    for path in configs:
+        train(load_config(path))
 
 
 def resumable_copy(run: Path, cfg: Path) -> Path:

@@ -27,7 +27,7 @@ from tests.launch import (
     needs_deepspeed,
     needs_two_gpus,
     resumable_copy,
-    train_several,
+    train_here,
     write,
 )
 
@@ -37,7 +37,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_fi
               student_dir: Path) -> Path:
     """The one-process run the launched runs are held to: 4 micro-batches of 2 per step (global batch 8)."""
     tmp = tmp_path_factory.mktemp("single")
-    train_several(None, [write(tmp, "single", train_file, student_dir, teacher_dir, micro=2, accum=4,
+    train_here([write(tmp, "single", train_file, student_dir, teacher_dir, micro=2, accum=4,
                                dev_file=dev_file)])
     return tmp / "single"
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from dualkd.cli import main
 from dualkd.data.formats import Example
 from dualkd.errors import DataError
 from dualkd.eval.likelihood import response_likelihood
@@ -53,8 +52,8 @@ def test_likelihood_refuses_what_the_model_cannot_hold(teacher_dir: Path) -> Non
 
 def test_cli_likelihood(teacher_dir: Path, dev_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "ce.json"
-    subprocess.run([sys.executable, "-m", "dualkd.cli", "likelihood", str(teacher_dir), "--data", str(dev_file),
-                    "--max-examples", "4", "--out", str(out)], check=True, capture_output=True, text=True)
+    assert main(["likelihood", str(teacher_dir), "--data", str(dev_file), "--max-examples", "4", "--out",
+                 str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["examples"] == 4 and result["bits_per_byte"] > 0
 

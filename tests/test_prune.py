@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from dualkd.cli import main
 from dualkd.errors import ConfigError
 from dualkd.prune import evenly_spaced, layer_stack, prune_folder, prune_layers
 from tests.helpers import make_model_dir
@@ -89,9 +88,8 @@ def test_bad_layers_are_refused(tmp_path: Path, byte_tokenizer_dir: Path) -> Non
         prune_folder(source, tmp_path / "out")
 
 
-def test_cli_prune(tmp_path: Path, byte_tokenizer_dir: Path) -> None:
+def test_cli_prune(tmp_path: Path, byte_tokenizer_dir: Path, capsys: pytest.CaptureFixture) -> None:
     source = make_model_dir(tmp_path / "src", byte_tokenizer_dir, "llama", num_hidden_layers=4)
-    done = subprocess.run([sys.executable, "-m", "dualkd.cli", "prune", str(source), "--keep", "2",
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, check=True)
-    assert "2 of 4 blocks kept [0, 3]" in done.stdout
+    assert main(["prune", str(source), "--keep", "2", "--out", str(tmp_path / "out")]) == 0
+    assert "2 of 4 blocks kept [0, 3]" in capsys.readouterr().out
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "tokenizer.json").exists()

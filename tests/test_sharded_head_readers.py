@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import make_model_dir
-from tests.launch import NO_DROPOUT, assert_like_one_process, needs_deepspeed, resumable_copy, train_several, write
+from tests.launch import (
+    NO_DROPOUT,
+    assert_like_one_process,
+    needs_deepspeed,
+    resumable_copy,
+    train_here,
+    train_several,
+    write,
+)
 
 # what reads an LM head outside the models' own logits: the fused losses (the student's head through
 # `lm.through_head`, the teacher's gathered once per micro-batch), the DSKD projectors, and AlignDistil (the
@@ -57,7 +65,7 @@ def write_case(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_f
 def references(tmp_path_factory: pytest.TempPathFactory, write_case) -> dict[str, Path]:  # noqa: ANN001
     """Each case's one-process run (4 micro-batches of 2: global batch 8), all trained in one process."""
     tmp = tmp_path_factory.mktemp("single")
-    train_several(None, [write_case(tmp / case, "single", case, micro=2, accum=4) for case in HEAD_READERS])
+    train_here([write_case(tmp / case, "single", case, micro=2, accum=4) for case in HEAD_READERS])
     return {case: tmp / case / "single" for case in HEAD_READERS}
 
 

@@ -1,5 +1,5 @@
-"""Run by tests/test_distributed.py, alone or under a launcher: `dualkd train` for several configs, one after the
-other in the same processes, so that their start-up (imports: ~8 s a process on 2 CPU cores, most of a tiny
+"""Run by tests/test_sharded_head_readers.py under a launcher (or alone): `dualkd train` for several configs, one
+after the other in the same processes, so that their start-up (imports: ~8 s a process on 2 CPU cores, most of a tiny
 run's time) is paid once for all of them. A failed run stops the rest (its exit code is this one's).
 
     python tests/train_several.py A.yaml B.yaml ...
