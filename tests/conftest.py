@@ -31,7 +31,7 @@ import random
 from pathlib import Path
 
 from dualkd.train.loop import train  # noqa: E402
-from tests.helpers import MARIAN_ARCH, make_model_dir, nmt_run, synthetic_records, write_jsonl  # noqa: E402
+from tests.helpers import MARIAN_ARCH, NO_DROPOUT, make_model_dir, nmt_run, synthetic_records, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +75,7 @@ def student_dir(tmp_path_factory: pytest.TempPathFactory, byte_tokenizer_dir: Pa
     """A tiny GPT-2 student saved to disk, no dropout (the multi-process tests): it starts from saved weights, as
     in real KD, because random init under ZeRO-3 draws differently (each process initializes its own
     partition), which would make the curves differ from step 1 for that reason alone."""
-    return make_model_dir(tmp_path_factory.mktemp("student"), byte_tokenizer_dir, seed=3, resid_pdrop=0.0,
-                          embd_pdrop=0.0, attn_pdrop=0.0)
+    return make_model_dir(tmp_path_factory.mktemp("student"), byte_tokenizer_dir, seed=3, **NO_DROPOUT)
 
 
 @pytest.fixture(scope="session")

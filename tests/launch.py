@@ -26,7 +26,6 @@ from dualkd.config import load_config
 from dualkd.train.loop import train
 from tests.helpers import REPO, read_metrics, tiny_run
 
-NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 STEPS = 6
 ENGINES = {  # name -> launcher prefix (before `-m dualkd.cli ...`)
     "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
@@ -78,8 +77,9 @@ def write(tmp_path: Path, name: str, train_file: Path, student: Path, teacher: P
 
 
 def launch(engine: str, *args: str) -> subprocess.CompletedProcess:
-    command = FSDP2_CPU if engine == "fsdp2_cpu" else [*ENGINES[engine], "-m", "dualkd.cli"]
-    done = subprocess.run([*command, *args], env=env(), capture_output=True, text=True, timeout=600)
+    """`dualkd ARGS` under `engine`'s launch line, as users launch it."""
+    done = subprocess.run([*ENGINES[engine], "-m", "dualkd.cli", *args], env=env(), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-6000:]
     return done
 

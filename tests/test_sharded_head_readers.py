@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_model_dir
+from tests.helpers import NO_DROPOUT, make_model_dir
 from tests.launch import (
-    NO_DROPOUT,
     assert_like_one_process,
     needs_deepspeed,
     resumable_copy,

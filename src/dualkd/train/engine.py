@@ -40,9 +40,14 @@ if not torch.cuda.is_available():  # DeepSpeed (imported by accelerate) would wa
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-@functools.cache
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@functools.cache  # once per process, however many runs end in it
 def _release_process_group_at_exit() -> None:
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    atexit.register(_destroy_process_group)
 
 
 def _launched_with(engine: str) -> bool:
