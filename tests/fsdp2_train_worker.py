@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun (CPU processes, gloo): `dualkd train CONFIG [--resume]` with
+"""Run by tests/test_sharded_head_readers.py under torchrun (CPU processes, gloo): `dualkd train CONFIG [--resume]` with
 the student sharded by torch's FSDP2 (`fully_shard`) directly, because accelerate sets FSDP up only for GPUs.
 
 `CpuFSDP2` is the engine of train/engine.py with what accelerate does for FSDP2 done by hand: one shard unit
@@ -7,9 +7,11 @@ and head, the objective's projectors); the optimizer moved onto the sharded para
 only at a step's last micro-batch. Everything else (gathering, the FSDP2 checkpoint helpers, the sharded
 teacher, `outside_forward`, `head_gathered`) is the engine's own code, which is what the tests check.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp2_train_worker.py train CFG...
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp2_train_worker.py train \
+        [--resume] [--helpers-out=OUT.json] CFG...
 
-Several configs train one after the other under the one process group (start-up paid once).
+Several configs train one after the other under the one process group (start-up paid once); with
+`--helpers-out`, the FSDP2 checkpoint helpers are checked first on a small model (tests/fsdp2_worker.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dualkd.train.engine import (
     fsdp2_full_optimizer_state,
     fsdp2_load_full_optimizer_state,
 )
+from tests.fsdp2_worker import check_helpers
 
 
 class CpuFSDP2(Engine):
@@ -106,8 +109,11 @@ class CpuFSDP2(Engine):
 def main() -> None:
     assert sys.argv[1] == "train"
     resume = "--resume" in sys.argv[2:]
+    helpers_out = next((a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--helpers-out=")), None)
     engine = CpuFSDP2()
     try:
+        if helpers_out is not None:
+            check_helpers(Path(helpers_out))
         for path in (a for a in sys.argv[2:] if not a.startswith("--")):
             cfg = load_config(Path(path))
             loop._train(cfg, resume or cfg.checkpoint.resume, False, engine, build_objective(cfg.objective))

@@ -1,9 +1,12 @@
-"""Run by tests/test_distributed.py under torchrun (2 CPU processes, gloo): the engine's FSDP2 helpers on a
-model sharded with torch's `fully_shard` directly (accelerate sets FSDP up only for GPUs).
+"""The engine's FSDP2 helpers on a model sharded with torch's `fully_shard` directly (accelerate sets FSDP up
+only for GPUs), in 2 CPU processes (gloo). Run by tests/fsdp2_train_worker.py (`--helpers-out=PATH`) before it
+trains, in the same process group; or alone:
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp2_worker.py OUT.json
 
 A step, a checkpoint of the whole model and optimizer state (gathered to rank 0, written, read back by every
 process), a second step; then the checkpoint loaded into the shards and the second step repeated: the same
-parameters. Writes the comparison to argv[1] (rank 0)."""
+parameters. Writes the comparison to OUT (rank 0)."""
 
 from __future__ import annotations
 
@@ -36,9 +39,8 @@ def step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
     opt.zero_grad()
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    out = Path(sys.argv[1])
+def check_helpers(out: Path) -> None:
+    """The check, in the process group already set up."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))  # 5 rows: uneven shards
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -67,6 +69,12 @@ def main() -> None:
             "state_keys": sorted(saved_opt["state"]),
             "max_diff": max(float((reference[n] - again[n]).abs().max()) for n in reference),
             "moved": max(float((reference[n] - saved_model[n]).abs().max()) for n in reference)}))
+    dist.barrier()
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    check_helpers(Path(sys.argv[1]))
     dist.destroy_process_group()
 
 

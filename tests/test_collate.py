@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from dualkd.config import DataConfig, DataSource
+from dualkd.data.collate import TokenizedExample, pad_batch
 from dualkd.data.dataset import TruncationRules, build_dataset, tokenize_examples
 from dualkd.data.formats import Example, parse_record
 from dualkd.train.sources import OffPolicySource, token_budget_split
@@ -234,3 +235,38 @@ def test_dolly_prompts_fit_256_gpt2_tokens() -> None:
     cfg = DataConfig(train=str(data / "dolly" / "dev.jsonl"), max_prompt_length=None, max_length=4096)
     ds, _ = build_dataset(cfg.train, cfg, tok)
     assert max(t.prompt_len for t in ds.student) <= 256  # the protocol's filter (shared/data/README.md)
+
+
+def _pad_batch_naive(items: list[TokenizedExample], pad_id: int, multiple: int | None) -> dict[str, torch.Tensor]:
+    """pad_batch's twin, written from its contract one example and one position at a time."""
+    T = max(len(x.ids) for x in items) - 1
+    if multiple:
+        T = -(-T // multiple) * multiple
+    out = {"input_ids": torch.full((len(items), T), pad_id), "attention_mask": torch.zeros(len(items), T).long(),
+           "labels": torch.zeros(len(items), T).long(), "loss_mask": torch.zeros(len(items), T, dtype=torch.bool),
+           "offsets": torch.full((len(items), T + 1, 2), -1)}
+    for b, x in enumerate(items):
+        for t in range(len(x.ids) - 1):
+            out["input_ids"][b, t], out["labels"][b, t], out["attention_mask"][b, t] = x.ids[t], x.ids[t + 1], 1
+            out["loss_mask"][b, t] = t + 1 >= x.prompt_len
+        for t, span in enumerate(x.offsets):
+            out["offsets"][b, t] = torch.tensor(span)
+    return out
+
+
+@pytest.mark.parametrize("multiple", [None, 8])
+def test_pad_batch_is_its_naive_twin(multiple: int | None) -> None:
+    """Rows of different lengths, a prompt that is the whole row (no loss token), a prompt of 0 or 1 token, a
+    one-token row (no input position)."""
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for length, prompt_len in [(9, 3), (5, 5), (7, 0), (4, 1), (1, 1), (12, 6)]:
+        ids = torch.randint(1, 500, (length,), generator=gen).tolist()
+        offsets = [(2 * i, 2 * i + 2) for i in range(length)]
+        items.append(TokenizedExample(ids=ids, offsets=offsets, prompt_len=prompt_len, text="x" * 2 * length,
+                                      prompt_chars=2 * prompt_len))
+    batch = pad_batch(items, pad_id=0, pad_to_multiple_of=multiple)
+    for name, want in _pad_batch_naive(items, 0, multiple).items():
+        got = getattr(batch, name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert batch.prompt_lengths.tolist() == [3, 5, 0, 1, 1, 6]

@@ -8,6 +8,7 @@ Each engine trains every case one after the other under one launch, then resumes
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,9 @@ HEAD_READERS = {
     "aligndistil": {"name": "aligndistil", "kd_rate": 0.5},
 }
 CROSS = {"dskdv2_eta", "dskd_cma", "uld", "mined"}
+# the case whose dev evaluations also sample (ROUGE-L): sampling is the student's `generate` under the engine,
+# the same whatever the objective, so one case per engine samples and the others select `best/` by dev loss
+SAMPLES = "kd_fused"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def write_case(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_f
         extra = {"teachers": {"reverse": {"path": str(reverse)}}} if case == "aligndistil" else None
         folder.mkdir(parents=True, exist_ok=True)
         return write(folder, name, train_file, student_dir, teacher, micro=micro, accum=accum, placement=placement,
-                     dev_file=dev_file, objective=HEAD_READERS[case], extra=extra)
+                     dev_file=dev_file, objective=HEAD_READERS[case], extra=extra, rouge=case == SAMPLES)
     return case_config
 
 
@@ -72,18 +76,20 @@ def references(tmp_path_factory: pytest.TempPathFactory, write_case) -> dict[str
 def sharded_runs(tmp_path_factory: pytest.TempPathFactory, write_case):  # noqa: ANN001, ANN201
     """`sharded_runs(engine)`: every head-reading case trained with the student and the teacher(s) sharded under
     `engine`, all in one launch, then each resumed from its step-3 checkpoint in a second launch; made once per
-    engine. Returns what the first launch said and {case: its run folder}."""
-    made: dict[str, tuple[str, dict[str, Path]]] = {}
+    engine. Returns what the first launch said and the folder holding a folder per case. FSDP2 on CPU also
+    checks its checkpoint helpers in the first launch (tests/fsdp2_worker.py), into `fsdp2-helpers.json` there."""
+    made: dict[str, tuple[str, Path]] = {}
 
-    def runs(engine: str) -> tuple[str, dict[str, Path]]:
+    def runs(engine: str) -> tuple[str, Path]:
         if engine not in made:
             tmp = tmp_path_factory.mktemp(f"sharded-{engine}")
             configs = {case: write_case(tmp / case, "double", case, micro=2, accum=2, placement="sharded")
                        for case in HEAD_READERS}
-            said = train_several(engine, list(configs.values()))
+            helpers = [f"--helpers-out={tmp / 'fsdp2-helpers.json'}"] if engine == "fsdp2_cpu" else []
+            said = train_several(engine, list(configs.values()), *helpers)
             train_several(engine, [resumable_copy(tmp / case / "double", cfg) for case, cfg in configs.items()],
-                           "--resume")
-            made[engine] = said, {case: tmp / case for case in HEAD_READERS}
+                          "--resume")
+            made[engine] = said, tmp
         return made[engine]
     return runs
 
@@ -97,7 +103,19 @@ def test_head_readers_under_sharding_engines(engine: str, case: str, references:
     sharded (ZeRO-3 partitioning every parameter, with ZeRO-3 teachers: a tiny model's head would stay whole
     under DeepSpeed's default; FSDP2 on CPU, with FSDP2 teachers): the one-process loss curve, resume and
     export."""
-    said, runs = sharded_runs(engine)
-    assert_like_one_process(engine, said, references[case], runs[case] / "double", runs[case] / "double-resumed")
+    said, folder = sharded_runs(engine)
+    assert_like_one_process(engine, said, references[case], folder / case / "double",
+                            folder / case / "double-resumed", rouge=case == SAMPLES)
 
 
+@pytest.mark.distributed
+def test_fsdp2_state_helpers_on_cpu(sharded_runs) -> None:  # noqa: ANN001
+    """The engine's FSDP2 checkpoint pieces, on a model sharded by torch itself over 2 CPU processes: whole
+    parameters for export, the optimizer state gathered and loaded back, the step after a reload = the step
+    without one."""
+    _, folder = sharded_runs("fsdp2_cpu")
+    result = json.loads((folder / "fsdp2-helpers.json").read_text())
+    assert result["same_after_shard"] and result["restored"]
+    assert result["state_keys"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert result["moved"] > 1e-4  # the second step changed the parameters ...
+    assert result["max_diff"] == 0.0  # ... and repeats exactly after the reload

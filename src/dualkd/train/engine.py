@@ -24,6 +24,7 @@ import contextlib
 import functools
 import os
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,9 @@ class Engine:
                               "distributed engine: they would train unsynchronized copies")
         self._sync = True  # whether the current micro-batch ends the optimizer step (DeepSpeed boundary)
         self._frozen_engines: list[Any] = []
+        # wrapped module -> the module inside, found once: accelerate's `unwrap_model` probes installed packages
+        # on every call (~10 ms on CPU), and the loop asks every step
+        self._unwrapped: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------------------------------- topology
     @property
@@ -171,7 +175,9 @@ class Engine:
         """Wrap the trainable module (student + objective extras) and its optimizer for this engine."""
         if self.is_deepspeed:
             self._fill_deepspeed_config(micro_batch_size, grad_accum, max_grad_norm)
-        return self.accelerator.prepare(module, optimizer)
+        wrapped, optimizer = self.accelerator.prepare(module, optimizer)
+        self._unwrapped[wrapped] = self.accelerator.unwrap_model(wrapped)
+        return wrapped, optimizer
 
     def _fill_deepspeed_config(self, micro_batch_size: int, grad_accum: int, max_grad_norm: float | None) -> None:
         """dualkd's batch sizes and clipping are the truth; a DeepSpeed config may say `auto` or the same."""
@@ -322,7 +328,9 @@ class Engine:
         return model
 
     def unwrap(self, module: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(module)
+        """The plain module inside an engine's wrapper (the module itself if not wrapped)."""
+        known = self._unwrapped.get(module)
+        return known if known is not None else self.accelerator.unwrap_model(module)
 
     @contextlib.contextmanager
     def for_generation(self, module: nn.Module) -> Iterator[nn.Module]:
