@@ -26,7 +26,8 @@ from dualkd.config import load_config
 from dualkd.train.loop import train
 from tests.helpers import REPO, read_metrics, tiny_run
 
-STEPS = 6
+STEPS = 4  # a tiny run's steps; it checkpoints (and evaluates) halfway and at the end
+HALF = STEPS // 2
 ENGINES = {  # name -> launcher prefix (before `-m dualkd.cli ...`)
     "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
     "zero2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -51,7 +52,10 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP 
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    """The launched processes' environment. TorchDynamo off: DeepSpeed imports its Muon optimizer at engine
+    start, whose module compiles a function at import (torch.compile loads the inductor, ~1.5 s a process
+    here); nothing these runs do compiles (dualkd never calls torch.compile), so only that start-up changes."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TORCHDYNAMO_DISABLE": "1"}
 
 
 def write(tmp_path: Path, name: str, train_file: Path, student: Path, teacher: Path, micro: int, accum: int,
@@ -64,8 +68,8 @@ def write(tmp_path: Path, name: str, train_file: Path, student: Path, teacher: P
     sampled = {"select_by": "rougeL", "rouge_examples": 3, "rouge_repeats": 1} if rouge else {}
     cfg = tiny_run(tmp_path / name, train_file, student, teacher=teacher,
                    optimization={"max_steps": STEPS, "micro_batch_size": micro, "grad_accum": accum},
-                   checkpoint={"every_steps": 3, "keep_last": 2},
-                   eval={"every_steps": 3, "batch_size": 5, **sampled},
+                   checkpoint={"every_steps": HALF, "keep_last": 2},
+                   eval={"every_steps": HALF, "batch_size": 5, **sampled},
                    generation={"max_new_tokens": 8})
     cfg["data"]["dev"] = str(dev_file)
     cfg["student"] = {"path": str(student)}
@@ -107,10 +111,10 @@ def train_here(configs: list[Path]) -> None:
 
 
 def resumable_copy(run: Path, cfg: Path) -> Path:
-    """A copy of the 6-step run `run` cut back to its step-3 checkpoint, and its config (returned)."""
+    """A copy of the finished run `run` cut back to its halfway checkpoint, and its config (returned)."""
     resumed = run.with_name(f"{run.name}-resumed")
     shutil.copytree(run, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-00000006")
+    shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS:08d}")
     shutil.rmtree(resumed / "final")
     (resumed / "summary.json").unlink()
     resumed_cfg = cfg.with_name(f"{resumed.name}.yaml")
@@ -121,7 +125,7 @@ def resumable_copy(run: Path, cfg: Path) -> Path:
 def assert_like_one_process(engine: str, said: str, single: Path, double: Path, resumed: Path,
                             rouge: bool = True) -> None:
     """`double` (2 processes under `engine`) follows the one-process curve `single` for the same global batch,
-    checkpoints each rank's RNG, and `resumed` (from its step-3 checkpoint under the engine) repeats steps 4-6.
+    checkpoints each rank's RNG, and `resumed` (from its halfway checkpoint under the engine) repeats the rest.
     `rouge`: the runs sampled ROUGE-L at each dev evaluation (`write`)."""
     said = said.replace("\n", " ")  # the console wraps long lines at spaces
     assert re.search(rf"2 process\(es\) on \S+ \({NAMES[engine]}\); global batch 8 \(2 x 2 x 2\)", said), said[-3000:]
@@ -134,7 +138,7 @@ def assert_like_one_process(engine: str, said: str, single: Path, double: Path, 
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
         assert ra["lr"] == pytest.approx(rb["lr"])
     dev_a, dev_b = read_metrics(single, "dev"), read_metrics(double, "dev")
-    assert [d["step"] for d in dev_a] == [d["step"] for d in dev_b] == [3, 6]
+    assert [d["step"] for d in dev_a] == [d["step"] for d in dev_b] == [HALF, STEPS]
     for da, db in zip(dev_a, dev_b):  # the dev loss is the same; ROUGE-L samples differ by process layout
         assert da["loss"] == pytest.approx(db["loss"], rel=1e-5)
         if rouge:
@@ -145,13 +149,13 @@ def assert_like_one_process(engine: str, said: str, single: Path, double: Path, 
     pb = load_file(str(double / "final" / "model.safetensors"))
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=1e-4)
-    ckpt = double / "checkpoints" / "step-00000003"
+    ckpt = double / "checkpoints" / f"step-{HALF:08d}"
     assert (ckpt / "rng-rank0.pt").exists() and (ckpt / "rng-rank1.pt").exists()
 
-    # resumed under the engine from the step-3 checkpoint: steps 4-6 as in the uninterrupted run
-    after = read_metrics(resumed)[-3:]
-    assert [r["step"] for r in after] == [4, 5, 6]
-    for ra, rb in zip(b[3:], after):
+    # resumed under the engine from the halfway checkpoint: the rest as in the uninterrupted run
+    after = read_metrics(resumed)[HALF - STEPS:]
+    assert [r["step"] for r in after] == list(range(HALF + 1, STEPS + 1))
+    for ra, rb in zip(b[HALF:], after):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
     pr = load_file(str(resumed / "final" / "model.safetensors"))
     for k in pb:

@@ -20,6 +20,7 @@ import torch
 
 from tests.launch import (
     ENGINES,
+    HALF,
     assert_like_one_process,
     env,
     launch,
@@ -45,7 +46,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_fi
 def launched_runs(tmp_path_factory: pytest.TempPathFactory, train_file: Path, dev_file: Path, teacher_dir: Path,
                   student_dir: Path):  # noqa: ANN201
     """`launched_runs(engine, placement)`: the default objective's run under `engine`, launched as users launch
-    (`-m dualkd.cli train CONFIG`), and its copy resumed from step 3 (`--resume`); made once per engine.
+    (`-m dualkd.cli train CONFIG`), and its copy resumed from halfway (`--resume`); made once per engine.
     Returns what the first launch said, the run's config and its folder (the copy: "<folder>-resumed")."""
     made: dict[tuple[str, str], tuple[str, Path, Path]] = {}
 
@@ -99,7 +100,7 @@ class _Payload:
 @needs_deepspeed
 def test_a_planted_pickle_in_a_deepspeed_checkpoint_never_runs(tmp_path: Path, launched_runs) -> None:  # noqa: ANN001
     """The manifest beside DeepSpeed's files is rewritten too (whoever can plant a file can): the resume must
-    still refuse, naming the file, and nothing in it may run. (On a copy of the ZeRO-2 run cut back to step 3.)"""
+    still refuse, naming the file, and nothing in it may run. (On a copy of the ZeRO-2 run cut back to halfway.)"""
     from dualkd.train.checkpoint import write_manifest
 
     _, launched_cfg, run = launched_runs("zero2", "same")
@@ -107,7 +108,7 @@ def test_a_planted_pickle_in_a_deepspeed_checkpoint_never_runs(tmp_path: Path, l
     shutil.copytree(run, mine)
     (tmp_path / "zero2.yaml").write_text(launched_cfg.read_text().replace(str(run), str(mine)))
     cfg = resumable_copy(mine, tmp_path / "zero2.yaml")
-    folder = tmp_path / "zero2-resumed" / "checkpoints" / "step-00000003" / "deepspeed"
+    folder = tmp_path / "zero2-resumed" / "checkpoints" / f"step-{HALF:08d}" / "deepspeed"
     target = next((folder / "state").glob("zero_pp_rank_0_*optim_states.pt"))
     state = torch.load(target, weights_only=False)  # our own file, written by the launched run
     marker = tmp_path / "PWNED"

@@ -75,7 +75,7 @@ def references(tmp_path_factory: pytest.TempPathFactory, write_case) -> dict[str
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory: pytest.TempPathFactory, write_case):  # noqa: ANN001, ANN201
     """`sharded_runs(engine)`: every head-reading case trained with the student and the teacher(s) sharded under
-    `engine`, all in one launch, then each resumed from its step-3 checkpoint in a second launch; made once per
+    `engine`, all in one launch, then each resumed from its halfway checkpoint in a second launch; made once per
     engine. Returns what the first launch said and the folder holding a folder per case. FSDP2 on CPU also
     checks its checkpoint helpers in the first launch (tests/fsdp2_worker.py), into `fsdp2-helpers.json` there."""
     made: dict[str, tuple[str, Path]] = {}
