@@ -1,8 +1,6 @@
 """The engine's FSDP2 helpers on a model sharded with torch's `fully_shard` directly (accelerate sets FSDP up
-only for GPUs), in 2 CPU processes (gloo). Run by tests/fsdp2_train_worker.py (`--helpers-out=PATH`) before it
-trains, in the same process group; or alone:
-
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp2_worker.py OUT.json
+only for GPUs), in 2 CPU processes (gloo): `check_helpers`, called by tests/fsdp2_train_worker.py
+(`--helpers-out=OUT`) before it trains, in its process group.
 
 A step, a checkpoint of the whole model and optimizer state (gathered to rank 0, written, read back by every
 process), a second step; then the checkpoint loaded into the shards and the second step repeated: the same
@@ -11,7 +9,6 @@ parameters. Writes the comparison to OUT (rank 0)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -70,13 +67,3 @@ def check_helpers(out: Path) -> None:
             "max_diff": max(float((reference[n] - again[n]).abs().max()) for n in reference),
             "moved": max(float((reference[n] - saved_model[n]).abs().max()) for n in reference)}))
     dist.barrier()
-
-
-def main() -> None:
-    dist.init_process_group("gloo")
-    check_helpers(Path(sys.argv[1]))
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

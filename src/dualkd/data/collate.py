@@ -133,7 +133,7 @@ def pad_batch(items: list[TokenizedExample], pad_id: int, pad_to_multiple_of: in
         attention_mask=torch.tensor(attention_mask, dtype=torch.long),
         labels=torch.tensor(labels, dtype=torch.long),
         loss_mask=torch.tensor(loss_mask, dtype=torch.bool),
-        offsets=torch.tensor(offsets, dtype=torch.long).view(len(items), T + 1, 2),
+        offsets=torch.tensor(offsets, dtype=torch.long),  # [B, T + 1, 2]
         prompt_lengths=torch.tensor([x.prompt_len for x in items], dtype=torch.long),
         texts=[x.text for x in items],
         prompt_chars=[x.prompt_chars for x in items],
